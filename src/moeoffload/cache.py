@@ -1,0 +1,173 @@
+"""ExpertCache: a fixed pool of device slots, sized by a byte budget, that owns expert residency.
+
+Guarantees, tested as properties:
+- the pool never holds more bytes than the budget (it is allocated once: n_slots * expert bytes <= budget);
+- every expert handed out by `acquire` is resident, and stays resident until `release` (pinned);
+- a pinned expert is never evicted; on CUDA a slot is not overwritten before the last kernel reading it ends.
+Nobody else moves experts in or out: hits, misses and bytes are counted here and in the TransferEngine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .eviction import EvictionRule
+from .store import ExpertKey, ExpertStore
+from .transfer import TransferEngine
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    peak_resident: int = 0  # most experts resident at once
+
+    @property
+    def requests(self) -> int:
+        return self.hits + self.misses
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.requests if self.requests else float("nan")
+
+
+class CapacityError(RuntimeError):
+    """More experts pinned at once than the cache has slots: a caller bug, never a budget problem."""
+
+
+class ExpertCache:
+    def __init__(
+        self,
+        store: ExpertStore,
+        n_slots: int,
+        device: torch.device | str,
+        rule: EvictionRule,
+        transfer: TransferEngine | None = None,
+        retain: bool = True,
+    ):
+        if n_slots < 1:
+            raise ValueError("an expert cache needs at least one slot")
+        self.store = store
+        self.n_slots = n_slots
+        self.device = torch.device(device)
+        self.rule = rule
+        self.retain = retain
+        self.transfer = transfer or TransferEngine(self.device)
+        self.pool = torch.empty((n_slots, store.layout.numel), dtype=store.layout.dtype, device=self.device)
+        self._slot_of: dict[ExpertKey, int] = {}
+        self._key_of: list[ExpertKey | None] = [None] * n_slots
+        self._free: list[int] = list(range(n_slots - 1, -1, -1))
+        self._pins = [0] * n_slots
+        cuda = self.device.type == "cuda"
+        self._ready: list[torch.cuda.Event | None] = [None] * n_slots  # copy into the slot finished
+        self._released: list[torch.cuda.Event | None] = [None] * n_slots  # last reader of the slot finished
+        self._cuda = cuda
+        self.stats = CacheStats()
+
+    # -- what is resident ------------------------------------------------------------------------------------
+    @property
+    def pool_bytes(self) -> int:
+        return self.pool.numel() * self.pool.element_size()
+
+    @property
+    def resident_bytes(self) -> int:
+        return len(self._slot_of) * self.store.expert_bytes
+
+    def resident(self) -> set[ExpertKey]:
+        return set(self._slot_of)
+
+    def is_pinned(self, key: ExpertKey) -> bool:
+        slot = self._slot_of.get(key)
+        return slot is not None and self._pins[slot] > 0
+
+    def weights(self, slot: int) -> dict[str, torch.Tensor]:
+        """The matrices of the expert in `slot`, as views of the pool."""
+        return self.store.layout.views(self.pool[slot])
+
+    # -- the hot path ------------------------------------------------------------------------------------------
+    def acquire(self, keys: Sequence[ExpertKey]) -> list[int]:
+        """Make `keys` resident and pin them; return their slots. Misses are copied from the store.
+
+        On CUDA the current stream is made to wait for each copy, so kernels launched after this call see the
+        weights. `len(set(keys))` must not exceed `n_slots`.
+        """
+        wanted = list(dict.fromkeys(keys))
+        if len(wanted) > self.n_slots:
+            raise CapacityError(f"{len(wanted)} experts requested at once but the cache has {self.n_slots} slots")
+        slots: list[int] = []
+        pinned_now: list[int] = []
+        try:
+            for key in wanted:
+                slot = self._slot_of.get(key)
+                if slot is not None:
+                    self.stats.hits += 1
+                    self.rule.on_access(key)
+                else:
+                    self.stats.misses += 1
+                    slot = self._load(key)
+                self._pins[slot] += 1
+                pinned_now.append(slot)
+                slots.append(slot)
+        except BaseException:
+            for slot in pinned_now:
+                self._pins[slot] -= 1
+            raise
+        if self._cuda:
+            stream = torch.cuda.current_stream(self.device)
+            for slot in slots:
+                event = self._ready[slot]
+                if event is not None:
+                    stream.wait_event(event)
+        return slots
+
+    def release(self, keys: Iterable[ExpertKey]) -> None:
+        """Unpin `keys`. On CUDA, record that the slot's readers were queued on the current stream."""
+        for key in dict.fromkeys(keys):
+            slot = self._slot_of[key]
+            if self._pins[slot] <= 0:
+                raise RuntimeError(f"expert {key} released more often than acquired")
+            self._pins[slot] -= 1
+            if self._cuda:
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(self.device))
+                self._released[slot] = event
+            if not self.retain and self._pins[slot] == 0:
+                self._drop(key)
+
+    def preload(self, keys: Iterable[ExpertKey]) -> None:
+        """Make `keys` resident without pinning (warm start, `resident` policy). Not counted as requests."""
+        for key in keys:
+            if key not in self._slot_of:
+                self._load(key)
+
+    # -- internals ---------------------------------------------------------------------------------------------
+    def _load(self, key: ExpertKey) -> int:
+        slot = self._free.pop() if self._free else self._evict_one()
+        self._ready[slot] = self.transfer.copy(self.store.buffer(key), self.pool[slot], after=self._released[slot])
+        self._slot_of[key] = slot
+        self._key_of[slot] = key
+        self.rule.on_insert(key)
+        self.stats.peak_resident = max(self.stats.peak_resident, len(self._slot_of))
+        return slot
+
+    def _evict_one(self) -> int:
+        candidates = [k for k, s in self._slot_of.items() if self._pins[s] == 0]
+        if not candidates:
+            raise CapacityError("every cache slot is pinned; release experts before acquiring more")
+        self._drop(self.rule.victim(candidates))
+        self.stats.evictions += 1
+        return self._free.pop()
+
+    def _drop(self, key: ExpertKey) -> None:
+        slot = self._slot_of.pop(key)
+        self._key_of[slot] = None
+        self.rule.on_remove(key)
+        self._free.append(slot)
+
+    def reset_stats(self) -> None:
+        self.stats = CacheStats(peak_resident=len(self._slot_of))
+        self.transfer.reset_stats()

@@ -1,0 +1,96 @@
+"""Eviction rules: which resident expert gives up its cache slot when a miss needs one.
+
+A rule only orders keys; the cache decides which keys may be evicted at all (never a pinned one: an expert
+that a running computation still reads). Rules are registered by name so that policies name them as data.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from .store import ExpertKey
+
+
+class EvictionRule(Protocol):
+    name: str
+
+    def on_insert(self, key: ExpertKey) -> None: ...
+    def on_access(self, key: ExpertKey) -> None: ...
+    def on_remove(self, key: ExpertKey) -> None: ...
+    def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
+        """The key to evict among `candidates` (resident and unpinned, never empty)."""
+        ...
+
+
+class LRU:
+    """Least recently used: the expert touched longest ago leaves first."""
+
+    name = "lru"
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[ExpertKey, None] = OrderedDict()
+
+    def on_insert(self, key: ExpertKey) -> None:
+        self._order[key] = None
+        self._order.move_to_end(key)
+
+    def on_access(self, key: ExpertKey) -> None:
+        self._order.move_to_end(key)
+
+    def on_remove(self, key: ExpertKey) -> None:
+        self._order.pop(key, None)
+
+    def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
+        allowed = set(candidates)
+        for key in self._order:
+            if key in allowed:
+                return key
+        raise LookupError("no evictable expert among the candidates")
+
+
+class FIFO(LRU):
+    """First in, first out: residency order only; a hit does not refresh an expert."""
+
+    name = "fifo"
+
+    def on_access(self, key: ExpertKey) -> None:
+        pass
+
+
+class LFU:
+    """Least frequently used, counting every use since the cache was built (an evicted expert keeps its count,
+    so popular experts win their slot back); ties go to the least recently used."""
+
+    name = "lfu"
+
+    def __init__(self) -> None:
+        self._count: dict[ExpertKey, int] = {}
+        self._recency = LRU()
+
+    def on_insert(self, key: ExpertKey) -> None:
+        self._count[key] = self._count.get(key, 0) + 1
+        self._recency.on_insert(key)
+
+    def on_access(self, key: ExpertKey) -> None:
+        self._count[key] = self._count.get(key, 0) + 1
+        self._recency.on_access(key)
+
+    def on_remove(self, key: ExpertKey) -> None:
+        self._recency.on_remove(key)
+
+    def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
+        allowed = list(candidates)
+        lowest = min(self._count.get(k, 0) for k in allowed)
+        return self._recency.victim(k for k in allowed if self._count.get(k, 0) == lowest)
+
+
+EVICTION_RULES: dict[str, Callable[[], EvictionRule]] = {"lru": LRU, "lfu": LFU, "fifo": FIFO}
+
+
+def make_rule(name: str) -> EvictionRule:
+    try:
+        return EVICTION_RULES[name]()
+    except KeyError:
+        raise ValueError(f"unknown eviction rule {name!r}; choose one of {sorted(EVICTION_RULES)}") from None

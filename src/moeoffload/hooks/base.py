@@ -1,0 +1,40 @@
+"""What the engine needs to know about one model family's MoE layers, and nothing more."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..layer import ExpertFFN, OffloadedMoELayer
+from ..layout import ExpertLayout
+
+
+@dataclass
+class ModelHook:
+    """The MoE layers of one model and how to move their experts out and route their forward to the engine.
+
+    `layers` are the modules that hold a layer's experts, in model order; layer index i in the engine is
+    `layers[i]`. `expert_tensors(module, e)` gives expert e's matrices, `strip(module)` frees them once they
+    are stored, `install(module, layer)` routes the module's forward to the engine, `restore(module, tensors)`
+    undoes both (tensors: one dict of matrices per expert).
+    """
+
+    family: str
+    layers: list[nn.Module]
+    num_experts: int
+    top_k: int
+    layout: ExpertLayout
+    expert_tensors: Callable[[nn.Module, int], dict[str, torch.Tensor]]
+    expert_ffn: Callable[[nn.Module], ExpertFFN]
+    strip: Callable[[nn.Module], None]
+    install: Callable[[nn.Module, OffloadedMoELayer], None]
+    restore: Callable[[nn.Module, list[dict[str, torch.Tensor]]], None]
+    extra: dict = field(default_factory=dict)
+
+
+def empty_parameter(like: torch.Tensor) -> nn.Parameter:
+    """A zero-size stand-in for a stored weight: keeps dtype and device, holds no memory."""
+    return nn.Parameter(torch.empty(0, dtype=like.dtype, device=like.device), requires_grad=False)

@@ -1,0 +1,90 @@
+"""Switch Transformers: experts are a ModuleDict of dense FFNs (`wi`, `wo`) behind a top-1 router.
+
+transformers offers no experts interface for this family, so the hook replaces the forward of each
+`SwitchTransformersExperts` instance (not its class) and converts the router's one-hot dispatch mask
+(tokens dropped by the capacity limit have an all-zero row) into canonical top-k ids, with the sentinel
+`num_experts` for dropped tokens.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layer import OffloadedMoELayer
+from ..layout import ExpertLayout
+from .base import ModelHook, empty_parameter
+
+
+def _is_switch_experts(module: nn.Module) -> bool:
+    return type(module).__name__ == "SwitchTransformersExperts"
+
+
+def discover(model: nn.Module) -> ModelHook | None:
+    layers = [m for m in model.modules() if _is_switch_experts(m)]
+    if not layers:
+        return None
+    first = layers[0]["expert_0"]
+    if type(first).__name__ != "SwitchTransformersDenseActDense":
+        return None
+    layout = ExpertLayout(
+        names=("wi", "wo"),
+        shapes=(tuple(first.wi.weight.shape), tuple(first.wo.weight.shape)),
+        dtype=first.wi.weight.dtype,
+    )
+    return ModelHook(
+        family="switch",
+        layers=layers,
+        num_experts=layers[0].num_experts,
+        top_k=1,
+        layout=layout,
+        expert_tensors=lambda m, e: {"wi": m[f"expert_{e}"].wi.weight, "wo": m[f"expert_{e}"].wo.weight},
+        expert_ffn=_expert_ffn,
+        strip=_strip,
+        install=_install,
+        restore=_restore,
+    )
+
+
+def _expert_ffn(module: nn.Module):
+    act = module["expert_0"].act
+
+    def ffn(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+        h = act(F.linear(x, w["wi"]))
+        if h.dtype != w["wo"].dtype:
+            h = h.to(w["wo"].dtype)
+        return F.linear(h, w["wo"])
+
+    return ffn
+
+
+def _strip(module: nn.Module) -> None:
+    for expert in module.values():
+        expert.wi.weight = empty_parameter(expert.wi.weight)
+        expert.wo.weight = empty_parameter(expert.wo.weight)
+
+
+def _install(module: nn.Module, layer: OffloadedMoELayer) -> None:
+    num_experts = module.num_experts
+
+    def forward(self, hidden_states, selected_experts, routing_weights):
+        # selected_experts: one-hot [T, 1, E]; routing_weights: [T, 1]
+        mask = selected_experts.reshape(selected_experts.shape[0], -1)
+        routed = mask.sum(dim=-1, keepdim=True) > 0
+        top_k_index = torch.where(routed, mask.argmax(dim=-1, keepdim=True), num_experts)
+        return layer(hidden_states, top_k_index, routing_weights.reshape(-1, 1))
+
+    module.forward = types.MethodType(forward, module)
+    module._moeoffload_layer = layer
+
+
+def _restore(module: nn.Module, tensors: list[dict[str, torch.Tensor]]) -> None:
+    module.__dict__.pop("forward", None)
+    module.__dict__.pop("_moeoffload_layer", None)
+    for e, weights in enumerate(tensors):
+        expert = module[f"expert_{e}"]
+        expert.wi.weight = nn.Parameter(weights["wi"], requires_grad=False)
+        expert.wo.weight = nn.Parameter(weights["wo"], requires_grad=False)

@@ -1,0 +1,191 @@
+"""offload(model, policy, gpu_budget): move a transformers MoE model's experts into the engine, and back.
+
+The dense part of the model (embeddings, attention, routers, norms) goes to the device; every expert goes to
+the host ExpertStore, and a cache of `gpu_budget` bytes serves them on the device. The model keeps its
+`forward()` and `generate()`; `unload()` (or leaving the `with` block) puts the experts back as parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from . import hooks, policies
+from .budget import format_bytes, parse_budget
+from .cache import ExpertCache
+from .errors import BudgetError, MoeOffloadError, NotOffloadedError
+from .eviction import make_rule
+from .layer import OffloadedMoELayer
+from .progress import progress
+from .store import ExpertStore
+
+
+@dataclass
+class OffloadStats:
+    """What the engine did since the last reset. Bytes are exact counts, not estimates."""
+
+    policy: str
+    exact: bool
+    device: str
+    hits: int
+    misses: int
+    evictions: int
+    h2d_copies: int
+    h2d_bytes: int
+    expert_bytes: int  # one expert
+    n_slots: int
+    cache_bytes: int  # the device pool: n_slots * expert_bytes, never above budget_bytes
+    budget_bytes: int
+    total_expert_bytes: int
+    dense_bytes: int  # parameters and buffers left on the device (non-expert part of the model)
+    peak_resident_experts: int
+
+    @property
+    def hit_rate(self) -> float:
+        n = self.hits + self.misses
+        return self.hits / n if n else float("nan")
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "hit_rate": self.hit_rate}
+
+
+class OffloadedModel:
+    """Handle of an offloaded model: its statistics, and the way back (`unload`, or a `with` block)."""
+
+    def __init__(self, model: nn.Module, hook: hooks.ModelHook, policy: policies.Policy, store: ExpertStore,
+                 cache: ExpertCache, layers: list[OffloadedMoELayer], budget_bytes: int, original_device: torch.device):
+        self.model = model
+        self.hook = hook
+        self.policy = policy
+        self.store = store
+        self.cache = cache
+        self.layers = layers
+        self.budget_bytes = budget_bytes
+        self.original_device = original_device
+        self.device = cache.device
+        self.active = True
+
+    def stats(self) -> OffloadStats:
+        c = self.cache
+        return OffloadStats(
+            policy=self.policy.name, exact=self.policy.exact, device=str(self.device),
+            hits=c.stats.hits, misses=c.stats.misses, evictions=c.stats.evictions,
+            h2d_copies=c.transfer.stats.copies, h2d_bytes=c.transfer.stats.bytes,
+            expert_bytes=self.store.expert_bytes, n_slots=c.n_slots, cache_bytes=c.pool_bytes,
+            budget_bytes=self.budget_bytes, total_expert_bytes=self.store.total_bytes,
+            dense_bytes=_device_bytes(self.model), peak_resident_experts=c.stats.peak_resident,
+        )
+
+    def reset_stats(self) -> None:
+        self.cache.reset_stats()
+
+    def unload(self) -> nn.Module:
+        """Put every expert back into the model as parameters on the model's original device."""
+        if not self.active:
+            raise NotOffloadedError("this model was already unloaded")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        for i, module in enumerate(self.hook.layers):
+            tensors = [
+                {k: v.to(self.original_device, copy=True) for k, v in self.store.views((i, e)).items()}
+                for e in range(self.hook.num_experts)
+            ]
+            self.hook.restore(module, tensors)
+        if "previous_implementation" in self.hook.extra:
+            hooks.experts3d.select(self.model, self.hook.extra["previous_implementation"])
+        self.model.to(self.original_device)
+        self.active = False
+        del self.model._moeoffload
+        return self.model
+
+    def __enter__(self) -> OffloadedModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            self.unload()
+
+    def __repr__(self) -> str:
+        return (f"OffloadedModel(policy={self.policy.name!r}, device={self.device}, slots={self.cache.n_slots}/"
+                f"{self.store.num_layers * self.store.num_experts}, budget={format_bytes(self.budget_bytes)})")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MoeOffloadError(f"device {device} asked for, but CUDA is not available here; pass device='cpu' or None")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def plan_slots(policy: policies.Policy, budget: str | int | None, store: ExpertStore, device: torch.device) -> tuple[int, int]:
+    """(n_slots, budget_bytes) for `policy` under `budget`; raises BudgetError before any weight moves."""
+    total_experts = store.num_layers * store.num_experts
+    if budget is None:
+        budget = "all"
+    budget_bytes = parse_budget(budget, store.total_bytes)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        if budget_bytes > total:
+            raise BudgetError(f"GPU budget {format_bytes(budget_bytes)} is above the device's memory "
+                              f"({format_bytes(total)}); lower gpu_budget")
+    n_slots = min(budget_bytes // store.expert_bytes, total_experts)
+    if policy.preload and n_slots < total_experts:
+        raise BudgetError(f"policy {policy.name!r} keeps all {total_experts} experts on the device "
+                          f"({format_bytes(store.total_bytes)}) but gpu_budget is {format_bytes(budget_bytes)}; "
+                          "use gpu_budget='all' or an offloading policy such as 'lru'")
+    if n_slots < store.num_layers:
+        raise BudgetError(f"GPU budget {format_bytes(budget_bytes)} holds {n_slots} experts of "
+                          f"{format_bytes(store.expert_bytes)}, fewer than one per MoE layer ({store.num_layers}); "
+                          f"use at least {format_bytes(store.num_layers * store.expert_bytes)}")
+    return int(n_slots), budget_bytes
+
+
+def offload(model: nn.Module, policy: str | policies.Policy = "lru", gpu_budget: str | int | None = "all", *,
+            device: str | torch.device | None = None, show_progress: bool | None = None) -> OffloadedModel:
+    """Offload `model`'s experts; return the handle. Use as `with offload(model, ...) as handle:` to undo."""
+    if getattr(model, "_moeoffload", None) is not None:
+        raise MoeOffloadError("this model is already offloaded; call moeoffload.unload(model) first")
+    policy = policies.get(policy)
+    hook = hooks.discover(model)
+    device = resolve_device(device)
+    original_device = next(iter(hook.layers[0].parameters())).device
+    store = ExpertStore(hook.layout, len(hook.layers), hook.num_experts, pin_memory=device.type == "cuda")
+    n_slots, budget_bytes = plan_slots(policy, gpu_budget, store, device)
+
+    for i, module in enumerate(progress(hook.layers, desc="moeoffload: storing experts", enable=show_progress)):
+        for e in range(hook.num_experts):
+            store.put((i, e), hook.expert_tensors(module, e))
+        hook.strip(module)
+    model.to(device)
+    cache = ExpertCache(store, n_slots, device, make_rule(policy.eviction), retain=policy.retain)
+    if policy.preload:
+        cache.preload(store.keys())
+    layers = []
+    for i, module in enumerate(hook.layers):
+        layer = OffloadedMoELayer(i, hook.num_experts, cache, hook.expert_ffn(module))
+        hook.install(module, layer)
+        layers.append(layer)
+    if hook.family == "experts3d":
+        hooks.experts3d.select(model, hooks.experts3d.IMPLEMENTATION)
+    handle = OffloadedModel(model, hook, policy, store, cache, layers, budget_bytes, original_device)
+    model._moeoffload = handle
+    cache.reset_stats()
+    return handle
+
+
+def unload(model: nn.Module) -> nn.Module:
+    handle = getattr(model, "_moeoffload", None)
+    if handle is None:
+        raise NotOffloadedError("this model is not offloaded; nothing to unload")
+    return handle.unload()
+
+
+def _device_bytes(model: nn.Module) -> int:
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)

@@ -1,0 +1,82 @@
+"""Named policies: small compositions of the engine's parts, registered by name.
+
+A policy is data, not a subclass: which eviction rule, whether the cache keeps experts after use, whether every
+expert is resident up front, and whether the policy is exact (only moves weights: output identical to the
+unoffloaded model) or approximate (changes what is computed: the suites measure its accuracy drop).
+Other packages add policies through the `moeoffload.policies` entry-point group: each entry point names a
+`Policy` object (or a callable returning one); they are discovered the first time the registry is read.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+
+from .errors import UnknownPolicyError
+from .eviction import EVICTION_RULES
+
+ENTRY_POINT_GROUP = "moeoffload.policies"
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    description: str
+    eviction: str = "lru"
+    retain: bool = True  # keep an expert after use: a cache; False: copy every needed expert every time
+    preload: bool = False  # every expert resident from the start (needs a budget that holds them all)
+    exact: bool = True
+    version: str = "1"
+
+    def __post_init__(self) -> None:
+        if self.eviction not in EVICTION_RULES:
+            raise ValueError(f"policy {self.name!r}: unknown eviction rule {self.eviction!r}; one of {sorted(EVICTION_RULES)}")
+
+
+BUILTIN = (
+    Policy("resident", "every expert on the GPU: the reference the others are measured against", preload=True),
+    Policy("on-demand", "no cache: each needed expert is copied to the GPU every time it is used", retain=False),
+    Policy("lru", "expert cache, least recently used expert evicted"),
+    Policy("lfu", "expert cache, least frequently used expert evicted (counts kept across evictions)", eviction="lfu"),
+)
+
+_REGISTRY: dict[str, Policy] = {p.name: p for p in BUILTIN}
+_PLUGINS_LOADED = False
+
+
+def register(policy: Policy, replace: bool = False) -> Policy:
+    if not isinstance(policy, Policy):
+        raise TypeError(f"register() takes a moeoffload.Policy, got {type(policy).__name__}")
+    if policy.name in _REGISTRY and not replace and _REGISTRY[policy.name] != policy:
+        raise ValueError(f"a policy named {policy.name!r} is already registered; pick another name or replace=True")
+    _REGISTRY[policy.name] = policy
+    return policy
+
+
+def _load_plugins() -> None:
+    global _PLUGINS_LOADED
+    if _PLUGINS_LOADED:
+        return
+    _PLUGINS_LOADED = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            obj = ep.load()
+            register(obj() if callable(obj) and not isinstance(obj, Policy) else obj)
+        except Exception as exc:  # a broken plugin must not take the built-in policies down with it
+            warnings.warn(f"policy entry point {ep.name!r} ({ep.value}) failed to load: {exc}", stacklevel=2)
+
+
+def available() -> list[str]:
+    _load_plugins()
+    return list(_REGISTRY)
+
+
+def get(name: str | Policy) -> Policy:
+    if isinstance(name, Policy):
+        return name
+    _load_plugins()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownPolicyError(f"unknown policy {name!r}; available: {', '.join(_REGISTRY)}") from None
