@@ -107,8 +107,8 @@ class ExpertCache:
                     self.stats.hits += 1
                     self.rule.on_access(key)
                 else:
-                    self.stats.misses += 1
                     slot = self._load(key)
+                    self.stats.misses += 1
                 self._pins[slot] += 1
                 pinned_now.append(slot)
                 slots.append(slot)
