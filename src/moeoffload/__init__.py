@@ -9,7 +9,10 @@
 from .budget import format_bytes, parse_budget
 from .errors import BudgetError, MoeOffloadError, NotOffloadedError, UnknownPolicyError, UnsupportedModelError
 from .offload import OffloadedModel, OffloadStats, offload, unload
-from .policies import Policy, available as available_policies, get as get_policy, register as register_policy
+from .policies import Policy
+from .policies import available as available_policies
+from .policies import get as get_policy
+from .policies import register as register_policy
 
 __version__ = "0.1.0"
 

@@ -42,7 +42,8 @@ def parse_budget(budget: str | int | float, total_expert_bytes: int | None = Non
             raise BudgetError(f"GPU budget {budget!r} is over 100% of the experts; use at most '100%' (or 'all')")
         return int(_need_total(budget, total_expert_bytes) * number / 100)
     if unit == "":
-        raise BudgetError(f"GPU budget {budget!r} has no unit; write '{match.group(1)}GiB', '{match.group(1)}MiB' or '{match.group(1)}B'")
+        n = match.group(1)
+        raise BudgetError(f"GPU budget {budget!r} has no unit; write '{n}GiB', '{n}MiB' or '{n}B'")
     if unit in _DECIMAL_UNITS:
         binary = unit[0] + "iB"
         raise BudgetError(

@@ -46,6 +46,8 @@ class ExpertLayout:
         for name, view in self.views(out).items():
             src = tensors[name]
             if tuple(src.shape) != tuple(view.shape):
-                raise ValueError(f"expert matrix {name!r} has shape {tuple(src.shape)}, layout expects {tuple(view.shape)}")
+                raise ValueError(
+                    f"expert matrix {name!r} has shape {tuple(src.shape)}, layout expects {tuple(view.shape)}"
+                )
             view.copy_(src)
         return out

@@ -123,7 +123,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def plan_slots(policy: policies.Policy, budget: str | int | None, store: ExpertStore, device: torch.device) -> tuple[int, int]:
+def plan_slots(
+    policy: policies.Policy, budget: str | int | None, store: ExpertStore, device: torch.device
+) -> tuple[int, int]:
     """(n_slots, budget_bytes) for `policy` under `budget`; raises BudgetError before any weight moves."""
     total_experts = store.num_layers * store.num_experts
     if budget is None:

@@ -31,7 +31,9 @@ class Policy:
 
     def __post_init__(self) -> None:
         if self.eviction not in EVICTION_RULES:
-            raise ValueError(f"policy {self.name!r}: unknown eviction rule {self.eviction!r}; one of {sorted(EVICTION_RULES)}")
+            raise ValueError(
+                f"policy {self.name!r}: unknown eviction rule {self.eviction!r}; one of {sorted(EVICTION_RULES)}"
+            )
 
 
 BUILTIN = (

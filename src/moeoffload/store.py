@@ -66,5 +66,6 @@ class ExpertStore:
         layer, expert = key
         if not (0 <= layer < self.num_layers and 0 <= expert < self.num_experts):
             raise KeyError(
-                f"expert {key} is outside this store: layers 0..{self.num_layers - 1}, experts 0..{self.num_experts - 1}"
+                f"expert {key} is outside this store: layers 0..{self.num_layers - 1}, "
+                f"experts 0..{self.num_experts - 1}"
             )

@@ -26,7 +26,9 @@ class TransferEngine:
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.stats = TransferStats()
 
-    def copy(self, src: torch.Tensor, dst: torch.Tensor, after: torch.cuda.Event | None = None) -> torch.cuda.Event | None:
+    def copy(
+        self, src: torch.Tensor, dst: torch.Tensor, after: torch.cuda.Event | None = None
+    ) -> torch.cuda.Event | None:
         """Copy host `src` into device `dst`; return the event that marks its completion (None on a CPU).
 
         `after` is an event the copy must wait for (the slot's last reader finishing).

@@ -12,7 +12,8 @@ def test_budget_forms(text, expected):
     assert parse_budget(text, 1000) == expected
 
 
-@pytest.mark.parametrize("text,hint", [("2GB", "2GiB"), ("-1GiB", "negative"), ("12", "no unit"), ("lots", "not a size"),
+@pytest.mark.parametrize("text,hint", [("2GB", "2GiB"), ("-1GiB", "negative"), ("12", "no unit"),
+                                       ("lots", "not a size"),
                                        ("3 parsecs", "unknown unit"), ("150%", "over 100%"), (0, "positive")])
 def test_bad_budgets_name_the_fix(text, hint):
     with pytest.raises(BudgetError, match=hint):

@@ -1,5 +1,6 @@
 """Every exact policy gives the unoffloaded model's greedy tokens, at every budget from one expert per MoE
-layer to all experts; logits agree within dtype tolerance; unload restores the model bit for bit."""
+layer to all experts; logits agree within dtype tolerance; unload restores the model bit for bit.
+These run on the CPU everywhere (reference and engine on one device); test_gpu.py covers CUDA."""
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ def budgets(model):
 
 
 def reference(model, ids, new_tokens):
+    ids = ids.to(model.device)  # on a GPU machine the engine puts the model on CUDA
     with torch.no_grad():
         kwargs = {"attention_mask": torch.ones_like(ids)}
         tokens = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, **kwargs)
@@ -36,26 +38,26 @@ def test_every_exact_policy_matches_unoffloaded_model(build, dtype):
     ref_tokens, ref_logits = reference(model, ids, 10)
     cases = [("resident", "all")] + [(p, b) for p in EXACT for b in budgets(model)]
     for policy, budget in cases:
-        with moeoffload.offload(model, policy, budget) as handle:
+        with moeoffload.offload(model, policy, budget, device="cpu") as handle:
             tokens, logits = reference(model, ids, 10)
             stats = handle.stats()
-        assert torch.equal(tokens, ref_tokens), f"{policy} at {budget}: greedy tokens differ"
-        err = (logits.float() - ref_logits.float()).abs().max().item()
+        assert torch.equal(tokens.cpu(), ref_tokens), f"{policy} at {budget}: greedy tokens differ"
+        err = (logits.float().cpu() - ref_logits.float()).abs().max().item()
         assert err <= TOL[dtype], f"{policy} at {budget}: logits differ by {err}"
         assert stats.cache_bytes <= stats.budget_bytes
         assert stats.hits + stats.misses > 0
     after, _ = reference(model, ids, 10)
-    assert torch.equal(after, ref_tokens), "unload did not restore the model"
+    assert torch.equal(after.cpu(), ref_tokens), "unload did not restore the model"
 
 
 def test_resident_copies_nothing_and_on_demand_copies_every_use():
     model = tiny_mixtral(seed=2)
     ids = torch.randint(2, 96, (1, 6), generator=torch.Generator().manual_seed(3))
-    with moeoffload.offload(model, "resident", "all") as h:
+    with moeoffload.offload(model, "resident", "all", device="cpu") as h:
         reference(model, ids, 4)
         s = h.stats()
         assert s.h2d_bytes == 0 and s.misses == 0 and s.hit_rate == 1.0
-    with moeoffload.offload(model, "on-demand", "50%") as h:
+    with moeoffload.offload(model, "on-demand", "50%", device="cpu") as h:
         reference(model, ids, 4)
         s = h.stats()
         assert s.hits == 0 and s.h2d_copies == s.misses and s.h2d_bytes == s.misses * s.expert_bytes
@@ -66,7 +68,7 @@ def test_larger_cache_never_copies_more_on_the_same_workload():
     ids = torch.randint(2, 96, (2, 12), generator=torch.Generator().manual_seed(5))
     copied = []
     for budget in ["25%", "50%", "75%", "all"]:
-        with moeoffload.offload(model, "lru", budget) as h:
+        with moeoffload.offload(model, "lru", budget, device="cpu") as h:
             reference(model, ids, 6)
             copied.append(h.stats().h2d_bytes)
     assert copied == sorted(copied, reverse=True), copied
@@ -75,7 +77,7 @@ def test_larger_cache_never_copies_more_on_the_same_workload():
 def test_store_holds_the_only_copy_of_the_experts():
     model = tiny_mixtral(seed=4)
     before = sum(p.numel() for p in model.parameters())
-    with moeoffload.offload(model, "lru", "50%") as h:
+    with moeoffload.offload(model, "lru", "50%", device="cpu") as h:
         left = sum(p.numel() for p in model.parameters())
         assert before - left == h.store.total_bytes // 4  # fp32: the experts left the model
     assert sum(p.numel() for p in model.parameters()) == before

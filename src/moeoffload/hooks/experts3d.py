@@ -48,7 +48,8 @@ def discover(model: nn.Module) -> ModelHook | None:
         return None
     first = layers[0]
     unsupported = [
-        flag for flag, bad in (("has_bias", True), ("is_transposed", True), ("has_gate", False), ("is_concatenated", False))
+        flag
+        for flag, bad in (("has_bias", True), ("is_transposed", True), ("has_gate", False), ("is_concatenated", False))
         if getattr(first, flag, not bad) == bad
     ]
     if unsupported:
@@ -118,4 +119,5 @@ def select(model: nn.Module, implementation) -> None:
     if callable(setter):
         setter(implementation)
     else:  # older transformers 5.x
-        model.config._experts_implementation = implementation if isinstance(implementation, str) else implementation.get("")
+        chosen = implementation if isinstance(implementation, str) else implementation.get("")
+        model.config._experts_implementation = chosen
