@@ -25,22 +25,40 @@ class OffloadedMoELayer:
         self.cache = cache
         self.expert_ffn = expert_ffn
 
-    def needed_experts(self, top_k_index: torch.Tensor) -> list[int]:
-        """Distinct expert ids in the batch, ascending (one device->host sync: residency is a host decision)."""
-        ids = torch.unique(top_k_index).tolist()
-        return [e for e in ids if 0 <= e < self.num_experts]
+    def route(self, top_k_index: torch.Tensor) -> tuple[list[int], list[int], torch.Tensor]:
+        """Group the (token, k) pairs by expert with one device->host sync per layer.
+
+        Returns the needed experts (ascending), the start of each expert's run in `order`, and `order`: flat
+        positions `pos * T + token`, stably sorted by expert, so that within an expert pairs come by top-k
+        position, then token: the order of transformers' eager loop (`torch.where` over [k, T]).
+        """
+        flat = top_k_index.T.reshape(-1)
+        invalid = (flat < 0) | (flat >= self.num_experts)
+        flat = torch.where(invalid, self.num_experts, flat)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts + 1)[: self.num_experts].tolist()
+        needed, starts, offset = [], [], 0
+        for expert, count in enumerate(counts):
+            if count:
+                needed.append(expert)
+                starts.append(offset)
+            offset += count
+        starts.append(offset)
+        return needed, starts, order
 
     def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden)
-        needed = self.needed_experts(top_k_index)
+        tokens = hidden.shape[0]
+        needed, starts, order = self.route(top_k_index)
         wave = self.cache.n_slots
-        for start in range(0, len(needed), wave):
-            experts = needed[start : start + wave]
+        for first in range(0, len(needed), wave):
+            experts = needed[first : first + wave]
             keys = [(self.layer_idx, e) for e in experts]
             slots = self.cache.acquire(keys)
             try:
-                for expert, slot in zip(experts, slots):
-                    pos, tok = torch.where((top_k_index == expert).T)
+                for i, slot in enumerate(slots):
+                    pairs = order[starts[first + i] : starts[first + i + 1]]
+                    tok, pos = pairs % tokens, pairs // tokens
                     y = self.expert_ffn(hidden[tok], self.cache.weights(slot))
                     y = y * top_k_weights[tok, pos, None]
                     out.index_add_(0, tok, y.to(out.dtype))
