@@ -1,0 +1,237 @@
+"""Run one benchmark case and check it: plain functions and a session object, usable without pytest.
+
+A `Session` builds each model once and runs the reference (policy `resident`, budget `all`) once per model; every
+case is then measured against that reference. Records are plain dicts (JSON-ready) for the table and history.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .suite import REFERENCE_BUDGET, REFERENCE_POLICY, Case, Suite
+from .workload import TokenClock, generate, percentile
+
+MEMORY_SLACK = 0.05  # relative slack on the activation allowance
+
+
+class CaseSkipped(Exception):
+    """The case cannot run here as configured (e.g. a budget below one expert per MoE layer)."""
+
+
+class CaseFailed(AssertionError):
+    """A case that ran but broke a limit; `record` holds its measurements (passed: False)."""
+
+    def __init__(self, message: str, record: dict):
+        super().__init__(message)
+        self.record = record
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def resolve_tier(tier: str, device: str) -> str:
+    if tier == "auto":
+        return "full" if device.startswith("cuda") else "quick"
+    return tier
+
+
+def _nvml_used_bytes(device: str) -> int | None:
+    """Memory used on the GPU as NVML sees it (every process, the CUDA context included); None when unknown."""
+    if not device.startswith("cuda"):
+        return None
+    try:
+        import pynvml
+        import torch
+
+        pynvml.nvmlInit()
+        try:
+            index = torch.device(device).index
+            index = torch.cuda.current_device() if index is None else index
+            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).used)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return None
+
+
+@dataclass
+class Reference:
+    tokens: Any
+    logits: Any
+    record: dict
+    activation_bytes: int | None  # resident peak - dense - all experts (CUDA only)
+
+
+@dataclass
+class Session:
+    """Measures the cases of one suite on one device and tier, memoizing models and references."""
+
+    suite: Suite
+    device: str = "cpu"
+    tier: str = "quick"
+    rounds: int = 3
+    _models: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    _refs: dict[str, Reference] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+
+    @property
+    def dtype(self):
+        import torch
+
+        return getattr(torch, self.suite.dtypes[self.tier])
+
+    def model(self, name: str) -> tuple[Any, str]:
+        if name not in self._models:
+            # models are built on the CPU; offload() moves the dense part to the device
+            self._models[name] = self.suite.model(name).build(self.tier, self.dtype, "cpu")
+        return self._models[name]
+
+    def reference(self, name: str) -> Reference:
+        if name not in self._refs:
+            record, tokens, logits, peak = self._measure(Case(name, REFERENCE_POLICY, REFERENCE_BUDGET), None)
+            activation = None
+            if peak is not None:
+                activation = max(0, peak - record["dense_bytes"] - record["total_expert_bytes"])
+            record.update(token_agreement=1.0, accuracy_drop=0.0, max_abs_logit_diff=0.0)
+            self._refs[name] = Reference(tokens, logits, record, activation)
+        return self._refs[name]
+
+    def run(self, case: Case) -> dict:
+        """Measure `case` and check it; returns its record, raises CaseFailed (record attached) or CaseSkipped."""
+        ref = self.reference(case.model)
+        if case.is_reference:
+            record = dict(ref.record)
+        else:
+            record, tokens, logits, _ = self._measure(case, ref)
+            agree = (tokens == ref.tokens).float().mean().item()
+            record["token_agreement"] = agree
+            record["accuracy_drop"] = 1.0 - agree
+            record["max_abs_logit_diff"] = (logits.float() - ref.logits.float()).abs().max().item()
+            record["tokens_identical"] = bool(agree == 1.0)
+        failures = check(record, self.suite.accuracy_limit, ref.activation_bytes)
+        record["passed"] = not failures
+        record["failures"] = failures
+        if failures:
+            raise CaseFailed(f"{case.name}: " + "; ".join(failures), record)
+        return record
+
+    def _measure(self, case: Case, ref: Reference | None):
+        import torch
+
+        import moeoffload
+
+        model, source = self.model(case.model)
+        ids = self.suite.workload.prompts(model.config.vocab_size)
+        wl = self.suite.workload
+        cuda = self.device.startswith("cuda")
+        try:
+            handle = moeoffload.offload(model, case.policy, case.budget, device=self.device, show_progress=False)
+        except moeoffload.BudgetError as exc:
+            raise CaseSkipped(f"{case.name}: {exc}") from None
+        try:
+            dev = handle.device
+            ids = ids.to(dev)
+            if cuda:
+                torch.cuda.synchronize(dev)
+                torch.cuda.reset_peak_memory_stats(dev)
+            generate(model, ids, wl.new_tokens)  # warm-up: fills the cache, loads kernels
+            handle.reset_stats()
+            steps: list[float] = []
+            totals: list[float] = []
+            nvml_peak: int | None = None
+            tokens = logits = None
+            for _ in range(self.rounds):
+                clock = TokenClock(dev)
+                if cuda:
+                    torch.cuda.synchronize(dev)
+                t0 = time.perf_counter()
+                tokens, logits = generate(model, ids, wl.new_tokens, clock)
+                if cuda:
+                    torch.cuda.synchronize(dev)
+                totals.append(time.perf_counter() - t0)
+                steps.extend(clock.step_seconds())
+                used = _nvml_used_bytes(self.device)
+                if used is not None:
+                    nvml_peak = max(nvml_peak or 0, used)
+            stats = handle.stats()
+            torch_peak = int(torch.cuda.max_memory_allocated(dev)) if cuda else None
+        finally:
+            if handle.active:
+                handle.unload()
+        generated = wl.batch_size * wl.new_tokens * self.rounds
+        record = {
+            "suite": self.suite.name,
+            "case": case.name,
+            "model": case.model,
+            "policy": case.policy,
+            "policy_version": moeoffload.get_policy(case.policy).version,
+            "exact": stats.exact,
+            "budget": case.budget,
+            "tier": self.tier,
+            "device": str(dev),
+            "dtype": self.suite.dtypes[self.tier],
+            "weights": source,
+            "workload": wl.as_dict(),
+            "rounds": self.rounds,
+            "tokens_per_s": generated / sum(totals),
+            "p50_ms": percentile(steps, 50) * 1e3,
+            "p99_ms": percentile(steps, 99) * 1e3,
+            "hit_rate": stats.hit_rate,
+            "h2d_bytes_per_round": stats.h2d_bytes / self.rounds,
+            "h2d_copies_per_round": stats.h2d_copies / self.rounds,
+            "cache_bytes": stats.cache_bytes,
+            "budget_bytes": stats.budget_bytes,
+            "total_expert_bytes": stats.total_expert_bytes,
+            "dense_bytes": stats.dense_bytes,
+            "n_slots": stats.n_slots,
+            "torch_peak_bytes": torch_peak,
+            "nvml_used_bytes": nvml_peak,
+            "stats": stats.as_dict(),
+        }
+        return record, tokens.cpu(), logits.cpu(), torch_peak
+
+
+def check(record: dict, accuracy_limit: float, activation_bytes: int | None) -> list[str]:
+    """The limits a case must keep; returns one readable message per broken limit (empty: passed).
+
+    - Expert cache: `cache_bytes <= budget_bytes` (the pool the engine accounts for).
+    - CUDA only: torch's peak allocated bytes <= dense + budget + allowance, where the allowance is what the
+      resident reference used beyond its weights (its peak - dense - all expert bytes) for the same model and
+      workload, i.e. activations and generate()'s buffers, plus MEMORY_SLACK (5%) of that allowance.
+    - Exact policies: greedy tokens identical to the reference; approximate ones: accuracy drop (1 - token
+      agreement) <= the suite's accuracy_limit.
+    """
+    from moeoffload import format_bytes
+
+    failures = []
+    if record["cache_bytes"] > record["budget_bytes"]:
+        failures.append(f"expert cache {format_bytes(record['cache_bytes'])} is over the budget "
+                        f"{format_bytes(record['budget_bytes'])}")
+    peak = record.get("torch_peak_bytes")
+    if peak is not None and activation_bytes is not None:
+        limit = record["dense_bytes"] + record["budget_bytes"] + activation_bytes * (1 + MEMORY_SLACK)
+        record["gpu_limit_bytes"] = int(limit)
+        if peak > limit:
+            failures.append(f"GPU peak {format_bytes(peak)} is over dense {format_bytes(record['dense_bytes'])} + "
+                            f"budget {format_bytes(record['budget_bytes'])} + activations "
+                            f"{format_bytes(activation_bytes)} (+{MEMORY_SLACK:.0%})")
+    if record["policy"] != REFERENCE_POLICY:
+        if record["exact"]:
+            if not record.get("tokens_identical", False):
+                failures.append(f"exact policy {record['policy']!r} changed the greedy tokens "
+                                f"(agreement {record['token_agreement']:.2%}, max |logit diff| "
+                                f"{record['max_abs_logit_diff']:.3g})")
+        elif record["accuracy_drop"] > accuracy_limit:
+            failures.append(f"accuracy drop {record['accuracy_drop']:.2%} is over the suite's limit "
+                            f"{accuracy_limit:.2%}")
+    return failures

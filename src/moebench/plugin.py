@@ -1,0 +1,186 @@
+"""pytest plugin: `--moebench` collects suites (`suite.py` / `suite_*.py` files) and runs one item per case.
+
+Kept thin: measuring, checking, tables and history live in plain modules. Heavy imports (torch, transformers,
+moeoffload) happen only when --moebench is given, so plain `pytest` pays nothing for this plugin.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SKIP_REASON = "moebench suites run only with --moebench"
+_STATE = pytest.StashKey[dict]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("moebench", "moebench: MoE offloading benchmark suites")
+    group.addoption("--moebench", action="store_true", default=False,
+                    help="collect and run benchmark suites (suite.py files); without it they are skipped")
+    group.addoption("--moebench-policy", action="append", default=None, metavar="NAME",
+                    help="run only this policy (repeatable); default: every registered policy")
+    group.addoption("--moebench-tier", choices=("quick", "full", "auto"), default="auto",
+                    help="quick: depth-reduced models (CPU); full: published sizes; auto: full when CUDA is available")
+    group.addoption("--moebench-rounds", type=int, default=3, metavar="N", help="timed rounds per case (default 3)")
+    group.addoption("--moebench-history", default=None, metavar="DIR",
+                    help="directory of history.jsonl (default: .moebench under the rootdir)")
+    group.addoption("--moebench-device", default=None, metavar="DEVICE",
+                    help="device for the expert cache and dense weights (default: cuda when available, else cpu)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "moebench: a moebench benchmark case (collected from suite files)")
+    if not config.getoption("moebench"):
+        return
+    rounds = config.getoption("moebench_rounds")
+    if rounds < 1:
+        raise pytest.UsageError(f"--moebench-rounds must be at least 1, got {rounds}")
+    selected = config.getoption("moebench_policy")
+    if selected:
+        import moeoffload
+
+        available = moeoffload.available_policies()
+        unknown = [p for p in selected if p not in available]
+        if unknown:
+            raise pytest.UsageError(f"--moebench-policy: unknown policy {', '.join(map(repr, unknown))}; "
+                                    f"available: {', '.join(available)}")
+    from .measure import resolve_device, resolve_tier
+
+    try:
+        device = resolve_device(config.getoption("moebench_device"))
+        import torch
+
+        torch.device(device)
+    except Exception as exc:
+        raise pytest.UsageError(f"--moebench-device: {exc}") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise pytest.UsageError(f"--moebench-device {device}: CUDA is not available here; use cpu")
+    history = config.getoption("moebench_history") or os.path.join(str(config.rootpath), ".moebench")
+    config.stash[_STATE] = {
+        "device": device,
+        "tier": resolve_tier(config.getoption("moebench_tier"), device),
+        "rounds": rounds,
+        "policies": selected,
+        "history": history,
+        "sessions": {},  # suite file -> measure.Session
+        "records": [],
+        "suites": [],
+        "history_path": None,
+        "history_error": None,
+    }
+
+
+def _is_suite_file(path: Path) -> bool:
+    return path.suffix == ".py" and (path.name == "suite.py" or path.name.startswith("suite_"))
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector):
+    if _is_suite_file(file_path):
+        return SuiteFile.from_parent(parent, path=file_path)
+    return None
+
+
+class SuiteFile(pytest.File):
+    def collect(self):
+        state = self.config.stash.get(_STATE, None)
+        if state is None:
+            # one skipped item rather than a skipped collection: the run reports "1 skipped" and exits 0
+            yield DisabledSuite.from_parent(self, name="moebench")
+            return
+        from .measure import Session
+        from .suite import SuiteError, load_suite
+
+        try:
+            suite = load_suite(self.path)
+            cases = suite.cases(state["policies"])
+        except SuiteError as exc:
+            raise self.CollectError(str(exc)) from None
+        session = Session(suite, device=state["device"], tier=state["tier"], rounds=state["rounds"])
+        state["sessions"][str(self.path)] = session
+        if suite.name not in state["suites"]:
+            state["suites"].append(suite.name)
+        for case in cases:
+            yield CaseItem.from_parent(self, name=case.name, case=case, bench=session)
+
+
+class CaseItem(pytest.Item):
+    def __init__(self, *, case, bench, **kwargs):
+        super().__init__(**kwargs)
+        self.case = case
+        self.bench = bench
+        self.add_marker(pytest.mark.moebench)
+
+    def runtest(self) -> None:
+        from .measure import CaseFailed, CaseSkipped
+
+        state = self.config.stash[_STATE]
+        try:
+            record = self.bench.run(self.case)
+        except CaseSkipped as exc:
+            pytest.skip(str(exc))
+        except CaseFailed as exc:
+            state["records"].append(exc.record)
+            raise
+        state["records"].append(record)
+
+    def repr_failure(self, excinfo, style=None):
+        from .measure import CaseFailed
+
+        if excinfo.errisinstance(CaseFailed):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style=style)
+
+    def reportinfo(self):
+        return self.path, 0, f"moebench {self.name}"
+
+
+class DisabledSuite(pytest.Item):
+    """Stands for a suite file when --moebench is not given: skips with the reason, imports nothing."""
+
+    def runtest(self) -> None:
+        raise pytest.skip.Exception(SKIP_REASON, _use_item_location=True)  # report the suite file, not this line
+
+    def reportinfo(self):
+        return self.path, 0, f"moebench suite {self.path.parent.name}"
+
+
+def pytest_report_header(config: pytest.Config):
+    state = config.stash.get(_STATE, None)
+    if state is None:
+        return None
+    return (f"moebench: device {state['device']}, tier {state['tier']}, rounds {state['rounds']}, "
+            f"policies {', '.join(state['policies']) if state['policies'] else 'all registered'}")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    state = session.config.stash.get(_STATE, None)
+    if state is None or not state["records"]:
+        return
+    from . import history
+
+    options = {k: state[k] for k in ("device", "tier", "rounds", "policies")}
+    try:
+        run = history.make_run(state["records"], state["suites"], session.config.rootpath, options)
+        state["history_path"] = history.append(state["history"], run)
+    except OSError as exc:
+        state["history_error"] = str(exc)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    state = config.stash.get(_STATE, None)
+    if state is None:
+        return
+    from .table import render
+
+    tr = terminalreporter
+    records = state["records"]
+    tr.write_sep("=", f"moebench: {len(records)} cases (device {state['device']}, tier {state['tier']})")
+    if records:
+        for line in render(records).splitlines():
+            tr.write_line(line)
+    if state["history_path"]:
+        tr.write_line(f"history: appended to {state['history_path']}")
+    elif state["history_error"]:
+        tr.write_line(f"history: NOT written: {state['history_error']}", red=True)

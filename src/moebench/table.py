@@ -1,0 +1,43 @@
+"""The closing table: one row per case, rendered with tabulate."""
+
+from __future__ import annotations
+
+import math
+
+from tabulate import tabulate
+
+MIB = 2**20
+
+
+def _num(value, fmt: str, scale: float = 1.0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value / scale, fmt)
+
+
+def memory_column(records: list[dict]) -> str:
+    return "GPU mem MiB" if any(r.get("torch_peak_bytes") is not None for r in records) else "cache MiB"
+
+
+def rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
+    mem = memory_column(records)
+    headers = ["model", "policy", "budget", "tokens/s", "p50 ms", "p99 ms", "hit rate", "H2D MiB/round", mem,
+               "acc drop", "result"]
+    out = []
+    for r in records:
+        peak = r.get("torch_peak_bytes")
+        memory = peak if peak is not None else r.get("cache_bytes")
+        out.append([
+            r.get("model", "?"), r.get("policy", "?"), r.get("budget", "?"),
+            _num(r.get("tokens_per_s"), ".1f"), _num(r.get("p50_ms"), ".2f"), _num(r.get("p99_ms"), ".2f"),
+            _num(r.get("hit_rate"), ".1%"), _num(r.get("h2d_bytes_per_round"), ".1f", MIB),
+            _num(memory, ".1f", MIB), _num(r.get("accuracy_drop"), ".1%"),
+            "pass" if r.get("passed") else "FAIL",
+        ])
+    return headers, out
+
+
+def render(records: list[dict], tablefmt: str = "simple") -> str:
+    headers, body = rows(records)
+    return tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True,
+                    colalign=("left", "left", "left") + ("right",) * (len(headers) - 3))

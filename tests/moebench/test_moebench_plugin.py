@@ -1,0 +1,44 @@
+"""The plugin end to end, in subprocesses: the real suites/switch with one policy, and the skip without the flag."""
+
+import json
+from pathlib import Path
+
+pytest_plugins = ["pytester"]  # here, not in tests/moebench/conftest.py: pytest refuses it in a non-root conftest
+
+SUITE = Path(__file__).resolve().parents[2] / "suites" / "switch"
+
+
+def test_suite_skipped_without_flag(pytester):
+    result = pytester.runpytest_subprocess(str(SUITE), "-p", "no:cacheprovider", "-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*moebench suites run only with --moebench*"])
+    assert result.ret == 0
+
+
+def test_unknown_policy_is_a_usage_error(pytester):
+    result = pytester.runpytest_subprocess("--moebench", str(SUITE), "--moebench-policy", "nope")
+    assert result.ret == 4
+    result.stderr.fnmatch_lines(["*--moebench-policy: unknown policy 'nope'; available: resident*lru*"])
+
+
+def test_switch_suite_with_lru(pytester, tmp_path):
+    hist = tmp_path / "hist"
+    result = pytester.runpytest_subprocess(
+        "--moebench", str(SUITE), "--moebench-policy", "lru", "--moebench-rounds", "1",
+        "--moebench-history", str(hist), "-p", "no:cacheprovider", "-v")
+    result.assert_outcomes(passed=6)
+    result.stdout.fnmatch_lines([
+        "*switch-base-8?lru-25%?*PASSED*",
+        "*moebench: 6 cases*",
+        "model*policy*budget*tokens/s*p50 ms*p99 ms*hit rate*H2D MiB/round*acc drop*result*",
+        "switch-base-8*resident*all*pass",
+        "switch-base-64*lru*50%*pass",
+        f"history: appended to {hist}*",
+    ])
+    lines = (hist / "history.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    run = json.loads(lines[0])
+    assert run["suites"] == ["switch"] and run["machine"]["torch"] and "commit" in run["git"]
+    assert sorted(r["case"] for r in run["records"]) == sorted(
+        f"{m}[{c}]" for m in ("switch-base-8", "switch-base-64") for c in ("resident-all", "lru-25%", "lru-50%"))
+    assert all(r["passed"] and r["cache_bytes"] <= r["budget_bytes"] for r in run["records"])
