@@ -131,8 +131,8 @@ class Session:
         import moeoffload
 
         model, source = self.model(case.model)
-        ids = self.suite.workload.prompts(model.config.vocab_size)
-        wl = self.suite.workload
+        wl = self.suite.workload_for(self.tier)
+        prompts = [wl.prompts(model.config.vocab_size, round_index=r) for r in range(-1, self.rounds)]
         cuda = self.device.startswith("cuda")
         try:
             handle = moeoffload.offload(model, case.policy, case.budget, device=self.device, show_progress=False)
@@ -140,17 +140,17 @@ class Session:
             raise CaseSkipped(f"{case.name}: {exc}") from None
         try:
             dev = handle.device
-            ids = ids.to(dev)
+            prompts = [p.to(dev) for p in prompts]
             if cuda:
                 torch.cuda.synchronize(dev)
                 torch.cuda.reset_peak_memory_stats(dev)
-            generate(model, ids, wl.new_tokens)  # warm-up: fills the cache, loads kernels
+            generate(model, prompts[0], wl.new_tokens)  # warm-up on its own prompts: kernels load, cache fills
             handle.reset_stats()
             steps: list[float] = []
             totals: list[float] = []
             nvml_peak: int | None = None
-            tokens = logits = None
-            for _ in range(self.rounds):
+            round_tokens, round_logits = [], []
+            for ids in prompts[1:]:
                 clock = TokenClock(dev)
                 if cuda:
                     torch.cuda.synchronize(dev)
@@ -160,6 +160,8 @@ class Session:
                     torch.cuda.synchronize(dev)
                 totals.append(time.perf_counter() - t0)
                 steps.extend(clock.step_seconds())
+                round_tokens.append(tokens.cpu())
+                round_logits.append(logits.cpu())
                 used = _nvml_used_bytes(self.device)
                 if used is not None:
                     nvml_peak = max(nvml_peak or 0, used)
@@ -168,6 +170,7 @@ class Session:
         finally:
             if handle.active:
                 handle.unload()
+        tokens, logits = torch.cat(round_tokens), torch.cat(round_logits)
         generated = wl.batch_size * wl.new_tokens * self.rounds
         record = {
             "suite": self.suite.name,
@@ -198,7 +201,7 @@ class Session:
             "nvml_used_bytes": nvml_peak,
             "stats": stats.as_dict(),
         }
-        return record, tokens.cpu(), logits.cpu(), torch_peak
+        return record, tokens, logits, torch_peak
 
 
 def check(record: dict, accuracy_limit: float, activation_bytes: int | None) -> list[str]:

@@ -59,6 +59,10 @@ class Suite:
     policies: list[str] | None = None  # None: every registered policy
     accuracy_limit: float = 0.0  # largest accuracy drop (1 - greedy-token agreement) an approximate policy may show
     dtypes: dict[str, str] = field(default_factory=lambda: {"quick": "float32", "full": "bfloat16"})
+    full_workload: Workload | None = None  # the full tier's workload, when it should differ from the quick one
+
+    def workload_for(self, tier: str) -> Workload:
+        return self.full_workload if tier == "full" and self.full_workload is not None else self.workload
 
     def __post_init__(self) -> None:
         self.validate()

@@ -22,13 +22,15 @@ class Workload:
     def as_dict(self) -> dict:
         return asdict(self)
 
-    def prompts(self, vocab_size: int, low: int = 2):
-        """[batch_size, prompt_len] token ids in [low, vocab_size), the same for the same seed (0, 1: pad, eos)."""
+    def prompts(self, vocab_size: int, low: int = 2, round_index: int = 0):
+        """[batch_size, prompt_len] token ids in [low, vocab_size) (0, 1: pad, eos); the same for the same seed and
+        round. Each round (and the warm-up, round -1) gets its own prompts, so a cache cannot pass a round by
+        having seen its experts in the round before."""
         import torch
 
         if vocab_size <= low:
             raise ValueError(f"vocabulary of {vocab_size} tokens is too small for prompts")
-        gen = torch.Generator().manual_seed(self.seed)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + round_index + 1)
         return torch.randint(low, vocab_size, (self.batch_size, self.prompt_len), generator=gen)
 
 

@@ -27,5 +27,6 @@ SUITE = Suite(
     budgets=["25%", "50%"],
     policies=None,  # every registered policy; resident (budget 'all') is the reference of each model
     workload=Workload(batch_size=2, prompt_len=16, new_tokens=8, seed=0),
+    full_workload=Workload(batch_size=8, prompt_len=32, new_tokens=32, seed=0),
     accuracy_limit=0.0,
 )
