@@ -73,7 +73,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _is_suite_file(path: Path) -> bool:
-    return path.suffix == ".py" and (path.name == "suite.py" or path.name.startswith("suite_"))
+    """`suite.py` / `suite_*.py` inside a `suites` folder: the plugin is installed for every project in the
+    environment, so it must not claim other projects' files that merely share the name."""
+    named = path.suffix == ".py" and (path.name == "suite.py" or path.name.startswith("suite_"))
+    return named and "suites" in path.parent.parts
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector):

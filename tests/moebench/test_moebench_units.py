@@ -127,3 +127,14 @@ def test_cli_policies_and_history(tmp_path, capsys):
     history.append(tmp_path, history.make_run([_record()], ["s"], tmp_path))
     assert cli_main(["history", "--dir", str(tmp_path)]) == 0
     assert "lru" in capsys.readouterr().out
+
+
+def test_only_files_in_a_suites_folder_are_suites():
+    from pathlib import Path
+
+    from moebench.plugin import _is_suite_file
+
+    assert _is_suite_file(Path("/repo/suites/switch/suite.py"))
+    assert _is_suite_file(Path("/repo/suites/mixtral/suite_long.py"))
+    assert not _is_suite_file(Path("/other/tests/suite_utils.py"))
+    assert not _is_suite_file(Path("/repo/suites/switch/helpers.py"))
