@@ -126,8 +126,11 @@ def append(directory: str | Path, run: dict) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / FILENAME
     line = (json.dumps(_clean(run), sort_keys=True, allow_nan=False) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line  # a torn last line (a writer killed mid-write) stays alone on its line
         written = os.write(fd, line)
         if written != len(line):  # only on a full disk or similar; the reader skips the torn line
             raise OSError(f"{path}: short write ({written} of {len(line)} bytes)")

@@ -114,9 +114,10 @@ def test_history_torn_last_line_is_skipped_and_reported(tmp_path):
     runs, problems = history.read_history(path)
     assert len(runs) == 2 and runs[1]["records"] == run["records"]
     assert len(problems) == 1 and "truncated last line" in problems[0]
-    history.append(tmp_path, run)  # the next run starts after the torn bytes: earlier runs stay intact
+    history.append(tmp_path, run)  # the next run starts on a line of its own: nothing stored is lost
     runs, problems = history.read_history(path)
-    assert len(runs) == 2 and "unreadable line" in problems[0]
+    assert len(runs) == 3 and runs[2]["records"] == run["records"]
+    assert len(problems) == 1 and "unreadable line" in problems[0]
 
 
 def test_cli_policies_and_history(tmp_path, capsys):
