@@ -25,6 +25,8 @@ class CacheStats:
     misses: int = 0
     evictions: int = 0
     peak_resident: int = 0  # most experts resident at once
+    prefetches: int = 0  # experts copied ahead of a request (not counted as hits or misses)
+    prefetch_hits: int = 0  # requests served by an expert that a prefetch brought in
 
     @property
     def requests(self) -> int:
@@ -66,6 +68,7 @@ class ExpertCache:
         self._ready: list[torch.cuda.Event | None] = [None] * n_slots  # copy into the slot finished
         self._released: list[torch.cuda.Event | None] = [None] * n_slots  # last reader of the slot finished
         self._cuda = cuda
+        self._prefetched: set[ExpertKey] = set()  # brought in by prefetch, not yet requested
         self.stats = CacheStats()
 
     # -- what is resident ------------------------------------------------------------------------------------
@@ -105,6 +108,9 @@ class ExpertCache:
                 slot = self._slot_of.get(key)
                 if slot is not None:
                     self.stats.hits += 1
+                    if key in self._prefetched:
+                        self._prefetched.discard(key)
+                        self.stats.prefetch_hits += 1
                     self.rule.on_access(key)
                 else:
                     slot = self._load(key)
@@ -144,9 +150,27 @@ class ExpertCache:
             if key not in self._slot_of:
                 self._load(key)
 
+    def prefetch(self, keys: Iterable[ExpertKey]) -> int:
+        """Start copying `keys` that are not resident, best effort; return how many copies were issued.
+
+        Never evicts a pinned expert or another key of this call; stops when no slot can be freed. On CUDA the
+        copies run on the transfer stream, overlapping whatever the compute stream does meanwhile.
+        """
+        wanted = [k for k in dict.fromkeys(keys) if k not in self._slot_of]
+        protect = set(wanted)
+        issued = 0
+        for key in wanted:
+            if not self._free and not self._evictable(protect):
+                break
+            self._load(key, protect)
+            self._prefetched.add(key)
+            issued += 1
+        self.stats.prefetches += issued
+        return issued
+
     # -- internals ---------------------------------------------------------------------------------------------
-    def _load(self, key: ExpertKey) -> int:
-        slot = self._free.pop() if self._free else self._evict_one()
+    def _load(self, key: ExpertKey, protect: set[ExpertKey] | frozenset = frozenset()) -> int:
+        slot = self._free.pop() if self._free else self._evict_one(protect)
         self._ready[slot] = self.transfer.copy(self.store.buffer(key), self.pool[slot], after=self._released[slot])
         self._slot_of[key] = slot
         self._key_of[slot] = key
@@ -154,8 +178,11 @@ class ExpertCache:
         self.stats.peak_resident = max(self.stats.peak_resident, len(self._slot_of))
         return slot
 
-    def _evict_one(self) -> int:
-        candidates = [k for k, s in self._slot_of.items() if self._pins[s] == 0]
+    def _evictable(self, protect: set[ExpertKey] | frozenset = frozenset()) -> list[ExpertKey]:
+        return [k for k, s in self._slot_of.items() if self._pins[s] == 0 and k not in protect]
+
+    def _evict_one(self, protect: set[ExpertKey] | frozenset = frozenset()) -> int:
+        candidates = self._evictable(protect)
         if not candidates:
             raise CapacityError("every cache slot is pinned; release experts before acquiring more")
         self._drop(self.rule.victim(candidates))
@@ -165,6 +192,7 @@ class ExpertCache:
     def _drop(self, key: ExpertKey) -> None:
         slot = self._slot_of.pop(key)
         self._key_of[slot] = None
+        self._prefetched.discard(key)
         self.rule.on_remove(key)
         self._free.append(slot)
 

@@ -16,14 +16,17 @@ import torch
 from .cache import ExpertCache
 
 ExpertFFN = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
+Prefetcher = Callable[[int, torch.Tensor], None]  # (this layer's index, its MoE input) -> starts copies
 
 
 class OffloadedMoELayer:
-    def __init__(self, layer_idx: int, num_experts: int, cache: ExpertCache, expert_ffn: ExpertFFN):
+    def __init__(self, layer_idx: int, num_experts: int, cache: ExpertCache, expert_ffn: ExpertFFN,
+                 prefetcher: Prefetcher | None = None):
         self.layer_idx = layer_idx
         self.num_experts = num_experts
         self.cache = cache
         self.expert_ffn = expert_ffn
+        self.prefetcher = prefetcher
 
     def route(self, top_k_index: torch.Tensor) -> tuple[list[int], list[int], torch.Tensor]:
         """Group the (token, k) pairs by expert with one device->host sync per layer.
@@ -55,6 +58,8 @@ class OffloadedMoELayer:
             experts = needed[first : first + wave]
             keys = [(self.layer_idx, e) for e in experts]
             slots = self.cache.acquire(keys)
+            if self.prefetcher is not None and first == 0 and len(needed) <= wave:
+                self.prefetcher(self.layer_idx, hidden)  # copies for the next layer start before this one computes
             try:
                 for i, slot in enumerate(slots):
                     pairs = order[starts[first + i] : starts[first + i + 1]]

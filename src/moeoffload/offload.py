@@ -15,9 +15,10 @@ from torch import nn
 from . import hooks, policies
 from .budget import format_bytes, parse_budget
 from .cache import ExpertCache
-from .errors import BudgetError, MoeOffloadError, NotOffloadedError
+from .errors import BudgetError, MoeOffloadError, NotOffloadedError, UnsupportedModelError
 from .eviction import make_rule
 from .layer import OffloadedMoELayer
+from .predictors import PREFETCHERS
 from .progress import progress
 from .store import ExpertStore
 
@@ -41,6 +42,8 @@ class OffloadStats:
     total_expert_bytes: int
     dense_bytes: int  # parameters and buffers left on the device (non-expert part of the model)
     peak_resident_experts: int
+    prefetches: int  # copies issued ahead of a request (included in h2d_copies and h2d_bytes)
+    prefetch_hits: int  # requests that a prefetched expert served
 
     @property
     def hit_rate(self) -> float:
@@ -76,6 +79,7 @@ class OffloadedModel:
             expert_bytes=self.store.expert_bytes, n_slots=c.n_slots, cache_bytes=c.pool_bytes,
             budget_bytes=self.budget_bytes, total_expert_bytes=self.store.total_bytes,
             dense_bytes=_device_bytes(self.model), peak_resident_experts=c.stats.peak_resident,
+            prefetches=c.stats.prefetches, prefetch_hits=c.stats.prefetch_hits,
         )
 
     def reset_stats(self) -> None:
@@ -168,9 +172,10 @@ def offload(model: nn.Module, policy: str | policies.Policy = "lru", gpu_budget:
     cache = ExpertCache(store, n_slots, device, make_rule(policy.eviction), retain=policy.retain)
     if policy.preload:
         cache.preload(store.keys())
+    prefetcher = make_prefetcher(policy, hook, cache)
     layers = []
     for i, module in enumerate(hook.layers):
-        layer = OffloadedMoELayer(i, hook.num_experts, cache, hook.expert_ffn(module))
+        layer = OffloadedMoELayer(i, hook.num_experts, cache, hook.expert_ffn(module), prefetcher)
         hook.install(module, layer)
         layers.append(layer)
     if hook.family == "experts3d":
@@ -179,6 +184,15 @@ def offload(model: nn.Module, policy: str | policies.Policy = "lru", gpu_budget:
     model._moeoffload = handle
     cache.reset_stats()
     return handle
+
+
+def make_prefetcher(policy: policies.Policy, hook: hooks.ModelHook, cache: ExpertCache):
+    if policy.prefetch is None:
+        return None
+    if hook.router_weight is None:
+        raise UnsupportedModelError(f"policy {policy.name!r} runs routers early, but moeoffload cannot find the "
+                                    f"routers of this {hook.family} model; use a policy without prefetch, e.g. 'lru'")
+    return PREFETCHERS[policy.prefetch](cache, hook.router_weight, len(hook.layers), hook.top_k)
 
 
 def unload(model: nn.Module) -> nn.Module:

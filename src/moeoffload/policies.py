@@ -15,6 +15,7 @@ from importlib.metadata import entry_points
 
 from .errors import UnknownPolicyError
 from .eviction import EVICTION_RULES
+from .predictors import PREFETCHERS
 
 ENTRY_POINT_GROUP = "moeoffload.policies"
 
@@ -28,12 +29,16 @@ class Policy:
     preload: bool = False  # every expert resident from the start (needs a budget that holds them all)
     exact: bool = True
     version: str = "1"
+    prefetch: str | None = None  # a predictor that copies the next layer's experts early (predictors.PREFETCHERS)
 
     def __post_init__(self) -> None:
         if self.eviction not in EVICTION_RULES:
             raise ValueError(
                 f"policy {self.name!r}: unknown eviction rule {self.eviction!r}; one of {sorted(EVICTION_RULES)}"
             )
+        if self.prefetch is not None and self.prefetch not in PREFETCHERS:
+            known = sorted(PREFETCHERS)
+            raise ValueError(f"policy {self.name!r}: unknown prefetcher {self.prefetch!r}; one of {known}")
 
 
 BUILTIN = (
@@ -41,6 +46,8 @@ BUILTIN = (
     Policy("on-demand", "no cache: each needed expert is copied to the GPU every time it is used", retain=False),
     Policy("lru", "expert cache, least recently used expert evicted"),
     Policy("lfu", "expert cache, least frequently used expert evicted (counts kept across evictions)", eviction="lfu"),
+    Policy("lookahead", "LRU cache; the next layer's router run on this layer's input prefetches its experts",
+           prefetch="lookahead"),
 )
 
 _REGISTRY: dict[str, Policy] = {p.name: p for p in BUILTIN}

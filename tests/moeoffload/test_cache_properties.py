@@ -57,6 +57,11 @@ def test_budget_residency_and_pins_hold_under_random_requests(shape, data, rule,
         for key in held:  # pinned experts survived whatever this acquire evicted
             assert key in cache.resident()
         held.extend(dict.fromkeys(keys))
+        if data.draw(st.booleans(), label="prefetch"):
+            guess = data.draw(st.lists(st.integers(0, experts - 1), max_size=experts), label="guess")
+            cache.prefetch([(data.draw(st.integers(0, layers - 1)), e) for e in guess])
+            for key in held:  # a prefetch never evicts what a computation holds
+                assert key in cache.resident()
         assert cache.pool_bytes <= budget and cache.resident_bytes <= budget
         if data.draw(st.booleans(), label="release"):
             cache.release(keys)
@@ -64,7 +69,7 @@ def test_budget_residency_and_pins_hold_under_random_requests(shape, data, rule,
                 held.remove(k)
     s = cache.stats
     assert s.hits + s.misses == s.requests
-    assert cache.transfer.stats.bytes == s.misses * store.expert_bytes
+    assert cache.transfer.stats.bytes == (s.misses + s.prefetches) * store.expert_bytes
 
 
 @settings(max_examples=100, deadline=None)

@@ -25,7 +25,7 @@ def test_cuda_policies_match_resident_over_many_runs(build):
     with moeoffload.offload(model, "resident", "all", device="cuda") as h:
         assert h.store.pinned
         reference = run()
-    for policy in ["on-demand", "lru", "lfu"]:
+    for policy in ["on-demand", "lru", "lfu", "lookahead"]:
         for budget in ["25%", "50%"]:
             with moeoffload.offload(model, policy, budget, device="cuda") as h:
                 for _ in range(5):

@@ -19,7 +19,8 @@ class ModelHook:
     `layers` are the modules that hold a layer's experts, in model order; layer index i in the engine is
     `layers[i]`. `expert_tensors(module, e)` gives expert e's matrices, `strip(module)` frees them once they
     are stored, `install(module, layer)` routes the module's forward to the engine, `restore(module, tensors)`
-    undoes both (tensors: one dict of matrices per expert).
+    undoes both (tensors: one dict of matrices per expert). `router_weight(i)` is layer i's router matrix
+    [num_experts, hidden] (read at call time, wherever the model put it), for predictors that run a router early.
     """
 
     family: str
@@ -32,9 +33,15 @@ class ModelHook:
     strip: Callable[[nn.Module], None]
     install: Callable[[nn.Module, OffloadedMoELayer], None]
     restore: Callable[[nn.Module, list[dict[str, torch.Tensor]]], None]
+    router_weight: Callable[[int], torch.Tensor] | None = None
     extra: dict = field(default_factory=dict)
 
 
 def empty_parameter(like: torch.Tensor) -> nn.Parameter:
     """A zero-size stand-in for a stored weight: keeps dtype and device, holds no memory."""
     return nn.Parameter(torch.empty(0, dtype=like.dtype, device=like.device), requires_grad=False)
+
+
+def parents(model: nn.Module) -> dict[int, nn.Module]:
+    """id(child) -> parent module, for finding the router beside an experts module."""
+    return {id(child): parent for parent in model.modules() for child in parent.children()}

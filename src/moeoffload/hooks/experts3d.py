@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..layer import OffloadedMoELayer
 from ..layout import ExpertLayout
-from .base import ModelHook, empty_parameter
+from .base import ModelHook, empty_parameter, parents
 
 IMPLEMENTATION = "moeoffload"
 
@@ -69,6 +69,11 @@ def discover(model: nn.Module) -> ModelHook | None:
         dtype=first.gate_up_proj.dtype,
     )
     top_k = getattr(config, "num_experts_per_tok", None) or getattr(config, "top_k", 1)
+    parent = parents(model)
+    gates = [getattr(parent[id(m)], "gate", None) for m in layers]
+    router_weight = None
+    if all(isinstance(getattr(g, "weight", None), torch.Tensor) for g in gates):
+        router_weight = lambda i: gates[i].weight  # noqa: E731
     return ModelHook(
         family="experts3d",
         layers=layers,
@@ -80,6 +85,7 @@ def discover(model: nn.Module) -> ModelHook | None:
         strip=_strip,
         install=_install,
         restore=_restore,
+        router_weight=router_weight,
         extra={"previous_implementation": _get_impl(model), "model": model},
     )
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..layer import OffloadedMoELayer
 from ..layout import ExpertLayout
-from .base import ModelHook, empty_parameter
+from .base import ModelHook, empty_parameter, parents
 
 
 def _is_switch_experts(module: nn.Module) -> bool:
@@ -35,6 +35,8 @@ def discover(model: nn.Module) -> ModelHook | None:
         shapes=(tuple(first.wi.weight.shape), tuple(first.wo.weight.shape)),
         dtype=first.wi.weight.dtype,
     )
+    parent = parents(model)
+    routers = [parent[id(m)].router.classifier for m in layers]
     return ModelHook(
         family="switch",
         layers=layers,
@@ -46,6 +48,7 @@ def discover(model: nn.Module) -> ModelHook | None:
         strip=_strip,
         install=_install,
         restore=_restore,
+        router_weight=lambda i: routers[i].weight,
     )
 
 

@@ -1,0 +1,40 @@
+"""Prefetch changes when experts move, never what is computed."""
+
+import torch
+
+import moeoffload
+from moeoffload.cache import ExpertCache
+from moeoffload.eviction import make_rule
+
+from .models import tiny_mixtral, tiny_switch
+from .test_cache_properties import filled_store, tag_of
+
+
+def test_prefetch_never_evicts_pinned_or_its_own_keys_and_counts_its_hits():
+    store = filled_store(2, 4)
+    cache = ExpertCache(store, 3, "cpu", make_rule("lru"))
+    cache.acquire([(0, 0)])  # pinned: must survive
+    assert cache.prefetch([(1, 0), (1, 1), (1, 2), (1, 3)]) == 2  # two free slots, nothing else evictable
+    assert {(0, 0), (1, 0), (1, 1)} == cache.resident()
+    assert (cache.stats.hits, cache.stats.misses) == (0, 1)  # only the acquire counted: a prefetch is no request
+    slot = cache.acquire([(1, 1)])[0]
+    assert tag_of(cache, slot) == 1001
+    assert cache.stats.prefetch_hits == 1 and cache.stats.hits == 1
+    assert cache.transfer.stats.copies == 3
+
+
+def test_lookahead_policy_is_exact_and_prefetches():
+    for build in (tiny_mixtral, tiny_switch):
+        model = build(seed=5)
+        ids = torch.randint(2, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+        kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+        with torch.no_grad():
+            reference = model.generate(ids, **kwargs)
+        for budget in ["25%", "50%"]:
+            with moeoffload.offload(model, "lookahead", budget, device="cpu") as h:
+                with torch.no_grad():
+                    tokens = model.generate(ids, **kwargs)
+                s = h.stats()
+            assert torch.equal(tokens, reference), (build.__name__, budget)
+            assert s.prefetches > 0 and s.cache_bytes <= s.budget_bytes
+            assert s.h2d_copies == s.misses + s.prefetches
