@@ -21,24 +21,26 @@ class LookaheadGate:
 
     name = "lookahead"
 
-    def __init__(self, cache: ExpertCache, router_weight: Callable[[int], torch.Tensor], num_layers: int,
-                 top_k: int):
+    def __init__(self, cache: ExpertCache, router_weight: Callable[[int], torch.Tensor],
+                 next_layer: list[int | None], top_k: int):
         self.cache = cache
         self.router_weight = router_weight
-        self.num_layers = num_layers
+        self.next_layer = next_layer
         self.top_k = top_k
 
-    def predict(self, layer_idx: int, hidden: torch.Tensor) -> list[int]:
-        weight = self.router_weight(layer_idx + 1)
+    def predict(self, next_idx: int, hidden: torch.Tensor) -> list[int]:
+        """Experts that layer `next_idx`'s router picks for `hidden`, the input of the layer before it."""
+        weight = self.router_weight(next_idx)
         logits = F.linear(hidden.to(weight.dtype), weight)
         return torch.unique(logits.topk(self.top_k, dim=-1).indices).tolist()
 
     def __call__(self, layer_idx: int, hidden: torch.Tensor) -> None:
-        if layer_idx + 1 >= self.num_layers:
+        next_idx = self.next_layer[layer_idx]
+        if next_idx is None:
             return
         with torch.no_grad():
-            experts = self.predict(layer_idx, hidden)
-        self.cache.prefetch([(layer_idx + 1, e) for e in experts])
+            experts = self.predict(next_idx, hidden)
+        self.cache.prefetch([(next_idx, e) for e in experts])
 
 
 PREFETCHERS = {"lookahead": LookaheadGate}

@@ -34,7 +34,12 @@ class ModelHook:
     install: Callable[[nn.Module, OffloadedMoELayer], None]
     restore: Callable[[nn.Module, list[dict[str, torch.Tensor]]], None]
     router_weight: Callable[[int], torch.Tensor] | None = None
+    next_layer: list[int | None] = field(default_factory=list)  # the MoE layer fed by the same residual stream
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.next_layer:
+            self.next_layer = [i + 1 for i in range(len(self.layers) - 1)] + [None]
 
 
 def empty_parameter(like: torch.Tensor) -> nn.Parameter:
@@ -45,3 +50,20 @@ def empty_parameter(like: torch.Tensor) -> nn.Parameter:
 def parents(model: nn.Module) -> dict[int, nn.Module]:
     """id(child) -> parent module, for finding the router beside an experts module."""
     return {id(child): parent for parent in model.modules() for child in parent.children()}
+
+
+def next_in_stack(model: nn.Module, layers: list[nn.Module]) -> list[int | None]:
+    """For each MoE layer, the index of the next one in the same stack (None at a stack's end).
+
+    A stack is the module path before its first numbered component ("encoder.block", "decoder.block",
+    "model.layers"): an encoder-decoder model has two residual streams, and a router of one says nothing
+    about the other.
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def stack(module: nn.Module) -> str:
+        parts = names[id(module)].split(".")
+        return ".".join(p for p in parts[: next((i for i, p in enumerate(parts) if p.isdigit()), len(parts))])
+
+    stacks = [stack(m) for m in layers]
+    return [i + 1 if i + 1 < len(layers) and stacks[i + 1] == stacks[i] else None for i in range(len(layers))]

@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..layer import OffloadedMoELayer
 from ..layout import ExpertLayout
-from .base import ModelHook, empty_parameter, parents
+from .base import ModelHook, empty_parameter, next_in_stack, parents
 
 IMPLEMENTATION = "moeoffload"
 
@@ -86,6 +86,7 @@ def discover(model: nn.Module) -> ModelHook | None:
         install=_install,
         restore=_restore,
         router_weight=router_weight,
+        next_layer=next_in_stack(model, layers),
         extra={"previous_implementation": _get_impl(model), "model": model},
     )
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..layer import OffloadedMoELayer
 from ..layout import ExpertLayout
-from .base import ModelHook, empty_parameter, parents
+from .base import ModelHook, empty_parameter, next_in_stack, parents
 
 
 def _is_switch_experts(module: nn.Module) -> bool:
@@ -49,6 +49,7 @@ def discover(model: nn.Module) -> ModelHook | None:
         install=_install,
         restore=_restore,
         router_weight=lambda i: routers[i].weight,
+        next_layer=next_in_stack(model, layers),
     )
 
 
