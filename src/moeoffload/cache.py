@@ -157,6 +157,8 @@ class ExpertCache:
         copies run on the transfer stream, overlapping whatever the compute stream does meanwhile.
         """
         wanted = [k for k in dict.fromkeys(keys) if k not in self._slot_of]
+        for key in wanted:
+            self.store.buffer(key)  # a key outside the store raises here, before any slot changes hands
         protect = set(wanted)
         issued = 0
         for key in wanted:

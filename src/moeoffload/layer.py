@@ -9,6 +9,7 @@ budget or the eviction rule.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -27,6 +28,17 @@ class OffloadedMoELayer:
         self.cache = cache
         self.expert_ffn = expert_ffn
         self.prefetcher = prefetcher
+
+    def _prefetch(self, hidden: torch.Tensor) -> None:
+        """Start the next layer's copies before this layer computes. A predictor is a guess, so a broken one
+        (it raises, or names experts that do not exist) must not break inference: this layer drops it, warns
+        once, and fetches on demand from then on; the output is unaffected either way."""
+        try:
+            self.prefetcher(self.layer_idx, hidden)
+        except Exception as exc:
+            warnings.warn(f"moeoffload: prefetcher of MoE layer {self.layer_idx} failed ({type(exc).__name__}: "
+                          f"{exc}); this layer now fetches experts on demand", RuntimeWarning, stacklevel=3)
+            self.prefetcher = None
 
     def route(self, top_k_index: torch.Tensor) -> tuple[list[int], list[int], torch.Tensor]:
         """Group the (token, k) pairs by expert with one device->host sync per layer.
@@ -59,7 +71,7 @@ class OffloadedMoELayer:
             keys = [(self.layer_idx, e) for e in experts]
             slots = self.cache.acquire(keys)
             if self.prefetcher is not None and first == 0 and len(needed) <= wave:
-                self.prefetcher(self.layer_idx, hidden)  # copies for the next layer start before this one computes
+                self._prefetch(hidden)
             try:
                 for i, slot in enumerate(slots):
                     pairs = order[starts[first + i] : starts[first + i + 1]]

@@ -38,3 +38,46 @@ def test_lookahead_policy_is_exact_and_prefetches():
             assert torch.equal(tokens, reference), (build.__name__, budget)
             assert s.prefetches > 0 and s.cache_bytes <= s.budget_bytes
             assert s.h2d_copies == s.misses + s.prefetches
+
+
+class _Broken:
+    """Stands in for a predictor: raises, or names experts that do not exist."""
+
+    def __init__(self, mode, cache, *args):
+        self.mode, self.cache = mode, cache
+
+    def __call__(self, layer_idx, hidden):
+        if self.mode == "raises":
+            raise RuntimeError("predictor crashed")
+        self.cache.prefetch([(layer_idx, 10_000), (layer_idx + 99, 0)])
+
+
+def test_broken_predictor_falls_back_to_on_demand_and_stays_exact(monkeypatch):
+    import functools
+
+    import pytest
+
+    from moeoffload import predictors
+
+    model = tiny_mixtral(seed=8)
+    ids = torch.randint(2, 96, (2, 7), generator=torch.Generator().manual_seed(2))
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        reference = model.generate(ids, **kwargs)
+    for mode in ("raises", "out-of-range"):
+        monkeypatch.setitem(predictors.PREFETCHERS, "lookahead", functools.partial(_Broken, mode))
+        with moeoffload.offload(model, "lookahead", "50%", device="cpu") as h:
+            with pytest.warns(RuntimeWarning, match="fetches experts on demand"):
+                with torch.no_grad():
+                    tokens = model.generate(ids, **kwargs)
+            assert all(layer.prefetcher is None for layer in h.layers)
+            assert h.stats().prefetches == 0
+        assert torch.equal(tokens, reference), mode
+
+
+def test_lookahead_stays_inside_a_stack():
+    from moeoffload.hooks import discover
+
+    switch = discover(tiny_switch())  # 4 + 4 layers, sparse step 2: MoE layers 0-1 encoder, 2-3 decoder
+    assert switch.next_layer == [1, None, 3, None]
+    assert discover(tiny_mixtral(layers=3)).next_layer == [1, 2, None]
