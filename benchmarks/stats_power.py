@@ -1,0 +1,101 @@
+"""False-alarm and detection rates of ``moebench.stats.compare`` on simulated benchmark rounds.
+
+Usage: python benchmarks/stats_power.py [--reps 2000] [--out power.json]
+
+The per-round noise is ESTIMATED from the stored H100 run (see ``moebench.stats.estimate_round_cv``): that run holds
+only 3-round aggregates, so the CV is a stand-in until repeated rounds are measured. Three noise models:
+``lognormal`` (CV as estimated), ``lognormal-2x`` (twice that CV) and ``outliers`` (the estimated CV plus 5% of rounds
+1.5x slower). Each cell runs ``--reps`` baseline-vs-current comparisons of throughput samples (higher is better)
+through ``compare_many``, which shares ``compare``'s statistics and decision rule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+from tabulate import tabulate
+
+from moebench.stats import compare_many, estimate_round_cv
+
+HISTORY = Path(__file__).resolve().parent / "results" / "h100-2026-11-23" / "history.jsonl"
+SCENARIOS = {"identical": 0.0, "2% slower": 0.02, "5% slower": 0.05, "10% slower": 0.10}
+ROUNDS = (5, 10, 20, 30)
+SEARCH_ROUNDS = (50, 100, 150, 200, 250, 300, 400)
+
+
+def simulate(rng: np.random.Generator, model: str, cv: float, reps: int, n: int, slowdown: float) -> np.ndarray:
+    sigma = math.sqrt(math.log1p(cv * cv))  # log-normal with this coefficient of variation
+    base = np.exp(rng.normal(0.0, sigma, (reps, n)))
+    if model == "outliers":
+        base = np.where(rng.random((reps, n)) < 0.05, base / 1.5, base)  # 1.5x slower round: throughput / 1.5
+    return 100.0 * base * (1.0 - slowdown)
+
+
+def cell(rng: np.random.Generator, model: str, cv: float, reps: int, n: int, slowdown: float, seed: int) -> dict:
+    v = compare_many(simulate(rng, model, cv, reps, n, 0.0), simulate(rng, model, cv, reps, n, slowdown),
+                     higher_is_better=True, seed=seed)
+    return {s: v.rate(s) for s in ("regressed", "improved", "unchanged", "inconclusive")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=2000, help="comparisons per cell (default 2000)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--history", type=Path, default=HISTORY, help="stored run to estimate the noise from")
+    ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    est = estimate_round_cv(args.history)
+    cv = est["cv_round"]
+    print(f"Noise estimate from {args.history} (fields: model, policy, hit_rate, h2d_bytes_per_round, tokens_per_s, "
+          f"rounds):")
+    for a, b, x, y, lr in est["pairs"]:
+        print(f"  same work: {a} {x:.2f} tok/s vs {b} {y:.2f} tok/s, log ratio {lr:+.4f}")
+    print(f"  CV of a {est['rounds_per_record']}-round aggregate = rms(log ratio)/sqrt(2) = {est['cv_aggregate']:.4f}; "
+          f"per-round CV = that * sqrt({est['rounds_per_record']}) = {cv:.4f}")
+    print("  ESTIMATE from 4 pairs of 3-round aggregates; replace with the spread of measured repeated rounds.\n")
+    models = {"lognormal": cv, "lognormal-2x": 2 * cv, "outliers": cv}
+    rng = np.random.default_rng(args.seed)
+    rows, results = [], []
+    for model, mcv in models.items():
+        for n in ROUNDS:
+            row = {"noise": model, "cv": mcv, "n": n}
+            for name, slow in SCENARIOS.items():
+                rates = cell(rng, model, mcv, args.reps, n, slow, args.seed)
+                row[name] = rates
+            results.append(row)
+            rows.append([model, f"{row['cv']:.3f}", n, f"{row['identical']['regressed']:.2%}",
+                         f"{row['identical']['inconclusive']:.1%}",
+                         *(f"{row[s]['regressed']:.1%}" for s in ("2% slower", "5% slower", "10% slower"))])
+    headers = ["noise", "CV/round", "n/side", "false alarm", "identical inconcl.", "flag 2%", "flag 5%", "flag 10%"]
+    print(f"{args.reps} comparisons per cell; 'false alarm' = regressed on identical distributions (target <= 1%), "
+          "'flag 5%' = detection of a true 5% slowdown (target >= 95%)")
+    print(tabulate(rows, headers=headers, tablefmt="github"))
+    needed = {}
+    for model, mcv in models.items():
+        needed[model] = None
+        for n in SEARCH_ROUNDS:
+            fa = cell(rng, model, mcv, args.reps, n, 0.0, args.seed)["regressed"]
+            det = cell(rng, model, mcv, args.reps, n, 0.05, args.seed)["regressed"]
+            print(f"  search {model:12s} n={n:4d}: false alarm {fa:.2%}, 5% detection {det:.1%}")
+            if fa <= 0.01 and det >= 0.95:
+                needed[model] = {"n": n, "false_alarm": fa, "detection_5pct": det}
+                break
+    print("\nRounds per side needed for <= 1% false alarm and >= 95% detection of a 5% slowdown:")
+    for model, got in needed.items():
+        print(f"  {model:12s}: " + (f"n = {got['n']}" if got else f"more than {SEARCH_ROUNDS[-1]}"))
+    print(f"\n({time.perf_counter() - t0:.1f} s)")
+    if args.out:
+        args.out.write_text(json.dumps({"noise_estimate": est, "reps": args.reps, "rows": results,
+                                        "rounds_needed": needed}, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,294 @@
+"""Regression verdicts from repeated benchmark rounds.
+
+``compare(baseline, current, higher_is_better=...)`` turns two samples of per-round measurements (tokens/s, higher
+is better, or latency, lower is better) into a :class:`Verdict`: the ratio of medians, a bootstrap percentile
+confidence interval of that ratio, a one-sided Mann-Whitney U p-value, and a status.
+
+Decision rule
+-------------
+Let ``g = log(median(current) / median(baseline))`` oriented so that ``g > 0`` is better (the sign is flipped for
+latency), ``[g_lo, g_hi]`` its two-sided ``confidence`` bootstrap percentile interval (each side resampled
+independently), ``t = threshold`` and ``alpha = 1 - confidence``.
+
+* ``inconclusive`` when either side has fewer than :data:`MIN_ROUNDS` samples (the message says how many are needed).
+* ``regressed`` when ALL of
+    1. ``g_hi < 0``: the interval excludes "no change" on the worse side,
+    2. ``g < log(1 - t/2)``: the point estimate is worse by more than half the threshold (a statistically clear
+       but practically negligible 1% drift is not flagged), and
+    3. the one-sided Mann-Whitney U p-value in the worse direction is ``< alpha``.
+* ``improved``: the mirror image (``g_lo > 0``, ``g > -log(1 - t/2)``, Mann-Whitney in the better direction).
+* ``inconclusive`` when the interval is too wide to say anything: ``g_lo < log(1 - t)`` and ``g_hi > -log(1 - t)``.
+* ``unchanged`` otherwise.
+
+Why this rule: the Mann-Whitney test is rank based and, for identical distributions, its one-sided false-alarm rate
+is at most ``alpha`` (exact for small samples), whatever the noise shape; the bootstrap interval of small-sample
+medians alone under-covers (it is anti-conservative at n = 5-10), so it is not trusted on its own. Requiring all
+three conditions can only lower the false-alarm rate below ``alpha`` = 1%. The half-threshold condition costs little
+power at a true slowdown of ``t`` (the point estimate is below ``1 - t/2`` in >= 98% of runs whenever the test
+itself has 95% power) and keeps tiny but consistent drifts from being called regressions. Everything is symmetric
+in log space, so swapping baseline and current swaps ``regressed`` and ``improved`` exactly, and scaling both
+samples by the same constant changes nothing.
+
+Whether an injected slowdown of ``t`` is flagged in >= 95% of comparisons depends on the per-round noise and the
+number of rounds, not on the rule: ``benchmarks/stats_power.py`` simulates it.
+
+Noise model (an ESTIMATE, to be replaced by measured repeated rounds)
+----------------------------------------------------------------------
+The only device run stored (``benchmarks/results/h100-2026-11-23/history.jsonl``, H100, 3 rounds per case) keeps one
+aggregate ``tokens_per_s`` per case (total tokens / sum of the 3 round times) and step-latency ``p50_ms``/``p99_ms``,
+never per-round values. :func:`estimate_round_cv` derives the per-round coefficient of variation from the
+``tokens_per_s`` of case pairs that do the *same* work (same ``model`` and ``policy``, same ``hit_rate`` and
+``h2d_bytes_per_round``; they differ only in the cache budget): for two independent draws with CV ``c``,
+``sd(log(x1/x2)) = sqrt(2) c``, so ``c_3rounds = rms(log ratio) / sqrt(2)`` and ``c_round = c_3rounds * sqrt(3)``.
+The stored run gives 4 such pairs and ``c_round`` ~ 0.10 (10%): :data:`NOISE_CV_ESTIMATE`. As a cross-check, the
+step ``p99_ms/p50_ms`` ratios (median ~3, i.e. a log-normal step sigma ~0.46, spread over 8 decode steps per round)
+would give ~0.17, an over-estimate because the p99 of 24 steps is their maximum, typically a systematically slow
+first step rather than round-to-round noise. Any systematic difference between the paired cases (budget, order in
+the run) is counted as noise, so 10% is pessimistic; it is still an estimate from 4 pairs and must be replaced by the
+spread of measured repeated rounds.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import stats as _sps
+
+__all__ = [
+    "DEFAULT_ROUNDS",
+    "MIN_ROUNDS",
+    "NOISE_CV_ESTIMATE",
+    "STATUSES",
+    "BatchVerdict",
+    "Verdict",
+    "compare",
+    "compare_many",
+    "estimate_round_cv",
+]
+
+#: Fewer rounds than this on either side gives ``inconclusive``.
+MIN_ROUNDS = 3
+#: Per-round coefficient of variation of tokens/s estimated from the stored H100 run (see the module docstring).
+NOISE_CV_ESTIMATE = 0.10
+#: Rounds per side at which the simulated 5%-slowdown detection rate reaches >= 95% with <= 1% false alarms, at
+#: :data:`NOISE_CV_ESTIMATE` (found by ``benchmarks/stats_power.py``). Lower per-round noise (longer rounds) lowers it.
+DEFAULT_ROUNDS = 250
+STATUSES = ("regressed", "improved", "unchanged", "inconclusive")
+_CODES = {s: i for i, s in enumerate(STATUSES)}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Outcome of :func:`compare`. ``ratio`` is ``median(current) / median(baseline)``; ``ci_low``/``ci_high`` bound
+    it; ``p_value`` is the one-sided Mann-Whitney U p-value in the direction of "worse"."""
+
+    ratio: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    status: str
+    message: str
+
+
+@dataclass(frozen=True)
+class BatchVerdict:
+    """Outcome of :func:`compare_many`: one entry per row."""
+
+    ratio: np.ndarray
+    ci_low: np.ndarray
+    ci_high: np.ndarray
+    p_value: np.ndarray
+    status: np.ndarray  # array of str
+
+    def rate(self, status: str) -> float:
+        return float(np.mean(self.status == status))
+
+
+# --------------------------------------------------------------------------------------------------- validation
+def _check_sample(name: str, values) -> np.ndarray:
+    try:
+        arr = np.asarray(values, dtype=float)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a sequence of numbers; pass per-round measurements as floats") from None
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (one value per round), got shape {arr.shape}; flatten it or pass one run")
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty; pass at least {MIN_ROUNDS} per-round measurements")
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+        raise ValueError(f"{name} has a non-finite value ({arr[bad[0]]!r} at index {bad[0]}); drop failed rounds first")
+    bad = np.flatnonzero(arr <= 0)
+    if bad.size:
+        raise ValueError(f"{name} has a non-positive value ({arr[bad[0]]!r} at index {bad[0]}); "
+                         "pass raw positive measurements (tokens/s or seconds), not differences or logs")
+    return arr
+
+
+def _check_options(threshold: float, confidence: float, n_boot: int) -> None:
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold must be a fraction in (0, 1), got {threshold!r}; e.g. 0.05 for 5%")
+    if not 0.5 < confidence < 1:
+        raise ValueError(f"confidence must be in (0.5, 1), got {confidence!r}; e.g. 0.99")
+    if int(n_boot) < 100:
+        raise ValueError(f"n_boot must be >= 100, got {n_boot!r}; the default 2000 is enough")
+
+
+# -------------------------------------------------------------------------------------- bootstrap of the median
+@functools.lru_cache(maxsize=64)
+def _median_pair_cdf(n: int) -> np.ndarray:
+    """Flattened CDF over pairs (a, b) of 0-based sorted-sample indices such that the median of a bootstrap resample
+    of size ``n`` is ``(x[a] + x[b]) / 2`` (``a == b`` for odd ``n``).
+
+    Exact distribution of resampling with replacement: with ``N_k`` the number of draws among the ``k`` smallest
+    values (Binomial(n, k/n)), ``P(J_lo <= a, J_hi <= b) = P(N_a >= lo, N_b >= hi)``. Sampling a pair from it is
+    equivalent in distribution to drawing ``n`` indices and taking the median, at O(1) instead of O(n) per replicate.
+    """
+    lo, hi = (n - 1) // 2 + 1, n // 2 + 1  # 1-based ranks of the two middle order statistics
+    F = np.zeros((n + 1, n + 1))
+    i = np.arange(lo, n + 1)
+    for a in range(1, n + 1):
+        pa = _sps.binom.pmf(i, n, a / n)  # P(N_a = i), i >= lo
+        b = np.arange(a, n + 1)
+        if a == n:
+            F[a, a] = pa.sum()
+            continue
+        q = (b - a) / (n - a)
+        need = hi - i  # further draws needed in (a, b]
+        tail = np.where(need[:, None] <= 0, 1.0, _sps.binom.sf(need[:, None] - 1, (n - i)[:, None], q[None, :]))
+        F[a, a:] = pa @ tail
+    for a in range(1, n + 1):  # a > b: J_lo <= J_hi <= b
+        F[a, 1:a] = np.diag(F)[1:a]
+    pmf = F[1:, 1:] - F[:-1, 1:] - F[1:, :-1] + F[:-1, :-1]
+    pmf = np.clip(pmf, 0.0, None).ravel()
+    cdf = np.cumsum(pmf)
+    return cdf / cdf[-1]
+
+
+def _boot_medians(sorted_x: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Bootstrap medians of each row of ``sorted_x`` (shape (B, n), rows sorted) from uniforms ``u`` (B, n_boot)."""
+    n = sorted_x.shape[1]
+    cdf = _median_pair_cdf(n)
+    idx = np.minimum(np.searchsorted(cdf, u, side="right"), n * n - 1)
+    a, b = np.divmod(idx, n)
+    return 0.5 * (np.take_along_axis(sorted_x, a, axis=1) + np.take_along_axis(sorted_x, b, axis=1))
+
+
+# ----------------------------------------------------------------------------------------------------- the rule
+def _decide(base: np.ndarray, cur: np.ndarray, u_base: np.ndarray, u_cur: np.ndarray, *, higher_is_better: bool,
+            threshold: float, confidence: float):
+    """Vectorised core shared by :func:`compare` and :func:`compare_many`. ``base``/``cur``: (B, n) arrays."""
+    base, cur = np.sort(base, axis=1), np.sort(cur, axis=1)
+    ratio = np.median(cur, axis=1) / np.median(base, axis=1)
+    log_boot = np.log(_boot_medians(cur, u_cur)) - np.log(_boot_medians(base, u_base))
+    alpha = 1.0 - confidence
+    q = np.quantile(log_boot, [alpha / 2, 1 - alpha / 2], axis=1)
+    ci_low, ci_high = np.exp(q[0]), np.exp(q[1])
+    sign = 1.0 if higher_is_better else -1.0
+    g = sign * np.log(ratio)
+    g_lo, g_hi = np.minimum(sign * q[0], sign * q[1]), np.maximum(sign * q[0], sign * q[1])
+    worse_alt, better_alt = ("less", "greater") if higher_is_better else ("greater", "less")
+    p_worse = np.atleast_1d(_sps.mannwhitneyu(cur, base, alternative=worse_alt, axis=1).pvalue)
+    p_better = np.atleast_1d(_sps.mannwhitneyu(cur, base, alternative=better_alt, axis=1).pvalue)
+    half = math.log(1 - threshold / 2)
+    full = math.log(1 - threshold)
+    regressed = (g_hi < 0) & (g < half) & (p_worse < alpha)
+    improved = (g_lo > 0) & (g > -half) & (p_better < alpha)
+    too_wide = (g_lo < full) & (g_hi > -full)
+    code = np.where(regressed, 0, np.where(improved, 1, np.where(too_wide, 3, 2)))
+    return ratio, ci_low, ci_high, p_worse, code
+
+
+def compare(baseline: Sequence[float], current: Sequence[float], *, higher_is_better: bool, threshold: float = 0.05,
+            confidence: float = 0.99, n_boot: int = 2000, seed: int = 0) -> Verdict:
+    """Verdict on ``current`` against ``baseline`` (per-round samples); see the module docstring for the rule.
+
+    Deterministic given ``seed``. Each side's bootstrap stream is attached to the sample itself (ordered by size,
+    then sorted values), not to its role, so swapping the arguments mirrors the interval exactly.
+    """
+    base = _check_sample("baseline", baseline)
+    cur = _check_sample("current", current)
+    _check_options(threshold, confidence, n_boot)
+    kind = "throughput" if higher_is_better else "latency"
+    nb, nc = base.size, cur.size
+    ratio = float(np.median(cur) / np.median(base))
+    if nb < MIN_ROUNDS or nc < MIN_ROUNDS:
+        msg = (f"{kind} {ratio:.3f}x: inconclusive, baseline has {nb} rounds and current {nc}; need at least "
+               f"{MIN_ROUNDS} each ({DEFAULT_ROUNDS} to detect a 5% change at the estimated noise)")
+        return Verdict(ratio, math.nan, math.nan, math.nan, "inconclusive", msg)
+    ss = np.random.SeedSequence(int(seed)).spawn(2)
+    key_b, key_c = (nb, tuple(np.sort(base))), (nc, tuple(np.sort(cur)))
+    first, second = (ss[0], ss[1]) if key_b <= key_c else (ss[1], ss[0])
+    u_base = np.random.default_rng(first).random((1, int(n_boot)))
+    u_cur = np.random.default_rng(second).random((1, int(n_boot)))
+    r, lo, hi, p, code = _decide(base[None, :], cur[None, :], u_base, u_cur, higher_is_better=higher_is_better,
+                                 threshold=threshold, confidence=confidence)
+    status = STATUSES[int(code[0])]
+    r, lo, hi, p = float(r[0]), float(lo[0]), float(hi[0]), float(p[0])
+    pct = int(round(confidence * 100)) if abs(confidence * 100 - round(confidence * 100)) < 1e-9 else confidence * 100
+    head = f"{kind} {r:.3f}x ({pct}% CI {lo:.3f}-{hi:.3f}, Mann-Whitney p={p:.2g}, n={nb}/{nc})"
+    change = abs(r - 1) * 100
+    if status == "regressed":
+        tail = f"regressed, {change:.1f}% {'slower' if higher_is_better else 'higher'} (flag threshold {threshold:.0%})"
+    elif status == "improved":
+        tail = f"improved, {change:.1f}% {'faster' if higher_is_better else 'lower'} (flag threshold {threshold:.0%})"
+    elif status == "unchanged":
+        tail = f"unchanged within the noise (flag threshold {threshold:.0%})"
+    else:
+        tail = (f"inconclusive, the interval spans both -{threshold:.0%} and +{threshold:.0%}; "
+                f"run more rounds (about {DEFAULT_ROUNDS} at the estimated noise)")
+    return Verdict(r, lo, hi, p, status, f"{head}: {tail}")
+
+
+def compare_many(baseline: np.ndarray, current: np.ndarray, *, higher_is_better: bool, threshold: float = 0.05,
+                 confidence: float = 0.99, n_boot: int = 2000, seed: int = 0) -> BatchVerdict:
+    """Row-wise :func:`compare` for power simulations: ``baseline`` (B, n_b) and ``current`` (B, n_c) arrays of
+    positive finite values with n >= :data:`MIN_ROUNDS`. Same statistics and rule; one random stream for the batch,
+    so a row's interval is not bit-identical to ``compare`` on that row (it is identically distributed)."""
+    base, cur = np.asarray(baseline, dtype=float), np.asarray(current, dtype=float)
+    if base.ndim != 2 or cur.ndim != 2 or base.shape[0] != cur.shape[0]:
+        raise ValueError(f"compare_many needs two 2-D arrays with the same number of rows, got {base.shape} and "
+                         f"{cur.shape}; use compare() for a single comparison")
+    if min(base.shape[1], cur.shape[1]) < MIN_ROUNDS:
+        raise ValueError(f"compare_many needs at least {MIN_ROUNDS} rounds per side, got "
+                         f"{base.shape[1]}/{cur.shape[1]}; use compare() for an inconclusive verdict")
+    for name, arr in (("baseline", base), ("current", cur)):
+        if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
+            raise ValueError(f"{name} has non-finite or non-positive values; pass raw positive measurements")
+    _check_options(threshold, confidence, n_boot)
+    rng = np.random.default_rng(seed)
+    u_base = rng.random((base.shape[0], int(n_boot)))
+    u_cur = rng.random((cur.shape[0], int(n_boot)))
+    r, lo, hi, p, code = _decide(base, cur, u_base, u_cur, higher_is_better=higher_is_better,
+                                 threshold=threshold, confidence=confidence)
+    return BatchVerdict(r, lo, hi, p, np.asarray(STATUSES, dtype=object)[code].astype(str))
+
+
+# ------------------------------------------------------------------------------------------------- noise estimate
+def estimate_round_cv(history_path: str | Path) -> dict:
+    """Per-round CV of tokens/s from one stored run (see the module docstring): pairs of records with the same
+    ``model``, ``policy``, ``hit_rate`` and ``h2d_bytes_per_round`` (the same work at different budgets)."""
+    lines = [ln for ln in Path(history_path).read_text().splitlines() if ln.strip()]
+    records = [r for ln in lines for r in json.loads(ln).get("records", [])]
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r.get("tokens_per_s") and r.get("rounds"):
+            key = (r.get("model"), r.get("policy"), round(float(r.get("hit_rate") or 0), 6),
+                   round(float(r.get("h2d_bytes_per_round") or 0)))
+            groups.setdefault(key, []).append(r)
+    pairs, logs = [], []
+    for group in groups.values():
+        for x, y in zip(group, group[1:]):
+            lr = math.log(x["tokens_per_s"] / y["tokens_per_s"])
+            logs.append(lr)
+            pairs.append((x["case"], y["case"], x["tokens_per_s"], y["tokens_per_s"], lr))
+    if not logs:
+        raise ValueError(f"{history_path}: no pair of records doing the same work; cannot estimate the noise")
+    rounds = int(records[0]["rounds"])
+    cv_agg = math.sqrt(sum(v * v for v in logs) / len(logs)) / math.sqrt(2)
+    return {"pairs": pairs, "rounds_per_record": rounds, "cv_aggregate": cv_agg, "cv_round": cv_agg * math.sqrt(rounds)}
