@@ -74,7 +74,7 @@ class ExpertCache:
     # -- what is resident ------------------------------------------------------------------------------------
     @property
     def pool_bytes(self) -> int:
-        return self.pool.numel() * self.pool.element_size()
+        return self.n_slots * self.store.expert_bytes
 
     @property
     def resident_bytes(self) -> int:
@@ -197,6 +197,11 @@ class ExpertCache:
         self._prefetched.discard(key)
         self.rule.on_remove(key)
         self._free.append(slot)
+
+    def free(self) -> None:
+        """Give the device pool back (after unload); statistics stay readable, the cache is unusable."""
+        self._slot_of.clear()
+        self.pool = self.pool.new_empty(0)
 
     def reset_stats(self) -> None:
         self.stats = CacheStats(peak_resident=len(self._slot_of))

@@ -68,6 +68,7 @@ class OffloadedModel:
         self.budget_bytes = budget_bytes
         self.original_device = original_device
         self.device = cache.device
+        self.dense_bytes = _device_bytes(model)  # fixed while offloaded; after unload the model holds experts again
         self.active = True
 
     def stats(self) -> OffloadStats:
@@ -78,7 +79,7 @@ class OffloadedModel:
             h2d_copies=c.transfer.stats.copies, h2d_bytes=c.transfer.stats.bytes,
             expert_bytes=self.store.expert_bytes, n_slots=c.n_slots, cache_bytes=c.pool_bytes,
             budget_bytes=self.budget_bytes, total_expert_bytes=self.store.total_bytes,
-            dense_bytes=_device_bytes(self.model), peak_resident_experts=c.stats.peak_resident,
+            dense_bytes=self.dense_bytes, peak_resident_experts=c.stats.peak_resident,
             prefetches=c.stats.prefetches, prefetch_hits=c.stats.prefetch_hits,
         )
 
@@ -100,6 +101,8 @@ class OffloadedModel:
         if "previous_implementation" in self.hook.extra:
             hooks.experts3d.select(self.model, self.hook.extra["previous_implementation"])
         self.model.to(self.original_device)
+        self.cache.free()  # the device pool and the pinned host copies go now, not when the handle is collected
+        self.store.clear()
         self.active = False
         del self.model._moeoffload
         return self.model

@@ -48,6 +48,10 @@ class ExpertStore:
     def views(self, key: ExpertKey) -> dict[str, torch.Tensor]:
         return self.layout.views(self.buffer(key))
 
+    def clear(self) -> None:
+        """Drop every host buffer (after the experts went back into the model)."""
+        self._buffers.clear()
+
     def keys(self) -> Iterator[ExpertKey]:
         return iter(sorted(self._buffers))
 

@@ -81,3 +81,15 @@ def test_store_holds_the_only_copy_of_the_experts():
         left = sum(p.numel() for p in model.parameters())
         assert before - left == h.store.total_bytes // 4  # fp32: the experts left the model
     assert sum(p.numel() for p in model.parameters()) == before
+
+
+def test_unload_frees_the_cache_and_the_store_and_keeps_stats():
+    model = tiny_mixtral(seed=6)
+    ids = torch.randint(2, 96, (1, 5), generator=torch.Generator().manual_seed(9))
+    handle = moeoffload.offload(model, "lru", "50%", device="cpu")
+    reference(model, ids, 3)
+    during = handle.stats()
+    handle.unload()
+    after = handle.stats()
+    assert handle.cache.pool.numel() == 0 and len(handle.store) == 0
+    assert after == during  # what was measured survives the unload
