@@ -70,9 +70,9 @@ class OffloadedMoELayer:
             experts = needed[first : first + wave]
             keys = [(self.layer_idx, e) for e in experts]
             slots = self.cache.acquire(keys)
-            if self.prefetcher is not None and first == 0 and len(needed) <= wave:
-                self._prefetch(hidden)
             try:
+                if self.prefetcher is not None and first == 0 and len(needed) <= wave:
+                    self._prefetch(hidden)
                 for i, slot in enumerate(slots):
                     pairs = order[starts[first + i] : starts[first + i + 1]]
                     tok, pos = pairs % tokens, pairs // tokens
