@@ -61,7 +61,6 @@ class ExpertCache:
         self.transfer = transfer or TransferEngine(self.device)
         self.pool = torch.empty((n_slots, store.layout.numel), dtype=store.layout.dtype, device=self.device)
         self._slot_of: dict[ExpertKey, int] = {}
-        self._key_of: list[ExpertKey | None] = [None] * n_slots
         self._free: list[int] = list(range(n_slots - 1, -1, -1))
         self._pins = [0] * n_slots
         cuda = self.device.type == "cuda"
@@ -175,7 +174,6 @@ class ExpertCache:
         slot = self._free.pop() if self._free else self._evict_one(protect)
         self._ready[slot] = self.transfer.copy(self.store.buffer(key), self.pool[slot], after=self._released[slot])
         self._slot_of[key] = slot
-        self._key_of[slot] = key
         self.rule.on_insert(key)
         self.stats.peak_resident = max(self.stats.peak_resident, len(self._slot_of))
         return slot
@@ -193,7 +191,6 @@ class ExpertCache:
 
     def _drop(self, key: ExpertKey) -> None:
         slot = self._slot_of.pop(key)
-        self._key_of[slot] = None
         self._prefetched.discard(key)
         self.rule.on_remove(key)
         self._free.append(slot)
