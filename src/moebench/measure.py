@@ -29,11 +29,10 @@ class CaseFailed(AssertionError):
 
 
 def resolve_device(device: str | None) -> str:
-    import torch
+    """The engine's choice of device (CUDA when present), as a string; "auto" or "" mean no preference."""
+    from moeoffload.offload import resolve_device as engine_device
 
-    if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
+    return str(engine_device(None if device in (None, "", "auto") else device))
 
 
 def resolve_tier(tier: str, device: str) -> str:

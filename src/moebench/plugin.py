@@ -50,13 +50,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
     try:
         device = resolve_device(config.getoption("moebench_device"))
-        import torch
-
-        torch.device(device)
-    except Exception as exc:
+    except Exception as exc:  # a malformed name, or CUDA asked for where there is none
         raise pytest.UsageError(f"--moebench-device: {exc}") from None
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise pytest.UsageError(f"--moebench-device {device}: CUDA is not available here; use cpu")
     history = config.getoption("moebench_history") or os.path.join(str(config.rootpath), ".moebench")
     config.stash[_STATE] = {
         "device": device,
