@@ -130,15 +130,18 @@ class ExpertCache:
         return slots
 
     def release(self, keys: Iterable[ExpertKey]) -> None:
-        """Unpin `keys`. On CUDA, record that the slot's readers were queued on the current stream."""
+        """Unpin `keys`. On CUDA, record that the slot's readers were queued on the current stream: one event
+        marks the point after which every slot released here may be overwritten."""
+        event = None
+        if self._cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
         for key in dict.fromkeys(keys):
             slot = self._slot_of[key]
             if self._pins[slot] <= 0:
                 raise RuntimeError(f"expert {key} released more often than acquired")
             self._pins[slot] -= 1
-            if self._cuda:
-                event = torch.cuda.Event()
-                event.record(torch.cuda.current_stream(self.device))
+            if event is not None:
                 self._released[slot] = event
             if not self.retain and self._pins[slot] == 0:
                 self._drop(key)
