@@ -1,8 +1,4 @@
-"""Predictors guess which experts a layer will need before its router says so, and feed the prefetcher.
-
-A prediction only decides what is copied early; the router still decides what is computed, so a policy built on
-a predictor stays exact: a wrong guess costs bandwidth and a slot, never accuracy.
-"""
+"""Lookahead gate: the next layer's router run on this layer's input (Pre-gated MoE, mixtral-offloading)."""
 
 from __future__ import annotations
 
@@ -11,7 +7,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .cache import ExpertCache
+from ..cache import ExpertCache
 
 
 class LookaheadGate:
@@ -42,5 +38,3 @@ class LookaheadGate:
             experts = self.predict(next_idx, hidden)
         self.cache.prefetch([(next_idx, e) for e in experts])
 
-
-PREFETCHERS = {"lookahead": LookaheadGate}
