@@ -1,9 +1,17 @@
-"""The `moebench` command: list policies, show the last run from the history."""
+"""The `moebench` command: policies, history, baselines, comparisons, reports, exports.
+
+Every subcommand reads the history (`--history`, default .moebench) and names a run by id, id prefix, or index
+(-1: the latest). Errors about files are one line naming the file and the fix, exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+
+DEFAULT_HISTORY = ".moebench"
 
 
 def _policies(args: argparse.Namespace) -> int:
@@ -19,35 +27,181 @@ def _policies(args: argparse.Namespace) -> int:
     return 0
 
 
-def _history(args: argparse.Namespace) -> int:
-    from .history import format_run_header, read_history
-    from .table import render
+def _runs(args: argparse.Namespace) -> list[dict]:
+    from .history import read_history
 
-    runs, problems = read_history(args.dir)
+    runs, problems = read_history(args.history)
     for p in problems:
         print(f"warning: {p}", file=sys.stderr)
+    return runs
+
+
+def _history(args: argparse.Namespace) -> int:
+    from .history import format_run_header
+    from .table import render
+
+    runs = _runs(args)
     if not runs:
-        print(f"no runs in {args.dir}", file=sys.stderr)
+        print(f"no runs in {args.history}", file=sys.stderr)
         return 1
-    shown = runs[-args.last:]
-    for run in shown:
+    if args.list:
+        for run in runs:
+            print(format_run_header(run))
+        return 0
+    for run in runs[-args.last:]:
         print(format_run_header(run))
         print(render(run.get("records", [])))
         print()
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _latest_complete(runs: list[dict]) -> str:
+    complete = [r for r in runs if r.get("status", "complete") == "complete"]
+    if not complete:
+        from .history import HistoryError
+
+        raise HistoryError("no complete run in the history; run a suite with --moebench first")
+    return complete[-1].get("run_id") or str(runs.index(complete[-1]))
+
+
+def _baseline_update(args: argparse.Namespace) -> int:
+    from . import baseline as bl
+    from .history import find_run
+
+    runs = _runs(args)
+    run = find_run(runs, args.run or _latest_complete(runs))
+    cls = args.machine_class or run.get("machine_class")
+    if not cls:
+        print("error: this run has no machine class (an old history); pass --machine-class, e.g. h100",
+              file=sys.stderr)
+        return 2
+    command = (f"moebench baseline update --history {args.history} --run {run.get('run_id')}  "
+               f"(run made by: {run.get('command') or 'unknown'})")
+    for suite in args.suite or run.get("suites", []):
+        path = bl.save(bl.path_for(args.dir, cls, suite), bl.from_run(run, suite, command), force=args.force)
+        print(f"wrote {path} from run {run.get('run_id')} ({len(bl.load(path)['cases'])} cases)")
+    return 0
+
+
+def _load_side(runs: list[dict], ref: str) -> dict:
+    """A run from the history, or a baseline file turned into a run-shaped dict."""
+    from . import baseline as bl
+    from .history import find_run
+
+    if ref.endswith(".json") and Path(ref).exists():
+        b = bl.load(ref)
+        return {"run_id": ref, "suites": [b["suite"]], "records": list(b["cases"].values()), "git": b.get("git"),
+                "machine": b.get("machine"), "timestamp": b.get("created")}
+    return find_run(runs, ref)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from . import baseline as bl
+    from .history import format_run_header
+    from .table import render
+
+    limits = bl.parse_limits(args.fail)
+    runs = _runs(args)
+    a, b = _load_side(runs, args.a), _load_side(runs, args.b)
+    base_cases = {r.get("case"): r for r in a.get("records", [])}
+    records = [dict(r) for r in b.get("records", [])]
+    for r, comp in zip(records, bl.compare_records(base_cases, records, limits).values()):
+        r["comparison"] = comp
+    print(f"A (baseline): {format_run_header(a)}")
+    print(f"B (current):  {format_run_header(b)}")
+    print(render(records))
+    regressed = [r for r in records if r["comparison"]["status"] == "regressed"]
+    for r in regressed:
+        print(f"REGRESSED {r['case']}: {r['comparison']['message']}")
+    return 1 if regressed else 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    page = write_report(_runs(args), args.out)
+    print(f"wrote {page} and its PNG plots in {page.parent}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import to_pytest_benchmark
+    from .history import find_run
+
+    runs = _runs(args)
+    run = find_run(runs, args.run or _latest_complete(runs))
+    data = to_pytest_benchmark(run)
+    text = json.dumps(data, indent=2)
+    if args.out == "-":
+        print(text)
+    else:
+        out = Path(args.out or f"moebench_{run.get('run_id', 'run')}.json")
+        out.write_text(text + "\n")
+        print(f"wrote {out}: {len(data['benchmarks'])} benchmarks from run {run.get('run_id')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .baseline import DEFAULT_LIMITS
+
     parser = argparse.ArgumentParser(prog="moebench", description="moeoffload benchmark suites: tools")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("policies", help="list registered offloading policies")
     p.set_defaults(func=_policies)
-    h = sub.add_parser("history", help="print the last run(s) recorded in the history")
-    h.add_argument("--dir", default=".moebench", help="history directory (default .moebench)")
+
+    def with_history(p, *aliases):
+        p.add_argument("--history", *aliases, dest="history", default=DEFAULT_HISTORY,
+                       help=f"history directory or history.jsonl (default {DEFAULT_HISTORY})")
+        return p
+
+    h = with_history(sub.add_parser("history", help="print the last run(s) recorded in the history"), "--dir")
     h.add_argument("--last", type=int, default=1, help="how many runs to show (default 1)")
+    h.add_argument("--list", action="store_true", help="one line per run, with its run id")
     h.set_defaults(func=_history)
+
+    b = sub.add_parser("baseline", help="baselines/<machine-class>/<suite>.json")
+    bsub = b.add_subparsers(dest="baseline_command", required=True)
+    u = with_history(bsub.add_parser("update", help="write baselines from a stored run (default: latest complete)"))
+    u.add_argument("--run", help="run id, id prefix or index (default: the latest complete run)")
+    u.add_argument("--suite", action="append", help="only this suite (repeatable; default: every suite of the run)")
+    u.add_argument("--machine-class", help="default: the run's (from its GPU name, e.g. h100)")
+    u.add_argument("--dir", default="baselines", help="baselines folder (default baselines)")
+    u.add_argument("--force", action="store_true", help="replace a file that does not read as a baseline")
+    u.set_defaults(func=_baseline_update)
+
+    c = with_history(sub.add_parser("compare", help="compare run B against run A (ids, or baseline .json files)"))
+    c.add_argument("a", help="baseline side: run id / prefix / index, or a baseline .json file")
+    c.add_argument("b", help="current side: run id / prefix / index, or a baseline .json file")
+    c.add_argument("--fail", default=DEFAULT_LIMITS, help=f"failure limits (default {DEFAULT_LIMITS!r})")
+    c.set_defaults(func=_compare)
+
+    r = with_history(sub.add_parser("report", help="PNG plots and one self-contained HTML page"))
+    r.add_argument("--out", default="moebench-report", help="output folder (default moebench-report)")
+    r.set_defaults(func=_report)
+
+    e = with_history(sub.add_parser("export", help="export a run in another tool's format"))
+    e.add_argument("--format", choices=("pytest-benchmark",), default="pytest-benchmark")
+    e.add_argument("--run", help="run id, id prefix or index (default: the latest complete run)")
+    e.add_argument("--out", help="output file ('-' for stdout; default moebench_<run id>.json)")
+    e.set_defaults(func=_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .history import StoreError
+    from .report import ReportError
+
+    parser = build_parser()
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ValueError as exc:  # StoreError (history, baseline) and malformed limit specs
+        kind = "error" if isinstance(exc, StoreError) else "usage error"
+        print(f"moebench {args.command}: {kind}: {exc}", file=sys.stderr)
+        return 2
+    except ReportError as exc:
+        print(f"moebench report: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ class Session:
     device: str = "cpu"
     tier: str = "quick"
     rounds: int = 3
+    inject_delay_s: float = 0.0  # test hook only: a busy wait per MoE layer call, to fake a slower commit
     _models: dict[str, tuple[Any, str]] = field(default_factory=dict)
     _refs: dict[str, Reference] = field(default_factory=dict)
 
@@ -137,6 +138,7 @@ class Session:
             handle = moeoffload.offload(model, case.policy, case.budget, device=self.device, show_progress=False)
         except moeoffload.BudgetError as exc:
             raise CaseSkipped(f"{case.name}: {exc}") from None
+        delay_hooks = inject_delay(handle.hook.layers, self.inject_delay_s)
         try:
             dev = handle.device
             prompts = [p.to(dev) for p in prompts]
@@ -146,6 +148,7 @@ class Session:
             generate(model, prompts[0], wl.new_tokens)  # warm-up on its own prompts: kernels load, cache fills
             handle.reset_stats()
             steps: list[float] = []
+            round_p50: list[float] = []
             totals: list[float] = []
             nvml_peak: int | None = None
             round_tokens, round_logits = [], []
@@ -158,7 +161,9 @@ class Session:
                 if cuda:
                     torch.cuda.synchronize(dev)
                 totals.append(time.perf_counter() - t0)
-                steps.extend(clock.step_seconds())
+                round_steps = clock.step_seconds()
+                steps.extend(round_steps)
+                round_p50.append(percentile(round_steps, 50) * 1e3)
                 round_tokens.append(tokens.cpu())
                 round_logits.append(logits.cpu())
                 used = _nvml_used_bytes(self.device)
@@ -167,6 +172,8 @@ class Session:
             stats = handle.stats()
             torch_peak = int(torch.cuda.max_memory_allocated(dev)) if cuda else None
         finally:
+            for h in delay_hooks:
+                h.remove()
             if handle.active:
                 handle.unload()
         tokens, logits = torch.cat(round_tokens), torch.cat(round_logits)
@@ -198,9 +205,28 @@ class Session:
             "n_slots": stats.n_slots,
             "torch_peak_bytes": torch_peak,
             "nvml_used_bytes": nvml_peak,
+            # one entry per timed round: what the regression statistics (moebench.stats) compare
+            "samples": {"tokens_per_s": [wl.batch_size * wl.new_tokens / t for t in totals],
+                        "round_s": totals, "p50_ms": round_p50},
+            "inject_delay_ms": self.inject_delay_s * 1e3,
             "stats": stats.as_dict(),
         }
         return record, tokens, logits, torch_peak
+
+
+def inject_delay(layers, seconds: float) -> list:
+    """Test hook (never for real runs): busy-wait `seconds` before every MoE layer's forward, so a confirmation
+    run can fake a known slowdown. A busy wait, not time.sleep, whose granularity (~50 us+) would swamp 0.2 ms.
+    Returns the hook handles to remove."""
+    if seconds <= 0:
+        return []
+
+    def wait(module, args):
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    return [layer.register_forward_pre_hook(wait) for layer in layers]
 
 
 def check(record: dict, accuracy_limit: float, activation_bytes: int | None) -> list[str]:

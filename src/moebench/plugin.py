@@ -28,6 +28,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="directory of history.jsonl (default: .moebench under the rootdir)")
     group.addoption("--moebench-device", default=None, metavar="DEVICE",
                     help="device for the expert cache and dense weights (default: cuda when available, else cpu)")
+    group.addoption("--moebench-compare", nargs="?", const="required", default="auto", metavar="PATH",
+                    help="compare with a baseline: bare = baselines/<machine-class>/<suite>.json must exist; PATH = "
+                         "that file or folder; 'none' = no comparison (default: compare when the file exists)")
+    group.addoption("--moebench-compare-fail", default=None, metavar="SPEC",
+                    help="per-metric failure limits, e.g. 'throughput:5%%,gpu_memory:2%%' (the default); metrics: "
+                         "throughput, latency (statistical, per-round samples), gpu_memory, h2d")
+    group.addoption("--moebench-save-baseline", action="store_true", default=False,
+                    help="after a complete run, write baselines/<machine-class>/<suite>.json from it")
+    group.addoption("--moebench-baseline-dir", default=None, metavar="DIR",
+                    help="folder of baselines (default: baselines under the rootdir)")
+    group.addoption("--moebench-machine-class", default=None, metavar="NAME",
+                    help="baseline machine class (default: from the GPU name, e.g. h100; cpu without a GPU)")
+    group.addoption("--moebench-inject-delay", default=None, metavar="TIME",
+                    help="TEST HOOK: busy-wait TIME (e.g. 0.2ms) before every MoE layer, to fake a slowdown; "
+                         "recorded as inject_delay_ms and refused as a baseline")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -53,6 +68,9 @@ def pytest_configure(config: pytest.Config) -> None:
     except Exception as exc:  # a malformed name, or CUDA asked for where there is none
         raise pytest.UsageError(f"--moebench-device: {exc}") from None
     history = config.getoption("moebench_history") or os.path.join(str(config.rootpath), ".moebench")
+    from .regression import configure_comparison
+
+    comparison = configure_comparison(config, device)  # raises pytest.UsageError on a bad spec or baseline
     config.stash[_STATE] = {
         "device": device,
         "tier": resolve_tier(config.getoption("moebench_tier"), device),
@@ -64,6 +82,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "suites": [],
         "history_path": None,
         "history_error": None,
+        **comparison,
     }
 
 
@@ -95,7 +114,11 @@ class SuiteFile(pytest.File):
             cases = suite.cases(state["policies"])
         except SuiteError as exc:
             raise self.CollectError(str(exc)) from None
-        session = Session(suite, device=state["device"], tier=state["tier"], rounds=state["rounds"])
+        session = Session(suite, device=state["device"], tier=state["tier"], rounds=state["rounds"],
+                          inject_delay_s=state["inject_delay_s"])
+        from .regression import load_suite_baseline
+
+        load_suite_baseline(state, suite.name, self)  # a corrupt baseline is a collection error naming the file
         state["sessions"][str(self.path)] = session
         if suite.name not in state["suites"]:
             state["suites"].append(suite.name)
@@ -122,6 +145,9 @@ class CaseItem(pytest.Item):
             state["records"].append(exc.record)
             raise
         state["records"].append(record)
+        from .regression import check_against_baseline
+
+        check_against_baseline(state, record)  # raises CaseFailed when the case regressed
 
     def repr_failure(self, excinfo, style=None):
         from .measure import CaseFailed
@@ -152,18 +178,14 @@ def pytest_report_header(config: pytest.Config):
             f"policies {', '.join(state['policies']) if state['policies'] else 'all registered'}")
 
 
-def pytest_sessionfinish(session: pytest.Session) -> None:
+def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
     state = session.config.stash.get(_STATE, None)
     if state is None or not state["records"]:
         return
-    from . import history
+    from .regression import finish_session
 
     options = {k: state[k] for k in ("device", "tier", "rounds", "policies")}
-    try:
-        run = history.make_run(state["records"], state["suites"], session.config.rootpath, options)
-        state["history_path"] = history.append(state["history"], run)
-    except OSError as exc:
-        state["history_error"] = str(exc)
+    finish_session(session, state, options, exitstatus)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
@@ -182,3 +204,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         tr.write_line(f"history: appended to {state['history_path']}")
     elif state["history_error"]:
         tr.write_line(f"history: NOT written: {state['history_error']}", red=True)
+    for line, bad in state["store_messages"]:
+        tr.write_line(line, red=bad)

@@ -34,7 +34,24 @@ def rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
             _num(memory, ".1f", MIB), _num(r.get("accuracy_drop"), ".1%"),
             "pass" if r.get("passed") else "FAIL",
         ])
+    if any("comparison" in r for r in records):
+        headers += ["baseline tok/s", "delta", "verdict"]
+        for row, r in zip(out, records):
+            row += comparison_cells(r.get("comparison"))
     return headers, out
+
+
+def comparison_cells(comparison: dict | None) -> list[str]:
+    """Baseline tokens/s, the change of the median, and the verdict ('REGRESSED' shouts; an injected delay shows)."""
+    if not comparison:
+        return ["-", "-", "-"]
+    ratio = comparison.get("ratio")
+    verdict = comparison.get("status", "?")
+    verdict = verdict.upper() if verdict == "regressed" else verdict
+    if comparison.get("injected_delay_ms"):
+        verdict += f" (injected {comparison['injected_delay_ms']:g} ms)"
+    return [_num(comparison.get("baseline_tokens_per_s"), ".1f"),
+            "-" if ratio is None else f"{ratio - 1:+.1%}", verdict]
 
 
 def render(records: list[dict], tablefmt: str = "simple") -> str:

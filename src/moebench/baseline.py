@@ -1,0 +1,215 @@
+"""Stored baselines and the per-case verdict against them.
+
+A baseline is `baselines/<machine-class>/<suite>.json`: the records of one stored run of one suite, each with its
+per-round samples, plus the command that made it and the machine fingerprint. It is written only on request
+(`--moebench-save-baseline`, `moebench baseline update`), atomically (temporary file, fsync, rename), and never over
+a file that does not read as a baseline.
+
+Verdicts: timed metrics (throughput, latency) go through `moebench.stats.compare` on the per-round samples, so a case
+is "regressed" only when the change is statistically significant AND beyond its limit; deterministic ones (GPU
+memory, bytes copied) are compared directly against their limit.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .history import StoreError, _clean
+
+SCHEMA = "moebench-baseline"
+VERSION = 1
+DEFAULT_LIMITS = "throughput:5%,gpu_memory:2%"
+
+
+class BaselineError(StoreError):
+    """A baseline file that is missing, corrupt or of another schema; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    higher_is_better: bool
+    sample_key: str | None  # per-round samples under record["samples"]; None: one deterministic value
+    value: object  # callable record -> float | None (the figure shown, and compared when deterministic)
+    label: str
+
+
+def _memory(record: dict):
+    peak = record.get("torch_peak_bytes")
+    return peak if peak is not None else record.get("cache_bytes")
+
+
+def _median(values):
+    s = sorted(values)
+    n = len(s)
+    return None if not n else (s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2]))
+
+
+METRICS = {
+    "throughput": Metric("throughput", True, "tokens_per_s", lambda r: r.get("tokens_per_s"), "tokens/s"),
+    "latency": Metric("latency", False, "p50_ms", lambda r: r.get("p50_ms"), "p50 ms"),
+    "gpu_memory": Metric("gpu_memory", False, None, _memory, "GPU/cache bytes"),
+    "h2d": Metric("h2d", False, None, lambda r: r.get("h2d_bytes_per_round"), "H2D bytes/round"),
+}
+_LIMIT = re.compile(r"^\s*([a-z_]+)\s*:\s*(\d+(?:\.\d+)?)\s*%\s*$")
+
+
+def parse_limits(spec: str) -> dict[str, float]:
+    """'throughput:5%,gpu_memory:2%' -> {'throughput': 0.05, 'gpu_memory': 0.02}; ValueError on anything else."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"empty failure-limit spec; write e.g. {DEFAULT_LIMITS!r}")
+    limits: dict[str, float] = {}
+    for part in spec.split(","):
+        m = _LIMIT.match(part)
+        if not m:
+            raise ValueError(f"malformed limit {part.strip()!r}; write METRIC:PERCENT%, e.g. {DEFAULT_LIMITS!r} "
+                             f"(metrics: {', '.join(METRICS)})")
+        name, pct = m.group(1), float(m.group(2))
+        if name not in METRICS:
+            raise ValueError(f"unknown metric {name!r} in {part.strip()!r}; metrics: {', '.join(METRICS)}")
+        if not 0 < pct < 100:
+            raise ValueError(f"limit {part.strip()!r} must be between 0% and 100% (exclusive)")
+        if name in limits:
+            raise ValueError(f"metric {name!r} given twice in {spec!r}")
+        limits[name] = pct / 100
+    return limits
+
+
+# ------------------------------------------------------------------------------------------------------ files
+def path_for(base_dir: str | Path, machine_cls: str, suite: str) -> Path:
+    return Path(base_dir) / machine_cls / f"{suite}.json"
+
+
+def from_run(run: dict, suite: str, command: str | None = None) -> dict:
+    """A baseline of `suite` from a stored run: its passed records that ran without an injected delay."""
+    if run.get("status", "complete") != "complete":
+        raise BaselineError(f"run {run.get('run_id')} is {run.get('status')!r}; a baseline needs a complete run "
+                            "(rerun the suite)")
+    records = [r for r in run.get("records", []) if r.get("suite") == suite]
+    if not records:
+        raise BaselineError(f"run {run.get('run_id')} has no records of suite {suite!r} (it has "
+                            f"{', '.join(run.get('suites', [])) or 'none'})")
+    if any(r.get("inject_delay_ms") for r in records):
+        raise BaselineError(f"run {run.get('run_id')} ran with an injected delay (a test hook); it cannot be a "
+                            "baseline: rerun without --moebench-inject-delay")
+    cases = {r["case"]: r for r in records if r.get("passed", True)}
+    if not cases:
+        raise BaselineError(f"run {run.get('run_id')}: no case of suite {suite!r} passed; fix them first")
+    return {
+        "schema": SCHEMA,
+        "version": VERSION,
+        "suite": suite,
+        "machine_class": run.get("machine_class"),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command or run.get("command"),
+        "source_run_id": run.get("run_id"),
+        "source_timestamp": run.get("timestamp"),
+        "machine": run.get("machine"),
+        "git": run.get("git"),
+        "options": run.get("options"),
+        "cases": cases,
+    }
+
+
+def load(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise BaselineError(f"{path}: no such baseline; make one with --moebench-save-baseline or "
+                            "`moebench baseline update`")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise BaselineError(f"{path}: unreadable or corrupt baseline ({type(exc).__name__}); restore it from git "
+                            f"or remake it with `moebench baseline update` (the file is left as it is)") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        schema = data.get("schema") if isinstance(data, dict) else None
+        raise BaselineError(f"{path}: not a moebench baseline (schema {schema!r}); "
+                            "point --moebench-compare at a baselines/<machine-class>/<suite>.json file")
+    if data.get("version") != VERSION:
+        raise BaselineError(f"{path}: baseline version {data.get('version')!r}, this moebench reads {VERSION}; "
+                            "upgrade moebench or remake the baseline with `moebench baseline update`")
+    if not isinstance(data.get("cases"), dict) or not isinstance(data.get("suite"), str):
+        raise BaselineError(f"{path}: baseline without 'suite' or 'cases'; remake it with `moebench baseline update`")
+    return data
+
+
+def save(path: str | Path, baseline: dict, *, force: bool = False) -> Path:
+    """Write atomically (temporary file in the same folder, fsync, rename). An existing file that is not a
+    readable baseline is never replaced unless `force`: it may be someone's data."""
+    path = Path(path)
+    if path.exists() and not force:
+        load(path)  # raises BaselineError, leaving it alone
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_clean(baseline), indent=1, sort_keys=True, allow_nan=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+# --------------------------------------------------------------------------------------------------- verdicts
+def compare_metric(metric: Metric, base: dict, cur: dict, limit: float) -> dict:
+    """{'status', 'ratio', 'baseline', 'current', 'message'} for one metric of one case."""
+    from . import stats
+
+    bval, cval = metric.value(base), metric.value(cur)
+    if metric.sample_key is not None:
+        bs = (base.get("samples") or {}).get(metric.sample_key)
+        cs = (cur.get("samples") or {}).get(metric.sample_key)
+        if not bs or not cs:
+            return {"status": "inconclusive", "ratio": (cval / bval) if bval and cval else None, "baseline": bval,
+                    "current": cval, "message": f"{metric.name}: no per-round samples on "
+                    f"{'the baseline' if not bs else 'this run'} side; remake the baseline with this moebench"}
+        bval, cval = _median(bs), _median(cs)
+        v = stats.compare(bs, cs, higher_is_better=metric.higher_is_better, threshold=limit)
+        return {"status": v.status, "ratio": v.ratio, "ci": [v.ci_low, v.ci_high], "p_value": v.p_value,
+                "baseline": bval, "current": cval, "n": [len(bs), len(cs)], "message": v.message}
+    if bval is None or cval is None or bval <= 0:
+        return {"status": "inconclusive", "ratio": None, "baseline": bval, "current": cval,
+                "message": f"{metric.name}: not measured on both sides"}
+    ratio = cval / bval
+    worse = (ratio < 1 - limit) if metric.higher_is_better else (ratio > 1 + limit)
+    better = (ratio > 1 + limit) if metric.higher_is_better else (ratio < 1 - limit)
+    status = "regressed" if worse else "improved" if better else "unchanged"
+    return {"status": status, "ratio": ratio, "baseline": bval, "current": cval,
+            "message": f"{metric.name} {ratio:.3f}x ({bval:.4g} -> {cval:.4g}, limit {limit:.0%}): {status}"}
+
+
+def compare_case(base: dict | None, cur: dict, limits: dict[str, float]) -> dict:
+    """Verdict of one case: 'regressed' if any limited metric regressed, else 'improved' / 'inconclusive' /
+    'unchanged' in that order; 'new' when the baseline has no such case."""
+    if base is None:
+        return {"status": "new", "metrics": {}, "message": "no baseline for this case"}
+    metrics = {name: compare_metric(METRICS[name], base, cur, limit) for name, limit in limits.items()}
+    statuses = [m["status"] for m in metrics.values()]
+    status = next((s for s in ("regressed", "improved", "inconclusive") if s in statuses), "unchanged")
+    bad = [m["message"] for m in metrics.values() if m["status"] == "regressed"]
+    out = {"status": status, "metrics": metrics, "message": "; ".join(bad) if bad else status}
+    thr = metrics.get("throughput")
+    if thr is not None:
+        out["baseline_tokens_per_s"], out["ratio"] = thr["baseline"], thr["ratio"]
+    elif base.get("tokens_per_s") and cur.get("tokens_per_s"):
+        out["baseline_tokens_per_s"], out["ratio"] = base["tokens_per_s"], cur["tokens_per_s"] / base["tokens_per_s"]
+    if cur.get("inject_delay_ms"):
+        out["injected_delay_ms"] = cur["inject_delay_ms"]
+    return out
+
+
+def compare_records(base_cases: dict[str, dict], records: list[dict], limits: dict[str, float]) -> dict[str, dict]:
+    return {r["case"]: compare_case(base_cases.get(r["case"]), r, limits) for r in records}
