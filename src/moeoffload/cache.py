@@ -68,6 +68,7 @@ class ExpertCache:
         self._released: list[torch.cuda.Event | None] = [None] * n_slots  # last reader of the slot finished
         self._cuda = cuda
         self._prefetched: set[ExpertKey] = set()  # brought in by prefetch, not yet requested
+        self._demoted: set[ExpertKey] = set()  # evicted before any other key (a prefetch the router proved wrong)
         self.stats = CacheStats()
 
     # -- what is resident ------------------------------------------------------------------------------------
@@ -110,6 +111,7 @@ class ExpertCache:
                     if key in self._prefetched:
                         self._prefetched.discard(key)
                         self.stats.prefetch_hits += 1
+                    self._demoted.discard(key)
                     self.rule.on_access(key)
                 else:
                     slot = self._load(key)
@@ -172,6 +174,14 @@ class ExpertCache:
         self.stats.prefetches += issued
         return issued
 
+    def demote(self, keys: Iterable[ExpertKey]) -> int:
+        """Make resident, unpinned `keys` the first to be evicted, ahead of the eviction rule's order, until they
+        are used again (ExpertFlow's correction: an expert prefetched for a layer whose router did not pick it
+        gives its slot to the experts that layer does need). Returns how many keys were demoted."""
+        keys = [k for k in dict.fromkeys(keys) if k in self._slot_of and not self.is_pinned(k)]
+        self._demoted.update(keys)
+        return len(keys)
+
     # -- internals ---------------------------------------------------------------------------------------------
     def _load(self, key: ExpertKey, protect: set[ExpertKey] | frozenset = frozenset()) -> int:
         slot = self._free.pop() if self._free else self._evict_one(protect)
@@ -188,13 +198,15 @@ class ExpertCache:
         candidates = self._evictable(protect)
         if not candidates:
             raise CapacityError("every cache slot is pinned; release experts before acquiring more")
-        self._drop(self.rule.victim(candidates))
+        demoted = [k for k in candidates if k in self._demoted]
+        self._drop(self.rule.victim(demoted or candidates))
         self.stats.evictions += 1
         return self._free.pop()
 
     def _drop(self, key: ExpertKey) -> None:
         slot = self._slot_of.pop(key)
         self._prefetched.discard(key)
+        self._demoted.discard(key)
         self.rule.on_remove(key)
         self._free.append(slot)
 
