@@ -86,7 +86,74 @@ class LFU:
         return self._recency.victim(k for k in allowed if self._count.get(k, 0) == lowest)
 
 
-EVICTION_RULES: dict[str, Callable[[], EvictionRule]] = {"lru": LRU, "lfu": LFU, "fifo": FIFO}
+class Belady:
+    """Farthest next use leaves first (Belady's MIN): with the true future this is the best any demand cache can
+    do, an upper bound on hit rate. The future comes from a bound source with `next_use(key) -> float` (inf:
+    never again): a recorded trace of the same inputs (the bound), or a predictor (SiDA: evict the experts the
+    batch will not need). Ties, and everything before `bind`, go to the least recently used."""
+
+    name = "belady"
+
+    def __init__(self) -> None:
+        self.future = None
+        self._recency = LRU()
+
+    def bind(self, future) -> None:
+        self.future = future
+
+    def on_insert(self, key: ExpertKey) -> None:
+        self._recency.on_insert(key)
+
+    def on_access(self, key: ExpertKey) -> None:
+        self._recency.on_access(key)
+
+    def on_remove(self, key: ExpertKey) -> None:
+        self._recency.on_remove(key)
+
+    def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
+        allowed = list(candidates)
+        if self.future is None:
+            return self._recency.victim(allowed)
+        distance = {k: self.future.next_use(k) for k in allowed}
+        farthest = max(distance.values())
+        return self._recency.victim(k for k in allowed if distance[k] == farthest)
+
+
+class PriorFrequency:
+    """The expert used least often in a recorded trace leaves first (MoE-Infinity's activation statistics, as a
+    static prior): popular experts keep their slots. The prior is bound as `frequency(key) -> float`; ties and
+    everything before `bind` go to the least recently used."""
+
+    name = "prior-frequency"
+
+    def __init__(self) -> None:
+        self.prior = None
+        self._recency = LRU()
+
+    def bind(self, prior) -> None:
+        self.prior = prior
+
+    def on_insert(self, key: ExpertKey) -> None:
+        self._recency.on_insert(key)
+
+    def on_access(self, key: ExpertKey) -> None:
+        self._recency.on_access(key)
+
+    def on_remove(self, key: ExpertKey) -> None:
+        self._recency.on_remove(key)
+
+    def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
+        allowed = list(candidates)
+        if self.prior is None:
+            return self._recency.victim(allowed)
+        score = {k: self.prior.frequency(k) for k in allowed}
+        lowest = min(score.values())
+        return self._recency.victim(k for k in allowed if score[k] == lowest)
+
+
+EVICTION_RULES: dict[str, Callable[[], EvictionRule]] = {
+    "lru": LRU, "lfu": LFU, "fifo": FIFO, "belady": Belady, "prior-frequency": PriorFrequency,
+}
 
 
 def make_rule(name: str) -> EvictionRule:

@@ -90,6 +90,8 @@ class OffloadedModel:
         """Put every expert back into the model as parameters on the model's original device."""
         if not self.active:
             raise NotOffloadedError("this model was already unloaded")
+        if getattr(self, "runahead", None) is not None:
+            self.runahead.detach()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         for i, module in enumerate(self.hook.layers):
@@ -156,11 +158,16 @@ def plan_slots(
 
 
 def offload(model: nn.Module, policy: str | policies.Policy = "lru", gpu_budget: str | int | None = "all", *,
-            device: str | torch.device | None = None, show_progress: bool | None = None) -> OffloadedModel:
-    """Offload `model`'s experts; return the handle. Use as `with offload(model, ...) as handle:` to undo."""
+            device: str | torch.device | None = None, show_progress: bool | None = None,
+            predictor=None) -> OffloadedModel:
+    """Offload `model`'s experts; return the handle. Use as `with offload(model, ...) as handle:` to undo.
+
+    `predictor`: what a predictive policy (`policy.predictor` set) runs on: a trained RoutingPredictor, or the
+    CallTrace of the exact inputs for the oracle policies; `moeoffload.predictors.prepare()` makes it."""
     if getattr(model, "_moeoffload", None) is not None:
         raise MoeOffloadError("this model is already offloaded; call moeoffload.unload(model) first")
     policy = policies.get(policy)
+    check_predictor(policy, predictor)
     hook = hooks.discover(model)
     device = resolve_device(device)
     original_device = next(iter(hook.layers[0].parameters())).device
@@ -176,14 +183,19 @@ def offload(model: nn.Module, policy: str | policies.Policy = "lru", gpu_budget:
     if policy.preload:
         cache.preload(store.keys())
     prefetcher = make_prefetcher(policy, hook, cache)
+    runahead = make_runahead(policy, predictor, hook, cache, model)
+    if runahead is not None:
+        prefetcher = runahead if policy.predictor_prefetch else None
     layers = []
     for i, module in enumerate(hook.layers):
-        layer = OffloadedMoELayer(i, hook.num_experts, cache, hook.expert_ffn(module), prefetcher)
+        layer = OffloadedMoELayer(i, hook.num_experts, cache, hook.expert_ffn(module), prefetcher,
+                                  router_tap=None if runahead is None else runahead.tap)
         hook.install(module, layer)
         layers.append(layer)
     if hook.family == "experts3d":
         hooks.experts3d.select(model, hooks.experts3d.IMPLEMENTATION)
     handle = OffloadedModel(model, hook, policy, store, cache, layers, budget_bytes, original_device)
+    handle.runahead = runahead
     model._moeoffload = handle
     cache.reset_stats()
     return handle
@@ -196,6 +208,47 @@ def make_prefetcher(policy: policies.Policy, hook: hooks.ModelHook, cache: Exper
         raise UnsupportedModelError(f"policy {policy.name!r} runs routers early, but moeoffload cannot find the "
                                     f"routers of this {hook.family} model; use a policy without prefetch, e.g. 'lru'")
     return PREFETCHERS[policy.prefetch](cache, hook.router_weight, hook.next_layer, hook.top_k)
+
+
+def check_predictor(policy: policies.Policy, predictor) -> None:
+    from .predictors import PREDICTORS, CallTrace
+
+    if policy.predictor is None:
+        if predictor is not None:
+            raise MoeOffloadError(f"policy {policy.name!r} uses no predictor; drop predictor= or pick a predictive "
+                                  "policy such as 'sida'")
+        return
+    exact_trace = PREDICTORS[policy.predictor].needs == "exact-trace"
+    if predictor is None:
+        what = "the recorded routing of the served inputs" if exact_trace else "a trained predictor"
+        raise MoeOffloadError(f"policy {policy.name!r} needs {what}: pass "
+                              f"predictor=moeoffload.predictors.prepare({policy.name!r}, model, ...)")
+    if exact_trace != isinstance(predictor, CallTrace):
+        raise MoeOffloadError(f"policy {policy.name!r} needs {'a CallTrace' if exact_trace else 'a RoutingPredictor'}"
+                              f", got {type(predictor).__name__}; make it with moeoffload.predictors.prepare()")
+
+
+def make_runahead(policy: policies.Policy, predictor, hook: hooks.ModelHook, cache: ExpertCache, model: nn.Module):
+    """The runtime that feeds the cache from a predictor (RunAhead) or a recorded trace (OracleReplay), bound to
+    the eviction rule when the rule ranks by the future or by a prior."""
+    if policy.predictor is None:
+        return None
+    from .predictors import CallTrace, OracleReplay, RunAhead
+
+    if isinstance(predictor, CallTrace):
+        runtime = OracleReplay(predictor, cache, prefetch=policy.predictor_prefetch)
+    else:
+        runtime = RunAhead(predictor, cache, hook, model, replace_router=policy.replace_router,
+                           prefetch=policy.predictor_prefetch)
+    rule = cache.rule
+    if getattr(rule, "name", None) == "belady":
+        rule.bind(runtime)
+    elif getattr(rule, "name", None) == "prior-frequency":
+        if not hasattr(predictor, "frequency"):
+            raise MoeOffloadError(f"policy {policy.name!r} evicts by a frequency prior, but its predictor "
+                                  f"{type(predictor).__name__} has none")
+        rule.bind(predictor)
+    return runtime
 
 
 def unload(model: nn.Module) -> nn.Module:

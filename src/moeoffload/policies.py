@@ -15,7 +15,7 @@ from importlib.metadata import entry_points
 
 from .errors import UnknownPolicyError
 from .eviction import EVICTION_RULES
-from .predictors import PREFETCHERS
+from .predictors import PREDICTORS, PREFETCHERS
 
 ENTRY_POINT_GROUP = "moeoffload.policies"
 
@@ -30,6 +30,11 @@ class Policy:
     exact: bool = True
     version: str = "1"
     prefetch: str | None = None  # a predictor that copies the next layer's experts early (predictors.PREFETCHERS)
+    # a predictor of whole stacks (predictors.PREDICTORS) that needs a training trace or the served inputs' trace;
+    # offload() takes it as predictor=..., moebench obtains it with predictors.prepare() before timing
+    predictor: str | None = None
+    replace_router: bool = False  # the predicted experts and weights ARE the routing (data-aware; approximate)
+    predictor_prefetch: bool = True  # False: the predictor only informs eviction (Belady alone)
 
     def __post_init__(self) -> None:
         if self.eviction not in EVICTION_RULES:
@@ -39,6 +44,11 @@ class Policy:
         if self.prefetch is not None and self.prefetch not in PREFETCHERS:
             known = sorted(PREFETCHERS)
             raise ValueError(f"policy {self.name!r}: unknown prefetcher {self.prefetch!r}; one of {known}")
+        if self.predictor is not None and self.predictor not in PREDICTORS:
+            raise ValueError(f"policy {self.name!r}: unknown predictor {self.predictor!r}; one of {sorted(PREDICTORS)}")
+        if self.replace_router and (self.exact or self.predictor is None):
+            raise ValueError(f"policy {self.name!r} replaces the router's choice: it needs a predictor and "
+                             "exact=False")
 
 
 BUILTIN = (
@@ -50,7 +60,24 @@ BUILTIN = (
            prefetch="lookahead"),
 )
 
-_REGISTRY: dict[str, Policy] = {p.name: p for p in BUILTIN}
+# Predictive policies (issue 4): they need a prepared predictor or trace, so they are kept apart from BUILTIN,
+# whose every exact policy runs with no preparation.
+PREDICTIVE = (
+    Policy("frequency", "frequency prior from a training trace (MoE-Infinity): prefetch each next layer's most "
+           "used experts, evict the least used", eviction="prior-frequency", predictor="frequency"),
+    Policy("sida", "SiDA-MoE hash network run ahead from the token ids: prefetch predicted experts, evict those "
+           "the batch will not need; the router decides (exact)", eviction="belady", predictor="sida"),
+    Policy("sida-data-aware", "SiDA-MoE as published: the hash network's experts and weights replace the router "
+           "(approximate)", eviction="belady", predictor="sida", replace_router=True, exact=False),
+    Policy("oracle", "upper bound: replays the served inputs' recorded routing to prefetch each next layer call; "
+           "LRU eviction", predictor="oracle"),
+    Policy("belady", "upper bound on hit rate: Belady's eviction (farthest next use) from the served inputs' "
+           "recorded routing; no prefetch", eviction="belady", predictor="oracle", predictor_prefetch=False),
+    Policy("oracle-belady", "upper bound: oracle prefetch and Belady's eviction, both from the served inputs' "
+           "recorded routing", eviction="belady", predictor="oracle"),
+)
+
+_REGISTRY: dict[str, Policy] = {p.name: p for p in BUILTIN + PREDICTIVE}
 _PLUGINS_LOADED = False
 
 

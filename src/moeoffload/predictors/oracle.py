@@ -1,0 +1,59 @@
+"""The oracle: replays the recorded routing of the exact inputs being served (a CallTrace). It knows every
+coming layer call's experts, so its prefetch and its Belady eviction are upper bounds, not policies one could
+deploy. If the served calls stop matching the recording (other inputs), it warns and steps aside."""
+
+from __future__ import annotations
+
+import bisect
+import math
+import warnings
+
+import torch
+
+from ..cache import ExpertCache
+from .traces import CallTrace
+
+
+class OracleReplay:
+    name = "oracle"
+
+    def __init__(self, trace: CallTrace, cache: ExpertCache, prefetch: bool = True):
+        self.trace = trace
+        self.cache = cache
+        self.prefetch = prefetch
+        self.cursor = -1
+        self.diverged = False
+        self._uses: dict[tuple[int, int], list[int]] = {}
+        for c, (layer, experts) in enumerate(trace.calls):
+            for e in experts:
+                self._uses.setdefault((layer, e), []).append(c)
+
+    def detach(self) -> None:
+        pass
+
+    def tap(self, layer_idx: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
+        """Advance to the next recorded call; check it is this layer's."""
+        if self.diverged:
+            return None
+        self.cursor += 1
+        if self.cursor >= len(self.trace.calls) or self.trace.calls[self.cursor][0] != layer_idx:
+            warnings.warn(f"moeoffload: oracle trace does not match the served calls at call {self.cursor} (layer "
+                          f"{layer_idx}); record it on the same inputs. Falling back to LRU without prefetch",
+                          RuntimeWarning, stacklevel=3)
+            self.diverged = True
+        return None
+
+    def __call__(self, layer_idx: int, hidden: torch.Tensor) -> None:
+        nxt = self.cursor + 1
+        if self.prefetch and not self.diverged and nxt < len(self.trace.calls):
+            layer, experts = self.trace.calls[nxt]
+            self.cache.prefetch([(layer, e) for e in experts])
+
+    def next_use(self, key: tuple[int, int]) -> float:
+        if self.diverged:
+            return math.inf
+        uses = self._uses.get(key)
+        if not uses:
+            return math.inf
+        i = bisect.bisect_left(uses, max(self.cursor, 0))
+        return float(uses[i] - self.cursor) if i < len(uses) else math.inf
