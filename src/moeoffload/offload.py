@@ -238,8 +238,9 @@ def make_runahead(policy: policies.Policy, predictor, hook: hooks.ModelHook, cac
     if isinstance(predictor, CallTrace):
         runtime = OracleReplay(predictor, cache, prefetch=policy.predictor_prefetch)
     else:
-        runtime = RunAhead(predictor, cache, hook, model, replace_router=policy.replace_router,
-                           prefetch=policy.predictor_prefetch)
+        runtime_class = getattr(predictor, "runahead_class", RunAhead)  # a predictor may bring its runtime (ExpertFlow)
+        runtime = runtime_class(predictor, cache, hook, model, replace_router=policy.replace_router,
+                                prefetch=policy.predictor_prefetch)
     rule = cache.rule
     if getattr(rule, "name", None) == "belady":
         rule.bind(runtime)

@@ -11,6 +11,7 @@ register how they are obtained in `PREDICTORS`; `prepare()` obtains them for a p
 
 from .base import PREDICTORS, PREFETCHERS, Prediction, PredictorKind, RoutingPredictor, StackInputs
 from .evaluate import RandomPredictor, evaluate, summary
+from .expertflow import ExpertFlowPredictor, ExpertFlowRunAhead
 from .frequency import FrequencyPrior
 from .lookahead import LookaheadGate
 from .oracle import OracleReplay
@@ -28,6 +29,13 @@ def _fit_frequency(model, trace, show_progress=None, **options):
     return FrequencyPrior.fit(trace)
 
 
+def _train_expertflow(model, trace, show_progress=None, steps: int = 300, **options):
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return ExpertFlowPredictor.train(trace, steps=steps, device=device, show_progress=show_progress, **options)
+
+
 def _exact(model, trace, **options):
     return trace
 
@@ -35,10 +43,12 @@ def _exact(model, trace, **options):
 PREFETCHERS["lookahead"] = LookaheadGate
 PREDICTORS["sida"] = PredictorKind("sida", "training-trace", _train_sida)
 PREDICTORS["frequency"] = PredictorKind("frequency", "training-trace", _fit_frequency)
+PREDICTORS["expertflow"] = PredictorKind("expertflow", "training-trace", _train_expertflow)
 PREDICTORS["oracle"] = PredictorKind("oracle", "exact-trace", _exact)
 
 __all__ = [
-    "CallTrace", "FrequencyPrior", "LookaheadGate", "OracleReplay", "PREDICTORS", "PREFETCHERS", "Prediction",
+    "CallTrace", "ExpertFlowPredictor", "ExpertFlowRunAhead",
+    "FrequencyPrior", "LookaheadGate", "OracleReplay", "PREDICTORS", "PREFETCHERS", "Prediction",
     "PredictorKind", "RandomPredictor", "RoutingPredictor", "RoutingTrace", "RunAhead", "SidaPredictor",
     "StackInputs", "collect_trace", "evaluate", "needs", "prepare", "record_calls", "summary",
 ]
