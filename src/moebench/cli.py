@@ -184,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run", help="run id, id prefix or index (default: the latest complete run)")
     e.add_argument("--out", help="output file ('-' for stdout; default moebench_<run id>.json)")
     e.set_defaults(func=_export)
+
+    from .predictor_cmd import add_parser as add_predictor_parser
+
+    add_predictor_parser(sub)
     return parser
 
 

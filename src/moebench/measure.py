@@ -14,6 +14,8 @@ from .suite import REFERENCE_BUDGET, REFERENCE_POLICY, Case, Suite
 from .workload import TokenClock, generate, percentile
 
 MEMORY_SLACK = 0.05  # relative slack on the activation allowance
+TRAIN_SEED_OFFSET = 7919  # predictors train on prompts of another seed than the measured ones
+TRAIN_BATCHES = 8  # batches of the suite's workload shape recorded to train a predictor
 
 
 class CaseSkipped(Exception):
@@ -79,6 +81,7 @@ class Session:
     inject_delay_s: float = 0.0  # test hook only: a busy wait per MoE layer call, to fake a slower commit
     _models: dict[str, tuple[Any, str]] = field(default_factory=dict)
     _refs: dict[str, Reference] = field(default_factory=dict)
+    _predictors: dict[tuple[str, str], Any] = field(default_factory=dict)  # (model, predictor kind) -> trained
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -125,6 +128,34 @@ class Session:
             raise CaseFailed(f"{case.name}: " + "; ".join(failures), record)
         return record
 
+    def prepare(self, case: Case, model, wl, prompts):
+        """What a predictive policy needs, obtained untimed before the case: a predictor trained on a workload of
+        another seed (once per model and kind), or the routing of the exact prompts about to be measured
+        (warm-up and rounds, recorded in a separate pass: what makes oracle and Belady upper bounds)."""
+        from dataclasses import replace
+
+        import moeoffload
+        from moeoffload import predictors
+
+        policy = moeoffload.get_policy(case.policy)
+        needs = predictors.needs(policy)
+        if needs is None:
+            return None
+        if needs == "exact-trace":
+            def run():
+                for ids in prompts:
+                    generate(model, ids.to(model.device), wl.new_tokens)
+
+            return predictors.prepare(policy, model, run=run, budget=case.budget, device=self.device,
+                                      show_progress=False)
+        key = (case.model, policy.predictor)
+        if key not in self._predictors:
+            train = replace(wl, seed=wl.seed + TRAIN_SEED_OFFSET)
+            train_prompts = [train.prompts(model.config.vocab_size, round_index=r) for r in range(TRAIN_BATCHES)]
+            self._predictors[key] = predictors.prepare(policy, model, train_prompts=train_prompts,
+                                                       new_tokens=wl.new_tokens, device=self.device)
+        return self._predictors[key]
+
     def _measure(self, case: Case, ref: Reference | None):
         import torch
 
@@ -135,7 +166,9 @@ class Session:
         prompts = [wl.prompts(model.config.vocab_size, round_index=r) for r in range(-1, self.rounds)]
         cuda = self.device.startswith("cuda")
         try:
-            handle = moeoffload.offload(model, case.policy, case.budget, device=self.device, show_progress=False)
+            predictor = self.prepare(case, model, wl, prompts)
+            handle = moeoffload.offload(model, case.policy, case.budget, device=self.device, show_progress=False,
+                                        predictor=predictor)
         except moeoffload.BudgetError as exc:
             raise CaseSkipped(f"{case.name}: {exc}") from None
         delay_hooks = inject_delay(handle.hook.layers, self.inject_delay_s)

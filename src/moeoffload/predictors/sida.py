@@ -135,9 +135,9 @@ class SidaPredictor:
                 loss.backward()
                 opt.step()
                 if log is not None:
-                    log.append(float(loss))
+                    log.append(loss.item())
                 if hasattr(bar, "set_postfix") and show_progress is not False:
-                    bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         if hasattr(bar, "close"):
             bar.close()
         for net in self.nets.values():
