@@ -160,6 +160,8 @@ class Session:
         import torch
 
         import moeoffload
+        from moeoffload.scheduler import plan as plan_schedule
+        from moeoffload.scheduler import served_gain
 
         model, source = self.model(case.model)
         wl = self.suite.workload_for(self.tier)
@@ -175,6 +177,9 @@ class Session:
         try:
             dev = handle.device
             prompts = [p.to(dev) for p in prompts]
+            schedule = plan_schedule(handle, prompts[1:])  # ExpertFlow regroups the rounds' sequences; else None
+            if schedule is not None:
+                prompts[1:] = schedule.split(torch.cat(prompts[1:]))
             if cuda:
                 torch.cuda.synchronize(dev)
                 torch.cuda.reset_peak_memory_stats(dev)
@@ -203,6 +208,7 @@ class Session:
                 if used is not None:
                     nvml_peak = max(nvml_peak or 0, used)
             stats = handle.stats()
+            gain = None if schedule is None else served_gain(handle, schedule, wl.batch_size)
             torch_peak = int(torch.cuda.max_memory_allocated(dev)) if cuda else None
         finally:
             for h in delay_hooks:
@@ -210,6 +216,8 @@ class Session:
             if handle.active:
                 handle.unload()
         tokens, logits = torch.cat(round_tokens), torch.cat(round_logits)
+        if schedule is not None:  # back to arrival order, where the reference has them
+            tokens, logits = schedule.restore(tokens), schedule.restore(logits)
         generated = wl.batch_size * wl.new_tokens * self.rounds
         record = {
             "suite": self.suite.name,
@@ -243,6 +251,9 @@ class Session:
                         "round_s": totals, "p50_ms": round_p50},
             "inject_delay_ms": self.inject_delay_s * 1e3,
             "stats": stats.as_dict(),
+            # token scheduling (ExpertFlow): distinct experts each batch activated, first-come vs as scheduled
+            "experts_per_batch_first_come": None if gain is None else gain.first_come,
+            "experts_per_batch_scheduled": None if gain is None else gain.scheduled,
         }
         return record, tokens, logits, torch_peak
 

@@ -157,3 +157,30 @@ def _bitmasks(routes: torch.Tensor) -> list[int]:
 def _check_batch_size(batch_size: int) -> None:
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
+# -- the serving loop's side: a pending pool of batches, an offloaded model whose policy may schedule ------------
+def plan(handle, batches: Sequence[torch.Tensor]) -> Schedule | None:
+    """The order to serve a pool of pending batches ([B, S] token ids each, equal B) in: None (first-come) unless
+    the handle's policy schedules (`Policy.scheduler == "expertflow"`); then the pool's sequences regrouped by the
+    routes the policy's path predictor gives them. Serve `schedule.split(torch.cat(batches))`, then
+    `schedule.restore(outputs)`."""
+    if getattr(handle.policy, "scheduler", None) is None or not batches:
+        return None
+    predictor = getattr(getattr(handle, "runahead", None), "predictor", None)
+    if not hasattr(predictor, "routes"):
+        raise ValueError(f"policy {handle.policy.name!r} schedules tokens but its predictor "
+                         f"{type(predictor).__name__} predicts no routes; use the 'expertflow' predictor")
+    pool = torch.cat(list(batches))
+    return group_by_route(predictor.routes(pool), batches[0].shape[0])
+
+
+def served_gain(handle, schedule: Schedule, batch_size: int) -> ScheduleGain | None:
+    """Experts activated per batch on the routes the routers really chose while `schedule` was served (the last
+    `len(schedule.batches)` batches), against first-come batching of the same sequences. A sequence's routing
+    does not depend on its batch (exactness), so both come from one run. None when no routes were recorded."""
+    runtime = getattr(handle, "runahead", None)
+    if not hasattr(runtime, "served_routes") or len(runtime.batch_routes) < len(schedule.batches):
+        return None
+    routes = schedule.restore(runtime.served_routes(len(schedule.batches)))
+    return compare(routes, batch_size, schedule)

@@ -31,6 +31,7 @@ from .runahead import RunAhead
 from .traces import RoutingTrace
 
 SCHEMA_VERSION = 1
+MAX_RECORDED_BATCHES = 4096
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class ExpertFlowPredictor:
         self.info = info or {}
         self._context: dict[int, torch.Tensor] = {}
         self._log_probs: dict[int, tuple[list[int], torch.Tensor]] = {}  # stack -> (layers, [L, T, E])
+        self.last_call: dict[int, tuple[int, bool]] = {}  # stack -> (batch rows, new_sequence) of its latest call
 
     # -- RoutingPredictor --------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -126,6 +128,7 @@ class ExpertFlowPredictor:
         ids = inputs.input_ids
         dev = next(self.net.parameters()).device
         ids = ids.to(dev)
+        self.last_call[inputs.stack] = (ids.shape[0], inputs.new_sequence)
         before = self._context.get(inputs.stack)
         if inputs.new_sequence or before is None or before.shape[0] != ids.shape[0]:
             context = ids
@@ -269,12 +272,38 @@ class ExpertFlowRunAhead(RunAhead):
         predictor.to(cache.device)  # the path net runs beside the model, on its side stream
         super().__init__(predictor, cache, hook, model, replace_router=False, prefetch=prefetch)
         self.correction = CorrectionStats()
+        self.num_layers = len(hook.layers)
+        # per served batch (a new sequence batch of the first stack), bool [B, layers, E]: the experts each
+        # sequence's router really chose, over the whole generation; the token scheduler is scored on these
+        self.batch_routes: list[torch.Tensor] = []
 
     def tap(self, layer_idx: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
         super().tap(layer_idx, hidden, ids, weights)
         if not self.failed:
+            self._record(layer_idx, ids)
             self._check(layer_idx, ids)
         return None
+
+    def served_routes(self, batches: int) -> torch.Tensor:
+        """The real routes of the last `batches` served batches, one row per sequence: bool [n, layers, E]."""
+        if batches > len(self.batch_routes):
+            raise ValueError(f"{batches} batches asked for, {len(self.batch_routes)} served and recorded")
+        recent = self.batch_routes[len(self.batch_routes) - batches :]
+        return torch.cat([r[..., : self.num_experts] for r in recent]).cpu() if recent else torch.zeros(0)
+
+    def _record(self, layer_idx: int, routed: torch.Tensor) -> None:
+        s, pos = self.stack_of[layer_idx], self.position[layer_idx]
+        rows, new = self.predictor.last_call.get(s, (0, False))
+        if s == 0 and pos == 0 and new and rows:
+            self.batch_routes.append(torch.zeros(rows, self.num_layers, self.num_experts + 1, dtype=torch.bool,
+                                                 device=routed.device))
+            del self.batch_routes[:-MAX_RECORDED_BATCHES]
+        if not self.batch_routes or self.batch_routes[-1].shape[0] != rows or routed.shape[0] % rows:
+            return
+        E = self.num_experts
+        seq = torch.arange(routed.shape[0], device=routed.device) // (routed.shape[0] // rows)
+        ids = torch.where((routed >= 0) & (routed < E), routed, E).long()
+        self.batch_routes[-1][seq.unsqueeze(1).expand_as(ids), layer_idx, ids] = True
 
     def _check(self, layer_idx: int, routed: torch.Tensor) -> None:
         s = self.stack_of[layer_idx]
