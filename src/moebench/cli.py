@@ -185,10 +185,36 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="output file ('-' for stdout; default moebench_<run id>.json)")
     e.set_defaults(func=_export)
 
+    z = sub.add_parser("zoo", help="the registry of published MoE architectures: sizes, expert bytes, fit")
+    z.add_argument("--gpu-gb", type=float, default=80.0, help="GPU memory in GB for the 'fits' column (default 80)")
+    z.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    z.set_defaults(func=_zoo)
+
     from .predictor_cmd import add_parser as add_predictor_parser
 
     add_predictor_parser(sub)
     return parser
+
+
+def _zoo(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from .zoo import registry
+
+    gpu = int(args.gpu_gb * 1e9)
+    rows = []
+    for name in registry.names():
+        e = registry.get(name)
+        s = e.sizes
+        rows.append([name, f"{s.total_params / 1e9:.2f}", f"{s.active_params / 1e9:.2f}", s.moe_layers,
+                     s.experts_per_layer, s.top_k, f"{e.expert_bytes(args.dtype) / 2**20:.1f}",
+                     f"{e.bytes('float32') / 2**30:.1f}", f"{e.bytes('bfloat16') / 2**30:.1f}",
+                     "yes" if e.fits(gpu, args.dtype) else "no", e.hub_id])
+    print(tabulate(rows, headers=["model", "params B", "active B", "MoE layers", "experts", "top-k",
+                                  f"expert MiB ({args.dtype})", "GiB fp32", "GiB bf16",
+                                  f"fits {args.gpu_gb:g} GB ({args.dtype})", "transcribes (config.json)"],
+                   disable_numparse=True))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

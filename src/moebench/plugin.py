@@ -111,7 +111,7 @@ class SuiteFile(pytest.File):
 
         try:
             suite = load_suite(self.path)
-            cases = suite.cases(state["policies"])
+            cases = suite.cases(state["policies"], tier=state["tier"])
         except SuiteError as exc:
             raise self.CollectError(str(exc)) from None
         session = Session(suite, device=state["device"], tier=state["tier"], rounds=state["rounds"],

@@ -33,6 +33,7 @@ class ModelSpec:
     name: str
     build: Callable[[str, Any, Any], tuple[Any, str]]
     description: str = ""
+    tiers: tuple[str, ...] = TIERS  # the tiers that run this model (a large model may be full-tier only)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,10 @@ class Suite:
     accuracy_limit: float = 0.0  # largest accuracy drop (1 - greedy-token agreement) an approximate policy may show
     dtypes: dict[str, str] = field(default_factory=lambda: {"quick": "float32", "full": "bfloat16"})
     full_workload: Workload | None = None  # the full tier's workload, when it should differ from the quick one
+    full_budgets: list[str] | None = None  # the full tier's budgets, when fewer fit a device call's time
+
+    def budgets_for(self, tier: str) -> list[str]:
+        return self.full_budgets if tier == "full" and self.full_budgets else self.budgets
 
     def workload_for(self, tier: str) -> Workload:
         return self.full_workload if tier == "full" and self.full_workload is not None else self.workload
@@ -89,7 +94,7 @@ class Suite:
             raise bad("no budgets; give at least one, e.g. ['25%', '50%']")
         from moeoffload import BudgetError, parse_budget
 
-        for b in self.budgets:
+        for b in self.budgets + (self.full_budgets or []):
             if not isinstance(b, str):
                 raise bad(f"budget {b!r} must be a string such as '25%' or '2GiB'")
             try:
@@ -121,7 +126,7 @@ class Suite:
             names = [p for p in names if p in selected]
         return names
 
-    def cases(self, selected_policies: list[str] | None = None) -> list[Case]:
+    def cases(self, selected_policies: list[str] | None = None, tier: str = "quick") -> list[Case]:
         """Per model: the reference (resident, all) first, then every other policy at every budget.
 
         The reference is always a case: every other case is compared with it, so it runs anyway.
@@ -130,11 +135,13 @@ class Suite:
 
         out: list[Case] = []
         for model in self.models:
+            if tier not in model.tiers:
+                continue
             out.append(Case(model.name, REFERENCE_POLICY, REFERENCE_BUDGET))
             for policy in self.policy_names(selected_policies):
                 if policy == REFERENCE_POLICY or moeoffload.get_policy(policy).preload:
                     continue  # preloading policies need 'all': they are references, not budget sweeps
-                out.extend(Case(model.name, policy, b) for b in self.budgets)
+                out.extend(Case(model.name, policy, b) for b in self.budgets_for(tier))
         return out
 
     def model(self, name: str) -> ModelSpec:

@@ -100,6 +100,8 @@ class OffloadedModel:
                 for e in range(self.hook.num_experts)
             ]
             self.hook.restore(module, tensors)
+            del tensors
+            self.store.drop_layer(i)
         if "previous_implementation" in self.hook.extra:
             hooks.experts3d.select(self.model, self.hook.extra["previous_implementation"])
         self.model.to(self.original_device)

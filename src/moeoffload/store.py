@@ -48,6 +48,12 @@ class ExpertStore:
     def views(self, key: ExpertKey) -> dict[str, torch.Tensor]:
         return self.layout.views(self.buffer(key))
 
+    def drop_layer(self, layer: int) -> None:
+        """Free one MoE layer's host buffers (unload does this layer by layer, so that a model as large as the
+        host's memory never exists twice: once restored, once still stored)."""
+        for key in [k for k in self._buffers if k[0] == layer]:
+            del self._buffers[key]
+
     def clear(self) -> None:
         """Drop every host buffer (after the experts went back into the model)."""
         self._buffers.clear()

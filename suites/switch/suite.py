@@ -1,29 +1,19 @@
-"""Switch Transformers suite: switch-base-8 and switch-base-64 under every registered policy.
+"""Switch Transformers suite: the switch-base models under every registered policy.
 
-quick tier (CPU): 2 encoder + 2 decoder layers (one MoE layer per stack), published widths and expert counts;
-full tier (GPU): the published 12 + 12 layers. Weights are synthetic and seeded (see moebench.zoo).
+quick tier (CPU): switch-base-8 and -64, 2 encoder + 2 decoder layers (one MoE layer per stack), published widths
+and expert counts, fp32. full tier (GPU): switch-base-8 ... -256 at published size (12 + 12 layers), bf16; the
+largest, switch-base-256, is 27.3 GiB, so each fits an 80 GB GPU with its resident reference.
+Weights are synthetic and seeded (moebench.zoo).
 """
 
-from functools import partial
-
-from moebench.suite import ModelSpec, Suite
+from moebench.suite import Suite
 from moebench.workload import Workload
-from moebench.zoo import build_switch
-
-QUICK_LAYERS = 2
-
-
-def _build(name, tier, dtype, device):
-    return build_switch(name, num_layers=QUICK_LAYERS if tier == "quick" else None, seed=0, dtype=dtype,
-                        device=device)
-
+from moebench.zoo import zoo_model
 
 SUITE = Suite(
     name="switch",
-    models=[
-        ModelSpec("switch-base-8", partial(_build, "switch-base-8"), "google/switch-base-8 architecture"),
-        ModelSpec("switch-base-64", partial(_build, "switch-base-64"), "google/switch-base-64 architecture"),
-    ],
+    models=[zoo_model("switch-base-8"), zoo_model("switch-base-64")]
+    + [zoo_model(f"switch-base-{n}", tiers=("full",)) for n in (16, 32, 128, 256)],
     budgets=["25%", "50%"],
     policies=None,  # every registered policy; resident (budget 'all') is the reference of each model
     workload=Workload(batch_size=2, prompt_len=16, new_tokens=8, seed=0),
