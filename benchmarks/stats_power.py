@@ -1,12 +1,16 @@
 """False-alarm and detection rates of ``moebench.stats.compare`` on simulated benchmark rounds.
 
-Usage: python benchmarks/stats_power.py [--reps 2000] [--out power.json]
+Usage: python benchmarks/stats_power.py [--reps 2000] [--out power.json] [--noise-from HISTORY]
 
 The per-round noise is ESTIMATED from the stored H100 run (see ``moebench.stats.estimate_round_cv``): that run holds
 only 3-round aggregates, so the CV is a stand-in until repeated rounds are measured. Three noise models:
 ``lognormal`` (CV as estimated), ``lognormal-2x`` (twice that CV) and ``outliers`` (the estimated CV plus 5% of rounds
 1.5x slower). Each cell runs ``--reps`` baseline-vs-current comparisons of throughput samples (higher is better)
 through ``compare_many``, which shares ``compare``'s statistics and decision rule.
+
+``--noise-from HISTORY`` takes the noise from MEASURED per-round samples instead (a history with schema 2, e.g. the
+one ``benchmarks/stats_device.sh`` writes): ``measured`` is log-normal at the measured CV, ``empirical`` resamples the
+measured log-residuals themselves (their skew and outliers included), ``measured-2x`` doubles the CV for margin.
 """
 
 from __future__ import annotations
@@ -28,7 +32,12 @@ ROUNDS = (5, 10, 20, 30)
 SEARCH_ROUNDS = (50, 100, 150, 200, 250, 300, 400)
 
 
+RESIDUALS: np.ndarray | None = None  # measured log-residuals, for the "empirical" model
+
+
 def simulate(rng: np.random.Generator, model: str, cv: float, reps: int, n: int, slowdown: float) -> np.ndarray:
+    if model == "empirical":
+        return 100.0 * np.exp(rng.choice(RESIDUALS, size=(reps, n))) * (1.0 - slowdown)
     sigma = math.sqrt(math.log1p(cv * cv))  # log-normal with this coefficient of variation
     base = np.exp(rng.normal(0.0, sigma, (reps, n)))
     if model == "outliers":
@@ -48,8 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--history", type=Path, default=HISTORY, help="stored run to estimate the noise from")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    ap.add_argument("--noise-from", type=Path, help="history with measured per-round samples (schema 2)")
+    ap.add_argument("--rounds", type=int, nargs="*", default=list(ROUNDS), help="rounds per side to tabulate")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
+    if args.noise_from:
+        return measured_main(args, t0)
     est = estimate_round_cv(args.history)
     cv = est["cv_round"]
     print(f"Noise estimate from {args.history} (fields: model, policy, hit_rate, h2d_bytes_per_round, tokens_per_s, "
@@ -63,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     rows, results = [], []
     for model, mcv in models.items():
-        for n in ROUNDS:
+        for n in args.rounds:
             row = {"noise": model, "cv": mcv, "n": n}
             for name, slow in SCENARIOS.items():
                 rates = cell(rng, model, mcv, args.reps, n, slow, args.seed)
@@ -93,6 +106,51 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.write_text(json.dumps({"noise_estimate": est, "reps": args.reps, "rows": results,
                                         "rounds_needed": needed}, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+
+def measured_main(args, t0: float) -> int:
+    """The same table and search with the noise measured in a history's per-round samples."""
+    global RESIDUALS
+    from moebench.stats import round_noise_from_history
+
+    noise = round_noise_from_history(args.noise_from)
+    RESIDUALS = np.asarray(noise["residuals"])
+    cv = noise["cv_round"]
+    print(f"Measured noise from {args.noise_from}: {noise['n_samples']} per-round samples of "
+          f"{len(noise['records'])} records; per-round CV (sd of log-residuals about each record's median) = "
+          f"{cv:.4f}; residual quantiles 1/50/99% = "
+          + "/".join(f"{q:+.4f}" for q in np.quantile(RESIDUALS, [0.01, 0.5, 0.99])) + "\n")
+    models = {"measured": cv, "empirical": cv, "measured-2x": 2 * cv}
+    rng = np.random.default_rng(args.seed)
+    rows, results, needed = [], [], {}
+    for model, mcv in models.items():
+        for n in args.rounds:
+            row = {"noise": model, "cv": mcv, "n": n}
+            for name, slow in SCENARIOS.items():
+                row[name] = cell(rng, model, mcv, args.reps, n, slow, args.seed)
+            results.append(row)
+            rows.append([model, f"{mcv:.4f}", n, f"{row['identical']['regressed']:.2%}",
+                         f"{row['identical']['inconclusive']:.1%}",
+                         *(f"{row[s]['regressed']:.1%}" for s in ("2% slower", "5% slower", "10% slower"))])
+            ok = row["identical"]["regressed"] <= 0.01 and row["5% slower"]["regressed"] >= 0.95
+            if ok and needed.get(model) is None:
+                needed[model] = {"n": n, "false_alarm": row["identical"]["regressed"],
+                                 "detection_5pct": row["5% slower"]["regressed"]}
+    headers = ["noise", "CV/round", "n/side", "false alarm", "identical inconcl.", "flag 2%", "flag 5%", "flag 10%"]
+    print(f"{args.reps} comparisons per cell; targets: false alarm <= 1%, flag 5% >= 95%")
+    print(tabulate(rows, headers=headers, tablefmt="github"))
+    print("\nFewest tabulated rounds per side meeting both targets:")
+    for model in models:
+        got = needed.get(model)
+        print(f"  {model:12s}: " + (f"n = {got['n']} (false alarm {got['false_alarm']:.2%}, 5% detection "
+                                     f"{got['detection_5pct']:.1%})" if got else "none of the tabulated n"))
+    print(f"\n({time.perf_counter() - t0:.1f} s)")
+    if args.out:
+        args.out.write_text(json.dumps({"noise": {k: v for k, v in noise.items() if k != "residuals"},
+                                        "reps": args.reps, "rows": results, "rounds_needed": needed}, indent=2))
         print(f"wrote {args.out}")
     return 0
 

@@ -292,3 +292,33 @@ def estimate_round_cv(history_path: str | Path) -> dict:
     rounds = int(records[0]["rounds"])
     cv_agg = math.sqrt(sum(v * v for v in logs) / len(logs)) / math.sqrt(2)
     return {"pairs": pairs, "rounds_per_record": rounds, "cv_aggregate": cv_agg, "cv_round": cv_agg * math.sqrt(rounds)}
+
+
+def round_noise_from_history(history_path: str | Path, metric: str = "tokens_per_s") -> dict:
+    """Measured per-round noise: the log-residuals of every record's per-round samples about its own median,
+    pooled over the complete runs of a history (records with an injected delay left out). ``cv_round`` is their
+    standard deviation (the CV, for small noise); ``residuals`` keeps the shape of the distribution (skew, outliers)
+    for an empirical resampling model. Needs records with at least :data:`MIN_ROUNDS` samples (history schema 2)."""
+    from .history import read_history
+
+    runs, _ = read_history(history_path)
+    residuals: list[float] = []
+    used = []
+    for run in runs:
+        if run.get("status", "complete") != "complete":
+            continue
+        for r in run.get("records", []):
+            samples = (r.get("samples") or {}).get(metric) or []
+            if len(samples) < MIN_ROUNDS or r.get("inject_delay_ms") or min(samples) <= 0:
+                continue
+            logs = np.log(np.asarray(samples, dtype=float))
+            n = logs.size
+            residuals.extend((logs - np.median(logs)) * math.sqrt(n / (n - 1)))  # undo the shrinkage about a median
+            used.append((r.get("case"), n))
+    if not residuals:
+        raise ValueError(f"{history_path}: no record with {MIN_ROUNDS}+ per-round '{metric}' samples; run a suite "
+                         "with --moebench-rounds 10 or more (history schema 2) and point at its history")
+    res = np.asarray(residuals)
+    res = res - np.mean(res)
+    return {"cv_round": float(np.std(res, ddof=1)), "residuals": res.tolist(), "records": used,
+            "n_samples": int(res.size)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -181,3 +182,41 @@ def test_swap_clear_cases():
     slow = [x * 0.8 for x in BASE]
     assert compare(BASE, slow, higher_is_better=True).status == "regressed"
     assert compare(slow, BASE, higher_is_better=True).status == "improved"
+
+
+def test_round_noise_from_history_recovers_the_cv(tmp_path):
+    from moebench import history
+    from moebench.stats import round_noise_from_history
+
+    rng = np.random.default_rng(0)
+    recs = [{"case": f"c{i}", "samples": {"tokens_per_s": list(50 * (i + 1) * np.exp(rng.normal(0, 0.03, 40)))}}
+            for i in range(5)]
+    recs.append({"case": "slowed", "inject_delay_ms": 0.2, "samples": {"tokens_per_s": [1.0, 100.0, 1.0, 100.0]}})
+    history.append(tmp_path, history.make_run(recs, ["s"], "/nonexistent", machine={}))
+    history.append(tmp_path, history.make_run(recs[-1:], ["s"], "/nonexistent", machine={}, status="interrupted"))
+    noise = round_noise_from_history(tmp_path)
+    assert noise["n_samples"] == 200 and len(noise["records"]) == 5  # injected and interrupted left out
+    assert noise["cv_round"] == pytest.approx(0.03, rel=0.15)
+    with pytest.raises(ValueError, match="no record with 3\\+ per-round"):
+        round_noise_from_history(tmp_path / "nothing")
+
+
+def test_power_script_takes_measured_noise(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from moebench import history
+
+    rng = np.random.default_rng(1)
+    recs = [{"case": "c", "samples": {"tokens_per_s": list(100 * np.exp(rng.normal(0, 0.01, 30)))}}]
+    history.append(tmp_path, history.make_run(recs, ["s"], "/nonexistent", machine={}))
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "stats_power.py"
+    spec = importlib.util.spec_from_file_location("stats_power", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "p.json"
+    assert mod.main(["--noise-from", str(tmp_path), "--reps", "200", "--rounds", "10", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert {r["noise"] for r in data["rows"]} == {"measured", "empirical", "measured-2x"}
+    row = next(r for r in data["rows"] if r["noise"] == "empirical")
+    assert row["identical"]["regressed"] <= 0.03 and row["5% slower"]["regressed"] >= 0.9  # CV 1%: easy
