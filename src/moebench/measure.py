@@ -118,17 +118,23 @@ class Session:
 
     def run(self, case: Case) -> dict:
         """Measure `case` and check it; returns its record, raises CaseFailed (record attached) or CaseSkipped."""
-        ref = self.reference(case.model)
+        try:
+            ref = self.reference(case.model)
+            measured = None if case.is_reference else self._measure(case, ref)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            raise self._out_of_memory(case, exc) from None
         if ref.skipped:
-            if case.is_reference:
+            if measured is None:
                 raise CaseSkipped(ref.skipped)
-            record = self._measure(case, ref)[0]
+            record = measured[0]
             record.update(token_agreement=None, accuracy_drop=None, tokens_identical=None,
                           exactness=f"unchecked: no resident reference ({ref.skipped})")
-        elif case.is_reference:
+        elif measured is None:
             record = dict(ref.record)
         else:
-            record, tokens, logits, _ = self._measure(case, ref)
+            record, tokens, logits, _ = measured
             agree = (tokens == ref.tokens).float().mean().item()
             record["token_agreement"] = agree
             record["accuracy_drop"] = 1.0 - agree
@@ -140,6 +146,23 @@ class Session:
         if failures:
             raise CaseFailed(f"{case.name}: " + "; ".join(failures), record)
         return record
+
+    def _out_of_memory(self, case: Case, exc: BaseException) -> CaseFailed:
+        """The case fails with a record and the session goes on: `_measure` has already unloaded the model (its
+        `finally`), so what is left to free is the allocator's cache of the blocks that unload gave back."""
+        import gc
+
+        import torch
+
+        exc.with_traceback(None)  # its frames hold the failed case's tensors
+        gc.collect()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        message = f"out of memory: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        record = {"suite": self.suite.name, "case": case.name, "model": case.model, "policy": case.policy,
+                  "budget": case.budget, "tier": self.tier, "device": self.device, "rounds": self.rounds,
+                  "error": "out_of_memory", "passed": False, "failures": [message]}
+        return CaseFailed(f"{case.name}: {message}", record)
 
     def prepare(self, case: Case, model, wl, prompts):
         """What a predictive policy needs, obtained untimed before the case: a predictor trained on a workload of
@@ -188,6 +211,7 @@ class Session:
             raise CaseSkipped(f"{case.name}: {exc}") from None
         delay_hooks = inject_delay(handle.hook.layers, self.inject_delay_s)
         try:
+            inject_out_of_memory(case.name)
             dev = handle.device
             prompts = [p.to(dev) for p in prompts]
             schedule = plan_schedule(handle, prompts[1:])  # ExpertFlow regroups the rounds' sequences; else None
@@ -284,6 +308,31 @@ def inject_delay(layers, seconds: float) -> list:
             pass
 
     return [layer.register_forward_pre_hook(wait) for layer in layers]
+
+
+INJECT_OOM_ENV = "MOEBENCH_INJECT_OOM"
+
+
+def inject_out_of_memory(case_name: str) -> None:
+    """TEST HOOK, never for real runs: raise torch.OutOfMemoryError inside every case whose name contains the
+    value of $MOEBENCH_INJECT_OOM (e.g. "lru-25%"), after the model is offloaded, so the tests can show that an
+    out-of-memory fails that one case, frees its memory and lets the session go on."""
+    import os
+
+    import torch
+
+    needle = os.environ.get(INJECT_OOM_ENV)
+    if needle and needle in case_name:
+        raise torch.OutOfMemoryError(f"injected by ${INJECT_OOM_ENV}={needle!r} (test hook)")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's OutOfMemoryError (CUDA caching allocator), or a RuntimeError a CUDA call raised on running out
+    (pinned host memory, cuBLAS workspaces)."""
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    return isinstance(exc, oom) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
 def check(record: dict, accuracy_limit: float, activation_bytes: int | None) -> list[str]:
