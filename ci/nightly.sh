@@ -1,12 +1,83 @@
 #!/usr/bin/env bash
-# Nightly GPU job: GPU tests, then every suite at full size; history accumulates under $MOEBENCH_HISTORY.
-# Exit status is non-zero when any test or suite case fails.
+# Nightly GPU job: the GPU tests, then every suite compared with its stored baseline, the run appended to the
+# history, and the report (plots + one HTML page) made from that history. Exit status: 0 when everything passed;
+# 1 when a test or a case failed, a case regressed against its baseline, or the report could not be made.
+#
+#   bash ci/nightly.sh                       # every suite under suites/
+#   bash ci/nightly.sh suites/switch         # only these suites
+#
+# Works where the package is installed (pip install -e .) and where it is not (a bare checkout on a machine that
+# cannot pip-install: PYTHONPATH=src and `-p moebench.plugin` are then added by this script).
+# Everything it writes goes under $OUT (default ./nightly-out): logs, junit XML, history/, report/, summary.txt.
+# Settings (environment): MOEBENCH_TIER (full), MOEBENCH_ROUNDS (3), MOEBENCH_HISTORY ($OUT/history),
+# MOEBENCH_BASELINE_DIR (baselines), MOEBENCH_SAVE_BASELINE=1 (store this run as the baseline: only when a
+# person decided so), MOEBENCH_STEP_TIMEOUT (seconds per pytest call; none by default), MOEBENCH_SKIP_GPU_TESTS=1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-history="${MOEBENCH_HISTORY:-.moebench}"
+
+out="${OUT:-nightly-out}"
+history="${MOEBENCH_HISTORY:-$out/history}"
+tier="${MOEBENCH_TIER:-full}"
+rounds="${MOEBENCH_ROUNDS:-3}"
+baselines="${MOEBENCH_BASELINE_DIR:-baselines}"
+mkdir -p "$out" "$history"
+py="${PYTHON:-python3}"
+
+if ! "$py" -c "import moebench" 2>/dev/null; then
+  export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+fi
+plugin=()
+if ! "$py" -c "import sys; from importlib.metadata import entry_points as e
+sys.exit(0 if any(p.name == 'moebench' for p in e(group='pytest11')) else 1)"; then
+  plugin=(-p moebench.plugin)  # not installed: load the plugin by module name (installed: its entry point does)
+fi
+limit=()
+if [[ -n "${MOEBENCH_STEP_TIMEOUT:-}" ]]; then limit=(timeout --signal=INT --kill-after=30 "$MOEBENCH_STEP_TIMEOUT"); fi
+
+if [[ $# -gt 0 ]]; then suites=("$@"); else suites=(suites/*/); fi
 status=0
-python3 -m pytest -m gpu -q tests || status=1
-for suite in suites/*/; do
-  python3 -m pytest --moebench "$suite" --moebench-tier full --moebench-history "$history" -q || status=1
+summary=()
+
+step() {  # step NAME LOG -- command...: run, log, and remember the pytest result line and the exit code
+  local name="$1" log="$2"; shift 3
+  echo "== $name" >&2
+  "$@" 2>&1 | tee "$log"
+  local rc=${PIPESTATUS[0]}
+  local result regressed
+  result=$(grep -E "^=+ .*(passed|failed|skipped|error|no tests ran).* in [0-9.]+s" "$log" | tail -1 | sed -E 's/^=+ //; s/ =+$//')
+  regressed=$(grep -c "REGRESSED" "$log" || true)
+  summary+=("$(printf '%-26s %-4s %-10s %s' "$name" "$rc" "${regressed:-0}" "${result:-see $log}")")
+  # exit 5 = nothing collected (a suite with no case for this tier/filter): reported, not a failure
+  if [[ $rc -ne 0 && $rc -ne 5 ]]; then status=1; fi
+}
+
+if [[ "${MOEBENCH_SKIP_GPU_TESTS:-0}" != 1 ]]; then
+  step "gpu tests" "$out/gpu_tests.log" -- "${limit[@]}" "$py" -m pytest "${plugin[@]}" -m gpu tests -q -rs \
+    -p no:cacheprovider --junitxml "$out/gpu_tests.xml"
+fi
+
+save=()
+if [[ "${MOEBENCH_SAVE_BASELINE:-0}" == 1 ]]; then save=(--moebench-save-baseline); fi
+for suite in "${suites[@]}"; do
+  name=$(basename "$suite")
+  # no --moebench-compare value: a suite with a baseline for this machine class is compared, one without is run
+  # and reported "no baseline" (the first night on a new machine class)
+  step "suite $name" "$out/suite_$name.log" -- "${limit[@]}" "$py" -m pytest "${plugin[@]}" "$suite" --moebench \
+    --moebench-tier "$tier" --moebench-rounds "$rounds" --moebench-history "$history" \
+    --moebench-baseline-dir "$baselines" "${save[@]}" -p no:cacheprovider -v --junitxml "$out/suite_$name.xml"
 done
+
+if "$py" -m moebench.cli report --help >/dev/null 2>&1; then
+  step "report" "$out/report.log" -- "$py" -m moebench.cli report --history "$history" --out "$out/report"
+else
+  echo "report: skipped, this checkout's moebench has no 'report' command" | tee "$out/report.log"
+  summary+=("$(printf '%-26s %-4s %-10s %s' report - - "skipped: no 'report' command")")
+fi
+
+{
+  echo "moebench nightly: tier $tier, rounds $rounds, output $out, history $history"
+  printf '%-26s %-4s %-10s %s\n' step rc regressed result
+  printf '%s\n' "${summary[@]}"
+  if [[ $status -eq 0 ]]; then echo "verdict: PASS"; else echo "verdict: FAIL (see the logs above)"; fi
+} | tee "$out/summary.txt"
 exit $status

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,7 @@ class Metric:
     name: str
     higher_is_better: bool
     sample_key: str | None  # per-round samples under record["samples"]; None: one deterministic value
-    value: object  # callable record -> float | None (the figure shown, and compared when deterministic)
+    value: Callable[[dict], float | None]  # record -> float | None (the figure shown, and compared when deterministic)
     label: str
 
 

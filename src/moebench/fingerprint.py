@@ -59,7 +59,7 @@ def _gpu_info() -> dict | None:
 
 def machine_info() -> dict:
     """GPU names and count, driver, CUDA, torch, transformers, Python, CPU and host."""
-    info = {
+    info: dict[str, object] = {
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
         "python": platform.python_version(),

@@ -82,7 +82,7 @@ class Session:
     inject_delay_s: float = 0.0  # test hook only: a busy wait per MoE layer call, to fake a slower commit
     _models: dict[str, tuple[Any, str]] = field(default_factory=dict)
     _refs: dict[str, Reference] = field(default_factory=dict)
-    _predictors: dict[tuple[str, str], Any] = field(default_factory=dict)  # (model, predictor kind) -> trained
+    _predictors: dict[tuple[str, str | None], Any] = field(default_factory=dict)  # (model, predictor kind) -> trained
 
     def __post_init__(self) -> None:
         if self.rounds < 1:

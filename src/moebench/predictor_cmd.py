@@ -36,7 +36,7 @@ def train_and_evaluate(model, prompts, new_tokens: int, kinds=KINDS, held_out: f
     trace = P.collect_trace(model, prompts, new_tokens, device=device, show_progress=show_progress)
     train, held = trace.split(held_out)
     results = {"info": trace.info, "train_chunks": len(train.chunks), "held_out_chunks": len(held.chunks)}
-    fitted = {}
+    fitted: dict[str, P.RoutingPredictor] = {}
     if "sida" in kinds:
         fitted["sida"] = P.SidaPredictor.create(model, train).train(train, epochs=epochs, show_progress=show_progress)
     if "frequency" in kinds:
@@ -86,6 +86,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     _, model, source, _ = build_model(args.suite, args.model, args.tier, args.device)
     held = P.RoutingTrace.load(args.trace)
+    predictor: P.RoutingPredictor
     if args.kind == "sida":
         predictor = P.SidaPredictor.load(args.predictor, model)
     else:

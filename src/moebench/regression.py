@@ -49,7 +49,7 @@ def configure_comparison(config: pytest.Config, device: str) -> dict:
         raise pytest.UsageError(f"--moebench-machine-class: {cls!r} is not a plain lower-case word (e.g. h100)")
     base_dir = Path(config.getoption("moebench_baseline_dir") or Path(str(config.rootpath)) / "baselines")
     mode = config.getoption("moebench_compare")
-    explicit = None
+    explicit: Path | dict | None = None
     if mode not in ("auto", "required", "none"):
         explicit = Path(mode)
         if explicit.is_file():

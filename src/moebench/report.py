@@ -66,7 +66,7 @@ def budget_plots(runs: list[dict], out: Path, plt) -> list[tuple[str, Path, byte
         for r in cases.values():
             x = _budget_fraction(r)
             if x is not None and r.get("tokens_per_s"):
-                by_policy.setdefault(r.get("policy"), []).append((x * 100, r["tokens_per_s"]))
+                by_policy.setdefault(str(r.get("policy")), []).append((x * 100, r["tokens_per_s"]))
         if not by_policy:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
