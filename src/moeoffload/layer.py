@@ -5,6 +5,12 @@ Input is what every router gives: hidden states [T, H], top-k expert ids [T, k] 
 needs are made resident in waves no larger than the cache, in ascending expert order, so that the sum over
 experts is accumulated in the same order as transformers' eager forward: the output is exact, whatever the
 budget or the eviction rule.
+
+On CUDA, for expert forms the grouped kernels know (`kernels.FFN_KINDS`), the layer can instead permute the
+tokens by expert, run one grouped FFN launch per projection over the cache slots of a wave, and un-permute with
+the gate weights (`kernels="triton"`, the default there through "auto"). That changes the order of the sums:
+the output agrees with eager within bf16 rounding, not bit for bit. `kernels="torch"` forces the exact loop; a
+CPU always uses it under "auto" ("grouped-torch" runs the grouped path in plain torch, for tests).
 """
 
 from __future__ import annotations
@@ -14,10 +20,45 @@ from collections.abc import Callable
 
 import torch
 
+from . import kernels as _kernels
 from .cache import ExpertCache
 
 ExpertFFN = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 Prefetcher = Callable[[int, torch.Tensor], None]  # (this layer's index, its MoE input) -> starts copies
+KERNEL_MODES = ("auto", "torch", "triton", "grouped-torch")
+
+
+def grouped_spec(ffn, layout) -> _kernels.FFNSpec | None:
+    """The grouped kernels' view of a hook's expert form (`hooks.ffn.ExpertFFNSpec`), or None when they cannot
+    compute it (unknown kind, biases, transposed or interleaved storage): such layers keep the per-expert loop."""
+    name = getattr(ffn, "name", ffn)
+    if name not in _kernels.FFN_KINDS:
+        return None
+    if any(getattr(ffn, flag, None) for flag in ("up_bias", "down_bias", "transposed", "interleaved")):
+        return None
+    try:
+        return _kernels.FFNSpec.from_layout(name, layout, getattr(ffn, "up", None), getattr(ffn, "down", None))
+    except ValueError:
+        return None
+
+
+def resolve_kernels(mode: str, spec: _kernels.FFNSpec | None, device: torch.device) -> str:
+    """'loop' (exact), 'triton' or 'grouped-torch' for a layer; refuses an explicit mode it cannot honour."""
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"kernels={mode!r} is unknown; use one of {', '.join(KERNEL_MODES)}")
+    if mode == "torch":
+        return "loop"
+    if mode == "auto":
+        ok = spec is not None and device.type == "cuda" and _kernels.triton_importable()
+        return "triton" if ok else "loop"
+    if spec is None:
+        raise ValueError(f"kernels={mode!r}: the grouped kernels do not compute this model's expert form; "
+                         f"use kernels='torch' (supported forms: {', '.join(_kernels.FFN_KINDS)})")
+    if mode == "triton" and (device.type != "cuda" or not _kernels.triton_importable()):
+        raise ValueError("kernels='triton' needs a CUDA device and the triton package; use kernels='auto'")
+    return mode
+
+
 # (layer index, MoE input [T, H], router's ids [T, k], router's weights [T, k]) -> None to keep the router's choice,
 # or (ids, weights) to replace it. Traces and oracles only look (None); a data-aware policy replaces (approximate).
 RouterTap = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor] | None"]
@@ -25,13 +66,16 @@ RouterTap = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], "tuple[tor
 
 class OffloadedMoELayer:
     def __init__(self, layer_idx: int, num_experts: int, cache: ExpertCache, expert_ffn: ExpertFFN,
-                 prefetcher: Prefetcher | None = None, router_tap: RouterTap | None = None):
+                 prefetcher: Prefetcher | None = None, router_tap: RouterTap | None = None, ffn=None,
+                 kernels: str = "auto"):
         self.layer_idx = layer_idx
         self.num_experts = num_experts
         self.cache = cache
         self.expert_ffn = expert_ffn
         self.prefetcher = prefetcher
         self.router_tap = router_tap
+        self.spec = grouped_spec(ffn, cache.store.layout)  # None: the grouped kernels cannot compute this form
+        self.kernels = resolve_kernels(kernels, self.spec, cache.device)  # "loop", "triton" or "grouped-torch"
 
     def _prefetch(self, hidden: torch.Tensor) -> None:
         """Start the next layer's copies before this layer computes. A predictor is a guess, so a broken one
@@ -88,6 +132,8 @@ class OffloadedMoELayer:
     def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         if self.router_tap is not None:
             top_k_index, top_k_weights = self._tap(hidden, top_k_index, top_k_weights)
+        if self.kernels != "loop":
+            return self._grouped(hidden, top_k_index, top_k_weights)
         out = torch.zeros_like(hidden)
         tokens = hidden.shape[0]
         needed, starts, order = self.route(top_k_index)
@@ -108,3 +154,27 @@ class OffloadedMoELayer:
             finally:
                 self.cache.release(keys)
         return out
+
+    def _grouped(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Permute once, one grouped FFN per wave over the wave's slots, un-permute once with the gate weights."""
+        backend = "triton" if self.kernels == "triton" else "torch"
+        tokens = hidden.shape[0]
+        needed, starts, order = self.route(top_k_index)
+        n_valid = starts[-1]
+        x = _kernels.permute(hidden, order[:n_valid] % tokens, backend=backend)
+        y = torch.empty_like(x)
+        max_rows = max((starts[i + 1] - starts[i] for i in range(len(needed))), default=0)
+        wave = self.cache.n_slots
+        for first in range(0, len(needed), wave):
+            experts = needed[first : first + wave]
+            keys = [(self.layer_idx, e) for e in experts]
+            slots = self.cache.acquire(keys)
+            try:
+                if self.prefetcher is not None and first == 0 and len(needed) <= wave:
+                    self._prefetch(hidden)
+                groups = [(starts[first + i], starts[first + i + 1], slot) for i, slot in enumerate(slots)]
+                _kernels.grouped_ffn(self.spec, x, self.cache.pool, groups, y, max_rows=max_rows, backend=backend)
+            finally:
+                self.cache.release(keys)
+        inverse = _kernels.inverse_order(order, n_valid)
+        return _kernels.unpermute(y, inverse, top_k_weights, hidden.dtype, backend=backend)

@@ -161,11 +161,13 @@ def plan_slots(
 
 def offload(model: nn.Module, policy: str | policies.Policy = "lru", gpu_budget: str | int | None = "all", *,
             device: str | torch.device | None = None, show_progress: bool | None = None,
-            predictor=None) -> OffloadedModel:
+            predictor=None, kernels: str = "auto") -> OffloadedModel:
     """Offload `model`'s experts; return the handle. Use as `with offload(model, ...) as handle:` to undo.
 
     `predictor`: what a predictive policy (`policy.predictor` set) runs on: a trained RoutingPredictor, or the
-    CallTrace of the exact inputs for the oracle policies; `moeoffload.predictors.prepare()` makes it."""
+    CallTrace of the exact inputs for the oracle policies; `moeoffload.predictors.prepare()` makes it.
+    `kernels`: "auto" (grouped Triton kernels on CUDA for expert forms they know, else the exact loop), "torch"
+    (the per-expert loop, bit-exact against eager), "triton" (refuse if unsupported), see layer.py."""
     if getattr(model, "_moeoffload", None) is not None:
         raise MoeOffloadError("this model is already offloaded; call moeoffload.unload(model) first")
     policy = policies.get(policy)
@@ -191,7 +193,8 @@ def offload(model: nn.Module, policy: str | policies.Policy = "lru", gpu_budget:
     layers = []
     for i, module in enumerate(hook.layers):
         layer = OffloadedMoELayer(i, hook.num_experts, cache, hook.expert_ffn(module), prefetcher,
-                                  router_tap=None if runahead is None else runahead.tap)
+                                  router_tap=None if runahead is None else runahead.tap,
+                                  ffn=getattr(hook, "ffn", None), kernels=kernels)
         hook.install(module, layer)
         layers.append(layer)
     if hook.family == "experts3d":
