@@ -11,7 +11,8 @@
 # Everything it writes goes under $OUT (default ./nightly-out): logs, junit XML, history/, report/, summary.txt.
 # Settings (environment): MOEBENCH_TIER (full), MOEBENCH_ROUNDS (3), MOEBENCH_HISTORY ($OUT/history),
 # MOEBENCH_BASELINE_DIR (baselines), MOEBENCH_SAVE_BASELINE=1 (store this run as the baseline: only when a
-# person decided so), MOEBENCH_STEP_TIMEOUT (seconds per pytest call; none by default), MOEBENCH_SKIP_GPU_TESTS=1.
+# person decided so), MOEBENCH_STEP_TIMEOUT (seconds per pytest call; none by default), MOEBENCH_SKIP_GPU_TESTS=1,
+# MOEBENCH_PYTEST_ARGS (more pytest arguments for every suite run, e.g. "--moebench-policy lru -k switch-base-8").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -64,7 +65,8 @@ for suite in "${suites[@]}"; do
   # and reported "no baseline" (the first night on a new machine class)
   step "suite $name" "$out/suite_$name.log" -- "${limit[@]}" "$py" -m pytest "${plugin[@]}" "$suite" --moebench \
     --moebench-tier "$tier" --moebench-rounds "$rounds" --moebench-history "$history" \
-    --moebench-baseline-dir "$baselines" "${save[@]}" -p no:cacheprovider -v --junitxml "$out/suite_$name.xml"
+    --moebench-baseline-dir "$baselines" "${save[@]}" -p no:cacheprovider -v --junitxml "$out/suite_$name.xml" \
+    ${MOEBENCH_PYTEST_ARGS:-}
 done
 
 if "$py" -m moebench.cli report --help >/dev/null 2>&1; then
