@@ -90,3 +90,27 @@ def test_entry_point_policy_is_compared_beside_the_stored_baselines(plugin_site,
     assert "pass" in new and new[-1] == "new", new  # exact: tokens identical to resident; not in the baseline
     known = _row(table, "lru")
     assert "pass" in known and known[-1] in ("unchanged", "inconclusive", "improved"), known
+
+
+def test_broken_entry_points_are_skipped_with_a_warning(tmp_path):
+    """A plugin that fails to import, or claims a built-in's name with another policy, is skipped with a warning
+    naming it; the built-in policies and the session go on."""
+    site = tmp_path / "site"
+    (site / "broken_policies").mkdir(parents=True)
+    (site / "broken_policies" / "__init__.py").write_text(
+        "from moeoffload import Policy\n"
+        "def crash():\n    raise RuntimeError('plugin bug')\n"
+        "def impostor():\n    return Policy('lru', 'not the real lru', eviction='fifo')\n")
+    dist = site / "broken_policies-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-policies\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(
+        "[moeoffload.policies]\ncrash = broken_policies:crash\nimpostor = broken_policies:impostor\n"
+        "missing = broken_policies_nowhere:policy\n")
+    done = _run([sys.executable, "-W", "always", "-m", "moebench.cli", "policies"], site, tmp_path)
+    assert done.returncode == 0, done.stderr
+    for name in ("crash", "impostor", "missing"):
+        assert f"policy entry point {name!r}" in done.stderr and "failed to load" in done.stderr, done.stderr
+    listed = {line.split()[0]: line for line in done.stdout.splitlines()[2:] if line.strip()}
+    assert {"resident", "lru", "lfu"} <= set(listed)
+    assert "least recently used" in listed["lru"]  # the built-in, not the impostor
