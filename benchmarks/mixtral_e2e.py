@@ -1,0 +1,320 @@
+"""Mixtral-8x7B at its published size, experts offloaded: decode tokens/s against the I/O floor and peers.
+
+    PYTHONPATH=src python benchmarks/mixtral_e2e.py --part full --batches 1     # ~93 GB model, batch 1
+    PYTHONPATH=src python benchmarks/mixtral_e2e.py --part full --batches 16    # batch 16
+    PYTHONPATH=src python benchmarks/mixtral_e2e.py --part peer                  # 4 layers: accelerate, resident
+    python benchmarks/mixtral_e2e.py --tiny --part full --part peer             # CPU smoke run of the logic
+
+`full`: seeded bf16 weights built without a second copy: non-expert weights generated on the GPU; expert
+weights generated on the GPU in chunks and copied into per-layer host slabs that are page-locked with
+cudaHostRegister (torch's pinned allocator rounds each block up to a power of two: 336 MiB experts would take
+512 MiB each, 128 GiB in all) and used as the engine's ExpertStore buffers. Then for each budget (25/50/75% of
+the experts) x policy (on-demand, lru, lookahead): decode steps after a prefill, with the I/O floor of the
+case = misses x expert bytes / pinned bandwidth (measured in this run) per step.
+`peer`: a 4-layer model of the same width that fits: accelerate's cpu_offload, the engine at 25/50%, the engine
+with every expert resident (kernels triton and torch), and transformers' own forward (eager, grouped_mm).
+JSON and a table go to $OUT after every case, so a timeout keeps what finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import torch
+from transformers import MixtralConfig, MixtralForCausalLM
+
+from moeoffload import hooks, policies
+from moeoffload.cache import ExpertCache
+from moeoffload.eviction import make_rule
+from moeoffload.layer import OffloadedMoELayer
+from moeoffload.offload import make_prefetcher, plan_slots
+from moeoffload.store import ExpertStore
+
+MIXTRAL = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+               max_position_embeddings=4096)
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=256)
+STD = 0.02
+
+
+class Recorder:
+    def __init__(self, out_dir: str, meta: dict):
+        self.out_dir, self.meta, self.rows = out_dir, meta, []
+        os.makedirs(out_dir, exist_ok=True)
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(os.path.join(self.out_dir, f"mixtral_e2e_{self.meta['tag']}.json"), "w") as f:
+            json.dump({**self.meta, "rows": self.rows}, f, indent=2)
+        with open(os.path.join(self.out_dir, f"mixtral_e2e_{self.meta['tag']}.txt"), "w") as f:
+            f.write(self.table() + "\n")
+
+    def table(self) -> str:
+        head = (f"{'case':<34} {'layers':>6} {'batch':>5} {'tok/s':>8} {'ms/step':>9} {'ms/layer':>8} "
+                f"{'hit%':>5} {'miss/step':>9} {'floor ms':>8} {'x floor':>7}")
+        lines = [head]
+        for r in self.rows:
+            if "error" in r:
+                lines.append(f"{r['case']:<34} error: {r['error'][:80]}")
+                continue
+            floor = r.get("io_floor_ms_per_step")
+            lines.append(f"{r['case']:<34} {r['layers']:>6} {r['batch']:>5} {r['tokens_per_s']:8.2f} "
+                         f"{r['ms_per_step']:9.1f} {r['ms_per_step'] / r['layers']:8.2f} "
+                         f"{r.get('hit_rate', float('nan')) * 100:5.1f} {r.get('misses_per_step', 0):9.1f} "
+                         f"{floor if floor is not None else float('nan'):8.1f} "
+                         f"{r['ms_per_step'] / floor if floor else float('nan'):7.2f}")
+        return "\n".join(lines)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def init_dense(model, device, seed):
+    """Seeded values for every non-expert tensor, generated where it lives; rotary buffers rebuilt."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() == 0:
+                continue
+            if p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, STD, generator=g)
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(config=model.config).to(device)
+
+
+def build_offloaded_skeleton(cfg, device, seed=0):
+    """(model, hook, store, build seconds by phase): experts straight into registered host slabs."""
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        model = MixtralForCausalLM(cfg).to(torch.bfloat16).eval()
+    hook = hooks.discover(model)
+    layout, n_layers, n_experts = hook.layout, len(hook.layers), hook.num_experts
+    store = ExpertStore(layout, n_layers, n_experts, pin_memory=False)
+    timing = {"alloc_s": 0.0, "register_s": 0.0, "fill_s": 0.0}
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    chunk = torch.empty(layout.numel, dtype=torch.bfloat16, device=device)
+    for layer in range(n_layers):
+        t = time.perf_counter()
+        slab = torch.empty(n_experts * layout.numel, dtype=torch.bfloat16)
+        timing["alloc_s"] += time.perf_counter() - t
+        if device.type == "cuda":
+            t = time.perf_counter()
+            err = torch.cuda.cudart().cudaHostRegister(slab.data_ptr(), slab.numel() * slab.element_size(), 0)
+            if int(err) != 0:
+                raise RuntimeError(f"cudaHostRegister failed ({err}) for layer {layer}: not enough lockable memory?")
+            timing["register_s"] += time.perf_counter() - t
+        t = time.perf_counter()
+        for e in range(n_experts):
+            chunk.normal_(0.0, STD, generator=g)
+            view = slab[e * layout.numel : (e + 1) * layout.numel]
+            view.copy_(chunk)
+            store._buffers[(layer, e)] = view
+        sync(device)
+        timing["fill_s"] += time.perf_counter() - t
+    store.pinned = device.type == "cuda"
+    for module in hook.layers:
+        hook.strip(module)
+    t = time.perf_counter()
+    model.to_empty(device=device)
+    init_dense(model, device, seed)
+    sync(device)
+    timing["dense_s"] = time.perf_counter() - t
+    timing["total_s"] = time.perf_counter() - t0
+    return model, hook, store, timing
+
+
+def engine(model, hook, store, policy_name, budget, device, kernels="auto"):
+    policy = policies.get(policy_name)
+    n_slots, budget_bytes = plan_slots(policy, budget, store, device)
+    cache = ExpertCache(store, n_slots, device, make_rule(policy.eviction), retain=policy.retain)
+    if policy.preload:
+        cache.preload(store.keys())
+    prefetcher = make_prefetcher(policy, hook, cache)
+    layers = []
+    for i, module in enumerate(hook.layers):
+        layer = OffloadedMoELayer(i, hook.num_experts, cache, hook.expert_ffn(module), prefetcher,
+                                  ffn=getattr(hook, "ffn", None), kernels=kernels)
+        hook.install(module, layer)
+        layers.append(layer)
+    hooks.experts3d.select(model, hooks.experts3d.IMPLEMENTATION)
+    return cache, layers
+
+
+def decode(model, batch, steps, warm, device, seed, on_timed_start=None) -> list[float]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, model.config.vocab_size, (batch, 8), generator=g).to(device)
+    times = []
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        for i in range(warm + steps):
+            if i == warm and on_timed_start is not None:
+                on_timed_start()
+            sync(device)
+            t = time.perf_counter()
+            out = model(nxt, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            sync(device)
+            times.append(time.perf_counter() - t)
+    return times[warm:]
+
+
+def pinned_bandwidth(store, device) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    src = store.buffer((0, 0))
+    dst = torch.empty_like(src, device=device)
+    times = []
+    for _ in range(7):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src, non_blocking=True)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return src.numel() * src.element_size() / sorted(times)[len(times) // 2]
+
+
+def run_engine_case(rec, model, hook, store, policy, budget, batch, args, device, bw, kernels="auto", tag=""):
+    case = f"{tag}{policy}@{budget}" + ("" if kernels == "auto" else f"/{kernels}")
+    try:
+        cache, layers = engine(model, hook, store, policy, budget, device, kernels)
+        times = decode(model, batch, args.steps, args.warm, device, seed=batch, on_timed_start=cache.reset_stats)
+        s, n = cache.stats, len(times)
+        step = sorted(times)[n // 2]
+        misses = s.misses / n
+        floor = misses * store.expert_bytes / bw * 1e3 if bw == bw else None
+        rec.add({"case": case, "policy": policy, "budget": budget, "layers": store.num_layers, "batch": batch,
+                 "kernels": layers[0].kernels, "steps": n, "ms_per_step": step * 1e3, "mean_ms": sum(times) / n * 1e3,
+                 "tokens_per_s": batch / step, "hit_rate": s.hit_rate, "misses_per_step": misses,
+                 "prefetches_per_step": s.prefetches / n, "h2d_GB_per_step": cache.transfer.stats.bytes / n / 1e9,
+                 "pinned_GBps": bw / 1e9, "io_floor_ms_per_step": floor, "n_slots": cache.n_slots})
+    except Exception as exc:
+        rec.add({"case": case, "error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        for module in hook.layers:  # the modules hold the layers, the layers the pool: drop it before the next case
+            module.__dict__.pop("_moeoffload_layer", None)
+        cache = layers = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def part_full(args, device, rec):
+    cfg = MixtralConfig(**(TINY if args.tiny else MIXTRAL))
+    model, hook, store, timing = build_offloaded_skeleton(cfg, device)
+    rec.meta["build"] = {**timing, "expert_GB": store.total_bytes / 1e9}
+    print("build:", json.dumps(rec.meta["build"]), flush=True)
+    bw = pinned_bandwidth(store, device)
+    rec.meta["pinned_GBps"] = bw / 1e9
+    for batch in args.batches:
+        for budget in args.budgets:
+            for policy in args.policies:
+                run_engine_case(rec, model, hook, store, policy, budget, batch, args, device, bw)
+
+
+def part_peer(args, device, rec):
+    """A model that fits: peers and the all-resident comparisons at the same layer count."""
+    cfg = MixtralConfig(**{**(TINY if args.tiny else MIXTRAL), "num_hidden_layers": args.peer_layers})
+    with torch.device("meta"):
+        model = MixtralForCausalLM(cfg).to(torch.bfloat16).eval()
+    model.to_empty(device=device)
+    init_dense(model, device, seed=0)
+    g = torch.Generator(device=device).manual_seed(1)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.experts.gate_up_proj.normal_(0.0, STD, generator=g)
+            layer.mlp.experts.down_proj.normal_(0.0, STD, generator=g)
+    import moeoffload
+
+    bw = float("nan")
+    for batch in args.batches:
+        for impl in ("eager", "grouped_mm"):  # transformers' own forward, every weight on the GPU
+            try:
+                hooks.experts3d.select(model, impl)
+                times = decode(model, batch, args.steps, args.warm, device, seed=batch)
+                step = sorted(times)[len(times) // 2]
+                rec.add({"case": f"transformers {impl} (all on GPU)", "layers": cfg.num_hidden_layers,
+                         "batch": batch, "ms_per_step": step * 1e3, "tokens_per_s": batch / step})
+            except Exception as exc:
+                rec.add({"case": f"transformers {impl}", "error": f"{type(exc).__name__}: {exc}"})
+    model.cpu()
+    for batch in args.batches:
+        cases = [("resident", "all", "auto"), ("resident", "all", "torch"), ("lru", "all", "auto")]
+        cases += [(p, b, "auto") for b in ("25%", "50%") for p in args.policies]
+        for policy, budget, kernels in cases:
+            handle = moeoffload.offload(model, policy, budget, device=device, kernels=kernels)
+            try:
+                if bw != bw:
+                    bw = pinned_bandwidth(handle.store, device)
+                run_engine_case_handle(rec, handle, model, batch, args, device, bw, policy, budget, kernels)
+            finally:
+                handle.unload()
+    if args.tiny or device.type != "cuda":
+        return
+    try:
+        from accelerate import cpu_offload
+        from accelerate.hooks import remove_hook_from_submodules
+
+        hooks.experts3d.select(model, "eager")
+        cpu_offload(model, execution_device=device)
+        for batch in args.batches:
+            times = decode(model, batch, max(2, args.steps // 3), 1, device, seed=batch)
+            step = sorted(times)[len(times) // 2]
+            rec.add({"case": "accelerate cpu_offload", "layers": cfg.num_hidden_layers, "batch": batch,
+                     "ms_per_step": step * 1e3, "tokens_per_s": batch / step})
+        remove_hook_from_submodules(model)
+    except Exception as exc:
+        rec.add({"case": "accelerate cpu_offload", "error": f"{type(exc).__name__}: {exc}"})
+
+
+def run_engine_case_handle(rec, handle, model, batch, args, device, bw, policy, budget, kernels):
+    cache = handle.cache
+    times = decode(model, batch, args.steps, args.warm, device, seed=batch, on_timed_start=cache.reset_stats)
+    n = len(times)
+    step = sorted(times)[n // 2]
+    misses = cache.stats.misses / n
+    rec.add({"case": f"engine {policy}@{budget}" + ("" if kernels == "auto" else f"/{kernels}"), "policy": policy,
+             "budget": budget, "layers": handle.store.num_layers, "batch": batch, "kernels": handle.layers[0].kernels,
+             "ms_per_step": step * 1e3, "tokens_per_s": batch / step, "hit_rate": cache.stats.hit_rate,
+             "misses_per_step": misses,
+             "io_floor_ms_per_step": misses * handle.store.expert_bytes / bw * 1e3 if bw == bw else None})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--part", action="append", choices=["full", "peer"], help="repeatable; default: both")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--budgets", nargs="+", default=["25%", "50%", "75%"])
+    ap.add_argument("--policies", nargs="+", default=["on-demand", "lru", "lookahead"])
+    ap.add_argument("--steps", type=int, default=8, help="timed decode steps per case")
+    ap.add_argument("--warm", type=int, default=2, help="untimed decode steps before them")
+    ap.add_argument("--peer-layers", type=int, default=4)
+    ap.add_argument("--tiny", action="store_true", help="a tiny config (CPU smoke run of the logic)")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    import transformers
+
+    for part in args.part or ["full", "peer"]:
+        tag = f"{part}_b{'-'.join(map(str, args.batches))}" + ("_tiny" if args.tiny else "")
+        meta = {"tag": tag, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                "torch": torch.__version__, "transformers": transformers.__version__,
+                "python": platform.python_version(), "args": vars(args),
+                "command": "PYTHONPATH=src python benchmarks/mixtral_e2e.py " + " ".join(os.sys.argv[1:])}
+        rec = Recorder(args.out, meta)
+        (part_full if part == "full" else part_peer)(args, device, rec)
+        print(f"\n== {part} ({meta['device']}) ==\n" + rec.table(), flush=True)
+
+
+if __name__ == "__main__":
+    main()
