@@ -15,7 +15,8 @@ from .workload import TokenClock, generate, percentile
 
 MEMORY_SLACK = 0.05  # relative slack on the activation allowance
 TRAIN_SEED_OFFSET = 7919  # predictors train on prompts of another seed than the measured ones
-TRAIN_BATCHES = 8  # batches of the suite's workload shape recorded to train a predictor
+TRAIN_EPOCHS = {"quick": 10, "full": 30}  # passes over that trace (trained predictors)
+TRAIN_BATCHES = {"quick": 4, "full": 16}  # batches of the suite's workload shape recorded to train a predictor
 
 
 class CaseSkipped(Exception):
@@ -186,10 +187,16 @@ class Session:
                                       show_progress=False)
         key = (case.model, policy.predictor)
         if key not in self._predictors:
-            train = replace(wl, seed=wl.seed + TRAIN_SEED_OFFSET)
-            train_prompts = [train.prompts(model.config.vocab_size, round_index=r) for r in range(TRAIN_BATCHES)]
-            self._predictors[key] = predictors.prepare(policy, model, train_prompts=train_prompts,
-                                                       new_tokens=wl.new_tokens, device=self.device)
+            trace_key = (case.model, "trace")  # one recorded training trace per model, shared by every kind
+            if trace_key not in self._predictors:
+                train = replace(wl, seed=wl.seed + TRAIN_SEED_OFFSET)
+                batches = TRAIN_BATCHES[self.tier]
+                train_prompts = [train.prompts(model.config.vocab_size, round_index=r) for r in range(batches)]
+                self._predictors[trace_key] = predictors.collect_trace(model, train_prompts, wl.new_tokens,
+                                                                       device=self.device)
+            kind = predictors.PREDICTORS[policy.predictor]
+            options = {"epochs": TRAIN_EPOCHS[self.tier]} if policy.predictor == "sida" else {}
+            self._predictors[key] = kind.build(model, self._predictors[trace_key], show_progress=None, **options)
         return self._predictors[key]
 
     def _measure(self, case: Case, ref: Reference | None):
