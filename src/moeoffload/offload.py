@@ -212,7 +212,7 @@ def make_prefetcher(policy: policies.Policy, hook: hooks.ModelHook, cache: Exper
     if hook.router_weight is None:
         raise UnsupportedModelError(f"policy {policy.name!r} runs routers early, but moeoffload cannot find the "
                                     f"routers of this {hook.family} model; use a policy without prefetch, e.g. 'lru'")
-    return PREFETCHERS[policy.prefetch](cache, hook.router_weight, hook.next_layer, hook.top_k)
+    return PREFETCHERS[policy.prefetch](cache, hook.router_weight, hook.next_layer, hook.top_k, hook.router_bias)
 
 
 def check_predictor(policy: policies.Policy, predictor) -> None:

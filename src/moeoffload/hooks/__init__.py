@@ -7,6 +7,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from . import experts3d, switch
 from .base import ModelHook
+from .ffn import ExpertFFNSpec
 
 FAMILIES = (switch.discover, experts3d.discover)
 
@@ -18,8 +19,9 @@ def discover(model: nn.Module) -> ModelHook:
             return hook
     raise UnsupportedModelError(
         f"{type(model).__name__} has no MoE layers moeoffload recognises; supported: Switch Transformers "
-        "(ModuleDict experts) and transformers 5 models with 3-D Experts modules (Mixtral, Qwen-MoE, OLMoE, DeepSeek)"
+        "(ModuleDict experts) and transformers 5 models with 3-D Experts modules (Mixtral, Qwen-MoE, Qwen3-MoE, OLMoE, "
+        "DeepSeek-V2, GPT-OSS)"
     )
 
 
-__all__ = ["ModelHook", "discover"]
+__all__ = ["ExpertFFNSpec", "ModelHook", "discover"]

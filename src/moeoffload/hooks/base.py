@@ -10,6 +10,7 @@ from torch import nn
 
 from ..layer import ExpertFFN, OffloadedMoELayer
 from ..layout import ExpertLayout
+from .ffn import ExpertFFNSpec
 
 
 @dataclass
@@ -20,7 +21,11 @@ class ModelHook:
     `layers[i]`. `expert_tensors(module, e)` gives expert e's matrices, `strip(module)` frees them once they
     are stored, `install(module, layer)` routes the module's forward to the engine, `restore(module, tensors)`
     undoes both (tensors: one dict of matrices per expert). `router_weight(i)` is layer i's router matrix
-    [num_experts, hidden] (read at call time, wherever the model put it), for predictors that run a router early.
+    [num_experts, hidden] (read at call time, wherever the model put it), for predictors that run a router early;
+    `router_bias(i)` its bias or None (GPT-OSS's router has one). A predictor computes `top_k(x W^T + b)` only: a
+    router that adds more (DeepSeek's group-limited top-k) is approximated, which costs bandwidth, never exactness.
+    `ffn` says what one expert computes (kind, tensor names), so a grouped kernel can pick the formula; its
+    `name` is `ffn_kind`.
     """
 
     family: str
@@ -34,12 +39,18 @@ class ModelHook:
     install: Callable[[nn.Module, OffloadedMoELayer], None]
     restore: Callable[[nn.Module, list[dict[str, torch.Tensor]]], None]
     router_weight: Callable[[int], torch.Tensor] | None = None
+    router_bias: Callable[[int], torch.Tensor | None] | None = None
+    ffn: ExpertFFNSpec | None = None
     next_layer: list[int | None] = field(default_factory=list)  # the MoE layer fed by the same residual stream
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.next_layer:
             self.next_layer = [i + 1 for i in range(len(self.layers) - 1)] + [None]
+
+    @property
+    def ffn_kind(self) -> str:
+        return self.ffn.name if self.ffn is not None else "custom-gate"
 
 
 def empty_parameter(like: torch.Tensor) -> nn.Parameter:

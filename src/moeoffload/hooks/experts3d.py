@@ -1,9 +1,18 @@
-"""transformers 5 MoE families (Mixtral, Qwen-MoE, OLMoE, DeepSeek ...): experts as 3-D tensors.
+"""transformers 5 experts-interface families (Mixtral, Qwen-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2, GPT-OSS ...).
 
-These Experts modules dispatch their forward through `transformers.integrations.moe`'s ExpertsInterface by
-`config._experts_implementation`; the hook registers the engine there as "moeoffload" and selects it, the
-public seam transformers provides for exactly this. The expert matrices of expert e are
-`gate_up_proj[e]` ([2I, H], gate and up concatenated) and `down_proj[e]` ([H, I]).
+Their Experts modules hold every expert in 3-D tensors and dispatch their forward through
+`transformers.integrations.moe`'s ExpertsInterface by `config._experts_implementation`; the hook registers the
+engine there as "moeoffload" and selects it, the public seam transformers provides for exactly this. The flags that
+`use_experts_implementation` sets on the module say how the tensors are stored:
+
+- `has_gate`: `gate_up_proj` (gate and up together) or only `up_proj`;
+- `is_transposed`: expert e's matrices are [in, out] and applied as `x @ W` (GPT-OSS) instead of [out, in];
+- `has_bias`: `gate_up_proj_bias` / `down_proj_bias` beside the matrices (GPT-OSS), added after the product;
+- `is_concatenated`: gate and up as two halves, or interleaved by column (GPT-OSS; its own `_apply_gate` splits).
+
+Expert e's slices of these tensors become its buffer in the store, matrices first so that they stay aligned. Shared
+experts (Qwen-MoE's `shared_expert`, DeepSeek's `shared_experts`) and dense layers are plain MLPs, not Experts
+modules: they stay resident with the rest of the dense model.
 """
 
 from __future__ import annotations
@@ -16,8 +25,11 @@ from ..errors import UnsupportedModelError
 from ..layer import OffloadedMoELayer
 from ..layout import ExpertLayout
 from .base import ModelHook, empty_parameter, next_in_stack, parents
+from .ffn import ExpertFFNSpec
 
 IMPLEMENTATION = "moeoffload"
+SUPPORTED = ("gate/up concatenated or interleaved, transposed or not, with or without biases, gated or not "
+             "(Mixtral, Qwen-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2, GPT-OSS)")
 
 
 def _offloaded_forward(self, hidden_states, top_k_index, top_k_weights):
@@ -36,83 +48,199 @@ def _register() -> None:
     ExpertsInterface.register(IMPLEMENTATION, _offloaded_forward)
 
 
+def _is_3d(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() == 3
+
+
 def _is_3d_experts(module: nn.Module) -> bool:
     up = getattr(module, "gate_up_proj", None)
-    down = getattr(module, "down_proj", None)
-    return isinstance(up, torch.Tensor) and isinstance(down, torch.Tensor) and up.dim() == 3 and down.dim() == 3
+    if up is None:
+        up = getattr(module, "up_proj", None)
+    return _is_3d(up) and _is_3d(getattr(module, "down_proj", None))
+
+
+def _flags(module: nn.Module) -> dict[str, bool]:
+    """The storage flags of `use_experts_implementation`, with the defaults of a module that predates them."""
+    return {
+        "has_gate": getattr(module, "has_gate", hasattr(module, "gate_up_proj")),
+        "has_bias": getattr(module, "has_bias", False),
+        "is_transposed": getattr(module, "is_transposed", False),
+        "is_concatenated": getattr(module, "is_concatenated", True),
+    }
+
+
+def tensor_names(module: nn.Module) -> tuple[str, ...]:
+    """Layout names of one expert, matrices first (they stay aligned in the flat buffer), then biases."""
+    f = _flags(module)
+    up = "gate_up_proj" if f["has_gate"] else "up_proj"
+    names = (up, "down_proj")
+    return names + ((f"{up}_bias", "down_proj_bias") if f["has_bias"] else ())
+
+
+def _act_name(module: nn.Module) -> str | None:
+    act = getattr(module, "act_fn", None)
+    if act is None:
+        return None
+    from transformers.activations import ACT2FN
+
+    name = getattr(getattr(module, "config", None), "hidden_act", None)
+    if isinstance(name, str) and name in ACT2FN and type(ACT2FN[name]) is type(act):
+        return name
+    return type(act).__name__
+
+
+def ffn_spec(module: nn.Module) -> ExpertFFNSpec:
+    """What `module`'s experts compute, as data (see hooks.ffn)."""
+    f = _flags(module)
+    names = tensor_names(module)
+    common = dict(up=names[0], down=names[1], up_bias=names[2] if f["has_bias"] else None,
+                  down_bias=names[3] if f["has_bias"] else None, transposed=f["is_transposed"])
+    if not f["has_gate"]:
+        return ExpertFFNSpec(kind="dense", act=_act_name(module), **common)
+    from transformers.integrations.moe import _default_apply_gate
+
+    gate = getattr(type(module), "_apply_gate", _default_apply_gate)
+    if gate is _default_apply_gate:
+        return ExpertFFNSpec(kind="gated", act=_act_name(module), **common)
+    if type(module).__name__ == "GptOssExperts":
+        return ExpertFFNSpec(kind="gpt-oss-clamped", act=None, interleaved=not f["is_concatenated"],
+                             alpha=float(module.alpha), limit=float(module.limit), **common)
+    return ExpertFFNSpec(kind="custom-gate", act=_act_name(module), interleaved=not f["is_concatenated"], **common)
+
+
+def _check(model: nn.Module, layers: list[nn.Module]) -> None:
+    first = layers[0]
+    if getattr(first, "has_post_expert_norm", False):
+        raise UnsupportedModelError(
+            f"{type(first).__name__} normalises each expert's output (has_post_expert_norm), which moeoffload does "
+            f"not handle yet; supported: {SUPPORTED}"
+        )
+    names = tensor_names(first)
+    for m in layers:
+        missing = [n for n in names if not isinstance(getattr(m, n, None), torch.Tensor)]
+        if missing:
+            raise UnsupportedModelError(
+                f"{type(m).__name__} declares {_flags(m)} but has no tensor {', '.join(missing)}; "
+                f"supported: {SUPPORTED}"
+            )
+        shapes = [tuple(getattr(m, n).shape) for n in names]
+        if shapes != [tuple(getattr(first, n).shape) for n in names] or _flags(m) != _flags(first):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has experts modules of different shapes or storage ({type(first).__name__} "
+                f"and {type(m).__name__}); moeoffload needs one expert layout per model"
+            )
+        dtypes = {getattr(m, n).dtype for n in names}
+        if len(dtypes) != 1:
+            raise UnsupportedModelError(
+                f"{type(m).__name__} mixes dtypes {sorted(map(str, dtypes))} in one expert; cast the model to one "
+                "dtype (model.to(torch.bfloat16)) before offloading"
+            )
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "_experts_implementation"):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has 3-D experts but no transformers config to select an experts implementation"
+        )
+
+
+def _routers(model: nn.Module, layers: list[nn.Module], num_experts: int) -> list[nn.Module] | None:
+    """The router beside each experts module (`gate` in most families, `router` in GPT-OSS), or None."""
+    parent = parents(model)
+    found = []
+    for m in layers:
+        router = None
+        for attr in ("gate", "router"):
+            cand = getattr(parent[id(m)], attr, None)
+            w = getattr(cand, "weight", None)
+            if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] == num_experts:
+                router = cand
+                break
+        if router is None:
+            return None
+        found.append(router)
+    return found
 
 
 def discover(model: nn.Module) -> ModelHook | None:
     layers = [m for m in model.modules() if _is_3d_experts(m)]
     if not layers:
         return None
+    _check(model, layers)
     first = layers[0]
-    unsupported = [
-        flag
-        for flag, bad in (("has_bias", True), ("is_transposed", True), ("has_gate", False), ("is_concatenated", False))
-        if getattr(first, flag, not bad) == bad
-    ]
-    if unsupported:
-        raise UnsupportedModelError(
-            f"{type(first).__name__} stores experts with {', '.join(unsupported)}, which moeoffload does not "
-            "handle yet; supported: concatenated gate/up, no bias, not transposed (Mixtral, Qwen-MoE, OLMoE, DeepSeek)"
-        )
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "_experts_implementation"):
-        raise UnsupportedModelError(
-            f"{type(model).__name__} has 3-D experts but no transformers config to select an experts implementation"
-        )
     _register()
+    names = tensor_names(first)
     layout = ExpertLayout(
-        names=("gate_up_proj", "down_proj"),
-        shapes=(tuple(first.gate_up_proj.shape[1:]), tuple(first.down_proj.shape[1:])),
-        dtype=first.gate_up_proj.dtype,
+        names=names,
+        shapes=tuple(tuple(getattr(first, n).shape[1:]) for n in names),
+        dtype=getattr(first, names[0]).dtype,
     )
+    config = model.config
     top_k = getattr(config, "num_experts_per_tok", None) or getattr(config, "top_k", 1)
-    parent = parents(model)
-    gates = [getattr(parent[id(m)], "gate", None) for m in layers]
-    router_weight = None
-    if all(isinstance(getattr(g, "weight", None), torch.Tensor) for g in gates):
-        router_weight = lambda i: gates[i].weight  # noqa: E731
+    routers = _routers(model, layers, first.num_experts)
+    router_weight = router_bias = None
+    if routers is not None:
+        router_weight = lambda i: routers[i].weight  # noqa: E731
+        router_bias = lambda i: getattr(routers[i], "bias", None)  # noqa: E731
+    requires_grad = {n: getattr(first, n).requires_grad for n in names}
     return ModelHook(
         family="experts3d",
         layers=layers,
         num_experts=first.num_experts,
         top_k=int(top_k),
         layout=layout,
-        expert_tensors=lambda m, e: {"gate_up_proj": m.gate_up_proj[e], "down_proj": m.down_proj[e]},
+        expert_tensors=lambda m, e: {n: getattr(m, n)[e] for n in names},
         expert_ffn=_expert_ffn,
         strip=_strip,
         install=_install,
-        restore=_restore,
+        restore=lambda m, tensors: _restore(m, tensors, requires_grad),
         router_weight=router_weight,
+        router_bias=router_bias,
         next_layer=next_in_stack(model, layers),
-        extra={"previous_implementation": _get_impl(model), "model": model},
+        ffn=ffn_spec(first),
+        extra={"previous_implementation": _get_impl(model), "model": model, "experts_class": type(first).__name__},
     )
 
 
 def _expert_ffn(module: nn.Module):
-    apply_gate = module._apply_gate
+    """One expert's forward on the weights of a cache slot, op for op as the family's eager loop computes it:
+    `F.linear` for [out, in] matrices, `x @ W + b` for transposed biased ones (GPT-OSS), then the module's own
+    gate (`_apply_gate`: the default `act(g) * u` over two halves, or GPT-OSS's clamped SwiGLU)."""
+    spec = ffn_spec(module)
+    gated = _flags(module)["has_gate"]
+    gate = module._apply_gate if gated and hasattr(module, "_apply_gate") else None
+    act = getattr(module, "act_fn", None)
+
+    def project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        y = x @ w if spec.transposed else F.linear(x, w)
+        return y if b is None else y + b
 
     def ffn(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-        return F.linear(apply_gate(F.linear(x, w["gate_up_proj"])), w["down_proj"])
+        h = project(x, w[spec.up], w[spec.up_bias] if spec.up_bias else None)
+        if gate is not None:
+            h = gate(h)
+        elif gated:
+            g, u = h.chunk(2, dim=-1)
+            h = act(g) * u
+        else:
+            h = act(h)
+        return project(h, w[spec.down], w[spec.down_bias] if spec.down_bias else None)
 
     return ffn
 
 
 def _strip(module: nn.Module) -> None:
-    module.gate_up_proj = empty_parameter(module.gate_up_proj)
-    module.down_proj = empty_parameter(module.down_proj)
+    for name in tensor_names(module):
+        setattr(module, name, empty_parameter(getattr(module, name)))
 
 
 def _install(module: nn.Module, layer: OffloadedMoELayer) -> None:
     module._moeoffload_layer = layer
 
 
-def _restore(module: nn.Module, tensors: list[dict[str, torch.Tensor]]) -> None:
+def _restore(module: nn.Module, tensors: list[dict[str, torch.Tensor]], requires_grad: dict[str, bool]) -> None:
     module.__dict__.pop("_moeoffload_layer", None)
-    module.gate_up_proj = nn.Parameter(torch.stack([t["gate_up_proj"] for t in tensors]), requires_grad=False)
-    module.down_proj = nn.Parameter(torch.stack([t["down_proj"] for t in tensors]), requires_grad=False)
+    for name in tensor_names(module):
+        stacked = torch.stack([t[name] for t in tensors])
+        setattr(module, name, nn.Parameter(stacked, requires_grad=requires_grad.get(name, False)))
 
 
 def _get_impl(model: nn.Module):

@@ -17,6 +17,7 @@ from torch import nn
 from ..layer import OffloadedMoELayer
 from ..layout import ExpertLayout
 from .base import ModelHook, empty_parameter, next_in_stack, parents
+from .ffn import ExpertFFNSpec
 
 
 def _is_switch_experts(module: nn.Module) -> bool:
@@ -49,8 +50,19 @@ def discover(model: nn.Module) -> ModelHook | None:
         install=_install,
         restore=_restore,
         router_weight=lambda i: routers[i].weight,
+        router_bias=lambda i: routers[i].bias,
         next_layer=next_in_stack(model, layers),
+        ffn=ExpertFFNSpec(kind="dense", act=_act_name(model, first), up="wi", down="wo", cast_before_down=True),
     )
+
+
+def _act_name(model: nn.Module, expert: nn.Module) -> str:
+    from transformers.activations import ACT2FN
+
+    name = getattr(getattr(model, "config", None), "dense_act_fn", None)
+    if isinstance(name, str) and name in ACT2FN and type(ACT2FN[name]) is type(expert.act):
+        return name
+    return type(expert.act).__name__
 
 
 def _expert_ffn(module: nn.Module):

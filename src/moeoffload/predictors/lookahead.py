@@ -18,16 +18,19 @@ class LookaheadGate:
     name = "lookahead"
 
     def __init__(self, cache: ExpertCache, router_weight: Callable[[int], torch.Tensor],
-                 next_layer: list[int | None], top_k: int):
+                 next_layer: list[int | None], top_k: int,
+                 router_bias: Callable[[int], torch.Tensor | None] | None = None):
         self.cache = cache
         self.router_weight = router_weight
+        self.router_bias = router_bias  # GPT-OSS's and Switch's routers may add one
         self.next_layer = next_layer
         self.top_k = top_k
 
     def predict(self, next_idx: int, hidden: torch.Tensor) -> list[int]:
         """Experts that layer `next_idx`'s router picks for `hidden`, the input of the layer before it."""
         weight = self.router_weight(next_idx)
-        logits = F.linear(hidden.to(weight.dtype), weight)
+        bias = self.router_bias(next_idx) if self.router_bias is not None else None
+        logits = F.linear(hidden.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
         return torch.unique(logits.topk(self.top_k, dim=-1).indices).tolist()
 
     def __call__(self, layer_idx: int, hidden: torch.Tensor) -> None:
