@@ -45,7 +45,8 @@ step() {  # step NAME LOG -- command...: run, log, and remember the pytest resul
   "$@" 2>&1 | tee "$log"
   local rc=${PIPESTATUS[0]}
   local result regressed
-  result=$(grep -E "^=+ .*(passed|failed|skipped|error|no tests ran).* in [0-9.]+s" "$log" | tail -1 | sed -E 's/^=+ //; s/ =+$//')
+  result=$(grep -E "(passed|failed|skipped|error|no tests ran).* in [0-9.]+s" "$log" | tail -1 | sed -E 's/^=+ //; s/ =+$//')
+  [[ -n "$result" ]] || result=$(grep -v '^\s*$' "$log" | tail -1 | cut -c1-100)
   regressed=$(grep -c "REGRESSED" "$log" || true)
   summary+=("$(printf '%-26s %-4s %-10s %s' "$name" "$rc" "${regressed:-0}" "${result:-see $log}")")
   # exit 5 = nothing collected (a suite with no case for this tier/filter): reported, not a failure
