@@ -194,7 +194,7 @@ class Session:
                 train_prompts = [train.prompts(model.config.vocab_size, round_index=r) for r in range(batches)]
                 self._predictors[trace_key] = predictors.collect_trace(model, train_prompts, wl.new_tokens,
                                                                        device=self.device)
-            kind = predictors.PREDICTORS[policy.predictor]
+            kind = predictors.PREDICTORS[str(policy.predictor)]  # set: only predictive policies get here
             options = {"epochs": TRAIN_EPOCHS[self.tier]} if policy.predictor == "sida" else {}
             self._predictors[key] = kind.build(model, self._predictors[trace_key], show_progress=None, **options)
         return self._predictors[key]

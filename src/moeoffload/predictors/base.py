@@ -15,8 +15,9 @@ a policy that uses the prediction as routing). Token order is the engine's: row-
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -100,7 +101,7 @@ class PredictorKind:
 
     name: str
     needs: str
-    build: object
+    build: Callable[..., Any]
 
 
 PREDICTORS: dict[str, PredictorKind] = {}
