@@ -173,6 +173,7 @@ def offload(model: nn.Module, policy: str | policies.Policy = "lru", gpu_budget:
     policy = policies.get(policy)
     check_predictor(policy, predictor)
     hook = hooks.discover(model)
+    require_routers(policy, hook)  # refuse before any weight moves
     device = resolve_device(device)
     original_device = next(iter(hook.layers[0].parameters())).device
     store = ExpertStore(hook.layout, len(hook.layers), hook.num_experts, pin_memory=device.type == "cuda")
@@ -206,12 +207,16 @@ def offload(model: nn.Module, policy: str | policies.Policy = "lru", gpu_budget:
     return handle
 
 
+def require_routers(policy: policies.Policy, hook: hooks.ModelHook) -> None:
+    if policy.prefetch is not None and hook.router_weight is None:
+        raise UnsupportedModelError(f"policy {policy.name!r} runs routers early, but moeoffload cannot find the "
+                                    f"routers of this {hook.family} model; use a policy without prefetch, e.g. 'lru'")
+
+
 def make_prefetcher(policy: policies.Policy, hook: hooks.ModelHook, cache: ExpertCache):
     if policy.prefetch is None:
         return None
-    if hook.router_weight is None:
-        raise UnsupportedModelError(f"policy {policy.name!r} runs routers early, but moeoffload cannot find the "
-                                    f"routers of this {hook.family} model; use a policy without prefetch, e.g. 'lru'")
+    require_routers(policy, hook)
     return PREFETCHERS[policy.prefetch](cache, hook.router_weight, hook.next_layer, hook.top_k, hook.router_bias)
 
 
