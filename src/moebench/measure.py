@@ -10,8 +10,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import accuracy
 from .suite import REFERENCE_BUDGET, REFERENCE_POLICY, Case, Suite
-from .workload import TokenClock, generate, percentile
+from .workload import TokenClock, find_tokenizer, generate, load_task, percentile, phase_metrics, serve_arrivals
 
 MEMORY_SLACK = 0.05  # relative slack on the activation allowance
 TRAIN_SEED_OFFSET = 7919  # predictors train on prompts of another seed than the measured ones
@@ -70,6 +71,7 @@ class Reference:
     record: dict
     activation_bytes: int | None  # resident peak - dense - all experts (CUDA only)
     skipped: str | None = None  # why there is no resident run (the model does not fit the device): exactness unchecked
+    evaluation: Any = None  # accuracy.Evaluation: the reference's teacher-forced results every case is compared to
 
 
 @dataclass
@@ -106,15 +108,16 @@ class Session:
     def reference(self, name: str) -> Reference:
         if name not in self._refs:
             try:
-                record, tokens, logits, peak = self._measure(Case(name, REFERENCE_POLICY, REFERENCE_BUDGET), None)
+                reference_case = Case(name, REFERENCE_POLICY, REFERENCE_BUDGET)
+                record, tokens, logits, peak, evaluation = self._measure(reference_case, None)
             except CaseSkipped as exc:  # all experts do not fit the device: the other cases still run, unchecked
                 self._refs[name] = Reference(None, None, {}, None, skipped=str(exc))
                 return self._refs[name]
             activation = None
             if peak is not None:
                 activation = max(0, peak - record["dense_bytes"] - record["total_expert_bytes"])
-            record.update(token_agreement=1.0, accuracy_drop=0.0, max_abs_logit_diff=0.0)
-            self._refs[name] = Reference(tokens, logits, record, activation)
+            record.update(accuracy.compare(evaluation, evaluation, tokens, tokens), max_abs_logit_diff=0.0)
+            self._refs[name] = Reference(tokens, logits, record, activation, evaluation=evaluation)
         return self._refs[name]
 
     def run(self, case: Case) -> dict:
@@ -135,10 +138,9 @@ class Session:
         elif measured is None:
             record = dict(ref.record)
         else:
-            record, tokens, logits, _ = measured
-            agree = (tokens == ref.tokens).float().mean().item()
-            record["token_agreement"] = agree
-            record["accuracy_drop"] = 1.0 - agree
+            record, tokens, logits, _, evaluation = measured
+            record.update(accuracy.compare(ref.evaluation, evaluation, ref.tokens, tokens))
+            agree = record["token_agreement"]
             record["max_abs_logit_diff"] = (logits.float() - ref.logits.float()).abs().max().item()
             record["tokens_identical"] = bool(agree == 1.0)
         failures = check(record, self.suite.accuracy_limit, ref.activation_bytes)
@@ -208,7 +210,9 @@ class Session:
 
         model, source = self.model(case.model)
         wl = self.suite.workload_for(self.tier)
-        prompts = [wl.prompts(model.config.vocab_size, round_index=r) for r in range(-1, self.rounds)]
+        tokenizer = find_tokenizer(model)
+        prompts = [wl.prompts(model.config.vocab_size, round_index=r, tokenizer=tokenizer)
+                   for r in range(-1, self.rounds)]
         cuda = self.device.startswith("cuda")
         try:
             predictor = self.prepare(case, model, wl, prompts)
@@ -221,6 +225,7 @@ class Session:
             inject_out_of_memory(case.name)
             dev = handle.device
             prompts = [p.to(dev) for p in prompts]
+            prompts_in_order = prompts[1:]
             schedule = plan_schedule(handle, prompts[1:])  # ExpertFlow regroups the rounds' sequences; else None
             if schedule is not None:
                 prompts[1:] = schedule.split(torch.cat(prompts[1:]))
@@ -230,6 +235,7 @@ class Session:
             generate(model, prompts[0], wl.new_tokens)  # warm-up on its own prompts: kernels load, cache fills
             handle.reset_stats()
             steps: list[float] = []
+            round_steps_all: list[list[float]] = []
             round_p50: list[float] = []
             totals: list[float] = []
             nvml_peak: int | None = None
@@ -245,6 +251,7 @@ class Session:
                 totals.append(time.perf_counter() - t0)
                 round_steps = clock.step_seconds()
                 steps.extend(round_steps)
+                round_steps_all.append(round_steps)
                 round_p50.append(percentile(round_steps, 50) * 1e3)
                 round_tokens.append(tokens.cpu())
                 round_logits.append(logits.cpu())
@@ -254,6 +261,20 @@ class Session:
             stats = handle.stats()
             gain = None if schedule is None else served_gain(handle, schedule, wl.batch_size)
             torch_peak = int(torch.cuda.max_memory_allocated(dev)) if cuda else None
+            # untimed, after the statistics and the memory peak were read: accuracy on the same inputs as the
+            # reference, then the request-arrival latency run when the workload asks for one
+            run_tokens = torch.cat(round_tokens)
+            if schedule is not None:
+                run_tokens = schedule.restore(run_tokens)
+            if ref is not None and ref.evaluation is not None:
+                text = ref.evaluation.text
+            elif wl.uses_text(tokenizer):
+                text = accuracy.heldout_text(model, tokenizer, wl.eval_sequences, wl.eval_len)
+            else:
+                text = accuracy.continuation_text(prompts_in_order, run_tokens)
+            task = load_task(wl.task) if wl.task else None
+            evaluation = accuracy.evaluate(model, text, dev, tokenizer, task)
+            arrivals = serve_arrivals(model, wl, dev, tokenizer) if wl.arrivals is not None else None
         finally:
             for h in delay_hooks:
                 h.remove()
@@ -276,10 +297,13 @@ class Session:
             "dtype": self.suite.dtypes[self.tier],
             "weights": str(source),
             "workload": wl.as_dict(),
+            "prompts": "held-out corpus text" if wl.uses_text(tokenizer) else "seeded random token ids",
             "rounds": self.rounds,
             "tokens_per_s": generated / sum(totals),
             "p50_ms": percentile(steps, 50) * 1e3,
             "p99_ms": percentile(steps, 99) * 1e3,
+            **phase_metrics(round_steps_all, wl.batch_size, wl.prompt_len),
+            "arrivals": arrivals,
             "hit_rate": stats.hit_rate,
             "h2d_bytes_per_round": stats.h2d_bytes / self.rounds,
             "h2d_copies_per_round": stats.h2d_copies / self.rounds,
@@ -299,7 +323,7 @@ class Session:
             "experts_per_batch_first_come": None if gain is None else gain.first_come,
             "experts_per_batch_scheduled": None if gain is None else gain.scheduled,
         }
-        return record, tokens, logits, torch_peak
+        return record, tokens, logits, torch_peak, evaluation
 
 
 def inject_delay(layers, seconds: float) -> list:
@@ -349,8 +373,9 @@ def check(record: dict, accuracy_limit: float, activation_bytes: int | None) -> 
     - CUDA only: torch's peak allocated bytes <= dense + budget + allowance, where the allowance is what the
       resident reference used beyond its weights (its peak - dense - all expert bytes) for the same model and
       workload, i.e. activations and generate()'s buffers, plus MEMORY_SLACK (5%) of that allowance.
-    - Exact policies: greedy tokens identical to the reference; approximate ones: accuracy drop (1 - token
-      agreement) <= the suite's accuracy_limit.
+    - Exact policies: greedy tokens identical to the reference; approximate ones: accuracy drop (reference
+      metric - policy metric, moebench.accuracy: task accuracy when a task is given, else next-token accuracy on
+      the same teacher-forced text) <= the suite's accuracy_limit.
     """
     from moeoffload import format_bytes
 
@@ -373,6 +398,7 @@ def check(record: dict, accuracy_limit: float, activation_bytes: int | None) -> 
                                 f"(agreement {record['token_agreement']:.2%}, max |logit diff| "
                                 f"{record['max_abs_logit_diff']:.3g})")
         elif record["accuracy_drop"] > accuracy_limit:
-            failures.append(f"accuracy drop {record['accuracy_drop']:.2%} is over the suite's limit "
+            failures.append(f"accuracy drop {record['accuracy_drop']:.2%} ({record.get('accuracy_metric')}) is over "
+                            f"the suite's limit "
                             f"{accuracy_limit:.2%}")
     return failures

@@ -22,7 +22,7 @@ def memory_column(records: list[dict]) -> str:
 def rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
     mem = memory_column(records)
     headers = ["model", "policy", "budget", "tokens/s", "p50 ms", "p99 ms", "hit rate", "H2D MiB/round", mem,
-               "acc drop", "result"]
+               "acc drop", "agree", "KL", "result"]
     out = []
     for r in records:
         peak = r.get("torch_peak_bytes")
@@ -31,7 +31,8 @@ def rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
             r.get("model", "?"), r.get("policy", "?"), r.get("budget", "?"),
             _num(r.get("tokens_per_s"), ".1f"), _num(r.get("p50_ms"), ".2f"), _num(r.get("p99_ms"), ".2f"),
             _num(r.get("hit_rate"), ".1%"), _num(r.get("h2d_bytes_per_round"), ".1f", MIB),
-            _num(memory, ".1f", MIB), _num(r.get("accuracy_drop"), ".1%"),
+            _num(memory, ".1f", MIB), _num(r.get("accuracy_drop"), ".1%"), _num(r.get("token_agreement"), ".1%"),
+            _num(r.get("kl_divergence"), ".2g"),
             "pass" if r.get("passed") else "FAIL",
         ])
     if any(r.get("experts_per_batch_scheduled") is not None for r in records):  # a token-scheduling policy ran
