@@ -193,7 +193,8 @@ class Session:
             if trace_key not in self._predictors:
                 train = replace(wl, seed=wl.seed + TRAIN_SEED_OFFSET)
                 batches = TRAIN_BATCHES[self.tier]
-                train_prompts = [train.prompts(model.config.vocab_size, round_index=r) for r in range(batches)]
+                train_prompts = [train.prompts(model.config.vocab_size, round_index=r, tokenizer=find_tokenizer(model))
+                                 for r in range(batches)]
                 self._predictors[trace_key] = predictors.collect_trace(model, train_prompts, wl.new_tokens,
                                                                        device=self.device)
             kind = predictors.PREDICTORS[str(policy.predictor)]  # set: only predictive policies get here

@@ -58,7 +58,7 @@ class Suite:
     budgets: list[str]
     workload: Workload
     policies: list[str] | None = None  # None: every registered policy
-    accuracy_limit: float = 0.0  # largest accuracy drop (1 - greedy-token agreement) an approximate policy may show
+    accuracy_limit: float = 0.0  # largest accuracy drop (reference - policy metric, moebench.accuracy) allowed
     dtypes: dict[str, str] = field(default_factory=lambda: {"quick": "float32", "full": "bfloat16"})
     full_workload: Workload | None = None  # the full tier's workload, when it should differ from the quick one
     full_budgets: list[str] | None = None  # the full tier's budgets, when fewer fit a device call's time
