@@ -19,5 +19,5 @@ SUITE = Suite(
     full_budgets=["50%"],
     workload=Workload(batch_size=2, prompt_len=16, new_tokens=8, seed=0),
     full_workload=Workload(batch_size=1, prompt_len=16, new_tokens=8, seed=0),
-    accuracy_limit=0.0,
+    accuracy_limit=0.01,  # next-token accuracy drop an approximate policy may have (the papers: about 1%)
 )

@@ -22,5 +22,5 @@ SUITE = Suite(
     budgets=["25%", "50%"],
     workload=Workload(batch_size=2, prompt_len=16, new_tokens=8, seed=0),
     full_workload=Workload(batch_size=4, prompt_len=32, new_tokens=16, seed=0),
-    accuracy_limit=0.0,
+    accuracy_limit=0.01,  # next-token accuracy drop an approximate policy may have (the papers: about 1%)
 )

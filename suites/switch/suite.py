@@ -18,5 +18,5 @@ SUITE = Suite(
     policies=None,  # every registered policy; resident (budget 'all') is the reference of each model
     workload=Workload(batch_size=2, prompt_len=16, new_tokens=8, seed=0),
     full_workload=Workload(batch_size=8, prompt_len=32, new_tokens=32, seed=0),
-    accuracy_limit=0.0,
+    accuracy_limit=0.01,  # next-token accuracy drop an approximate policy may have (the papers: about 1%)
 )
