@@ -1,6 +1,6 @@
 """Every MoE family on CUDA in bf16: the exact per-expert loop (kernels="torch") gives the eager model's tokens and
 logits bit for bit, copies on a side stream included (run twice: a race would show as a difference); the default
-kernels ("auto": grouped Triton kernels for the forms they know) agree with eager within bf16 rounding."""
+kernels ("auto": grouped Triton kernels for the forms they know, opt-in) agree with eager within bf16 rounding."""
 
 import pytest
 import torch
@@ -43,6 +43,22 @@ def test_family_on_cuda_bf16_matches_eager(family):
                             f"{where}: logits differ from eager by {(logits - ref_logits).abs().max()}"
                 s = h.stats()
                 assert s.misses > 0 and s.cache_bytes <= s.budget_bytes
+
+
+# Measured on the H100 on 2026-11-23: the grouped Triton path put tiny Mixtral's logits off by 0.458 (largest logit
+# 0.617) while Qwen3-MoE and OLMoE, same gated-silu form, agreed. Not understood yet, which is why the exact loop is
+# the default and the grouped path is opt-in.
+TRITON_MIXTRAL = pytest.mark.xfail(reason="grouped Triton path off on tiny Mixtral on the H100 (2026-11-23); "
+                                          "under investigation", strict=False)
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=TRITON_MIXTRAL) if f == "mixtral" else f for f in FAMILIES])
+def test_family_grouped_kernels_agree_with_eager(family):
+    model = build(family, torch.bfloat16, seed=11).cuda()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 96, (b, 9), generator=g).cuda() for b in (1, 4)]
+    reference = [run(model, p) for p in prompts]
+    hook = discover(model)
     with moeoffload.offload(model, "lru", "50%", device="cuda", kernels="auto"):
         for (_, logits), (_, ref_logits) in zip([run(model, p) for p in prompts], reference):
             err = (logits.float() - ref_logits.float()).abs().max().item()
