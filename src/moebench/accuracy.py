@@ -140,9 +140,10 @@ def evaluate(model, text: EvalText, device, tokenizer=None, task=None) -> Evalua
 
 def compare(ref: Evaluation, ev: Evaluation, ref_tokens: torch.Tensor, tokens: torch.Tensor) -> dict:
     """The accuracy fields of a case's record: reference and policy metrics, the drop, agreement and KL."""
-    use_task = ref.task_accuracy is not None
-    ref_metric = ref.task_accuracy if use_task else ref.next_token_accuracy
-    metric = ev.task_accuracy if use_task else ev.next_token_accuracy
+    use_task = False
+    ref_metric, metric = ref.next_token_accuracy, ev.next_token_accuracy
+    if ref.task_accuracy is not None and ev.task_accuracy is not None:  # both ran the same task (evaluate's task=)
+        use_task, ref_metric, metric = True, ref.task_accuracy, ev.task_accuracy
     return {
         "accuracy_metric": "task accuracy" if use_task else "next-token accuracy",
         "accuracy_drop": ref_metric - metric,
