@@ -105,7 +105,11 @@ class Session:
             self._models[name] = self.suite.model(name).build(self.tier, self.dtype, "cpu")
         return self._models[name]
 
-    def reference(self, name: str) -> Reference:
+    def reference(self, name: str, schedule=None) -> Reference:
+        """The resident run of model `name` every case is compared to; with a `schedule`, the resident run served
+        in that schedule's batches (what a token-scheduling policy is exact against: see `scheduled_reference`)."""
+        if schedule is not None:
+            return self.scheduled_reference(name, schedule)
         if name not in self._refs:
             try:
                 reference_case = Case(name, REFERENCE_POLICY, REFERENCE_BUDGET)
@@ -119,6 +123,25 @@ class Session:
             record.update(accuracy.compare(evaluation, evaluation, tokens, tokens), max_abs_logit_diff=0.0)
             self._refs[name] = Reference(tokens, logits, record, activation, evaluation=evaluation)
         return self._refs[name]
+
+    def scheduled_reference(self, name: str, schedule) -> Reference:
+        """The resident model served the batches of `schedule` (a token-scheduling policy's regrouping).
+
+        Which sequences share a batch changes a sequence's floating-point result in any MoE implementation
+        (transformers' own included): an expert's GEMM sees the tokens the whole batch routed to it, and a GEMM of
+        another height may take another kernel and summation order. In bf16 on a GPU that flips greedy near-ties.
+        So the engine's exactness under scheduling is judged against the unoffloaded model served the same
+        batches, and the drift that the regrouping itself causes is reported apart (`first_come_token_agreement`).
+        """
+        base = self.reference(name)
+        key = f"{name}|schedule={schedule.batches}"
+        if base.skipped:
+            return base
+        if key not in self._refs:
+            record, tokens, logits, _, _ = self._measure(Case(name, REFERENCE_POLICY, REFERENCE_BUDGET), base,
+                                                         schedule=schedule, evaluate=False)
+            self._refs[key] = Reference(tokens, logits, record, base.activation_bytes, evaluation=base.evaluation)
+        return self._refs[key]
 
     def run(self, case: Case) -> dict:
         """Measure `case` and check it; returns its record, raises CaseFailed (record attached) or CaseSkipped."""
@@ -139,9 +162,15 @@ class Session:
             record = dict(ref.record)
         else:
             record, tokens, logits, _, evaluation = measured
-            record.update(accuracy.compare(ref.evaluation, evaluation, ref.tokens, tokens))
+            same_batches = ref
+            if record.get("schedule") is not None:  # a token-scheduling policy: exact against its own batches
+                from moeoffload.scheduler import Schedule
+
+                same_batches = self.scheduled_reference(case.model, Schedule(tuple(map(tuple, record["schedule"]))))
+                record["first_come_token_agreement"] = accuracy.token_agreement(ref.tokens, tokens)
+            record.update(accuracy.compare(ref.evaluation, evaluation, same_batches.tokens, tokens))
             agree = record["token_agreement"]
-            record["max_abs_logit_diff"] = (logits.float() - ref.logits.float()).abs().max().item()
+            record["max_abs_logit_diff"] = (logits.float() - same_batches.logits.float()).abs().max().item()
             record["tokens_identical"] = bool(agree == 1.0)
         failures = check(record, self.suite.accuracy_limit, ref.activation_bytes)
         record["passed"] = not failures
@@ -153,14 +182,8 @@ class Session:
     def _out_of_memory(self, case: Case, exc: BaseException) -> CaseFailed:
         """The case fails with a record and the session goes on: `_measure` has already unloaded the model (its
         `finally`), so what is left to free is the allocator's cache of the blocks that unload gave back."""
-        import gc
-
-        import torch
-
         exc.with_traceback(None)  # its frames hold the failed case's tensors
-        gc.collect()
-        if self.device.startswith("cuda"):
-            torch.cuda.empty_cache()
+        release_device_memory(self.device)
         message = f"out of memory: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         record = {"suite": self.suite.name, "case": case.name, "model": case.model, "policy": case.policy,
                   "budget": case.budget, "tier": self.tier, "device": self.device, "rounds": self.rounds,
@@ -202,7 +225,10 @@ class Session:
             self._predictors[key] = kind.build(model, self._predictors[trace_key], show_progress=None, **options)
         return self._predictors[key]
 
-    def _measure(self, case: Case, ref: Reference | None):
+    def _measure(self, case: Case, ref: Reference | None, schedule=None, evaluate: bool = True):
+        """One case's timed rounds and untimed accuracy. `schedule`: serve the rounds in these batches (the
+        scheduled reference) instead of the batches the policy plans (a token-scheduling policy) or arrival order.
+        `evaluate=False` skips the teacher-forced evaluation (returned as None)."""
         import torch
 
         import moeoffload
@@ -217,6 +243,7 @@ class Session:
         cuda = self.device.startswith("cuda")
         try:
             predictor = self.prepare(case, model, wl, prompts)
+            release_device_memory(self.device)  # what preparing (recording, training) left for the collector
             handle = moeoffload.offload(model, case.policy, case.budget, device=self.device, show_progress=False,
                                         predictor=predictor)
         except moeoffload.BudgetError as exc:
@@ -227,12 +254,15 @@ class Session:
             dev = handle.device
             prompts = [p.to(dev) for p in prompts]
             prompts_in_order = prompts[1:]
-            schedule = plan_schedule(handle, prompts[1:])  # ExpertFlow regroups the rounds' sequences; else None
+            if schedule is None:  # ExpertFlow regroups the rounds' sequences; else None (arrival order)
+                schedule = plan_schedule(handle, prompts[1:])
             if schedule is not None:
                 prompts[1:] = schedule.split(torch.cat(prompts[1:]))
+            start_bytes = None
             if cuda:
                 torch.cuda.synchronize(dev)
                 torch.cuda.reset_peak_memory_stats(dev)
+                start_bytes = int(torch.cuda.memory_allocated(dev))
             generate(model, prompts[0], wl.new_tokens)  # warm-up on its own prompts: kernels load, cache fills
             handle.reset_stats()
             steps: list[float] = []
@@ -274,8 +304,8 @@ class Session:
             else:
                 text = accuracy.continuation_text(prompts_in_order, run_tokens)
             task = load_task(wl.task) if wl.task else None
-            evaluation = accuracy.evaluate(model, text, dev, tokenizer, task)
-            arrivals = serve_arrivals(model, wl, dev, tokenizer) if wl.arrivals is not None else None
+            evaluation = accuracy.evaluate(model, text, dev, tokenizer, task) if evaluate else None
+            arrivals = serve_arrivals(model, wl, dev, tokenizer) if wl.arrivals is not None and evaluate else None
         finally:
             for h in delay_hooks:
                 h.remove()
@@ -312,6 +342,9 @@ class Session:
             "budget_bytes": stats.budget_bytes,
             "total_expert_bytes": stats.total_expert_bytes,
             "dense_bytes": stats.dense_bytes,
+            "predictor_bytes": stats.predictor_bytes,
+            "device_bytes_at_start": start_bytes,  # allocated when the timed part began: dense + cache + predictor,
+            # more only if something earlier (a preparation) left tensors behind
             "n_slots": stats.n_slots,
             "torch_peak_bytes": torch_peak,
             "nvml_used_bytes": nvml_peak,
@@ -323,8 +356,21 @@ class Session:
             # token scheduling (ExpertFlow): distinct experts each batch activated, first-come vs as scheduled
             "experts_per_batch_first_come": None if gain is None else gain.first_come,
             "experts_per_batch_scheduled": None if gain is None else gain.scheduled,
+            "schedule": None if schedule is None else [list(b) for b in schedule.batches],
         }
         return record, tokens, logits, torch_peak, evaluation
+
+
+def release_device_memory(device: str) -> None:
+    """Collect garbage (reference cycles can hold tensors of a finished run) and return the allocator's cached
+    blocks, so that one case's peak is not raised by what the step before it left."""
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
 
 
 def inject_delay(layers, seconds: float) -> list:
@@ -386,12 +432,14 @@ def check(record: dict, accuracy_limit: float, activation_bytes: int | None) -> 
                         f"{format_bytes(record['budget_bytes'])}")
     peak = record.get("torch_peak_bytes")
     if peak is not None and activation_bytes is not None:
-        limit = record["dense_bytes"] + record["budget_bytes"] + activation_bytes * (1 + MEMORY_SLACK)
+        predictor = record.get("predictor_bytes") or 0
+        limit = record["dense_bytes"] + record["budget_bytes"] + predictor + activation_bytes * (1 + MEMORY_SLACK)
         record["gpu_limit_bytes"] = int(limit)
         if peak > limit:
             failures.append(f"GPU peak {format_bytes(peak)} is over dense {format_bytes(record['dense_bytes'])} + "
-                            f"budget {format_bytes(record['budget_bytes'])} + activations "
-                            f"{format_bytes(activation_bytes)} (+{MEMORY_SLACK:.0%})")
+                            f"budget {format_bytes(record['budget_bytes'])} + "
+                            + (f"predictor {format_bytes(predictor)} + " if predictor else "")
+                            + f"activations {format_bytes(activation_bytes)} (+{MEMORY_SLACK:.0%})")
     if record["policy"] != REFERENCE_POLICY and record.get("token_agreement") is not None:
         if record["exact"]:
             if not record.get("tokens_identical", False):

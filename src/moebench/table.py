@@ -36,10 +36,11 @@ def rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
             "pass" if r.get("passed") else "FAIL",
         ])
     if any(r.get("experts_per_batch_scheduled") is not None for r in records):  # a token-scheduling policy ran
-        headers += ["experts/batch first-come", "scheduled"]
+        headers += ["experts/batch first-come", "scheduled", "agree first-come"]
         for row, r in zip(out, records):
             row += [_num(r.get("experts_per_batch_first_come"), ".1f"), _num(r.get("experts_per_batch_scheduled"),
-                                                                              ".1f")]
+                                                                              ".1f"),
+                    _num(r.get("first_come_token_agreement"), ".1%")]
     if any("comparison" in r for r in records):
         headers += ["baseline tok/s", "delta", "verdict"]
         for row, r in zip(out, records):

@@ -44,6 +44,7 @@ class OffloadStats:
     peak_resident_experts: int
     prefetches: int  # copies issued ahead of a request (included in h2d_copies and h2d_bytes)
     prefetch_hits: int  # requests that a prefetched expert served
+    predictor_bytes: int = 0  # what the predictor holds on the device beyond the model's weights (its networks)
 
     @property
     def hit_rate(self) -> float:
@@ -81,7 +82,21 @@ class OffloadedModel:
             budget_bytes=self.budget_bytes, total_expert_bytes=self.store.total_bytes,
             dense_bytes=self.dense_bytes, peak_resident_experts=c.stats.peak_resident,
             prefetches=c.stats.prefetches, prefetch_hits=c.stats.prefetch_hits,
+            predictor_bytes=self.predictor_bytes(),
         )
+
+    def predictor_bytes(self) -> int:
+        """Device bytes of the policy's predictor (networks, tables, kept predictions), not counting tensors it
+        shares with the model (SiDA reads the model's embeddings). Read when asked: a predictor may move its
+        networks to the device at its first call."""
+        runtime = getattr(self, "runahead", None)
+        predictor = getattr(runtime, "predictor", None)
+        if predictor is None or self.device.type != "cuda":
+            return 0
+        from .predictors.base import device_bytes
+
+        shared = {t.untyped_storage().data_ptr() for t in list(self.model.parameters()) + list(self.model.buffers())}
+        return device_bytes([predictor, getattr(runtime, "prediction", None)], self.device, exclude=shared)
 
     def reset_stats(self) -> None:
         self.cache.reset_stats()

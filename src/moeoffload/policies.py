@@ -73,7 +73,8 @@ PREDICTIVE = (
            "(approximate)", eviction="belady", predictor="sida", replace_router=True, exact=False),
     Policy("expertflow", "ExpertFlow: routing-path predictor run ahead from the token ids prefetches each layer; "
            "the cache corrects itself when a router disagrees; token scheduling groups sequences by predicted "
-           "route (exact)", predictor="expertflow", scheduler="expertflow"),
+           "route (exact against the unoffloaded model served the same batches)", predictor="expertflow",
+           scheduler="expertflow"),
     Policy("oracle", "upper bound: replays the served inputs' recorded routing to prefetch each next layer call; "
            "LRU eviction", predictor="oracle"),
     Policy("belady", "upper bound on hit rate: Belady's eviction (farthest next use) from the served inputs' "

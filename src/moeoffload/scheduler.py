@@ -9,9 +9,13 @@ in arrival order (first-come).
 The unit is a sequence: in generation a sequence's tokens share a KV cache and cannot be split across batches
 (for a prefill-only workload, pass one route per token and the same functions regroup tokens).
 
-Exactness: only which sequences share a batch changes. A sequence's output does not depend on the other rows of
-its batch, and `Schedule.restore` puts outputs back in arrival order, so a scheduled run returns what
-first-come batching returns.
+Exactness: only which sequences share a batch changes, and `Schedule.restore` puts outputs back in arrival order.
+In exact arithmetic a sequence's output does not depend on its batch mates, and on a CPU in fp32 the tokens are
+the same as first-come batching's (tested). In floating point on a GPU they may not be: an expert's GEMM sees
+the tokens the whole batch routed to it, a GEMM of another height may take another kernel and summation order,
+and in bf16 that flips greedy near-ties, in transformers' own forward as much as here. So a scheduling policy is
+exact in the sense that matters for the engine: the offloaded model gives the tokens the unoffloaded model gives
+when served the same batches (moebench checks it that way and reports agreement with first-come apart).
 """
 
 from __future__ import annotations
@@ -177,8 +181,9 @@ def plan(handle, batches: Sequence[torch.Tensor]) -> Schedule | None:
 
 def served_gain(handle, schedule: Schedule, batch_size: int) -> ScheduleGain | None:
     """Experts activated per batch on the routes the routers really chose while `schedule` was served (the last
-    `len(schedule.batches)` batches), against first-come batching of the same sequences. A sequence's routing
-    does not depend on its batch (exactness), so both come from one run. None when no routes were recorded."""
+    `len(schedule.batches)` batches), against first-come batching of the same sequences. Both come from one run:
+    a sequence's routing does not depend on its batch in exact arithmetic (see the module's note on floating
+    point, where a near-tie may route otherwise). None when no routes were recorded."""
     runtime = getattr(handle, "runahead", None)
     if not hasattr(runtime, "served_routes") or len(runtime.batch_routes) < len(schedule.batches):
         return None

@@ -151,3 +151,21 @@ def test_broken_predictor_falls_back_with_a_warning_and_never_routes_out_of_rang
             with torch.no_grad():
                 tokens = model.generate(ids, **kwargs)
     assert torch.equal(tokens, reference)  # out-of-range ids never became routing: the router decided
+
+
+def test_device_bytes_counts_a_predictors_own_storages_once_and_not_the_models():
+    """What a suite charges a predictor for: its networks and tables on the device, each storage once, less the
+    tensors it shares with the model (SiDA reads the model's embeddings)."""
+    from moeoffload.predictors.base import device_bytes
+
+    embedding = torch.zeros(100, 8)  # the model's: 3200 bytes, excluded
+    net = torch.nn.Linear(8, 4)  # 32 + 4 floats = 144 bytes
+
+    class Holder:
+        def __init__(self):
+            self.embedding, self.nets, self.table = embedding, {0: net}, [torch.ones(10), net.weight]
+
+    cpu = torch.device("cpu")
+    got = device_bytes(Holder(), cpu, exclude={embedding.untyped_storage().data_ptr()})
+    assert got == (32 + 4 + 10) * 4
+    assert device_bytes(Holder(), torch.device("meta")) == 0  # nothing of it lives there

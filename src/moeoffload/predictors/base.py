@@ -105,3 +105,38 @@ class PredictorKind:
 
 
 PREDICTORS: dict[str, PredictorKind] = {}
+
+
+def device_bytes(obj: Any, device: torch.device, exclude: set[int] | None = None) -> int:
+    """Bytes of the distinct tensor storages reachable from `obj` (attributes, modules' parameters and buffers,
+    dicts, lists, tuples) that live on `device`, less those whose storage is in `exclude` (data pointers of the
+    model's own weights, which a predictor may share, as SiDA shares the input embeddings). What a predictor or
+    its runtime holds on the GPU beyond the model and the expert cache: the memory a suite charges to it."""
+    seen_objects: set[int] = set()
+    storages: dict[int, int] = {}
+    exclude = exclude or set()
+
+    def visit(x: Any, depth: int) -> None:
+        if depth > 6 or id(x) in seen_objects:
+            return
+        seen_objects.add(id(x))
+        if isinstance(x, torch.Tensor):
+            if x.device == device:
+                storage = x.untyped_storage()
+                if storage.data_ptr() not in exclude:
+                    storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(x, torch.nn.Module):
+            for t in list(x.parameters()) + list(x.buffers()):
+                visit(t, depth + 1)
+        elif isinstance(x, dict):
+            for v in x.values():
+                visit(v, depth + 1)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                visit(v, depth + 1)
+        elif hasattr(x, "__dict__") and not isinstance(x, type):
+            for v in vars(x).values():
+                visit(v, depth + 1)
+
+    visit(obj, 0)
+    return sum(storages.values())
