@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One device call that runs several named steps, each under its own time limit, and brings back few files (the
+# device tool returns at most 8): every step's full output goes into $OUT/results.tar.gz; summary.txt has the
+# closing lines of each step.
+#
+#   OUT=/some/dir STEPS="gpu_tests expertflow predictors" bash benchmarks/device_session.sh
+#
+# Steps: gpu_tests, expertflow, predictors, stats (benchmarks/stats_device.sh), nightly_switch (ci/nightly.sh on
+# switch-base-8 with the policies of baselines/h100/switch.json), full_<suite> (that suite's full tier).
+# Runs from a bare checkout (the package need not be installed): PYTHONPATH=src.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+OUT="${OUT:-$PWD/device-out}"
+work="$OUT/work"
+mkdir -p "$work"
+STEPS="${STEPS:-gpu_tests}"
+summary="$OUT/summary.txt"
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__,
+'transformers', transformers.__version__)"
+  echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
+} > "$work/device.txt" 2>&1
+cp "$work/device.txt" "$summary"
+
+run_step() {  # run_step NAME LIMIT_S -- command...
+  local name="$1" limit="$2"; shift 3
+  local t0=$SECONDS
+  echo "== $name (limit ${limit}s)" | tee -a "$summary"
+  timeout --signal=INT --kill-after=20 "$limit" "$@" > "$work/$name.log" 2>&1
+  local rc=$?
+  { tail -n "${TAIL:-25}" "$work/$name.log"; echo "-- $name: rc=$rc, $((SECONDS - t0)) s"; } >> "$summary"
+}
+
+for step in $STEPS; do
+  case "$step" in
+    gpu_tests)
+      run_step gpu_tests 300 -- python3 -m pytest -p moebench.plugin -p no:cacheprovider -m gpu tests -q -rs ;;
+    expertflow)
+      run_step expertflow 200 -- env OUT="$work" EXPERTFLOW_DEADLINE_S=110 python3 benchmarks/expertflow.py ;;
+    predictors)
+      run_step predictors 280 -- env OUT="$work" PREDICTORS_DEADLINE_S=170 python3 benchmarks/predictors.py ;;
+    stats)
+      run_step stats 400 -- env OUT="$work/stats" BUDGET_S="${STATS_BUDGET_S:-170}" bash benchmarks/stats_device.sh ;;
+    nightly_switch)
+      run_step nightly_switch 200 -- env OUT="$work/nightly" MOEBENCH_SKIP_GPU_TESTS=1 MOEBENCH_ROUNDS=4 \
+        MOEBENCH_PYTEST_ARGS="-k switch-base-8 --moebench-policy resident --moebench-policy on-demand --moebench-policy lru --moebench-policy lookahead" \
+        bash ci/nightly.sh suites/switch ;;
+    full_*)
+      suite="${step#full_}"
+      run_step "$step" "${FULL_LIMIT_S:-300}" -- python3 -m pytest -p moebench.plugin -p no:cacheprovider \
+        "suites/$suite" --moebench --moebench-tier full --moebench-rounds "${FULL_ROUNDS:-2}" \
+        --moebench-history "$work/history_$suite" -v ${FULL_ARGS:-} ;;
+    *) echo "unknown step $step" | tee -a "$summary" ;;
+  esac
+done
+tar -czf "$OUT/results.tar.gz" -C "$work" . 2>/dev/null
+rm -rf "$work"
+cat "$summary"
