@@ -259,6 +259,8 @@ class Session:
             if schedule is not None:
                 prompts[1:] = schedule.split(torch.cat(prompts[1:]))
             start_bytes = None
+            footprint = getattr(getattr(handle, "runahead", None), "footprint", None)
+            predictor_bytes = footprint(prompts[0]) if cuda and footprint is not None else 0
             if cuda:
                 torch.cuda.synchronize(dev)
                 torch.cuda.reset_peak_memory_stats(dev)
@@ -342,7 +344,8 @@ class Session:
             "budget_bytes": stats.budget_bytes,
             "total_expert_bytes": stats.total_expert_bytes,
             "dense_bytes": stats.dense_bytes,
-            "predictor_bytes": stats.predictor_bytes,
+            # the predictor's own networks and tables, or, measured, its peak at the batch shape on its stream
+            "predictor_bytes": max(stats.predictor_bytes, predictor_bytes),
             "device_bytes_at_start": start_bytes,  # allocated when the timed part began: dense + cache + predictor,
             # more only if something earlier (a preparation) left tensors behind
             "n_slots": stats.n_slots,
@@ -362,14 +365,18 @@ class Session:
 
 
 def release_device_memory(device: str) -> None:
-    """Collect garbage (reference cycles can hold tensors of a finished run) and return the allocator's cached
-    blocks, so that one case's peak is not raised by what the step before it left."""
+    """Collect garbage (reference cycles can hold tensors of a finished run), drop cuBLAS's per-stream workspaces
+    and return the allocator's cached blocks, so that one case's peak is not raised by what an earlier case left
+    (on the H100 each predictive case left a side stream's workspace, about 35 MB, to every case after it)."""
     import gc
 
     gc.collect()
     if device.startswith("cuda"):
         import torch
 
+        clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear_workspaces is not None:  # cuBLAS keeps a workspace per stream it ran on, allocated from torch's pool
+            clear_workspaces()
         torch.cuda.empty_cache()
 
 

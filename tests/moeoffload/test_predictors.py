@@ -169,3 +169,18 @@ def test_device_bytes_counts_a_predictors_own_storages_once_and_not_the_models()
     got = device_bytes(Holder(), cpu, exclude={embedding.untyped_storage().data_ptr()})
     assert got == (32 + 4 + 10) * 4
     assert device_bytes(Holder(), torch.device("meta")) == 0  # nothing of it lives there
+
+
+def test_runahead_footprint_is_zero_on_a_cpu_and_the_run_stays_exact(prepared):
+    """The footprint probe is a GPU measurement (the side stream's peak); on a CPU it is 0, and the probe's
+    prediction (state reset afterwards) does not change what the model then generates."""
+    name, model, trace, train, held, sida = prepared
+    ids = _prompts(1, seed=5, batch=2, length=8)[0]
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+    with torch.no_grad():
+        reference = model.generate(ids, **kwargs)
+    with moeoffload.offload(model, "sida", "50%", device="cpu", predictor=sida) as h:
+        assert h.runahead.footprint(ids) == 0
+        with torch.no_grad():
+            assert torch.equal(model.generate(ids, **kwargs), reference), name
+        assert h.stats().predictor_bytes == 0  # nothing of it on a CUDA device

@@ -21,6 +21,17 @@ import torch
 from ..cache import ExpertCache
 from .base import Prediction, RoutingPredictor, StackInputs, stack_call, stacks_of
 
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one stream predictors run on, per device. One, not one per offloaded model: cuBLAS keeps a workspace
+    (tens of MiB on a Hopper GPU) for every stream it has run a GEMM on, so a new stream per handle would leave a
+    workspace behind each time a model is offloaded (seen on the H100: about 35 MB per case)."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
 
 class RunAhead:
     def __init__(self, predictor: RoutingPredictor, cache: ExpertCache, hook, model, replace_router: bool = False,
@@ -37,7 +48,7 @@ class RunAhead:
         self._needed: dict[int, list[list[int]]] = {}  # stack -> experts per layer (host lists, made lazily)
         self._events: dict[int, torch.cuda.Event] = {}
         self._current: tuple[int, int] | None = None  # (stack, position of the running layer)
-        self._stream = torch.cuda.Stream(cache.device) if cache.device.type == "cuda" else None
+        self._stream = side_stream(cache.device) if cache.device.type == "cuda" else None
         predictor.reset()
         self._handles = [st.module.register_forward_pre_hook(self._hook(s), with_kwargs=True)
                          for s, st in enumerate(self.stacks)]
@@ -77,6 +88,31 @@ class RunAhead:
             if self.prefetch:
                 self._prefetch_layer(self.stacks[s].layers[0])
         return hook
+
+    def footprint(self, input_ids: torch.Tensor) -> int:
+        """Device bytes the predictor needs at this batch shape: its peak over one prediction of every stack for
+        new sequences `input_ids` [B, S], run where it runs (its side stream: that includes the stream's cuBLAS
+        workspace), plus what it already held. Untimed; the predictor's state is reset afterwards. 0 on a CPU."""
+        if self._stream is None or self.failed:
+            return 0
+        from .base import device_bytes
+
+        dev = self.cache.device
+        torch.cuda.synchronize(dev)
+        held = device_bytes(self.predictor, dev, exclude=_model_storages(self.stacks))
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        try:
+            with torch.no_grad(), torch.cuda.stream(self._stream):
+                for s, st in enumerate(self.stacks):
+                    self.predictor.predict(StackInputs(s, st.layers, input_ids, True))
+            torch.cuda.synchronize(dev)
+        except Exception as exc:
+            self._fail(exc)
+            return 0
+        finally:
+            self.predictor.reset()
+        return held + max(0, torch.cuda.max_memory_allocated(dev) - base)
 
     def _fail(self, exc: Exception) -> None:
         warnings.warn(f"moeoffload: predictor {getattr(self.predictor, 'name', '?')} failed ({type(exc).__name__}: "
@@ -151,3 +187,9 @@ class RunAhead:
             return math.inf
         p = self.position[layer]
         return float(p - pos) if expert in needed[p] else math.inf
+
+
+def _model_storages(stacks) -> set[int]:
+    """Data pointers of the stacks' weights (what a predictor may share with the model, and must not be charged)."""
+    return {t.untyped_storage().data_ptr() for st in stacks for t in list(st.module.parameters())
+            + list(st.module.buffers())}
