@@ -364,6 +364,22 @@ class Session:
         return record, tokens, logits, torch_peak, evaluation
 
 
+def expected_failure(record: dict) -> str | None:
+    """Why a failed case is an expected failure (pytest's xfail), or None when it is a real failure.
+
+    One kind only: an approximate policy (exact=False) over the accuracy limit on synthetic weights, and nothing
+    else broken. Seeded random weights route without structure, so a predictor that replaces the router (SiDA's
+    data-aware mode) has nothing to learn there; its drop is measured and reported, but it says nothing about the
+    policy on a real model, and a default suite run must not fail on it."""
+    failures = record.get("failures") or []
+    synthetic = str(record.get("weights", "")).startswith("synthetic")
+    if record.get("exact") is False and synthetic and failures and all(f.startswith("accuracy drop")
+                                                                       for f in failures):
+        return (f"approximate policy {record.get('policy')!r} on synthetic weights (routing without structure): "
+                f"{failures[0]}; judged on trained or real weights only")
+    return None
+
+
 def release_device_memory(device: str) -> None:
     """Collect garbage (reference cycles can hold tensors of a finished run), drop cuBLAS's per-stream workspaces
     and return the allocator's cached blocks, so that one case's peak is not raised by what an earlier case left

@@ -33,7 +33,7 @@ def rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
             _num(r.get("hit_rate"), ".1%"), _num(r.get("h2d_bytes_per_round"), ".1f", MIB),
             _num(memory, ".1f", MIB), _num(r.get("accuracy_drop"), ".1%"), _num(r.get("token_agreement"), ".1%"),
             _num(r.get("kl_divergence"), ".2g"),
-            "pass" if r.get("passed") else "FAIL",
+            "pass" if r.get("passed") else "xfail" if r.get("expected_failure") else "FAIL",
         ])
     if any(r.get("experts_per_batch_scheduled") is not None for r in records):  # a token-scheduling policy ran
         headers += ["experts/batch first-come", "scheduled", "agree first-come"]

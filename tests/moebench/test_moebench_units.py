@@ -139,3 +139,16 @@ def test_only_files_in_a_suites_folder_are_suites():
     assert _is_suite_file(Path("/repo/suites/mixtral/suite_long.py"))
     assert not _is_suite_file(Path("/other/tests/suite_utils.py"))
     assert not _is_suite_file(Path("/repo/suites/switch/helpers.py"))
+
+
+def test_expected_failure_only_for_an_approximate_policy_over_the_accuracy_limit_on_synthetic_weights():
+    """The one xfail: sida-data-aware on seeded random weights (nothing to learn); any other failure is real."""
+    from moebench.measure import expected_failure
+
+    base = {"policy": "sida-data-aware", "exact": False, "weights": "synthetic(seed=0, float32):switch-base-8",
+            "failures": ["accuracy drop 68.75% (next-token accuracy) is over the suite's limit 1.00%"]}
+    assert "synthetic weights" in expected_failure(base)
+    assert expected_failure({**base, "weights": "trained:models/kjv-moe"}) is None
+    assert expected_failure({**base, "exact": True}) is None
+    assert expected_failure({**base, "failures": base["failures"] + ["GPU peak 1GiB is over ..."]}) is None
+    assert expected_failure({**base, "failures": []}) is None
