@@ -17,8 +17,14 @@ independently), ``t = threshold`` and ``alpha = 1 - confidence``.
        but practically negligible 1% drift is not flagged), and
     3. the one-sided Mann-Whitney U p-value in the worse direction is ``< alpha``.
 * ``improved``: the mirror image (``g_lo > 0``, ``g > -log(1 - t/2)``, Mann-Whitney in the better direction).
-* ``inconclusive`` when the interval is too wide to say anything: ``g_lo < log(1 - t)`` and ``g_hi > -log(1 - t)``.
-* ``unchanged`` otherwise.
+* ``unchanged`` when the interval lies inside the threshold band: ``log(1 - t) <= g_lo`` and ``g_hi <= -log(1 - t)``
+  (whatever the true change is, it is smaller than the flag threshold).
+* ``inconclusive`` otherwise: the interval reaches beyond the threshold (on one side or both) yet the change is not
+  flagged. This includes an interval entirely beyond the threshold when the test cannot reach ``alpha`` because there
+  are too few rounds: with ``n_b``/``n_c`` rounds the smallest one-sided Mann-Whitney p is ``1 / C(n_b + n_c, n_b)``
+  (exact test, no ties), 0.05 at 3/3 and 0.029 at 3/4, so such a run can never be flagged and a halved throughput
+  must not read ``unchanged``. :func:`min_p_value` and :func:`rounds_needed` compute this; the verdict's message
+  says so whenever ``min_p_value >= alpha``.
 
 Why this rule: the Mann-Whitney test is rank based and, for identical distributions, its one-sided false-alarm rate
 is at most ``alpha`` (exact for small samples), whatever the noise shape; the bootstrap interval of small-sample
@@ -70,6 +76,8 @@ __all__ = [
     "compare",
     "compare_many",
     "estimate_round_cv",
+    "min_p_value",
+    "rounds_needed",
 ]
 
 #: Fewer rounds than this on either side gives ``inconclusive``.
@@ -94,6 +102,10 @@ class Verdict:
     p_value: float
     status: str
     message: str
+    #: Smallest one-sided Mann-Whitney p these round counts can give (:func:`min_p_value`).
+    min_p: float = math.nan
+    #: When ``min_p >= alpha``: how many current rounds could reach ``alpha`` against this baseline; else None.
+    rounds_needed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -137,6 +149,31 @@ def _check_options(threshold: float, confidence: float, n_boot: int) -> None:
         raise ValueError(f"confidence must be in (0.5, 1), got {confidence!r}; e.g. 0.99")
     if int(n_boot) < 100:
         raise ValueError(f"n_boot must be >= 100, got {n_boot!r}; the default 2000 is enough")
+
+
+# --------------------------------------------------------------------------------------------- attainable p
+@functools.lru_cache(maxsize=256)
+def min_p_value(n_baseline: int, n_current: int) -> float:
+    """Smallest one-sided Mann-Whitney U p-value that ``n_baseline``/``n_current`` rounds can give: that of two
+    completely separated samples without ties (``1 / C(n_b + n_c, n_b)`` for the exact test), computed by the same
+    scipy call :func:`compare` uses, so it follows scipy's choice of exact or asymptotic method. Ties only raise it."""
+    if n_baseline < 1 or n_current < 1:
+        raise ValueError(f"round counts must be >= 1, got {n_baseline}/{n_current}")
+    cur = np.arange(1.0, n_current + 1)
+    base = np.arange(n_current + 1.0, n_current + n_baseline + 1)
+    return float(_sps.mannwhitneyu(cur, base, alternative="less").pvalue)
+
+
+def rounds_needed(n_baseline: int, alpha: float = 0.01, *, at_least: int = MIN_ROUNDS, cap: int = 200) -> int | None:
+    """Fewest current rounds (>= ``at_least``) whose :func:`min_p_value` against ``n_baseline`` baseline rounds is
+    below ``alpha``: with a 3-round baseline that is 7, with 4 it is 5, with 5 or more it is ``at_least``. None when
+    no count up to ``cap`` does (a 1- or 2-round baseline: remake it with more rounds)."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+    for n in range(max(1, int(at_least)), int(cap) + 1):
+        if min_p_value(n_baseline, n) < alpha:
+            return n
+    return None
 
 
 # -------------------------------------------------------------------------------------- bootstrap of the median
@@ -199,8 +236,8 @@ def _decide(base: np.ndarray, cur: np.ndarray, u_base: np.ndarray, u_cur: np.nda
     full = math.log(1 - threshold)
     regressed = (g_hi < 0) & (g < half) & (p_worse < alpha)
     improved = (g_lo > 0) & (g > -half) & (p_better < alpha)
-    too_wide = (g_lo < full) & (g_hi > -full)
-    code = np.where(regressed, 0, np.where(improved, 1, np.where(too_wide, 3, 2)))
+    inside_band = (g_lo >= full) & (g_hi <= -full)
+    code = np.where(regressed, 0, np.where(improved, 1, np.where(inside_band, 2, 3)))
     return ratio, ci_low, ci_high, p_worse, code
 
 
@@ -217,10 +254,20 @@ def compare(baseline: Sequence[float], current: Sequence[float], *, higher_is_be
     kind = "throughput" if higher_is_better else "latency"
     nb, nc = base.size, cur.size
     ratio = float(np.median(cur) / np.median(base))
+    alpha = 1.0 - confidence
+    min_p = min_p_value(nb, nc)
+    need = rounds_needed(nb, alpha) if min_p >= alpha else None
+    if min_p >= alpha:
+        fix = (f"run >= {need} rounds (--moebench-rounds) against this {nb}-round baseline" if need is not None else
+               f"remake the baseline with >= {rounds_needed(MIN_ROUNDS * 2, alpha)} rounds")
+        power = f"{nb}/{nc} rounds cannot reach p<{alpha:g}: {fix}"
+    else:
+        power = ""
     if nb < MIN_ROUNDS or nc < MIN_ROUNDS:
         msg = (f"{kind} {ratio:.3f}x: inconclusive, baseline has {nb} rounds and current {nc}; need at least "
-               f"{MIN_ROUNDS} each ({DEFAULT_ROUNDS} to detect a 5% change at the estimated noise)")
-        return Verdict(ratio, math.nan, math.nan, math.nan, "inconclusive", msg)
+               f"{MIN_ROUNDS} each ({DEFAULT_ROUNDS} to detect a 5% change at the estimated noise)"
+               + (f"; {power}" if power else ""))
+        return Verdict(ratio, math.nan, math.nan, math.nan, "inconclusive", msg, min_p, need)
     ss = np.random.SeedSequence(int(seed)).spawn(2)
     key_b, key_c = (nb, tuple(np.sort(base))), (nc, tuple(np.sort(cur)))
     first, second = (ss[0], ss[1]) if key_b <= key_c else (ss[1], ss[0])
@@ -233,16 +280,31 @@ def compare(baseline: Sequence[float], current: Sequence[float], *, higher_is_be
     pct = int(round(confidence * 100)) if abs(confidence * 100 - round(confidence * 100)) < 1e-9 else confidence * 100
     head = f"{kind} {r:.3f}x ({pct}% CI {lo:.3f}-{hi:.3f}, Mann-Whitney p={p:.2g}, n={nb}/{nc})"
     change = abs(r - 1) * 100
+    worse, better = ("slower", "faster") if higher_is_better else ("higher", "lower")
     if status == "regressed":
-        tail = f"regressed, {change:.1f}% {'slower' if higher_is_better else 'higher'} (flag threshold {threshold:.0%})"
+        tail = f"regressed, {change:.1f}% {worse} (flag threshold {threshold:.0%})"
     elif status == "improved":
-        tail = f"improved, {change:.1f}% {'faster' if higher_is_better else 'lower'} (flag threshold {threshold:.0%})"
+        tail = f"improved, {change:.1f}% {better} (flag threshold {threshold:.0%})"
     elif status == "unchanged":
-        tail = f"unchanged within the noise (flag threshold {threshold:.0%})"
+        tail = f"unchanged, the interval lies within the flag threshold {threshold:.0%}"
     else:
-        tail = (f"inconclusive, the interval spans both -{threshold:.0%} and +{threshold:.0%}; "
-                f"run more rounds (about {DEFAULT_ROUNDS} at the estimated noise)")
-    return Verdict(r, lo, hi, p, status, f"{head}: {tail}")
+        sign = 1.0 if higher_is_better else -1.0
+        g_lo, g_hi = sorted((sign * math.log(lo), sign * math.log(hi)))
+        full = math.log(1 - threshold)
+        if g_hi < full or g_lo > -full:
+            side = worse if g_hi < full else better
+            tail = (f"inconclusive, the interval lies entirely beyond the {threshold:.0%} threshold ({side}) but "
+                    f"Mann-Whitney is not significant at p<{alpha:g}")
+        elif g_lo < full and g_hi > -full:
+            tail = (f"inconclusive, the interval spans both -{threshold:.0%} and +{threshold:.0%}; "
+                    f"run more rounds (about {DEFAULT_ROUNDS} at the estimated noise)")
+        else:
+            side = worse if g_lo < full else better
+            tail = (f"inconclusive, the interval reaches beyond the {threshold:.0%} threshold ({side}) without a "
+                    "significant change; run more rounds to tell a change from none")
+    if power:
+        tail += f"; {power}"
+    return Verdict(r, lo, hi, p, status, f"{head}: {tail}", min_p, need)
 
 
 def compare_many(baseline: np.ndarray, current: np.ndarray, *, higher_is_better: bool, threshold: float = 0.05,

@@ -220,3 +220,80 @@ def test_power_script_takes_measured_noise(tmp_path, capsys):
     assert {r["noise"] for r in data["rows"]} == {"measured", "empirical", "measured-2x"}
     row = next(r for r in data["rows"] if r["noise"] == "empirical")
     assert row["identical"]["regressed"] <= 0.03 and row["5% slower"]["regressed"] >= 0.9  # CV 1%: easy
+
+
+# ------------------------------------------------------------------------- every branch, and too few rounds
+HALVED = [50.0, 51.0, 49.0]
+
+
+@pytest.mark.parametrize("nb, nc, expected", [(3, 3, 0.05), (3, 4, 1 / 35), (4, 4, 1 / 70), (5, 5, 1 / 252),
+                                              (3, 7, 1 / 120), (1, 1, 0.5)])
+def test_min_p_value_is_one_over_binomial(nb, nc, expected):
+    assert stats.min_p_value(nb, nc) == pytest.approx(expected)
+    assert stats.min_p_value(nb, nc) == stats.min_p_value(nc, nb)
+
+
+def test_min_p_value_bounds_every_observed_p():
+    rng = np.random.default_rng(5)
+    for nb, nc in [(3, 3), (3, 5), (4, 6), (9, 9)]:
+        floor = stats.min_p_value(nb, nc)
+        for _ in range(20):
+            v = compare(rng.lognormal(0, 0.2, nb), rng.lognormal(-1, 0.2, nc), higher_is_better=True, n_boot=200)
+            assert v.p_value >= floor * (1 - 1e-9)
+
+
+def test_rounds_needed():
+    assert stats.rounds_needed(3) == 7 and stats.rounds_needed(4) == 5 and stats.rounds_needed(5) == 4
+    assert stats.rounds_needed(10) == stats.MIN_ROUNDS
+    assert stats.rounds_needed(3, alpha=0.05) == 4  # 3/4: 1/35 < 0.05
+    assert stats.rounds_needed(1, cap=20) is None
+    with pytest.raises(ValueError, match="alpha"):
+        stats.rounds_needed(3, alpha=0.0)
+
+
+@pytest.mark.parametrize("nb, nc", [(3, 3), (4, 3), (3, 4)])
+def test_halved_throughput_with_too_few_rounds_is_inconclusive_not_unchanged(nb, nc):
+    """The issue's run: '-40.7% unchanged'. The interval lies wholly beyond the threshold, the test cannot get there."""
+    v = compare(BASE[:nb], (HALVED + [50.5])[:nc], higher_is_better=True)
+    assert v.status == "inconclusive" and v.ci_high < 0.95
+    assert v.min_p >= 0.01 and v.rounds_needed == stats.rounds_needed(nb)
+    assert "entirely beyond the 5% threshold (slower)" in v.message
+    assert f"{nb}/{nc} rounds cannot reach p<0.01" in v.message and f">= {v.rounds_needed} rounds" in v.message
+
+
+def test_doubled_throughput_with_too_few_rounds_is_inconclusive_on_the_better_side():
+    v = compare(BASE[:3], [200.0, 201.0, 199.0], higher_is_better=True)
+    assert v.status == "inconclusive" and "(faster)" in v.message and "cannot reach" in v.message
+    lat = compare(BASE[:3], [200.0, 201.0, 199.0], higher_is_better=False)  # latency doubled: worse
+    assert lat.status == "inconclusive" and "(higher)" in lat.message
+
+
+def test_enough_rounds_flags_the_same_change():
+    v = compare(BASE[:5], [50.0, 51.0, 49.0, 50.5, 49.5], higher_is_better=True)
+    assert v.status == "regressed" and v.rounds_needed is None and "cannot reach" not in v.message
+
+
+def test_tight_interval_with_too_few_rounds_is_unchanged_but_says_so():
+    v = compare(BASE[:3], [100.2, 100.9, 99.1], higher_is_better=True)
+    assert v.status == "unchanged" and "within the flag threshold" in v.message and "cannot reach" in v.message
+
+
+def test_interval_reaching_past_one_threshold_is_inconclusive():
+    """Neither inside the band (so not 'unchanged') nor a flagged change: one side reaches -5%, the other not +5%."""
+    base = [100.0, 101.0, 99.0, 100.5, 99.5, 100.2, 99.8, 100.7]
+    cur = [102.0, 90.0, 99.5, 96.0, 101.0, 93.0, 98.0, 95.0]
+    v = compare(base, cur, higher_is_better=True)
+    assert v.ci_low < 0.95 < v.ci_high <= 1 / 0.95, v
+    assert v.status == "inconclusive" and "reaches beyond the 5% threshold (slower)" in v.message
+
+
+def test_unchanged_only_inside_the_band():
+    rng = np.random.default_rng(11)
+    for _ in range(30):
+        n = int(rng.integers(3, 12))
+        a, b = rng.lognormal(0, 0.05, n), rng.lognormal(rng.normal(0, 0.05), 0.05, n)
+        v = compare(a, b, higher_is_better=True, n_boot=300)
+        if v.status == "unchanged":
+            assert 0.95 <= v.ci_low and v.ci_high <= 1 / 0.95
+        if 0.95 <= v.ci_low and v.ci_high <= 1 / 0.95:
+            assert v.status in ("unchanged", "regressed", "improved")
