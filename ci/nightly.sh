@@ -9,7 +9,8 @@
 # Works where the package is installed (pip install -e .) and where it is not (a bare checkout on a machine that
 # cannot pip-install: PYTHONPATH=src and `-p moebench.plugin` are then added by this script).
 # Everything it writes goes under $OUT (default ./nightly-out): logs, junit XML, history/, report/, summary.txt.
-# Settings (environment): MOEBENCH_TIER (full), MOEBENCH_ROUNDS (3), MOEBENCH_HISTORY ($OUT/history),
+# Settings (environment): MOEBENCH_TIER (full), MOEBENCH_ROUNDS (10: with fewer than 5 rounds on a side, and fewer
+# than 7 against a 3-round baseline, no change can reach p < 0.01), MOEBENCH_HISTORY ($OUT/history),
 # MOEBENCH_BASELINE_DIR (baselines), MOEBENCH_SAVE_BASELINE=1 (store this run as the baseline: only when a
 # person decided so), MOEBENCH_STEP_TIMEOUT (seconds per pytest call; none by default), MOEBENCH_SKIP_GPU_TESTS=1,
 # MOEBENCH_PYTEST_ARGS (more pytest arguments for every suite run, e.g. "--moebench-policy lru -k switch-base-8").
@@ -19,7 +20,7 @@ cd "$(dirname "$0")/.."
 out="${OUT:-nightly-out}"
 history="${MOEBENCH_HISTORY:-$out/history}"
 tier="${MOEBENCH_TIER:-full}"
-rounds="${MOEBENCH_ROUNDS:-3}"
+rounds="${MOEBENCH_ROUNDS:-10}"
 baselines="${MOEBENCH_BASELINE_DIR:-baselines}"
 mkdir -p "$out" "$history"
 py="${PYTHON:-python3}"

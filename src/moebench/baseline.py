@@ -7,7 +7,9 @@ a file that does not read as a baseline.
 
 Verdicts: timed metrics (throughput, latency) go through `moebench.stats.compare` on the per-round samples, so a case
 is "regressed" only when the change is statistically significant AND beyond its limit; deterministic ones (GPU
-memory, bytes copied) are compared directly against their limit.
+memory, bytes copied) are compared directly against their limit. A baseline case is compared only with a run case of
+the same tier, dtype, workload and device (cpu or cuda, and the same GPU model); any other pair is "not comparable",
+with the reason, and never fails the run.
 """
 
 from __future__ import annotations
@@ -20,12 +22,20 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .history import StoreError, _clean
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 SCHEMA = "moebench-baseline"
 VERSION = 1
 DEFAULT_LIMITS = "throughput:5%,gpu_memory:2%"
+#: Confidence of the statistical verdicts (their false-alarm level is 1 - this).
+CONFIDENCE = 0.99
+#: Rounds per side suggested when a baseline itself has too few (5/5 is the fewest balanced count reaching p < 0.01).
+SUGGESTED_ROUNDS = 10
 
 
 class BaselineError(StoreError):
@@ -178,9 +188,11 @@ def compare_metric(metric: Metric, base: dict, cur: dict, limit: float) -> dict:
                     "current": cval, "message": f"{metric.name}: no per-round samples on "
                     f"{'the baseline' if not bs else 'this run'} side; remake the baseline with this moebench"}
         bval, cval = _median(bs), _median(cs)
-        v = stats.compare(bs, cs, higher_is_better=metric.higher_is_better, threshold=limit)
+        v = stats.compare(bs, cs, higher_is_better=metric.higher_is_better, threshold=limit, confidence=CONFIDENCE)
         return {"status": v.status, "ratio": v.ratio, "ci": [v.ci_low, v.ci_high], "p_value": v.p_value,
-                "baseline": bval, "current": cval, "n": [len(bs), len(cs)], "message": v.message}
+                "baseline": bval, "current": cval, "n": [len(bs), len(cs)], "message": v.message,
+                "too_few_rounds": bool(v.min_p >= 1 - CONFIDENCE or min(len(bs), len(cs)) < stats.MIN_ROUNDS),
+                "rounds_needed": v.rounds_needed}
     if bval is None or cval is None or bval <= 0:
         return {"status": "inconclusive", "ratio": None, "baseline": bval, "current": cval,
                 "message": f"{metric.name}: not measured on both sides"}
@@ -192,25 +204,130 @@ def compare_metric(metric: Metric, base: dict, cur: dict, limit: float) -> dict:
             "message": f"{metric.name} {ratio:.3f}x ({bval:.4g} -> {cval:.4g}, limit {limit:.0%}): {status}"}
 
 
-def compare_case(base: dict | None, cur: dict, limits: dict[str, float]) -> dict:
+def _device_type(record: dict) -> str | None:
+    device = record.get("device")
+    return str(device).split(":")[0] if device else None
+
+
+def _gpu_name(machine: dict | None) -> str | None:
+    names = ((machine or {}).get("gpu") or {}).get("names") or []
+    return str(names[0]) if names else None
+
+
+def _same(a, b) -> bool:
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def comparability(base: dict, cur: dict, base_machine: dict | None = None,
+                  cur_machine: dict | None = None) -> tuple[list[str], str]:
+    """([differing fields], reason); no fields when the two cases may be compared. A field missing on either side
+    (an older record, an unknown machine) is not held against the pair."""
+    fields: list[str] = []
+    described: dict[str, list[str]] = {"base": [], "cur": []}
+    for key in ("tier", "dtype"):
+        b, c = base.get(key), cur.get(key)
+        if b is not None and c is not None and b != c:
+            fields.append(key)
+            described["base"].append(f"{key} {b}")
+            described["cur"].append(f"{key} {c}")
+    bw, cw = base.get("workload"), cur.get("workload")
+    if isinstance(bw, dict) and isinstance(cw, dict) and not _same(bw, cw):
+        fields.append("workload")
+        keys = [k for k in sorted(set(bw) | set(cw)) if not _same(bw.get(k), cw.get(k))]
+        described["base"].append("workload " + ", ".join(f"{k}={bw.get(k)}" for k in keys))
+        described["cur"].append("workload " + ", ".join(f"{k}={cw.get(k)}" for k in keys))
+    bt, ct = _device_type(base), _device_type(cur)
+    bg, cg = _gpu_name(base_machine), _gpu_name(cur_machine)
+    if bt is not None and ct is not None and bt != ct:
+        fields.append("device")
+    elif bt == ct == "cuda" and bg and cg and bg.strip().lower() != cg.strip().lower():
+        fields.append("GPU")
+    if not fields:
+        return [], ""
+
+    def where(kind: str | None, gpu: str | None, record: dict) -> str:
+        return gpu if kind == "cuda" and gpu else str(kind or record.get("device") or "an unknown device")
+
+    b_text = " ".join(described["base"] + [f"on {where(bt, bg, base)}"])
+    c_text = " ".join(described["cur"] + [f"on {where(ct, cg, cur)}"])
+    return fields, f"baseline {b_text}, this run {c_text}"
+
+
+def compare_case(base: dict | None, cur: dict, limits: dict[str, float], *, base_machine: dict | None = None,
+                 cur_machine: dict | None = None) -> dict:
     """Verdict of one case: 'regressed' if any limited metric regressed, else 'improved' / 'inconclusive' /
-    'unchanged' in that order; 'new' when the baseline has no such case."""
+    'unchanged' in that order; 'new' when the baseline has no such case; 'not comparable' (never a failure) when the
+    baseline case ran another tier, dtype, workload or device (the machines' fingerprints give the GPU model)."""
     if base is None:
         return {"status": "new", "metrics": {}, "message": "no baseline for this case"}
+    fields, reason = comparability(base, cur, base_machine, cur_machine)
+    if fields:
+        return {"status": "not comparable", "metrics": {}, "fields": fields, "reason": reason,
+                "message": f"not comparable: {reason}"}
     metrics = {name: compare_metric(METRICS[name], base, cur, limit) for name, limit in limits.items()}
     statuses = [m["status"] for m in metrics.values()]
     status = next((s for s in ("regressed", "improved", "inconclusive") if s in statuses), "unchanged")
-    bad = [m["message"] for m in metrics.values() if m["status"] == "regressed"]
-    out = {"status": status, "metrics": metrics, "message": "; ".join(bad) if bad else status}
+    said = [m["message"] for m in metrics.values() if m["status"] == status and status != "unchanged"]
+    out: dict = {"status": status, "metrics": metrics, "message": "; ".join(said) if said else status}
     thr = metrics.get("throughput")
     if thr is not None:
         out["baseline_tokens_per_s"], out["ratio"] = thr["baseline"], thr["ratio"]
     elif base.get("tokens_per_s") and cur.get("tokens_per_s"):
         out["baseline_tokens_per_s"], out["ratio"] = base["tokens_per_s"], cur["tokens_per_s"] / base["tokens_per_s"]
+    timed = [m for m in metrics.values() if "n" in m]
+    if timed:
+        out["rounds"] = timed[0]["n"]
+        out["too_few_rounds"] = any(m["too_few_rounds"] for m in timed)
+        needs = [m["rounds_needed"] for m in timed if m["too_few_rounds"]]
+        if needs:
+            out["rounds_needed"] = None if None in needs else max(needs)
     if cur.get("inject_delay_ms"):
         out["injected_delay_ms"] = cur["inject_delay_ms"]
     return out
 
 
-def compare_records(base_cases: dict[str, dict], records: list[dict], limits: dict[str, float]) -> dict[str, dict]:
-    return {r["case"]: compare_case(base_cases.get(r["case"]), r, limits) for r in records}
+def compare_records(base_cases: dict[str, dict], records: list[dict], limits: dict[str, float], *,
+                    base_machine: dict | None = None, cur_machine: dict | None = None) -> dict[str, dict]:
+    return {r["case"]: compare_case(base_cases.get(r["case"]), r, limits, base_machine=base_machine,
+                                    cur_machine=cur_machine) for r in records}
+
+
+def rounds_hint(comparisons: Iterable[dict | None]) -> str | None:
+    """One line for the whole session when some comparison had too few rounds for its test to reach the level:
+    such a run can never flag a change, whatever its size. None when every comparison could."""
+    short = [c for c in comparisons if c and c.get("too_few_rounds")]
+    if not short:
+        return None
+    nb, nc = min(tuple(c.get("rounds") or (0, 0)) for c in short)
+    needs = [c.get("rounds_needed") for c in short]
+    alpha = f"{1 - CONFIDENCE:.2g}"
+    fewest = "" if len({tuple(c.get("rounds") or (0, 0)) for c in short}) == 1 else "as few as "
+    head = (f"moebench: {len(short)} comparison(s) with {fewest}{nb}/{nc} rounds (baseline/this run) cannot reach "
+            f"p<{alpha}, so no change can be flagged")
+    from .stats import MIN_ROUNDS
+
+    if nb < MIN_ROUNDS or None in needs or max(n for n in needs if n is not None) > SUGGESTED_ROUNDS * 2:
+        return (f"{head}: remake the baseline with --moebench-rounds >= {SUGGESTED_ROUNDS} and run with as many")
+    need = max(n for n in needs if n is not None)
+    return f"{head}: use --moebench-rounds >= {need}"
+
+
+def verdict_notes(records: list[dict], baseline_paths: dict[str, str]) -> list[tuple[str, bool]]:
+    """Session lines under the table, each said once: per suite, the cases its baseline could not be compared with
+    (another tier or device: reported, not checked); and the hint when the round counts cannot reach significance."""
+    notes: list[tuple[str, bool]] = []
+    incomparable: dict[str, list[dict]] = {}
+    for r in records:
+        comparison = r.get("comparison") or {}
+        if comparison.get("status") == "not comparable":
+            incomparable.setdefault(r.get("suite") or "?", []).append(comparison)
+    for suite, comps in incomparable.items():
+        reasons = sorted({c["reason"] for c in comps})
+        more = f" (and {len(reasons) - 1} other reason(s))" if len(reasons) > 1 else ""
+        notes.append((f"baseline: {len(comps)} case(s) of suite {suite!r} not comparable with "
+                      f"{baseline_paths.get(suite, 'the baseline')}: {reasons[0]}{more}; reported, not checked",
+                      True))
+    hint = rounds_hint(r.get("comparison") for r in records)
+    if hint:
+        notes.append((hint, True))
+    return notes

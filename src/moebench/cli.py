@@ -105,7 +105,9 @@ def _compare(args: argparse.Namespace) -> int:
     a, b = _load_side(runs, args.a), _load_side(runs, args.b)
     base_cases = {r.get("case"): r for r in a.get("records", [])}
     records = [dict(r) for r in b.get("records", [])]
-    for r, comp in zip(records, bl.compare_records(base_cases, records, limits).values()):
+    comparisons = bl.compare_records(base_cases, records, limits, base_machine=a.get("machine"),
+                                     cur_machine=b.get("machine"))
+    for r, comp in zip(records, comparisons.values()):
         r["comparison"] = comp
     print(f"A (baseline): {format_run_header(a)}")
     print(f"B (current):  {format_run_header(b)}")
@@ -113,6 +115,8 @@ def _compare(args: argparse.Namespace) -> int:
     regressed = [r for r in records if r["comparison"]["status"] == "regressed"]
     for r in regressed:
         print(f"REGRESSED {r['case']}: {r['comparison']['message']}")
+    for line, _ in bl.verdict_notes(records, {s: f"A ({args.a})" for s in a.get("suites", [])}):
+        print(line.removeprefix("baseline: "))
     return 1 if regressed else 0
 
 

@@ -101,7 +101,8 @@ def check_against_baseline(state: dict, record: dict) -> None:
     base = state["baselines"].get(record.get("suite"))
     if base is None:
         return
-    comparison = bl.compare_case(base["cases"].get(record["case"]), record, state["limits"])
+    comparison = bl.compare_case(base["cases"].get(record["case"]), record, state["limits"],
+                                 base_machine=base.get("machine"), cur_machine=state["machine"])
     comparison["baseline_file"] = state["baseline_paths"].get(record.get("suite"))
     record["comparison"] = comparison
     if comparison["status"] == "regressed":
@@ -120,6 +121,7 @@ def finish_session(session: pytest.Session, state: dict, options: dict, exitstat
                            status="interrupted" if interrupted else "complete", command=command,
                            machine=state["machine"], machine_cls=state["machine_class"])
     state["run"] = run
+    state["store_messages"].extend(bl.verdict_notes(state["records"], state["baseline_paths"]))
     try:
         state["history_path"] = history.append(state["history"], run)
     except (OSError, history.HistoryError) as exc:
@@ -136,3 +138,4 @@ def finish_session(session: pytest.Session, state: dict, options: dict, exitstat
             state["store_messages"].append((f"baseline: wrote {path} (run {run['run_id']})", False))
         except (OSError, bl.BaselineError) as exc:
             state["store_messages"].append((f"baseline: NOT saved: {exc}", True))
+

@@ -42,23 +42,28 @@ def rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
                                                                               ".1f"),
                     _num(r.get("first_come_token_agreement"), ".1%")]
     if any("comparison" in r for r in records):
-        headers += ["baseline tok/s", "delta", "verdict"]
+        headers += ["baseline tok/s", "delta", "rounds b/r", "verdict"]
         for row, r in zip(out, records):
             row += comparison_cells(r.get("comparison"))
     return headers, out
 
 
 def comparison_cells(comparison: dict | None) -> list[str]:
-    """Baseline tokens/s, the change of the median, and the verdict ('REGRESSED' shouts; an injected delay shows)."""
+    """Baseline tokens/s, the change of the median, the rounds on each side (marked when too few to flag anything)
+    and the verdict ('REGRESSED' shouts; an injected delay shows; 'not comparable' names what differs)."""
     if not comparison:
-        return ["-", "-", "-"]
+        return ["-", "-", "-", "-"]
     ratio = comparison.get("ratio")
     verdict = comparison.get("status", "?")
     verdict = verdict.upper() if verdict == "regressed" else verdict
+    if comparison.get("fields"):
+        verdict += f" ({', '.join(comparison['fields'])})"
     if comparison.get("injected_delay_ms"):
         verdict += f" (injected {comparison['injected_delay_ms']:g} ms)"
+    n = comparison.get("rounds")
+    rounds = "-" if not n else f"{n[0]}/{n[1]}" + (" too few" if comparison.get("too_few_rounds") else "")
     return [_num(comparison.get("baseline_tokens_per_s"), ".1f"),
-            "-" if ratio is None else f"{ratio - 1:+.1%}", verdict]
+            "-" if ratio is None else f"{ratio - 1:+.1%}", rounds, verdict]
 
 
 def render(records: list[dict], tablefmt: str = "simple") -> str:
