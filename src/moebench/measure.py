@@ -208,8 +208,10 @@ class Session:
                 for ids in prompts:
                     generate(model, ids.to(model.device), wl.new_tokens)
 
+            # past_end="lru": the recording ends with the timed rounds; the untimed accuracy (and arrivals) passes
+            # that follow on the same handle are served as LRU, quietly (their calls are not in the statistics)
             return predictors.prepare(policy, model, run=run, budget=case.budget, device=self.device,
-                                      show_progress=False)
+                                      show_progress=False, past_end="lru")
         key = (case.model, policy.predictor)
         if key not in self._predictors:
             trace_key = (case.model, "trace")  # one recorded training trace per model, shared by every kind

@@ -1,6 +1,7 @@
 """The oracle: replays the recorded routing of the exact inputs being served (a CallTrace). It knows every
 coming layer call's experts, so its prefetch and its Belady eviction are upper bounds, not policies one could
-deploy. If the served calls stop matching the recording (other inputs), it warns and steps aside."""
+deploy. If the served calls stop matching the recording (other inputs), it warns and steps aside; past the
+recording's end it warns too, unless the trace says the recording deliberately stops there (CallTrace.past_end)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ class OracleReplay:
         self.cache = cache
         self.prefetch = prefetch
         self.cursor = -1
-        self.diverged = False
+        self.diverged = False  # stepped aside: no prefetch, no future for Belady (served as LRU)
+        self.past_end_calls = 0  # calls served after the recording's end (an untimed pass after the measured ones)
         self._uses: dict[tuple[int, int], list[int]] = {}
         for c, (layer, experts) in enumerate(trace.calls):
             for e in experts:
@@ -33,10 +35,20 @@ class OracleReplay:
 
     def tap(self, layer_idx: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
         """Advance to the next recorded call; check it is this layer's."""
+        self.cursor += 1
+        if self.cursor >= len(self.trace.calls):
+            self.past_end_calls += 1
+            if self.trace.past_end == "lru":
+                self.diverged = True
+                return None
         if self.diverged:
             return None
-        self.cursor += 1
-        if self.cursor >= len(self.trace.calls) or self.trace.calls[self.cursor][0] != layer_idx:
+        if self.cursor >= len(self.trace.calls):
+            warnings.warn(f"moeoffload: more calls served than the oracle trace recorded ({len(self.trace.calls)}); "
+                          "record all the served calls, or record with past_end='lru' when the rest is not measured. "
+                          "Falling back to LRU without prefetch", RuntimeWarning, stacklevel=3)
+            self.diverged = True
+        elif self.trace.calls[self.cursor][0] != layer_idx:
             warnings.warn(f"moeoffload: oracle trace does not match the served calls at call {self.cursor} (layer "
                           f"{layer_idx}); record it on the same inputs. Falling back to LRU without prefetch",
                           RuntimeWarning, stacklevel=3)

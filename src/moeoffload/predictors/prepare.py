@@ -25,8 +25,10 @@ def needs(policy) -> str | None:
 
 
 def prepare(policy, model, *, train_prompts=None, new_tokens: int = 8, run: Callable[[], object] | None = None,
-            budget: str | int = "all", device=None, show_progress: bool | None = None, **options):
-    """The `predictor=` argument `offload(model, policy, ...)` needs, or None when the policy needs none."""
+            budget: str | int = "all", device=None, show_progress: bool | None = None, past_end: str = "warn",
+            **options):
+    """The `predictor=` argument `offload(model, policy, ...)` needs, or None when the policy needs none.
+    `past_end` (exact-trace only): what the oracle does with calls served after those `run` made (CallTrace)."""
     from .. import policies
     from ..offload import offload
 
@@ -45,5 +47,5 @@ def prepare(policy, model, *, train_prompts=None, new_tokens: int = 8, run: Call
         if run is None:
             raise ValueError(f"policy {policy.name!r} replays the served routing: pass run (the exact calls)")
         with offload(model, "lru", budget, device=device, show_progress=False) as handle:
-            return record_calls(handle, run)
+            return record_calls(handle, run, past_end=past_end)
     raise ValueError(f"predictor {kind.name!r} declares unknown needs {kind.needs!r}")

@@ -65,19 +65,34 @@ class RoutingTrace:
         return RoutingTrace(data["info"], data["chunks"])
 
 
+PAST_END = ("warn", "lru")
+
+
 @dataclass
 class CallTrace:
     calls: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)  # (layer, experts needed), call order
+    # What the oracle does with calls served after the last recorded one. "warn": they were not recorded, so the
+    # served inputs are not the recorded ones. "lru": the recording deliberately covers only the calls whose
+    # statistics count (e.g. moebench's timed rounds, not its untimed accuracy pass after them); the oracle then
+    # steps aside quietly and the rest is served as LRU without prefetch. A call of another layer than recorded
+    # warns either way.
+    past_end: str = "warn"
+
+    def __post_init__(self) -> None:
+        if self.past_end not in PAST_END:
+            raise ValueError(f"CallTrace past_end must be one of {PAST_END}, got {self.past_end!r}")
 
     def save(self, path: str | Path) -> None:
-        torch.save({"schema": SCHEMA_VERSION, "kind": "call-trace", "calls": self.calls}, Path(path))
+        torch.save({"schema": SCHEMA_VERSION, "kind": "call-trace", "calls": self.calls, "past_end": self.past_end},
+                   Path(path))
 
     @staticmethod
     def load(path: str | Path) -> CallTrace:
         data = torch.load(Path(path), map_location="cpu", weights_only=True)
         if not isinstance(data, dict) or data.get("kind") != "call-trace" or data.get("schema") != SCHEMA_VERSION:
             raise ValueError(f"{path} is not a moeoffload call trace of schema {SCHEMA_VERSION}; record it again")
-        return CallTrace([(int(layer), tuple(experts)) for layer, experts in data["calls"]])
+        return CallTrace([(int(layer), tuple(experts)) for layer, experts in data["calls"]],
+                         past_end=data.get("past_end", "warn"))
 
 
 class _Recorder:
@@ -177,11 +192,11 @@ def collect_trace(model, prompts: list[torch.Tensor], new_tokens: int = 8, *, wi
     return RoutingTrace(info, chunks)
 
 
-def record_calls(handle, run) -> CallTrace:
+def record_calls(handle, run, past_end: str = "warn") -> CallTrace:
     """Run `run()` (e.g. the generate() calls of a benchmark round) on an offloaded model and return which
-    experts every MoE layer call needed, in order."""
+    experts every MoE layer call needed, in order. `past_end`: see CallTrace."""
     recorder = _Recorder(handle, with_hidden=False)
     recorder.router_weight = None  # only the call sequence is kept
     with recorder:
         run()
-    return CallTrace(recorder.calls)
+    return CallTrace(recorder.calls, past_end=past_end)
