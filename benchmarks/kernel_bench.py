@@ -1,6 +1,6 @@
 """Grouped-kernel check and timing on the GPU: ours against transformers' own experts forward, same shapes.
 
-    PYTHONPATH=src python benchmarks/kernels.py            # writes $OUT/kernels.json and $OUT/kernels.txt
+    PYTHONPATH=src python benchmarks/kernel_bench.py            # writes $OUT/kernels.json and $OUT/kernels.txt
 
 Mixtral-8x7B experts (hidden 4096, intermediate 14336, 8 experts, top-2, bf16), tokens 1, 16, 256, 4096.
 For each: a check against float64 (relative error, outputs poisoned with NaN first), then the median time
@@ -158,7 +158,7 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "transformers": transformers.__version__, "python": platform.python_version(),
               "device_copy_peak_GBps": peak / 1e9, "overlap": overlap_check(layout.nbytes), "rows": rows,
-              "command": "PYTHONPATH=src python benchmarks/kernels.py"}
+              "command": "PYTHONPATH=src python benchmarks/kernel_bench.py"}
     with open(os.path.join(args.out, "kernels.json"), "w") as f:
         json.dump(result, f, indent=2)
     lines = [f"{result['device']}  device copy peak {peak / 1e9:.0f} GB/s (read+write)  overlap: "
