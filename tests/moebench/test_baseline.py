@@ -198,3 +198,25 @@ def test_ctrl_c_marks_the_run_interrupted_and_saves_no_baseline(tiny):
     assert runs[0]["status"] == "interrupted" and len(runs[0]["records"]) == 1
     assert "[INTERRUPTED]" in history.format_run_header(runs[0])
     assert not base.exists()
+
+
+def test_plugin_reports_incomparable_cases_and_too_few_rounds_once(tiny):
+    """A case whose baseline ran another tier on an H100 is 'not comparable' (never a failure) with the reason under
+    the table; 3/3 rounds, which cannot reach p<0.01, give one hint for the whole session."""
+    base = tiny.path / "baselines" / "cpu" / "tiny.json"
+    tiny.runpytest_subprocess(*_args(tiny, "--moebench-save-baseline", rounds="3")).assert_outcomes(passed=2)
+    data = json.loads(base.read_text())
+    data["machine"] = {"gpu": {"count": 1, "names": ["NVIDIA H100 80GB HBM3"], "driver": "580"}}
+    resident = next(c for name, c in data["cases"].items() if "resident" in name)
+    resident.update(tier="full", device="cuda:0", tokens_per_s=1e6)
+    resident["samples"]["tokens_per_s"] = [1e6] * 3  # the CPU run is far "slower": still no failure
+    base.write_text(json.dumps(data))
+    r = tiny.runpytest_subprocess(*_args(tiny, rounds="3"))
+    assert r.ret == 0
+    r.assert_outcomes(passed=2)
+    r.stdout.fnmatch_lines(["*rounds b/r*verdict*", "*resident*-  not comparable (tier, device)",
+                            "*lru*3/3 too few*"])
+    out = r.stdout.str()
+    assert out.count("cannot reach p<0.01") == 1 and "use --moebench-rounds >= 7" in out
+    assert out.count("not comparable with") == 1
+    assert "baseline tier full on NVIDIA H100 80GB HBM3, this run tier quick on cpu" in out
