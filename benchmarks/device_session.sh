@@ -7,7 +7,8 @@
 #
 # Steps: gpu_tests, expertflow, predictors, stats (benchmarks/stats_device.sh), nightly_switch (ci/nightly.sh on
 # switch-base-8 with the policies of baselines/h100/switch.json), full_<suite> (that suite's full tier).
-# Runs from a bare checkout (the package need not be installed): PYTHONPATH=src.
+# Runs from a bare checkout (the package need not be installed): PYTHONPATH=src. A copy of the tree whose .git is
+# stale (the device tool's) records a wrong commit: pass the real one, MOEBENCH_COMMIT=<hash> (moebench.fingerprint).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -20,7 +21,8 @@ summary="$OUT/summary.txt"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__,
 'transformers', transformers.__version__)"
-  echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
+  if [[ -n "${MOEBENCH_COMMIT:-}" ]]; then echo "commit $MOEBENCH_COMMIT (given by the caller)"
+  else echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (dirty)')"; fi
 } > "$work/device.txt" 2>&1
 cp "$work/device.txt" "$summary"
 

@@ -84,8 +84,20 @@ def machine_info() -> dict:
     return info
 
 
+COMMIT_ENV = "MOEBENCH_COMMIT"
+
+
 def git_info(root: str | Path) -> dict:
-    """Commit and dirty flag of the tree at `root` (None for both outside a git checkout)."""
+    """Commit and dirty flag of the tree at `root` (None for both outside a git checkout).
+
+    `$MOEBENCH_COMMIT`, when set, is the commit (dirty: False): for a copy of a tree whose `.git` is absent or
+    stale, as on a machine that receives the working tree without its history (record the caller's HEAD)."""
+    import os
+
+    given = os.environ.get(COMMIT_ENV, "").strip()
+    if given:
+        return {"commit": given, "dirty": False, "source": COMMIT_ENV}
+
     def run(*args: str) -> str | None:
         try:
             out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)

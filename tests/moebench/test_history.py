@@ -120,3 +120,12 @@ def test_clean_json_has_no_nan(tmp_path):
     run["records"][0]["hit_rate"] = float("nan")
     path = history.append(tmp_path, run)
     assert json.loads(path.read_text())["records"][0]["hit_rate"] is None
+
+
+def test_commit_can_be_given_for_a_tree_copied_without_its_history(tmp_path, monkeypatch):
+    """A device that receives a copy of the tree has a stale or no .git; the caller's HEAD is passed instead."""
+    from moebench.fingerprint import git_info
+
+    assert git_info(tmp_path)["commit"] is None  # not a checkout
+    monkeypatch.setenv("MOEBENCH_COMMIT", "abc1234")
+    assert git_info(tmp_path) == {"commit": "abc1234", "dirty": False, "source": "MOEBENCH_COMMIT"}
