@@ -348,8 +348,9 @@ class Session:
             "dense_bytes": stats.dense_bytes,
             # the predictor's own networks and tables, or, measured, its peak at the batch shape on its stream
             "predictor_bytes": max(stats.predictor_bytes, predictor_bytes),
-            "device_bytes_at_start": start_bytes,  # allocated when the timed part began: dense + cache + predictor,
-            # more only if something earlier (a preparation) left tensors behind
+            # allocated when the timed part began: dense + cache + predictor + cuBLAS workspaces; a growth from case
+            # to case means something earlier left tensors behind (how the side-stream workspaces were found)
+            "device_bytes_at_start": start_bytes,
             "n_slots": stats.n_slots,
             "torch_peak_bytes": torch_peak,
             "nvml_used_bytes": nvml_peak,
