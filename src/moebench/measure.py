@@ -105,11 +105,9 @@ class Session:
             self._models[name] = self.suite.model(name).build(self.tier, self.dtype, "cpu")
         return self._models[name]
 
-    def reference(self, name: str, schedule=None) -> Reference:
-        """The resident run of model `name` every case is compared to; with a `schedule`, the resident run served
-        in that schedule's batches (what a token-scheduling policy is exact against: see `scheduled_reference`)."""
-        if schedule is not None:
-            return self.scheduled_reference(name, schedule)
+    def reference(self, name: str) -> Reference:
+        """The resident run of model `name` every case is compared to (a token-scheduling policy is compared to
+        `scheduled_reference` instead)."""
         if name not in self._refs:
             try:
                 reference_case = Case(name, REFERENCE_POLICY, REFERENCE_BUDGET)

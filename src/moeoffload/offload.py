@@ -89,14 +89,8 @@ class OffloadedModel:
         """Device bytes of the policy's predictor (networks, tables, kept predictions), not counting tensors it
         shares with the model (SiDA reads the model's embeddings). Read when asked: a predictor may move its
         networks to the device at its first call."""
-        runtime = getattr(self, "runahead", None)
-        predictor = getattr(runtime, "predictor", None)
-        if predictor is None or self.device.type != "cuda":
-            return 0
-        from .predictors.base import device_bytes
-
-        shared = {t.untyped_storage().data_ptr() for t in list(self.model.parameters()) + list(self.model.buffers())}
-        return device_bytes([predictor, getattr(runtime, "prediction", None)], self.device, exclude=shared)
+        held = getattr(getattr(self, "runahead", None), "held_bytes", None)  # RunAhead; the oracle holds nothing
+        return held() if held is not None else 0
 
     def reset_stats(self) -> None:
         self.cache.reset_stats()

@@ -158,7 +158,8 @@ def test_device_bytes_counts_a_predictors_own_storages_once_and_not_the_models()
     tensors it shares with the model (SiDA reads the model's embeddings)."""
     from moeoffload.predictors.base import device_bytes
 
-    embedding = torch.zeros(100, 8)  # the model's: 3200 bytes, excluded
+    model = torch.nn.Embedding(100, 8)
+    embedding = model.weight  # the model's: 3200 bytes, excluded
     net = torch.nn.Linear(8, 4)  # 32 + 4 floats = 144 bytes
 
     class Holder:
@@ -166,7 +167,7 @@ def test_device_bytes_counts_a_predictors_own_storages_once_and_not_the_models()
             self.embedding, self.nets, self.table = embedding, {0: net}, [torch.ones(10), net.weight]
 
     cpu = torch.device("cpu")
-    got = device_bytes(Holder(), cpu, exclude={embedding.untyped_storage().data_ptr()})
+    got = device_bytes(Holder(), cpu, shared_with=model)
     assert got == (32 + 4 + 10) * 4
     assert device_bytes(Holder(), torch.device("meta")) == 0  # nothing of it lives there
 

@@ -107,14 +107,15 @@ class PredictorKind:
 PREDICTORS: dict[str, PredictorKind] = {}
 
 
-def device_bytes(obj: Any, device: torch.device, exclude: set[int] | None = None) -> int:
+def device_bytes(obj: Any, device: torch.device, shared_with: torch.nn.Module | None = None) -> int:
     """Bytes of the distinct tensor storages reachable from `obj` (attributes, modules' parameters and buffers,
-    dicts, lists, tuples) that live on `device`, less those whose storage is in `exclude` (data pointers of the
-    model's own weights, which a predictor may share, as SiDA shares the input embeddings). What a predictor or
-    its runtime holds on the GPU beyond the model and the expert cache: the memory a suite charges to it."""
+    dicts, lists, tuples) that live on `device`, less the storages of `shared_with`'s parameters and buffers (the
+    model's own weights, which a predictor may share, as SiDA shares the input embeddings). What a predictor
+    holds on the GPU beyond the model and the expert cache: the memory a suite charges to it."""
     seen_objects: set[int] = set()
     storages: dict[int, int] = {}
-    exclude = exclude or set()
+    exclude = set() if shared_with is None else {
+        t.untyped_storage().data_ptr() for t in list(shared_with.parameters()) + list(shared_with.buffers())}
 
     def visit(x: Any, depth: int) -> None:
         if depth > 6 or id(x) in seen_objects:

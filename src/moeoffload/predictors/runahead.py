@@ -37,6 +37,7 @@ class RunAhead:
     def __init__(self, predictor: RoutingPredictor, cache: ExpertCache, hook, model, replace_router: bool = False,
                  prefetch: bool = True):
         self.predictor = predictor
+        self.model = model
         self.prefetch = prefetch
         self.cache = cache
         self.num_experts = hook.num_experts
@@ -95,11 +96,9 @@ class RunAhead:
         workspace), plus what it already held. Untimed; the predictor's state is reset afterwards. 0 on a CPU."""
         if self._stream is None or self.failed:
             return 0
-        from .base import device_bytes
-
         dev = self.cache.device
         torch.cuda.synchronize(dev)
-        held = device_bytes(self.predictor, dev, exclude=_model_storages(self.stacks))
+        held = self.held_bytes()
         base = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         try:
@@ -113,6 +112,15 @@ class RunAhead:
         finally:
             self.predictor.reset()
         return held + max(0, torch.cuda.max_memory_allocated(dev) - base)
+
+    def held_bytes(self) -> int:
+        """Device bytes the predictor and its kept predictions hold, less what they share with the model. Read
+        when asked: a predictor may move its networks to the device at its first call. 0 on a CPU."""
+        if self.cache.device.type != "cuda":
+            return 0
+        from .base import device_bytes
+
+        return device_bytes([self.predictor, self.prediction], self.cache.device, shared_with=self.model)
 
     def _fail(self, exc: Exception) -> None:
         warnings.warn(f"moeoffload: predictor {getattr(self.predictor, 'name', '?')} failed ({type(exc).__name__}: "
@@ -188,8 +196,3 @@ class RunAhead:
         p = self.position[layer]
         return float(p - pos) if expert in needed[p] else math.inf
 
-
-def _model_storages(stacks) -> set[int]:
-    """Data pointers of the stacks' weights (what a predictor may share with the model, and must not be charged)."""
-    return {t.untyped_storage().data_ptr() for st in stacks for t in list(st.module.parameters())
-            + list(st.module.buffers())}
