@@ -2,7 +2,6 @@
 in arrival order, and the record reports experts activated per batch. Exactness is judged against the resident
 model served the same batches; agreement with first-come batching is reported beside it."""
 
-import pytest
 import torch
 from tests.moeoffload.models import tiny_mixtral
 
@@ -12,8 +11,6 @@ from moebench.workload import Workload
 
 
 def test_expertflow_session_serves_a_schedule_exactly_and_reports_experts_per_batch():
-    if not hasattr(Session, "prepare"):
-        pytest.skip("this Session does not prepare predictive policies yet (moebench.measure.Session.prepare)")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the path predictor trains far faster on one thread than on two contended ones
     try:
