@@ -99,6 +99,7 @@ class ExpertCache:
         weights. `len(set(keys))` must not exceed `n_slots`.
         """
         wanted = list(dict.fromkeys(keys))
+        protect = set(wanted)  # a miss never evicts an expert this same call is about to use
         if len(wanted) > self.n_slots:
             raise CapacityError(f"{len(wanted)} experts requested at once but the cache has {self.n_slots} slots")
         slots: list[int] = []
@@ -114,7 +115,7 @@ class ExpertCache:
                     self._demoted.discard(key)
                     self.rule.on_access(key)
                 else:
-                    slot = self._load(key)
+                    slot = self._load(key, protect)
                     self.stats.misses += 1
                 self._pins[slot] += 1
                 pinned_now.append(slot)
@@ -130,6 +131,12 @@ class ExpertCache:
                 if event is not None:
                     stream.wait_event(event)
         return slots
+
+    def enter_layer(self, layer: int) -> None:
+        """Tell the eviction rule which MoE layer starts computing (rules that model the layer cycle use it)."""
+        on_layer = getattr(self.rule, "on_layer", None)
+        if on_layer is not None:
+            on_layer(layer)
 
     def release(self, keys: Iterable[ExpertKey]) -> None:
         """Unpin `keys`. On CUDA, record that the slot's readers were queued on the current stream: one event

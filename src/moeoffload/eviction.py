@@ -19,6 +19,7 @@ class EvictionRule(Protocol):
     def on_insert(self, key: ExpertKey) -> None: ...
     def on_access(self, key: ExpertKey) -> None: ...
     def on_remove(self, key: ExpertKey) -> None: ...
+    # optional: def on_layer(self, layer: int) -> None, told when a MoE layer starts computing (NextUse needs it)
     def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
         """The key to evict among `candidates` (resident and unpinned, never empty)."""
         ...
@@ -151,8 +152,68 @@ class PriorFrequency:
         return self._recency.victim(k for k in allowed if score[k] == lowest)
 
 
+class NextUse:
+    """Farthest *expected* next use leaves first: Belady's rule with the future estimated from the one thing a
+    decoder always knows, that its MoE layers run in a fixed cycle. An expert of layer l is needed no sooner than
+    the layers between the current one and l have run (d = 1..L layer calls, the current layer's own idle experts
+    last), and each visit of its layer that passed without it pushes its expected next use a whole cycle further:
+    score = d + L * missed visits. When every expert is used at every step (large batches: a decode step touches
+    each layer's whole expert set) this is exactly Belady's choice, where LRU evicts precisely the expert needed
+    next and misses on every request once the cycle exceeds the cache; with sparse use it falls back to
+    recency counted in cycles. Ties go to the least recently used. Needs `on_layer` from the cache (the layer
+    that starts computing); without it every distance is equal and the rule is LRU."""
+
+    name = "next-use"
+
+    def __init__(self) -> None:
+        self._recency = LRU()
+        self._current = -1  # the MoE layer computing now
+        self._layers = 0  # cycle length: 1 + the largest layer index seen
+        self._visits: dict[int, int] = {}  # layer -> how many times it has started
+        self._last: dict[ExpertKey, int] = {}  # key -> the visit of its layer that last used it
+
+    def on_layer(self, layer: int) -> None:
+        self._current = layer
+        self._layers = max(self._layers, layer + 1)
+        self._visits[layer] = self._visits.get(layer, 0) + 1
+
+    def _touch(self, key: ExpertKey) -> None:
+        layer = key[0]
+        self._layers = max(self._layers, layer + 1)
+        visits = self._visits.get(layer, 0)
+        # a key brought in for a layer that has not started yet (a prefetch) is meant for its next visit
+        self._last[key] = visits if layer == self._current else visits + 1
+
+    def on_insert(self, key: ExpertKey) -> None:
+        self._touch(key)
+        self._recency.on_insert(key)
+
+    def on_access(self, key: ExpertKey) -> None:
+        self._touch(key)
+        self._recency.on_access(key)
+
+    def on_remove(self, key: ExpertKey) -> None:
+        self._last.pop(key, None)
+        self._recency.on_remove(key)
+
+    def score(self, key: ExpertKey) -> int:
+        """Expected layer calls until `key` is needed (larger: evicted first)."""
+        n = max(self._layers, 1)
+        layer = key[0]
+        distance = (layer - self._current - 1) % n + 1 if self._current >= 0 else n
+        missed = max(self._visits.get(layer, 0) - self._last.get(key, 0), 0)
+        return distance + n * missed
+
+    def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
+        allowed = list(candidates)
+        score = {k: self.score(k) for k in allowed}
+        farthest = max(score.values())
+        return self._recency.victim(k for k in allowed if score[k] == farthest)
+
+
 EVICTION_RULES: dict[str, Callable[[], EvictionRule]] = {
     "lru": LRU, "lfu": LFU, "fifo": FIFO, "belady": Belady, "prior-frequency": PriorFrequency,
+    "next-use": NextUse,
 }
 
 

@@ -134,6 +134,7 @@ class OffloadedMoELayer:
     def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         if self.router_tap is not None:
             top_k_index, top_k_weights = self._tap(hidden, top_k_index, top_k_weights)
+        self.cache.enter_layer(self.layer_idx)
         if self.kernels != "loop":
             return self._grouped(hidden, top_k_index, top_k_weights)
         out = torch.zeros_like(hidden)

@@ -60,6 +60,11 @@ BUILTIN = (
     Policy("lfu", "expert cache, least frequently used expert evicted (counts kept across evictions)", eviction="lfu"),
     Policy("lookahead", "LRU cache; the next layer's router run on this layer's input prefetches its experts",
            prefetch="lookahead"),
+    Policy("next-use", "expert cache, the expert whose expected next use is farthest evicted: layers run in a "
+           "fixed cycle, so the layer just computed is needed last (Belady's choice when a step uses every expert, "
+           "where LRU misses on every request)", eviction="next-use"),
+    Policy("lookahead-next-use", "next-use cache; the next layer's router run on this layer's input prefetches "
+           "its experts", eviction="next-use", prefetch="lookahead"),
 )
 
 # Predictive policies (issue 4): they need a prepared predictor or trace, so they are kept apart from BUILTIN,

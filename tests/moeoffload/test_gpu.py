@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import moeoffload
+from moeoffload.policies import BUILTIN
 
 from .models import tiny_mixtral, tiny_switch
 
@@ -25,7 +26,7 @@ def test_cuda_policies_match_resident_over_many_runs(build):
     with moeoffload.offload(model, "resident", "all", device="cuda") as h:
         assert h.store.pinned
         reference = run()
-    for policy in ["on-demand", "lru", "lfu", "lookahead"]:
+    for policy in [p.name for p in BUILTIN if p.exact and not p.preload]:
         for budget in ["25%", "50%"]:
             with moeoffload.offload(model, policy, budget, device="cuda") as h:
                 for _ in range(5):

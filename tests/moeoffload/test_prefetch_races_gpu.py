@@ -19,7 +19,7 @@ from .models import tiny_mixtral, tiny_switch
 pytestmark = pytest.mark.gpu
 
 RUNS = 60
-POLICIES = ["lookahead", "lookahead", "lookahead", "lru", "lfu", "on-demand"]  # prefetch on in half the draws
+POLICIES = ["lookahead", "lookahead", "lookahead-next-use", "lru", "next-use", "on-demand"]  # prefetch in half
 BUDGETS = ["12.5%", "25%", "37.5%", "50%", "75%"]
 
 
