@@ -5,7 +5,7 @@
 #
 #   OUT=/some/dir STEPS="gpu_tests expertflow predictors" bash benchmarks/device_session.sh
 #
-# Steps: gpu_tests, expertflow, predictors, stats (benchmarks/stats_device.sh), nightly_switch (ci/nightly.sh on
+# Steps: gpu_tests, gpu_exact, mixtral (benchmarks/mixtral_e2e.py, peers and full size), expertflow, predictors, stats (benchmarks/stats_device.sh), nightly_switch (ci/nightly.sh on
 # switch-base-8 with the policies of baselines/h100/switch.json), full_<suite> (that suite's full tier).
 # Runs from a bare checkout (the package need not be installed): PYTHONPATH=src. A copy of the tree whose .git is
 # stale (the device tool's) records a wrong commit: pass the real one, MOEBENCH_COMMIT=<hash> (moebench.fingerprint).
@@ -39,8 +39,16 @@ for step in $STEPS; do
   case "$step" in
     gpu_tests)
       run_step gpu_tests 300 -- python3 -m pytest -p moebench.plugin -p no:cacheprovider -m gpu tests -q -rs ;;
+    gpu_exact)  # the CUDA exactness and prefetch-race tests alone (every exact built-in policy)
+      run_step gpu_exact 200 -- python3 -m pytest -p moebench.plugin -p no:cacheprovider -m gpu -q -rs \
+        tests/moeoffload/test_gpu.py tests/moeoffload/test_prefetch_races_gpu.py ;;
+    mixtral)  # peers (4 layers: transformers, accelerate, engine resident) and full-size Mixtral-8x7B, one command
+      run_step mixtral "${MIXTRAL_LIMIT_S:-420}" -- python3 benchmarks/mixtral_e2e.py --part peer --part full \
+        --batches 1 16 --steps 5 --warm 2 --policies ${MIXTRAL_POLICIES:-on-demand lru next-use lookahead-next-use} \
+        --out "$work/mixtral" ;;
     expertflow)
-      run_step expertflow 200 -- env OUT="$work" EXPERTFLOW_DEADLINE_S=110 python3 benchmarks/expertflow.py ;;
+      run_step expertflow "${EXPERTFLOW_LIMIT_S:-200}" -- env OUT="$work" \
+        EXPERTFLOW_DEADLINE_S="${EXPERTFLOW_DEADLINE_S:-110}" python3 benchmarks/expertflow.py ;;
     predictors)
       run_step predictors 280 -- env OUT="$work" PREDICTORS_DEADLINE_S=170 python3 benchmarks/predictors.py ;;
     stats)

@@ -55,6 +55,10 @@ def specs():
             str(path), source="trained", dtype=dtype, device=device), f"trained checkpoint {path}"))
     except Exception:
         pass
+    order = os.environ.get("EXPERTFLOW_MODELS")  # e.g. "kjv-moe,switch-base-8": which models, in this order
+    if order:
+        by_name = {spec.name: spec for spec in out}
+        out = [by_name[name] for name in order.split(",") if name in by_name]
     return out
 
 

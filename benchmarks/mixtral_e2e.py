@@ -3,6 +3,8 @@
     PYTHONPATH=src python benchmarks/mixtral_e2e.py --part full --batches 1     # ~93 GB model, batch 1
     PYTHONPATH=src python benchmarks/mixtral_e2e.py --part full --batches 16    # batch 16
     PYTHONPATH=src python benchmarks/mixtral_e2e.py --part peer                  # 4 layers: accelerate, resident
+    PYTHONPATH=src python benchmarks/mixtral_e2e.py --part peer --part full      # both, and the one table against
+                                                                                 # the peers of this same run
     python benchmarks/mixtral_e2e.py --tiny --part full --part peer             # CPU smoke run of the logic
 
 `full`: seeded bf16 weights built without a second copy: non-expert weights generated on the GPU; expert
@@ -19,6 +21,7 @@ JSON and a table go to $OUT after every case, so a timeout keeps what finished.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -290,12 +293,44 @@ def run_engine_case_handle(rec, handle, model, batch, args, device, bw, policy, 
              "io_floor_ms_per_step": misses * handle.store.expert_bytes / bw * 1e3 if bw == bw else None})
 
 
+def against_peers(full_rows: list[dict], peer_rows: list[dict]) -> str:
+    """Each full-size case per layer against accelerate's cpu_offload (per layer, on the peer model) and against
+    its two floors: the I/O floor (its misses x expert bytes / pinned bandwidth) and a compute floor (the engine
+    with every expert resident, per layer on the peer model, times the full layer count: what the step costs with
+    no copy at all). No policy can beat max(io, compute); only a perfect overlap of the two reaches it."""
+    def per_layer(case: str, batch: int) -> float | None:
+        for r in peer_rows:
+            if r.get("case") == case and r.get("batch") == batch and "error" not in r:
+                return r["ms_per_step"] / r["layers"]
+        return None
+
+    head = (f"{'case':<28} {'batch':>5} {'ms/layer':>8} {'accel ms/layer':>14} {'x accel':>7} {'io ms':>8} "
+            f"{'compute ms':>10} {'x io':>6} {'x max(io,compute)':>17}")
+    lines = [head]
+    for r in full_rows:
+        if "error" in r:
+            continue
+        ms_layer = r["ms_per_step"] / r["layers"]
+        accel = per_layer("accelerate cpu_offload", r["batch"])
+        resident = per_layer("engine resident@all", r["batch"])
+        io = r.get("io_floor_ms_per_step") or 0.0
+        compute = resident * r["layers"] if resident is not None else float("nan")
+        bound = max(io, compute)
+        lines.append(f"{r['case']:<28} {r['batch']:>5} {ms_layer:8.2f} "
+                     f"{accel if accel is not None else float('nan'):14.2f} "
+                     f"{accel / ms_layer if accel is not None else float('nan'):7.1f} {io:8.1f} {compute:10.1f} "
+                     f"{r['ms_per_step'] / io if io else float('nan'):6.2f} {r['ms_per_step'] / bound:17.2f}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", action="append", choices=["full", "peer"], help="repeatable; default: both")
+    ap.add_argument("--part", action="append", choices=["full", "peer"],
+                    help="repeatable, run in the order given; default: peer then full")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--budgets", nargs="+", default=["25%", "50%", "75%"])
-    ap.add_argument("--policies", nargs="+", default=["on-demand", "lru", "lookahead"])
+    ap.add_argument("--policies", nargs="+",
+                    default=["on-demand", "lru", "next-use", "lookahead", "lookahead-next-use"])
     ap.add_argument("--steps", type=int, default=8, help="timed decode steps per case")
     ap.add_argument("--warm", type=int, default=2, help="untimed decode steps before them")
     ap.add_argument("--peer-layers", type=int, default=4)
@@ -305,15 +340,22 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     import transformers
 
-    for part in args.part or ["full", "peer"]:
+    recs = {}
+    for part in args.part or ["peer", "full"]:
+        gc.collect()
         tag = f"{part}_b{'-'.join(map(str, args.batches))}" + ("_tiny" if args.tiny else "")
         meta = {"tag": tag, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                 "torch": torch.__version__, "transformers": transformers.__version__,
                 "python": platform.python_version(), "args": vars(args),
                 "command": "PYTHONPATH=src python benchmarks/mixtral_e2e.py " + " ".join(os.sys.argv[1:])}
-        rec = Recorder(args.out, meta)
+        rec = recs[part] = Recorder(args.out, meta)
         (part_full if part == "full" else part_peer)(args, device, rec)
         print(f"\n== {part} ({meta['device']}) ==\n" + rec.table(), flush=True)
+    if "full" in recs and "peer" in recs:
+        text = against_peers(recs["full"].rows, recs["peer"].rows)
+        with open(os.path.join(args.out, "mixtral_e2e_against_peers.txt"), "w") as f:
+            f.write(text + "\n")
+        print("\n== full size against the peers measured in this same command ==\n" + text, flush=True)
 
 
 if __name__ == "__main__":
