@@ -25,6 +25,14 @@ class EvictionRule(Protocol):
         ...
 
 
+def membership(candidates: Iterable[ExpertKey]):
+    """`candidates` as something with a fast `in`: the cache passes a lazy view of its evictable keys (O(1)
+    membership, no list of every resident expert per eviction); anything else is made a set."""
+    if isinstance(candidates, (set, frozenset)) or getattr(candidates, "fast_membership", False):
+        return candidates
+    return set(candidates)
+
+
 class LRU:
     """Least recently used: the expert touched longest ago leaves first."""
 
@@ -44,7 +52,7 @@ class LRU:
         self._order.pop(key, None)
 
     def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
-        allowed = set(candidates)
+        allowed = membership(candidates)
         for key in self._order:
             if key in allowed:
                 return key
@@ -161,16 +169,21 @@ class NextUse:
     each layer's whole expert set) this is exactly Belady's choice, where LRU evicts precisely the expert needed
     next and misses on every request once the cycle exceeds the cache; with sparse use it falls back to
     recency counted in cycles. Ties go to the least recently used. Needs `on_layer` from the cache (the layer
-    that starts computing); without it every distance is equal and the rule is LRU."""
+    that starts computing); without it every distance is equal and the rule is LRU.
+
+    A victim costs O(layers), not O(resident experts): within a layer the least recently used key has the most
+    missed visits, so only each layer's oldest evictable key is scored."""
 
     name = "next-use"
 
     def __init__(self) -> None:
-        self._recency = LRU()
         self._current = -1  # the MoE layer computing now
         self._layers = 0  # cycle length: 1 + the largest layer index seen
         self._visits: dict[int, int] = {}  # layer -> how many times it has started
         self._last: dict[ExpertKey, int] = {}  # key -> the visit of its layer that last used it
+        self._tick: dict[ExpertKey, int] = {}  # key -> global recency (ties across layers)
+        self._clock = 0
+        self._by_layer: dict[int, OrderedDict[ExpertKey, None]] = {}  # resident keys of a layer, oldest first
 
     def on_layer(self, layer: int) -> None:
         self._current = layer
@@ -183,18 +196,24 @@ class NextUse:
         visits = self._visits.get(layer, 0)
         # a key brought in for a layer that has not started yet (a prefetch) is meant for its next visit
         self._last[key] = visits if layer == self._current else visits + 1
+        self._clock += 1
+        self._tick[key] = self._clock
+        order = self._by_layer.setdefault(layer, OrderedDict())
+        order[key] = None
+        order.move_to_end(key)
 
     def on_insert(self, key: ExpertKey) -> None:
         self._touch(key)
-        self._recency.on_insert(key)
 
     def on_access(self, key: ExpertKey) -> None:
         self._touch(key)
-        self._recency.on_access(key)
 
     def on_remove(self, key: ExpertKey) -> None:
         self._last.pop(key, None)
-        self._recency.on_remove(key)
+        self._tick.pop(key, None)
+        order = self._by_layer.get(key[0])
+        if order is not None:
+            order.pop(key, None)
 
     def score(self, key: ExpertKey) -> int:
         """Expected layer calls until `key` is needed (larger: evicted first)."""
@@ -205,10 +224,23 @@ class NextUse:
         return distance + n * missed
 
     def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
-        allowed = list(candidates)
-        score = {k: self.score(k) for k in allowed}
-        farthest = max(score.values())
-        return self._recency.victim(k for k in allowed if score[k] == farthest)
+        allowed = membership(candidates)
+        n, current, visits, last, tick = max(self._layers, 1), self._current, self._visits, self._last, self._tick
+        best: tuple[int, int] | None = None
+        chosen: ExpertKey | None = None
+        for layer, order in self._by_layer.items():  # score() inlined: this runs on every miss
+            for oldest in order:  # the layer's oldest evictable key is its most-missed one
+                if oldest in allowed:
+                    break
+            else:
+                continue
+            distance = (layer - current - 1) % n + 1 if current >= 0 else n
+            rank = (distance + n * max(visits.get(layer, 0) - last[oldest], 0), -tick[oldest])
+            if best is None or rank > best:
+                best, chosen = rank, oldest
+        if chosen is None:  # keys the rule never saw (not inserted through it): oldest first by default
+            return next(iter(allowed))
+        return chosen
 
 
 EVICTION_RULES: dict[str, Callable[[], EvictionRule]] = {

@@ -106,3 +106,34 @@ def test_a_miss_never_evicts_an_expert_of_the_same_call():
     cache.acquire([(0, 0), (0, 1)])  # 0 misses; LRU's victim would be 1, which this call needs
     assert cache.stats.hits == 1 and cache.stats.misses == 4
     assert {(0, 0), (0, 1)} <= cache.resident()
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data(), layers=st.integers(1, 5), experts=st.integers(1, 5))
+def test_next_use_victim_is_the_highest_score_among_all_candidates(data, layers, experts):
+    """The fast victim (each layer's oldest evictable key) equals scoring every candidate, ties to the oldest."""
+    rule, resident, order = NextUse(), set(), []
+    keys = [(lay, e) for lay in range(layers) for e in range(experts)]
+    for _ in range(data.draw(st.integers(1, 40), label="events")):
+        kind = data.draw(st.sampled_from(["layer", "use", "remove"]))
+        if kind == "layer":
+            rule.on_layer(data.draw(st.integers(0, layers - 1)))
+            continue
+        key = data.draw(st.sampled_from(keys))
+        if kind == "remove":
+            if key in resident:
+                resident.discard(key)
+                order.remove(key)
+                rule.on_remove(key)
+            continue
+        (rule.on_access if key in resident else rule.on_insert)(key)
+        resident.add(key)
+        if key in order:
+            order.remove(key)
+        order.append(key)
+    if not resident:
+        return
+    allowed = set(data.draw(st.lists(st.sampled_from(sorted(resident)), min_size=1), label="allowed"))
+    top = max(rule.score(k) for k in allowed)
+    expected = next(k for k in order if k in allowed and rule.score(k) == top)
+    assert rule.victim(allowed) == expected
