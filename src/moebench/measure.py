@@ -262,6 +262,9 @@ class Session:
             footprint = getattr(getattr(handle, "runahead", None), "footprint", None)
             predictor_bytes = footprint(prompts[0]) if cuda and footprint is not None else 0
             if cuda:
+                # planning and the footprint probe ran GEMMs: drop the cuBLAS workspaces they made, so that the
+                # run's own (charged to activations and to predictor_bytes) are not counted twice
+                release_device_memory(self.device)
                 torch.cuda.synchronize(dev)
                 torch.cuda.reset_peak_memory_stats(dev)
                 start_bytes = int(torch.cuda.memory_allocated(dev))
