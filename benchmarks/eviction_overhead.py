@@ -1,0 +1,50 @@
+"""Host-side cost of the expert cache's bookkeeping per eviction, by eviction rule, on a CPU (no copies that matter).
+
+    PYTHONPATH=src:. python benchmarks/eviction_overhead.py
+
+OLMoE's shape by default (16 MoE layers x 64 experts, a 25% cache of 256 slots, batch 8 x top-8 random routing):
+every decode step misses hundreds of times, so microseconds per eviction add up to milliseconds per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+from moeoffload.cache import ExpertCache
+from moeoffload.eviction import make_rule
+from tests.moeoffload.test_cache_properties import filled_store
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--slots", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--rules", nargs="+", default=["lru", "lfu", "next-use"])
+    args = ap.parse_args()
+    rng = random.Random(0)
+    store = filled_store(args.layers, args.experts)
+    steps = [[sorted({e for _ in range(args.batch) for e in rng.sample(range(args.experts), args.top_k)})
+              for _ in range(args.layers)] for _ in range(args.steps)]
+    print(f"{'rule':<10} {'ms/step':>8} {'misses/step':>11} {'us/eviction':>11}")
+    for rule in args.rules:
+        cache = ExpertCache(store, args.slots, "cpu", make_rule(rule))
+        t0 = time.perf_counter()
+        for step in steps:
+            for layer, experts in enumerate(step):
+                keys = [(layer, e) for e in experts]
+                cache.enter_layer(layer)
+                cache.acquire(keys)
+                cache.release(keys)
+        dt = time.perf_counter() - t0
+        print(f"{rule:<10} {dt / len(steps) * 1e3:8.1f} {cache.stats.misses / len(steps):11.0f} "
+              f"{dt / max(cache.stats.evictions, 1) * 1e6:11.1f}")
+
+
+if __name__ == "__main__":
+    main()
