@@ -12,9 +12,10 @@ import argparse
 import random
 import time
 
+from tests.moeoffload.test_cache_properties import filled_store
+
 from moeoffload.cache import ExpertCache
 from moeoffload.eviction import make_rule
-from tests.moeoffload.test_cache_properties import filled_store
 
 
 def main() -> None:
