@@ -43,9 +43,9 @@ for step in $STEPS; do
       run_step gpu_exact 200 -- python3 -m pytest -p moebench.plugin -p no:cacheprovider -m gpu -q -rs \
         tests/moeoffload/test_gpu.py tests/moeoffload/test_prefetch_races_gpu.py ;;
     mixtral)  # peers (4 layers: transformers, accelerate, engine resident) and full-size Mixtral-8x7B, one command
-      run_step mixtral "${MIXTRAL_LIMIT_S:-420}" -- python3 benchmarks/mixtral_e2e.py --part peer --part full \
-        --batches 1 16 --steps 5 --warm 2 --policies ${MIXTRAL_POLICIES:-on-demand lru next-use lookahead-next-use} \
-        --out "$work/mixtral" ;;
+      run_step mixtral "${MIXTRAL_LIMIT_S:-420}" -- python3 benchmarks/mixtral_e2e.py \
+        ${MIXTRAL_ARGS:---part peer --part full --batches 1 16} --steps 5 --warm 2 \
+        --policies ${MIXTRAL_POLICIES:-on-demand lru next-use lookahead-next-use} --out "$work/mixtral" ;;
     expertflow)
       run_step expertflow "${EXPERTFLOW_LIMIT_S:-200}" -- env OUT="$work" \
         EXPERTFLOW_DEADLINE_S="${EXPERTFLOW_DEADLINE_S:-110}" python3 benchmarks/expertflow.py ;;
