@@ -79,6 +79,7 @@ class ExpertCache:
         self.n_slots = n_slots
         self.device = torch.device(device)
         self.rule = rule
+        self._on_layer = getattr(rule, "on_layer", None)  # optional hook; looked up once, called every layer
         self.retain = retain
         self.transfer = transfer or TransferEngine(self.device)
         self.pool = torch.empty((n_slots, store.layout.numel), dtype=store.layout.dtype, device=self.device)
@@ -156,9 +157,8 @@ class ExpertCache:
 
     def enter_layer(self, layer: int) -> None:
         """Tell the eviction rule which MoE layer starts computing (rules that model the layer cycle use it)."""
-        on_layer = getattr(self.rule, "on_layer", None)
-        if on_layer is not None:
-            on_layer(layer)
+        if self._on_layer is not None:
+            self._on_layer(layer)
 
     def release(self, keys: Iterable[ExpertKey]) -> None:
         """Unpin `keys`. On CUDA, record that the slot's readers were queued on the current stream: one event

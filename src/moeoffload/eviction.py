@@ -225,17 +225,15 @@ class NextUse:
 
     def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
         allowed = membership(candidates)
-        n, current, visits, last, tick = max(self._layers, 1), self._current, self._visits, self._last, self._tick
         best: tuple[int, int] | None = None
         chosen: ExpertKey | None = None
-        for layer, order in self._by_layer.items():  # score() inlined: this runs on every miss
+        for order in self._by_layer.values():
             for oldest in order:  # the layer's oldest evictable key is its most-missed one
                 if oldest in allowed:
                     break
             else:
                 continue
-            distance = (layer - current - 1) % n + 1 if current >= 0 else n
-            rank = (distance + n * max(visits.get(layer, 0) - last[oldest], 0), -tick[oldest])
+            rank = (self.score(oldest), -self._tick[oldest])
             if best is None or rank > best:
                 best, chosen = rank, oldest
         if chosen is None:  # keys the rule never saw (not inserted through it): oldest first by default
