@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .history import StoreError, _clean
+from .history import StoreError, _clean, injected
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -49,6 +49,9 @@ class Metric:
     sample_key: str | None  # per-round samples under record["samples"]; None: one deterministic value
     value: Callable[[dict], float | None]  # record -> float | None (the figure shown, and compared when deterministic)
     label: str
+    #: the same samples in units of the machine-speed probe (`moebench.probe`); compared instead when both sides
+    #: have them, so that the lent machine's drift between the two runs cancels
+    normalized_key: str | None = None
 
 
 def _memory(record: dict):
@@ -63,8 +66,9 @@ def _median(values):
 
 
 METRICS = {
-    "throughput": Metric("throughput", True, "tokens_per_s", lambda r: r.get("tokens_per_s"), "tokens/s"),
-    "latency": Metric("latency", False, "p50_ms", lambda r: r.get("p50_ms"), "p50 ms"),
+    "throughput": Metric("throughput", True, "tokens_per_s", lambda r: r.get("tokens_per_s"), "tokens/s",
+                         "tokens_per_probe"),
+    "latency": Metric("latency", False, "p50_ms", lambda r: r.get("p50_ms"), "p50 ms", "p50_per_probe"),
     "gpu_memory": Metric("gpu_memory", False, None, _memory, "GPU/cache bytes"),
     "h2d": Metric("h2d", False, None, lambda r: r.get("h2d_bytes_per_round"), "H2D bytes/round"),
 }
@@ -106,7 +110,7 @@ def from_run(run: dict, suite: str, command: str | None = None) -> dict:
     if not records:
         raise BaselineError(f"run {run.get('run_id')} has no records of suite {suite!r} (it has "
                             f"{', '.join(run.get('suites', [])) or 'none'})")
-    if any(r.get("inject_delay_ms") for r in records):
+    if any(injected(r) for r in records):
         raise BaselineError(f"run {run.get('run_id')} ran with an injected delay (a test hook); it cannot be a "
                             "baseline: rerun without --moebench-inject-delay")
     cases = {r["case"]: r for r in records if r.get("passed", True)}
@@ -188,9 +192,17 @@ def compare_metric(metric: Metric, base: dict, cur: dict, limit: float) -> dict:
                     "current": cval, "message": f"{metric.name}: no per-round samples on "
                     f"{'the baseline' if not bs else 'this run'} side; remake the baseline with this moebench"}
         bval, cval = _median(bs), _median(cs)
+        key = metric.sample_key
+        if metric.normalized_key is not None:
+            bn = (base.get("samples") or {}).get(metric.normalized_key)
+            cn = (cur.get("samples") or {}).get(metric.normalized_key)
+            if bn and cn and len(bn) == len(bs) and len(cn) == len(cs):
+                bs, cs, key = bn, cn, metric.normalized_key
         v = stats.compare(bs, cs, higher_is_better=metric.higher_is_better, threshold=limit, confidence=CONFIDENCE)
+        normalized = key != metric.sample_key
         return {"status": v.status, "ratio": v.ratio, "ci": [v.ci_low, v.ci_high], "p_value": v.p_value,
-                "baseline": bval, "current": cval, "n": [len(bs), len(cs)], "message": v.message,
+                "baseline": bval, "current": cval, "n": [len(bs), len(cs)], "samples": key, "normalized": normalized,
+                "message": f"{'machine-normalized ' if normalized else ''}{v.message}",
                 "too_few_rounds": bool(v.min_p >= 1 - CONFIDENCE or min(len(bs), len(cs)) < stats.MIN_ROUNDS),
                 "rounds_needed": v.rounds_needed}
     if bval is None or cval is None or bval <= 0:
@@ -281,8 +293,8 @@ def compare_case(base: dict | None, cur: dict, limits: dict[str, float], *, base
         needs = [m["rounds_needed"] for m in timed if m["too_few_rounds"]]
         if needs:
             out["rounds_needed"] = None if None in needs else max(needs)
-    if cur.get("inject_delay_ms"):
-        out["injected_delay_ms"] = cur["inject_delay_ms"]
+    if injected(cur):
+        out["injected"] = injected(cur)
     return out
 
 

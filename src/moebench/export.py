@@ -13,7 +13,8 @@ from pytest_benchmark import __version__ as _pb_version
 from pytest_benchmark.stats import Stats
 
 EXTRA = ("tokens_per_s", "p50_ms", "p99_ms", "hit_rate", "h2d_bytes_per_round", "torch_peak_bytes", "cache_bytes",
-         "budget_bytes", "accuracy_drop", "weight_source", "policy_version", "tier", "dtype", "inject_delay_ms")
+         "budget_bytes", "accuracy_drop", "weight_source", "policy_version", "tier", "dtype", "inject_delay_ms",
+         "inject_slowdown")
 
 
 def _machine_info(run: dict) -> dict:

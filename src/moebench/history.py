@@ -191,15 +191,24 @@ def case_records(run: dict) -> dict[str, dict]:
     return out
 
 
+def injected(record: dict) -> str | None:
+    """What a test hook injected into this record ('0.2 ms per MoE layer', '5% stretch'), or None for a real run."""
+    if record.get("inject_delay_ms"):
+        return f"{record['inject_delay_ms']:g} ms per MoE layer"
+    if record.get("inject_slowdown"):
+        return f"{record['inject_slowdown'] * 100:g}% stretch"
+    return None
+
+
 def format_run_header(run: dict) -> str:
     m = run.get("machine", {})
     g = run.get("git", {})
     commit = (g.get("commit") or "no git")[:12] + (" (dirty)" if g.get("dirty") else "")
     status = run.get("status", "complete")
     flag = "" if status == "complete" else f"  [{status.upper()}]"
-    delay = {r.get("inject_delay_ms") for r in run.get("records", []) if r.get("inject_delay_ms")}
+    delay = {injected(r) for r in run.get("records", [])} - {None}
     if delay:
-        flag += f"  [INJECTED DELAY {', '.join(f'{d:g}' for d in sorted(delay))} ms per MoE layer: not a real run]"
+        flag += f"  [INJECTED DELAY {', '.join(sorted(str(d) for d in delay))}: not a real run]"
     return (f"{run.get('run_id', '(no id)')}  {run.get('timestamp', '?')}  suites {', '.join(run.get('suites', []))}"
             f"  commit {commit}  {m.get('hostname', '?')}: {describe(m)}  torch {m.get('torch')}  "
             f"transformers {m.get('transformers')}{flag}")

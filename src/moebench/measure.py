@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import accuracy
+from .probe import PROBE_PARTS, normalized
 from .suite import REFERENCE_BUDGET, REFERENCE_POLICY, Case, Suite
 from .workload import TokenClock, find_tokenizer, generate, load_task, percentile, phase_metrics, serve_arrivals
 
@@ -83,9 +84,11 @@ class Session:
     tier: str = "quick"
     rounds: int = 3
     inject_delay_s: float = 0.0  # test hook only: a busy wait per MoE layer call, to fake a slower commit
+    inject_slowdown: float = 0.0  # test hook only: stretch every round by this fraction (`Stretch`)
     _models: dict[str, tuple[Any, str]] = field(default_factory=dict)
     _refs: dict[str, Reference] = field(default_factory=dict)
     _predictors: dict[tuple[str, str | None], Any] = field(default_factory=dict)  # (model, predictor kind) -> trained
+    _probe: Any = None  # probe.MachineProbe, built on first use (on the session's device)
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -104,6 +107,14 @@ class Session:
             self._models.clear()
             self._models[name] = self.suite.model(name).build(self.tier, self.dtype, "cpu")
         return self._models[name]
+
+    def probe(self):
+        """The machine-speed probe timed around every round (`moebench.probe`: why)."""
+        if self._probe is None:
+            from .probe import MachineProbe
+
+            self._probe = MachineProbe(self.device)
+        return self._probe
 
     def reference(self, name: str) -> Reference:
         """The resident run of model `name` every case is compared to (a token-scheduling policy is compared to
@@ -249,6 +260,7 @@ class Session:
         except moeoffload.BudgetError as exc:
             raise CaseSkipped(f"{case.name}: {exc}") from None
         delay_hooks = inject_delay(handle.hook.layers, self.inject_delay_s)
+        stretch = Stretch(handle.hook.layers, self.inject_slowdown) if self.inject_slowdown else None
         try:
             inject_out_of_memory(case.name)
             dev = handle.device
@@ -269,7 +281,10 @@ class Session:
                 torch.cuda.reset_peak_memory_stats(dev)
                 start_bytes = int(torch.cuda.memory_allocated(dev))
             generate(model, prompts[0], wl.new_tokens)  # warm-up on its own prompts: kernels load, cache fills
+            probe = self.probe()
+            probe.run()  # its own warm-up
             handle.reset_stats()
+            probes = []  # one before each round and one after the last (moebench.probe)
             steps: list[float] = []
             round_steps_all: list[list[float]] = []
             round_p50: list[float] = []
@@ -277,6 +292,9 @@ class Session:
             nvml_peak: int | None = None
             round_tokens, round_logits = [], []
             for ids in prompts[1:]:
+                probes.append(probe.run())
+                if stretch is not None:
+                    stretch.restart()
                 clock = TokenClock(dev)
                 if cuda:
                     torch.cuda.synchronize(dev)
@@ -294,6 +312,7 @@ class Session:
                 used = _nvml_used_bytes(self.device)
                 if used is not None:
                     nvml_peak = max(nvml_peak or 0, used)
+            probes.append(probe.run())
             stats = handle.stats()
             gain = None if schedule is None else served_gain(handle, schedule, wl.batch_size)
             torch_peak = int(torch.cuda.max_memory_allocated(dev)) if cuda else None
@@ -314,12 +333,15 @@ class Session:
         finally:
             for h in delay_hooks:
                 h.remove()
+            if stretch is not None:
+                stretch.remove()
             if handle.active:
                 handle.unload()
         tokens, logits = torch.cat(round_tokens), torch.cat(round_logits)
         if schedule is not None:  # back to arrival order, where the reference has them
             tokens, logits = schedule.restore(tokens), schedule.restore(logits)
         generated = wl.batch_size * wl.new_tokens * self.rounds
+        per_round = [wl.batch_size * wl.new_tokens / t for t in totals]
         record = {
             "suite": self.suite.name,
             "case": case.name,
@@ -356,9 +378,14 @@ class Session:
             "torch_peak_bytes": torch_peak,
             "nvml_used_bytes": nvml_peak,
             # one entry per timed round: what the regression statistics (moebench.stats) compare
-            "samples": {"tokens_per_s": [wl.batch_size * wl.new_tokens / t for t in totals],
-                        "round_s": totals, "p50_ms": round_p50},
+            "samples": {"tokens_per_s": per_round,
+                        # machine-normalized throughput (tokens per probe-time): what throughput verdicts compare
+                        "tokens_per_probe": normalized(per_round, [p.total for p in probes]),
+                        "p50_per_probe": normalized(round_p50, [p.total for p in probes], per_time=False),
+                        "round_s": totals, "p50_ms": round_p50,
+                        "probe": {k: [p.as_dict()[k] for p in probes] for k in PROBE_PARTS}},
             "inject_delay_ms": self.inject_delay_s * 1e3,
+            "inject_slowdown": self.inject_slowdown,
             "stats": stats.as_dict(),
             # token scheduling (ExpertFlow): distinct experts each batch activated, first-come vs as scheduled
             "experts_per_batch_first_come": None if gain is None else gain.first_come,
@@ -413,6 +440,36 @@ def inject_delay(layers, seconds: float) -> list:
             pass
 
     return [layer.register_forward_pre_hook(wait) for layer in layers]
+
+
+class Stretch:
+    """Test hook (never for real runs): before every MoE layer call, busy-wait `fraction` of the wall time since the
+    previous call (or since `restart()`, at each round's start), so that a round takes (1 + fraction) times as long
+    as it would have, at whatever speed the machine runs at that moment. A fixed delay in ms cannot promise a
+    percentage: the third H100 set's "5%" delay, calibrated on one run, slowed the next by 39% because the machine
+    had drifted in between. The stretch misses only the tail after a round's last layer call (the last LM head)."""
+
+    def __init__(self, layers, fraction: float):
+        if not 0 < fraction <= 1:
+            raise ValueError(f"stretch fraction must be in (0, 1], got {fraction!r}")
+        self.fraction = fraction
+        self.last = time.perf_counter()
+        self.handles = [layer.register_forward_pre_hook(self._wait) for layer in layers]
+
+    def restart(self) -> None:
+        self.last = time.perf_counter()
+
+    def _wait(self, module, args) -> None:
+        now = time.perf_counter()
+        end = now + self.fraction * (now - self.last)
+        while time.perf_counter() < end:
+            pass
+        self.last = time.perf_counter()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
 
 
 INJECT_OOM_ENV = "MOEBENCH_INJECT_OOM"

@@ -41,8 +41,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--moebench-machine-class", default=None, metavar="NAME",
                     help="baseline machine class (default: from the GPU name, e.g. h100; cpu without a GPU)")
     group.addoption("--moebench-inject-delay", default=None, metavar="TIME",
-                    help="TEST HOOK: busy-wait TIME (e.g. 0.2ms) before every MoE layer, to fake a slowdown; "
-                         "recorded as inject_delay_ms and refused as a baseline")
+                    help="TEST HOOK: busy-wait before every MoE layer, to fake a slowdown: TIME (e.g. 0.2ms) each "
+                         "call, or a percentage (e.g. 5%%: stretch the run by that much, whatever the machine's "
+                         "speed); recorded as inject_delay_ms / inject_slowdown and refused as a baseline")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -115,7 +116,7 @@ class SuiteFile(pytest.File):
         except SuiteError as exc:
             raise self.CollectError(str(exc)) from None
         session = Session(suite, device=state["device"], tier=state["tier"], rounds=state["rounds"],
-                          inject_delay_s=state["inject_delay_s"])
+                          inject_delay_s=state["inject_delay_s"], inject_slowdown=state["inject_slowdown"])
         from .regression import load_suite_baseline
 
         load_suite_baseline(state, suite.name, self)  # a corrupt baseline is a collection error naming the file

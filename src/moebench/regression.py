@@ -16,21 +16,30 @@ from . import baseline as bl
 from . import history
 from .fingerprint import machine_class, machine_info
 
-_DELAY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|ms|us)\s*$")
+_DELAY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|ms|us|%)\s*$")
 _UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
 
 
-def parse_delay(text: str | None) -> float:
-    """'0.2ms' -> 0.0002 seconds; '200us', '0.001s'; None -> 0."""
+def parse_delay(text: str | None) -> tuple[float, float]:
+    """The injected slowdown as (seconds per MoE layer call, stretch fraction); one of them is 0.
+
+    '0.2ms' -> (0.0002, 0); '200us', '0.001s' likewise; '5%' -> (0, 0.05): every layer call stretches the time since
+    the previous one by 5%, a known slowdown whatever the machine's speed (`measure.Stretch`); None -> (0, 0)."""
     if text is None:
-        return 0.0
+        return 0.0, 0.0
     m = _DELAY.match(text)
     if not m:
-        raise ValueError(f"malformed delay {text!r}; write a number and a unit, e.g. '0.2ms', '200us' or '0.001s'")
+        raise ValueError(f"malformed delay {text!r}; write a number and a unit, e.g. '5%', '0.2ms', '200us' or "
+                         "'0.001s'")
+    if m.group(2) == "%":
+        fraction = float(m.group(1)) / 100
+        if not 0 < fraction <= 1:
+            raise ValueError(f"slowdown {text!r} must be above 0% and at most 100%")
+        return 0.0, fraction
     seconds = float(m.group(1)) * _UNITS[m.group(2)]
     if seconds > 1.0:
         raise ValueError(f"delay {text!r} is over a second per MoE layer; a slowdown test needs well under 1 ms")
-    return seconds
+    return seconds, 0.0
 
 
 def configure_comparison(config: pytest.Config, device: str) -> dict:
@@ -40,7 +49,7 @@ def configure_comparison(config: pytest.Config, device: str) -> dict:
     except ValueError as exc:
         raise pytest.UsageError(f"--moebench-compare-fail: {exc}") from None
     try:
-        delay = parse_delay(config.getoption("moebench_inject_delay"))
+        delay, stretch = parse_delay(config.getoption("moebench_inject_delay"))
     except ValueError as exc:
         raise pytest.UsageError(f"--moebench-inject-delay: {exc}") from None
     machine = machine_info()
@@ -59,7 +68,8 @@ def configure_comparison(config: pytest.Config, device: str) -> dict:
                 raise pytest.UsageError(f"--moebench-compare: {exc}") from None
         elif not explicit.is_dir():
             raise pytest.UsageError(f"--moebench-compare: {mode} is neither a baseline file nor a folder of them")
-    return {"limits": limits, "inject_delay_s": delay, "machine": machine, "machine_class": cls,
+    return {"limits": limits, "inject_delay_s": delay, "inject_slowdown": stretch, "machine": machine,
+            "machine_class": cls,
             "baseline_dir": base_dir, "compare_mode": mode, "explicit_baseline": explicit, "baselines": {},
             "baseline_paths": {}, "save_baseline": config.getoption("moebench_save_baseline"),
             "store_messages": []}
@@ -115,7 +125,8 @@ def finish_session(session: pytest.Session, state: dict, options: dict, exitstat
     config = session.config
     interrupted = int(exitstatus) == int(pytest.ExitCode.INTERRUPTED)
     command = shlex.join(["pytest", *config.invocation_params.args])
-    options = dict(options, inject_delay_ms=state["inject_delay_s"] * 1e3, compare=state["compare_mode"],
+    options = dict(options, inject_delay_ms=state["inject_delay_s"] * 1e3,
+                   inject_slowdown=state["inject_slowdown"], compare=state["compare_mode"],
                    limits=state["limits"])
     run = history.make_run(state["records"], state["suites"], config.rootpath, options,
                            status="interrupted" if interrupted else "complete", command=command,

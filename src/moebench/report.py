@@ -14,7 +14,7 @@ import io
 import re
 from pathlib import Path
 
-from .history import format_run_header
+from .history import format_run_header, injected
 from .table import rows
 
 
@@ -57,7 +57,7 @@ def budget_plots(runs: list[dict], out: Path, plt) -> list[tuple[str, Path, byte
         if run.get("status", "complete") != "complete":
             continue
         for r in run.get("records", []):
-            if r.get("inject_delay_ms"):
+            if injected(r):
                 continue
             latest.setdefault((r.get("suite"), r.get("model")), {})[r.get("case")] = r
     made = []
@@ -92,7 +92,7 @@ def history_plots(runs: list[dict], out: Path, plt) -> list[tuple[str, Path, byt
             continue
         commit = ((run.get("git") or {}).get("commit") or "none")[:8]
         for r in run.get("records", []):
-            if r.get("tokens_per_s") and not r.get("inject_delay_ms"):
+            if r.get("tokens_per_s") and not injected(r):
                 samples = (r.get("samples") or {}).get("tokens_per_s") or []
                 series.setdefault((r.get("suite"), r.get("case")), []).append((i, commit, r["tokens_per_s"], samples))
     made = []

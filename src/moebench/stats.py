@@ -371,7 +371,7 @@ def round_noise_from_history(history_path: str | Path, metric: str = "tokens_per
             continue
         for r in run.get("records", []):
             samples = (r.get("samples") or {}).get(metric) or []
-            if len(samples) < MIN_ROUNDS or r.get("inject_delay_ms") or min(samples) <= 0:
+            if len(samples) < MIN_ROUNDS or r.get("inject_delay_ms") or r.get("inject_slowdown") or min(samples) <= 0:
                 continue
             logs = np.log(np.asarray(samples, dtype=float))
             n = logs.size

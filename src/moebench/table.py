@@ -58,8 +58,8 @@ def comparison_cells(comparison: dict | None) -> list[str]:
     verdict = verdict.upper() if verdict == "regressed" else verdict
     if comparison.get("fields"):
         verdict += f" ({', '.join(comparison['fields'])})"
-    if comparison.get("injected_delay_ms"):
-        verdict += f" (injected {comparison['injected_delay_ms']:g} ms)"
+    if comparison.get("injected"):
+        verdict += f" (injected {comparison['injected']})"
     n = comparison.get("rounds")
     rounds = "-" if not n else f"{n[0]}/{n[1]}" + (" too few" if comparison.get("too_few_rounds") else "")
     return [_num(comparison.get("baseline_tokens_per_s"), ".1f"),

@@ -149,16 +149,24 @@ def test_plugin_baseline_flow(tiny):
 
     # 100 ms before each of 8 MoE layer calls per round: far beyond the noise of a tiny model's round
     r = tiny.runpytest_subprocess(*_args(tiny, "--moebench-inject-delay=100ms", "--moebench-policy", "lru"))
-    r.stdout.fnmatch_lines(["*REGRESSED (injected 100 ms)*", "FAILED*tiny-switch?lru-50%?*: reg*"])
+    r.stdout.fnmatch_lines(["*REGRESSED (injected 100 ms per MoE layer)*", "FAILED*tiny-switch?lru-50%?*: reg*"])
     assert r.ret == 1
     runs, _ = history.read_history(tiny.path / "hist")
     assert all(rec["inject_delay_ms"] == 100 for rec in runs[-1]["records"])
     assert "INJECTED DELAY" in history.format_run_header(runs[-1])
 
+    # a stretch doubles every round whatever the machine's speed
+    r = tiny.runpytest_subprocess(*_args(tiny, "--moebench-inject-delay=100%", "--moebench-policy", "lru"))
+    r.stdout.fnmatch_lines(["*REGRESSED (injected 100% stretch)*"])
+    assert r.ret == 1
+    runs, _ = history.read_history(tiny.path / "hist")
+    assert all(rec["inject_slowdown"] == 1.0 for rec in runs[-1]["records"])
+
 
 @pytest.mark.parametrize("opt, match", [
     ("--moebench-compare-fail=throughput:5", "*--moebench-compare-fail: malformed limit 'throughput:5'*"),
     ("--moebench-inject-delay=5", "*--moebench-inject-delay: malformed delay '5'*"),
+    ("--moebench-inject-delay=0%", "*--moebench-inject-delay: slowdown '0%' must be above 0%*"),
     ("--moebench-compare=/nonexistent/x.json", "*--moebench-compare: /nonexistent/x.json is neither*"),
 ])
 def test_plugin_usage_errors(tiny, opt, match):
