@@ -52,7 +52,8 @@ for step in $STEPS; do
     predictors)
       run_step predictors 280 -- env OUT="$work" PREDICTORS_DEADLINE_S=170 python3 benchmarks/predictors.py ;;
     stats)
-      run_step stats 400 -- env OUT="$work/stats" BUDGET_S="${STATS_BUDGET_S:-170}" bash benchmarks/stats_device.sh ;;
+      run_step stats "${STATS_LIMIT_S:-540}" -- env OUT="$work/stats" BUDGET_S="${STATS_BUDGET_S:-300}" \
+        bash benchmarks/stats_device.sh ;;
     nightly_switch)
       run_step nightly_switch 200 -- env OUT="$work/nightly" MOEBENCH_SKIP_GPU_TESTS=1 MOEBENCH_ROUNDS=6 \
         MOEBENCH_PYTEST_ARGS="-k switch-base-8 --moebench-policy resident --moebench-policy on-demand --moebench-policy lru --moebench-policy lookahead" \

@@ -15,6 +15,8 @@ the experts) x policy (on-demand, lru, lookahead): decode steps after a prefill,
 case = misses x expert bytes / pinned bandwidth (measured in this run) per step.
 `peer`: a 4-layer model of the same width that fits: accelerate's cpu_offload, the engine at 25/50%, the engine
 with every expert resident (kernels triton and torch), and transformers' own forward (eager, grouped_mm).
+`cost`: the same 4-layer model, interleaved repeats of transformers' forward, the engine's resident path and `lru`
+holding every expert (filled before timing): the engine's own cost and the resident path against transformers.
 JSON and a table go to $OUT after every case, so a timeout keeps what finished.
 """
 
@@ -280,6 +282,65 @@ def part_peer(args, device, rec):
         rec.add({"case": "accelerate cpu_offload", "error": f"{type(exc).__name__}: {exc}"})
 
 
+def part_cost(args, device, rec):
+    """The engine's own cost on a model that fits, by interleaved repeats (the lent machine drifts, so variants
+    measured minutes apart are not comparable): per repeat, transformers' own forward (eager, grouped_mm), then the
+    engine with every expert resident (policy `resident`), then `lru` with a budget of every expert, its cache
+    filled before timing (otherwise the first visits of cold experts are misses, which is I/O, not engine cost).
+    Each variant: --steps timed decode steps per batch; the row keeps the median over the repeats."""
+    cfg = MixtralConfig(**{**(TINY if args.tiny else MIXTRAL), "num_hidden_layers": args.peer_layers})
+    with torch.device("meta"):
+        model = MixtralForCausalLM(cfg).to(torch.bfloat16).eval()
+    model.to_empty(device=device)
+    init_dense(model, device, seed=0)
+    g = torch.Generator(device=device).manual_seed(1)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.experts.gate_up_proj.normal_(0.0, STD, generator=g)
+            layer.mlp.experts.down_proj.normal_(0.0, STD, generator=g)
+    import moeoffload
+
+    times: dict[tuple[str, int], list[float]] = {}
+
+    def timed(name, batch):
+        t = decode(model, batch, args.steps, args.warm, device, seed=batch)
+        times.setdefault((name, batch), []).append(sorted(t)[len(t) // 2])
+
+    for _ in range(args.repeats):
+        for impl in ("eager", "grouped_mm"):
+            hooks.experts3d.select(model, impl)
+            for batch in args.batches:
+                timed(f"transformers {impl}", batch)
+        for policy, kernels in (("resident", "auto"), ("lru", "auto"), ("resident", "torch"), ("lru", "torch")):
+            handle = moeoffload.offload(model, policy, "all", device=device, kernels=kernels)
+            try:
+                handle.cache.preload(handle.store.keys())
+                for batch in args.batches:
+                    timed(f"engine {policy}@all" + ("" if kernels == "auto" else "/torch"), batch)
+                if handle.cache.stats.misses:  # filled before timing: any miss would be I/O counted as engine cost
+                    print(f"WARNING: {policy}@all had {handle.cache.stats.misses} misses", flush=True)
+            finally:
+                handle.unload()
+    for (name, batch), meds in times.items():
+        step = sorted(meds)[len(meds) // 2]
+        rec.add({"case": name, "layers": cfg.num_hidden_layers, "batch": batch, "ms_per_step": step * 1e3,
+                 "tokens_per_s": batch / step, "repeats_ms": [m * 1e3 for m in meds]})
+    for batch in args.batches:
+        def ms(name, batch=batch):
+            meds = times.get((name, batch))
+            return sorted(meds)[len(meds) // 2] * 1e3 if meds else float("nan")
+
+        best_hf = min(ms("transformers eager"), ms("transformers grouped_mm"))
+        for kernels in ("", "/torch"):
+            res, lru = ms(f"engine resident@all{kernels}"), ms(f"engine lru@all{kernels}")
+            rec.meta.setdefault("cost", []).append(
+                {"batch": batch, "kernels": kernels.strip("/") or "auto", "resident_ms": res, "lru_all_ms": lru,
+                 "engine_cost": lru / res - 1, "resident_vs_best_transformers": best_hf / res})
+            print(f"b{batch}{kernels}: lru@all {lru:.2f} ms vs resident {res:.2f} ms per step: engine cost "
+                  f"{lru / res - 1:+.1%}; resident {best_hf / res:.2f}x the best transformers forward "
+                  f"({best_hf:.2f} ms)", flush=True)
+
+
 def run_engine_case_handle(rec, handle, model, batch, args, device, bw, policy, budget, kernels):
     cache = handle.cache
     times = decode(model, batch, args.steps, args.warm, device, seed=batch, on_timed_start=cache.reset_stats)
@@ -325,7 +386,7 @@ def against_peers(full_rows: list[dict], peer_rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", action="append", choices=["full", "peer"],
+    ap.add_argument("--part", action="append", choices=["full", "peer", "cost"],
                     help="repeatable, run in the order given; default: peer then full")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--budgets", nargs="+", default=["25%", "50%", "75%"])
@@ -334,6 +395,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8, help="timed decode steps per case")
     ap.add_argument("--warm", type=int, default=2, help="untimed decode steps before them")
     ap.add_argument("--peer-layers", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the cost part")
     ap.add_argument("--tiny", action="store_true", help="a tiny config (CPU smoke run of the logic)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     args = ap.parse_args()
@@ -349,7 +411,7 @@ def main() -> None:
                 "python": platform.python_version(), "args": vars(args),
                 "command": "PYTHONPATH=src python benchmarks/mixtral_e2e.py " + " ".join(os.sys.argv[1:])}
         rec = recs[part] = Recorder(args.out, meta)
-        (part_full if part == "full" else part_peer)(args, device, rec)
+        {"full": part_full, "peer": part_peer, "cost": part_cost}[part](args, device, rec)
         print(f"\n== {part} ({meta['device']}) ==\n" + rec.table(), flush=True)
     if "full" in recs and "peer" in recs:
         text = against_peers(recs["full"].rows, recs["peer"].rows)
