@@ -443,16 +443,22 @@ def inject_delay(layers, seconds: float) -> list:
 
 
 class Stretch:
-    """Test hook (never for real runs): before every MoE layer call, busy-wait `fraction` of the wall time since the
-    previous call (or since `restart()`, at each round's start), so that a round takes (1 + fraction) times as long
-    as it would have, at whatever speed the machine runs at that moment. A fixed delay in ms cannot promise a
-    percentage: the third H100 set's "5%" delay, calibrated on one run, slowed the next by 39% because the machine
-    had drifted in between. The stretch misses only the tail after a round's last layer call (the last LM head)."""
+    """Test hook (never for real runs): before every MoE layer call, spend `fraction` of the wall time since the
+    previous call (or since `restart()`, at each round's start) in extra interpreter work, so that a round takes
+    (1 + fraction) times as long as it would have, at whatever speed the machine runs at that moment. A fixed delay
+    in ms cannot promise a percentage: the third H100 set's "5%" delay, calibrated on one run, slowed the next by
+    39% because the machine had drifted in between. The stretch misses only the tail after a round's last layer
+    call (the last LM head).
+
+    The work is a counted loop, not a spin on the clock: spinning on time.perf_counter() (two clock reads per layer
+    here instead of thousands) is itself a workload a VM may treat differently from the code it stands for. The loop's
+    cost per iteration is re-estimated from every wait, so a machine that slows down slows the work with it."""
 
     def __init__(self, layers, fraction: float):
         if not 0 < fraction <= 1:
             raise ValueError(f"stretch fraction must be in (0, 1], got {fraction!r}")
         self.fraction = fraction
+        self.per_iter = _spin_seconds_per_iteration()
         self.last = time.perf_counter()
         self.handles = [layer.register_forward_pre_hook(self._wait) for layer in layers]
 
@@ -461,15 +467,29 @@ class Stretch:
 
     def _wait(self, module, args) -> None:
         now = time.perf_counter()
-        end = now + self.fraction * (now - self.last)
-        while time.perf_counter() < end:
-            pass
+        iterations = int(self.fraction * (now - self.last) / self.per_iter)
+        _spin(iterations)
         self.last = time.perf_counter()
+        if iterations >= 1000:  # long enough to re-estimate the loop's speed at this moment
+            self.per_iter = 0.5 * self.per_iter + 0.5 * (self.last - now) / iterations
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles = []
+
+
+def _spin(iterations: int) -> int:
+    acc = 0
+    for i in range(iterations):
+        acc ^= i
+    return acc
+
+
+def _spin_seconds_per_iteration(iterations: int = 200_000) -> float:
+    t0 = time.perf_counter()
+    _spin(iterations)
+    return max((time.perf_counter() - t0) / iterations, 1e-10)
 
 
 INJECT_OOM_ENV = "MOEBENCH_INJECT_OOM"
