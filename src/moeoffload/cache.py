@@ -92,7 +92,23 @@ class ExpertCache:
         self._cuda = cuda
         self._prefetched: set[ExpertKey] = set()  # brought in by prefetch, not yet requested
         self._demoted: set[ExpertKey] = set()  # evicted before any other key (a prefetch the router proved wrong)
-        self.stats = CacheStats()
+        self._stats = CacheStats()
+        self._deferred_hits: torch.Tensor | None = None  # counted on the device by resident fast paths
+        self._tables: dict[int, torch.Tensor] = {}  # layer -> slot of each expert, once resident for good
+
+    @property
+    def stats(self) -> CacheStats:
+        """Hits, misses and the rest; reading it folds in the hits that resident fast paths counted on the device
+        (one device sync, when statistics are read, instead of one per layer call)."""
+        if self._deferred_hits is not None:
+            self._stats.hits += int(self._deferred_hits.item())
+            self._deferred_hits = None
+        return self._stats
+
+    @stats.setter
+    def stats(self, value: CacheStats) -> None:
+        self._stats = value
+        self._deferred_hits = None
 
     # -- what is resident ------------------------------------------------------------------------------------
     @property
@@ -131,15 +147,15 @@ class ExpertCache:
             for key in wanted:
                 slot = self._slot_of.get(key)
                 if slot is not None:
-                    self.stats.hits += 1
+                    self._stats.hits += 1
                     if key in self._prefetched:
                         self._prefetched.discard(key)
-                        self.stats.prefetch_hits += 1
+                        self._stats.prefetch_hits += 1
                     self._demoted.discard(key)
                     self.rule.on_access(key)
                 else:
                     slot = self._load(key, protect)
-                    self.stats.misses += 1
+                    self._stats.misses += 1
                 self._pins[slot] += 1
                 pinned_now.append(slot)
                 slots.append(slot)
@@ -154,6 +170,33 @@ class ExpertCache:
                 if event is not None:
                     stream.wait_event(event)
         return slots
+
+    def resident_table(self, layer: int, num_experts: int) -> torch.Tensor | None:
+        """The slot of every expert of `layer` as a device tensor, when they are all resident for good: the cache
+        holds every expert of the model (nothing can ever be evicted) and keeps what it loaded. Then a layer may
+        route on the device without asking which experts are needed (no device-to-host sync) and read the weights
+        through this table; None otherwise. Built once per layer; the current stream waits for the copies once."""
+        table = self._tables.get(layer)
+        if table is not None:
+            return table
+        if not self.retain or self.n_slots < self.store.num_layers * self.store.num_experts:
+            return None
+        slots = [self._slot_of.get((layer, e)) for e in range(num_experts)]
+        if any(s is None for s in slots):
+            return None
+        if self._cuda:
+            stream = torch.cuda.current_stream(self.device)
+            for slot in slots:
+                event = self._ready[slot]
+                if event is not None:
+                    stream.wait_event(event)
+        table = torch.tensor(slots, dtype=torch.int64, device=self.device)
+        self._tables[layer] = table
+        return table
+
+    def count_hits(self, hits: torch.Tensor) -> None:
+        """Count requests a resident fast path served (a device scalar: reading it now would sync)."""
+        self._deferred_hits = hits if self._deferred_hits is None else self._deferred_hits + hits
 
     def enter_layer(self, layer: int) -> None:
         """Tell the eviction rule which MoE layer starts computing (rules that model the layer cycle use it)."""
@@ -200,7 +243,7 @@ class ExpertCache:
             self._load(key, protect)
             self._prefetched.add(key)
             issued += 1
-        self.stats.prefetches += issued
+        self._stats.prefetches += issued
         return issued
 
     def demote(self, keys: Iterable[ExpertKey]) -> int:
@@ -217,7 +260,7 @@ class ExpertCache:
         self._ready[slot] = self.transfer.copy(self.store.buffer(key), self.pool[slot], after=self._released[slot])
         self._slot_of[key] = slot
         self.rule.on_insert(key)
-        self.stats.peak_resident = max(self.stats.peak_resident, len(self._slot_of))
+        self._stats.peak_resident = max(self._stats.peak_resident, len(self._slot_of))
         return slot
 
     def _evictable(self, protect: set[ExpertKey] | frozenset = frozenset()) -> Evictable:
@@ -229,11 +272,12 @@ class ExpertCache:
             raise CapacityError("every cache slot is pinned; release experts before acquiring more")
         demoted = [k for k in self._demoted if k in candidates]
         self._drop(self.rule.victim(demoted or candidates))
-        self.stats.evictions += 1
+        self._stats.evictions += 1
         return self._free.pop()
 
     def _drop(self, key: ExpertKey) -> None:
         slot = self._slot_of.pop(key)
+        self._tables.pop(key[0], None)
         self._prefetched.discard(key)
         self._demoted.discard(key)
         self.rule.on_remove(key)
@@ -241,9 +285,12 @@ class ExpertCache:
 
     def free(self) -> None:
         """Give the device pool back (after unload); statistics stay readable, the cache is unusable."""
+        _ = self.stats  # fold in deferred hits while the device still holds them
         self._slot_of.clear()
+        self._tables.clear()
         self.pool = self.pool.new_empty(0)
 
     def reset_stats(self) -> None:
-        self.stats = CacheStats(peak_resident=len(self._slot_of))
+        self._stats = CacheStats(peak_resident=len(self._slot_of))
+        self._deferred_hits = None
         self.transfer.reset_stats()

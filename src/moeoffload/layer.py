@@ -78,6 +78,8 @@ class OffloadedMoELayer:
         self.router_tap = router_tap
         self.spec = grouped_spec(ffn, cache.store.layout)  # None: the grouped kernels cannot compute this form
         self.kernels = resolve_kernels(kernels, self.spec, cache.device)  # "loop", "triton" or "grouped-torch"
+        # grouped modes: once every expert of the layer is resident for good, route on the device (`_resident`)
+        self.resident_path = self.kernels != "loop"
 
     def _prefetch(self, hidden: torch.Tensor) -> None:
         """Start the next layer's copies before this layer computes. A predictor is a guess, so a broken one
@@ -136,6 +138,9 @@ class OffloadedMoELayer:
             top_k_index, top_k_weights = self._tap(hidden, top_k_index, top_k_weights)
         self.cache.enter_layer(self.layer_idx)
         if self.kernels != "loop":
+            table = self.cache.resident_table(self.layer_idx, self.num_experts) if self.resident_path else None
+            if table is not None:
+                return self._resident(hidden, top_k_index, top_k_weights, table)
             return self._grouped(hidden, top_k_index, top_k_weights)
         out = torch.zeros_like(hidden)
         tokens = hidden.shape[0]
@@ -157,6 +162,36 @@ class OffloadedMoELayer:
             finally:
                 self.cache.release(keys)
         return out
+
+    def _resident(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                  table: torch.Tensor) -> torch.Tensor:
+        """Every expert of this layer sits in the cache for good (`ExpertCache.resident_table`): nothing to fetch,
+        so nothing to learn on the host. Route, permute, run the grouped FFN over the whole pool by device-side
+        offsets (torch's grouped GEMM on CUDA) and un-permute, without a device-to-host sync: the host runs ahead
+        of the GPU as in an unoffloaded model, instead of waiting at every layer for the router's answer. Hits
+        are counted on the device and folded in when the statistics are read."""
+        tokens = hidden.shape[0]
+        n_slots = self.cache.n_slots
+        flat = top_k_index.T.reshape(-1)  # pair position pos * T + token, as in route()
+        valid = (flat >= 0) & (flat < self.num_experts)
+        slot = torch.where(valid, table[flat.clamp(0, self.num_experts - 1)], n_slots)  # no expert: sorts last
+        order = torch.argsort(slot, stable=True)
+        counts = torch.bincount(slot, minlength=n_slots + 1)
+        offs = counts[:n_slots].cumsum(0).to(torch.int32)
+        self.cache.count_hits((counts[:n_slots] > 0).sum())
+        backend = "triton" if self.kernels == "triton" else "torch"
+        try:
+            x = _kernels.permute(hidden, order % tokens, backend=backend)
+            y = _kernels.grouped_ffn_by_offsets(self.spec, x, self.cache.pool, offs)
+        except Exception as exc:  # an unsupported stride or dtype in torch's grouped GEMM: keep the synced path
+            warnings.warn(f"moeoffload: the resident path of MoE layer {self.layer_idx} failed ({type(exc).__name__}: "
+                          f"{exc}); it routes on the host from now on", RuntimeWarning, stacklevel=3)
+            self.resident_path = False
+            return self._grouped(hidden, top_k_index, top_k_weights)
+        rows = torch.arange(order.numel(), device=order.device, dtype=torch.int32)
+        inverse = torch.full_like(order, -1, dtype=torch.int32).scatter_(0, order, rows)
+        inverse = torch.where(valid, inverse, -1)  # pairs routed to no expert contribute nothing
+        return _kernels.unpermute(y, inverse, top_k_weights, hidden.dtype, backend=backend)
 
     def _grouped(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """Permute once, one grouped FFN per wave over the wave's slots, un-permute once with the gate weights."""

@@ -125,6 +125,38 @@ def test_layer_grouped_path_matches_loop_on_cpu():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("policy", ["resident", "lru"])
+def test_resident_path_routes_on_the_device_and_matches_the_loop(policy):
+    """Once every expert of a layer is resident for good (a budget that holds the model), the grouped modes route
+    on the device (no host sync); the output still agrees with the exact loop and every request counts as a hit."""
+    import moeoffload
+
+    from .models import tiny_mixtral
+
+    model = tiny_mixtral(seed=3, dtype=torch.float32)
+    ids = torch.randint(2, 96, (4, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(ids).logits
+    with moeoffload.offload(model, policy, "all", device="cpu", kernels="grouped-torch") as h:
+        h.cache.preload(h.store.keys())
+        with torch.no_grad():
+            got = model(ids).logits
+        cache = h.cache
+        assert sorted(cache._tables) == list(range(len(h.layers)))  # every layer took the resident path
+        hits = cache.stats.hits
+        assert cache.stats.misses == 0 and hits > 0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with moeoffload.offload(model, policy, "all", device="cpu") as h:  # the exact loop counts the same requests
+        h.cache.preload(h.store.keys())
+        with torch.no_grad():
+            model(ids)
+        assert h.cache.stats.hits == hits
+    with moeoffload.offload(model, "lru", "25%", device="cpu", kernels="grouped-torch") as h:
+        with torch.no_grad():
+            model(ids)
+        assert h.cache.resident_table(0, h.store.num_experts) is None  # it could evict: the host must route
+
+
 def test_kernel_modes_refuse_what_they_cannot_do():
     from moeoffload.layer import resolve_kernels
 

@@ -118,3 +118,40 @@ def _grouped_ffn_torch(spec: FFNSpec, x: torch.Tensor, pool: torch.Tensor, group
         h = h.to(x.dtype).float()
         out[first:end] = (h @ w2.T).to(out.dtype)
     return out
+
+
+def grouped_mm_usable(x: torch.Tensor) -> bool:
+    """torch's grouped GEMM (what transformers' grouped_mm experts use): CUDA, bf16, compute capability 9+."""
+    return (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device)[0] >= 9)
+
+
+def slot_weights(spec: FFNSpec, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both matrices of every slot as strided views of the pool ([n_slots, out, in] each): no copy."""
+    n, inter, hidden = pool.shape[0], spec.intermediate, spec.hidden
+    rows1 = 2 * inter if spec.kind == "gated-silu" else inter
+    w1 = pool[:, spec.w1_offset : spec.w1_offset + rows1 * hidden].view(n, rows1, hidden)
+    w2 = pool[:, spec.w2_offset : spec.w2_offset + hidden * inter].view(n, hidden, inter)
+    return w1, w2
+
+
+def grouped_ffn_by_offsets(spec: FFNSpec, x: torch.Tensor, pool: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """FFN of every slot over its rows of `x` (sorted by slot; slot i owns rows offs[i-1]:offs[i], a device
+    tensor), without reading the offsets on the host: torch._grouped_mm over the whole pool, empty slots included.
+    Rows past offs[-1] come out undefined. Elsewhere (CPU, tests) the same function by a loop over the groups."""
+    w1, w2 = slot_weights(spec, pool)
+    if grouped_mm_usable(x):
+        h = torch._grouped_mm(x, w1.transpose(1, 2), offs=offs)
+        act = _activation(spec, h)
+        return torch._grouped_mm(act, w2.transpose(1, 2), offs=offs)
+    out = torch.zeros((x.shape[0], spec.hidden), dtype=x.dtype, device=x.device)
+    ends = offs.tolist()
+    starts = [0] + ends[:-1]
+    return _grouped_ffn_torch(spec, x, pool, [(a, b, s) for s, (a, b) in enumerate(zip(starts, ends)) if b > a], out)
+
+
+def _activation(spec: FFNSpec, h: torch.Tensor) -> torch.Tensor:
+    if spec.kind == "gated-silu":
+        gate, up = h[:, : spec.intermediate], h[:, spec.intermediate :]
+        return torch.nn.functional.silu(gate) * up
+    return torch.relu(h)
