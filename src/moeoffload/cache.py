@@ -181,8 +181,9 @@ class ExpertCache:
             return table
         if not self.retain or self.n_slots < self.store.num_layers * self.store.num_experts:
             return None
-        slots = [self._slot_of.get((layer, e)) for e in range(num_experts)]
-        if any(s is None for s in slots):
+        found = [self._slot_of.get((layer, e)) for e in range(num_experts)]
+        slots = [s for s in found if s is not None]
+        if len(slots) < num_experts:
             return None
         if self._cuda:
             stream = torch.cuda.current_stream(self.device)
