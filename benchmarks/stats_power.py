@@ -8,6 +8,10 @@ only 3-round aggregates, so the CV is a stand-in until repeated rounds are measu
 1.5x slower). Each cell runs ``--reps`` baseline-vs-current comparisons of throughput samples (higher is better)
 through ``compare_many``, which shares ``compare``'s statistics and decision rule.
 
+``--noise-from HISTORY --blocks`` resamples the measured rounds themselves in blocks of consecutive rounds (the
+lent machine's slow spells kept), on raw and on machine-normalized tokens/s (``moebench.probe``): the noise "like that
+measured on the device" with nothing assumed about its shape.
+
 ``--noise-from HISTORY`` takes the noise from MEASURED per-round samples instead (a history with schema 2, e.g. the
 one ``benchmarks/stats_device.sh`` writes): ``measured`` is log-normal at the measured CV, ``empirical`` resamples the
 measured log-residuals themselves (their skew and outliers included), ``measured-2x`` doubles the CV for margin.
@@ -59,8 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     ap.add_argument("--noise-from", type=Path, help="history with measured per-round samples (schema 2)")
     ap.add_argument("--rounds", type=int, nargs="*", default=list(ROUNDS), help="rounds per side to tabulate")
+    ap.add_argument("--blocks", action="store_true",
+                    help="with --noise-from: resample blocks of consecutive measured rounds (the machine's slow "
+                         "spells kept), raw and machine-normalized, instead of a noise model")
+    ap.add_argument("--case", default=None, help="with --blocks: only records whose case name contains this")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
+    if args.noise_from and args.blocks:
+        return blocks_main(args, t0)
     if args.noise_from:
         return measured_main(args, t0)
     est = estimate_round_cv(args.history)
@@ -151,6 +161,66 @@ def measured_main(args, t0: float) -> int:
     if args.out:
         args.out.write_text(json.dumps({"noise": {k: v for k, v in noise.items() if k != "residuals"},
                                         "reps": args.reps, "rows": results, "rounds_needed": needed}, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def measured_series(history_path: Path, case: str | None) -> tuple[dict[str, np.ndarray], int]:
+    """The unchanged rounds of a history in time order, one series per metric (raw tokens/s and tokens per
+    probe-time), and how many records they came from. Records with an injected slowdown are left out."""
+    from moebench.history import injected, read_history
+
+    runs, _ = read_history(history_path)
+    raw, norm, n = [], [], 0
+    for run in runs:
+        for r in run.get("records", []):
+            s = r.get("samples") or {}
+            if injected(r) or (case and case not in str(r.get("case"))) or not s.get("tokens_per_probe"):
+                continue
+            raw.extend(s["tokens_per_s"])
+            norm.extend(s["tokens_per_probe"])
+            n += 1
+    return {"raw": np.asarray(raw), "normalized": np.asarray(norm)}, n
+
+
+def blocks_main(args, t0: float) -> int:
+    """False alarms and detection with the device's own noise, slow spells included: each comparison takes two
+    non-overlapping blocks of n consecutive measured rounds (as two runs taken at different times would see the
+    machine), the second scaled down by the slowdown, raw and machine-normalized side by side."""
+    series, n_records = measured_series(args.noise_from, args.case)
+    total = series["raw"].size
+    if total < 2 * min(args.rounds):
+        print(f"{args.noise_from}: {total} unchanged rounds with probe timings; need at least {2 * min(args.rounds)}")
+        return 1
+    print(f"{total} unchanged rounds of {n_records} records from {args.noise_from} (case filter {args.case!r}); "
+          f"sd(log) per round: raw {np.std(np.log(series['raw'])):.3f}, normalized "
+          f"{np.std(np.log(series['normalized'])):.3f}")
+    rng = np.random.default_rng(args.seed)
+    rows, results = [], []
+    for n in (n for n in args.rounds if 2 * n <= total):
+        pairs = []
+        while len(pairs) < args.reps:
+            a, b = rng.integers(0, total - n + 1, 2)
+            if abs(int(a) - int(b)) >= n:
+                pairs.append((int(a), int(b)))
+        for name, x in series.items():
+            base = np.stack([x[a : a + n] for a, _ in pairs])
+            cur = np.stack([x[b : b + n] for _, b in pairs])
+            row = {"series": name, "n": n}
+            for scenario, slow in SCENARIOS.items():
+                v = compare_many(base, cur * (1.0 - slow), higher_is_better=True, seed=args.seed)
+                row[scenario] = {s: v.rate(s) for s in ("regressed", "improved", "unchanged", "inconclusive")}
+            results.append(row)
+            rows.append([name, n, f"{row['identical']['regressed']:.1%}", f"{row['identical']['improved']:.1%}",
+                         *(f"{row[s]['regressed']:.1%}" for s in ("2% slower", "5% slower", "10% slower"))])
+    print(f"{args.reps} comparisons per cell; targets: false alarm <= 1% (regressed on identical code), "
+          "flag 5% >= 95%")
+    print(tabulate(rows, headers=["series", "n/side", "false alarm", "false 'improved'", "flag 2%", "flag 5%",
+                                  "flag 10%"], tablefmt="github"))
+    print(f"\n({time.perf_counter() - t0:.1f} s)")
+    if args.out:
+        args.out.write_text(json.dumps({"history": str(args.noise_from), "rounds": total, "records": n_records,
+                                        "reps": args.reps, "rows": results}, indent=2))
         print(f"wrote {args.out}")
     return 0
 

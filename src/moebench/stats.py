@@ -38,8 +38,17 @@ samples by the same constant changes nothing.
 Whether an injected slowdown of ``t`` is flagged in >= 95% of comparisons depends on the per-round noise and the
 number of rounds, not on the rule: ``benchmarks/stats_power.py`` simulates it.
 
-Noise model (an ESTIMATE, to be replaced by measured repeated rounds)
-----------------------------------------------------------------------
+Measured noise (fifth H100 set, ``benchmarks/RESULTS.md``)
+----------------------------------------------------------
+The lent H100 runs at two speeds, switching every few seconds to minutes; in its slow spells raw tokens/s drops
+30-60%. Raw rounds therefore break the rule's assumption that the two sides differ only by the change under test:
+resampling blocks of 160 measured rounds (``benchmarks/stats_power.py --noise-from ... --blocks``), identical code was
+flagged in 14-17% of raw comparisons. Verdicts on samples normalized by the machine-speed probe
+(``moebench.probe``; ``baseline.compare_metric`` picks them when both sides have them) were flagged in 0-2.4%, and
+0.0-0.5% from 20 rounds a side; a true 5% slowdown was flagged in 23-33% at 20-30 rounds, 10% in 71-89%.
+
+Earlier estimate (before per-round samples were stored)
+-------------------------------------------------------
 The only device run stored (``benchmarks/results/h100-2026-11-23/history.jsonl``, H100, 3 rounds per case) keeps one
 aggregate ``tokens_per_s`` per case (total tokens / sum of the 3 round times) and step-latency ``p50_ms``/``p99_ms``,
 never per-round values. :func:`estimate_round_cv` derives the per-round coefficient of variation from the
