@@ -8,6 +8,9 @@ not own (interpreter work, small kernel launches with a device sync, a fixed GEM
 what a decode step is made of) right before every round and after the last. A round's machine-normalized
 throughput is its tokens/s times the mean duration of the two probes around it (tokens per probe-time): a spell
 that slows the machine slows the probe too and cancels, while a regression in the measured code does not.
+Measured (fifth H100 set): the VM runs at two speeds, and on resampled unchanged rounds the normalized verdict
+raised 0-2.4% false alarms where raw tokens/s raised 14-17%. It tracks the machine imperfectly (correlation +0.5 to
++0.64 within runs), so it lowers false alarms more than it raises the power to see a small slowdown.
 
 The probe's parts are timed apart (`ProbeTiming`) so that `benchmarks/stats_device.py` can show which of them
 tracks the rounds on a given machine.
@@ -42,10 +45,11 @@ class ProbeTiming:
 
 
 class MachineProbe:
-    """The fixed workload, built once per device (tensors allocated up front: the probe itself allocates nothing).
+    """The fixed workload, its inputs built once per device.
 
-    On a CPU the GEMM and the launches run on the CPU and the copy is skipped. About 20-40 ms a probe on the H100
-    VM; `scale` multiplies every part's repetitions (tests use a small one).
+    On a CPU the GEMM and the launches run on the CPU and the copy is skipped. About 7-9 ms a probe on the H100 VM
+    at its full speed, 10-14 ms in its slow spells (fifth set, benchmarks/RESULTS.md); `scale` multiplies every
+    part's repetitions (tests use a small one).
     """
 
     def __init__(self, device: str = "cpu", scale: float = 1.0):
