@@ -63,6 +63,11 @@ def test_budget_residency_and_pins_hold_under_random_requests(shape, data, rule,
             for key in held:  # a prefetch never evicts what a computation holds
                 assert key in cache.resident()
         assert cache.pool_bytes <= budget and cache.resident_bytes <= budget
+        for table_layer in range(layers):  # the device-routing table: only when nothing can ever move again
+            table = cache.resident_table(table_layer, experts)
+            if table is not None:
+                assert retain and n_slots >= layers * experts
+                assert [tag_of(cache, s) for s in table.tolist()] == [table_layer * 1000 + e for e in range(experts)]
         if data.draw(st.booleans(), label="release"):
             cache.release(keys)
             for k in dict.fromkeys(keys):
