@@ -454,22 +454,24 @@ class Stretch:
     here instead of thousands) is itself a workload a VM may treat differently from the code it stands for. The loop's
     cost per iteration is re-estimated from every wait, so a machine that slows down slows the work with it."""
 
-    def __init__(self, layers, fraction: float):
+    def __init__(self, layers, fraction: float, *, clock=time.perf_counter, work=None, per_iter: float | None = None):
         if not 0 < fraction <= 1:
             raise ValueError(f"stretch fraction must be in (0, 1], got {fraction!r}")
         self.fraction = fraction
-        self.per_iter = _spin_seconds_per_iteration()
-        self.last = time.perf_counter()
+        self.clock = clock  # tests pass a fake clock, work that advances it and its cost per iteration
+        self.work = work or _spin
+        self.per_iter = per_iter or _spin_seconds_per_iteration()
+        self.last = clock()
         self.handles = [layer.register_forward_pre_hook(self._wait) for layer in layers]
 
     def restart(self) -> None:
-        self.last = time.perf_counter()
+        self.last = self.clock()
 
     def _wait(self, module, args) -> None:
-        now = time.perf_counter()
+        now = self.clock()
         iterations = int(self.fraction * (now - self.last) / self.per_iter)
-        _spin(iterations)
-        self.last = time.perf_counter()
+        self.work(iterations)
+        self.last = self.clock()
         if iterations >= 1000:  # long enough to re-estimate the loop's speed at this moment
             self.per_iter = 0.5 * self.per_iter + 0.5 * (self.last - now) / iterations
 
