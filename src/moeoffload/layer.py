@@ -176,8 +176,10 @@ class OffloadedMoELayer:
         valid = (flat >= 0) & (flat < self.num_experts)
         slot = torch.where(valid, table[flat.clamp(0, self.num_experts - 1)], n_slots)  # no expert: sorts last
         order = torch.argsort(slot, stable=True)
-        counts = torch.bincount(slot, minlength=n_slots + 1)
-        offs = counts[:n_slots].cumsum(0).to(torch.int32)
+        # not torch.bincount: on CUDA it reads the maximum back to the host to size its output (a sync)
+        counts = torch.zeros(n_slots + 1, dtype=torch.int32, device=slot.device)
+        counts.scatter_add_(0, slot, torch.ones_like(slot, dtype=torch.int32))
+        offs = counts[:n_slots].cumsum(0, dtype=torch.int32)
         self.cache.count_hits((counts[:n_slots] > 0).sum())
         backend = "triton" if self.kernels == "triton" else "torch"
         try:
