@@ -8,6 +8,9 @@ only 3-round aggregates, so the CV is a stand-in until repeated rounds are measu
 1.5x slower). Each cell runs ``--reps`` baseline-vs-current comparisons of throughput samples (higher is better)
 through ``compare_many``, which shares ``compare``'s statistics and decision rule.
 
+``--noise-from HISTORY --run-level`` models each run as an offset (the measured spread of run medians) plus rounds
+resampled from the measured residuals within runs: what the per-round rule does when runs differ, at any n.
+
 ``--noise-from HISTORY --blocks`` resamples the measured rounds themselves in blocks of consecutive rounds (the
 lent machine's slow spells kept), on raw and on machine-normalized tokens/s (``moebench.probe``): the noise "like that
 measured on the device" with nothing assumed about its shape.
@@ -66,11 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--blocks", action="store_true",
                     help="with --noise-from: resample blocks of consecutive measured rounds (the machine's slow "
                          "spells kept), raw and machine-normalized, instead of a noise model")
-    ap.add_argument("--case", default=None, help="with --blocks: only records whose case name contains this")
+    ap.add_argument("--case", default=None,
+                    help="with --blocks/--run-level: only records whose case name contains this")
+    ap.add_argument("--run-level", action="store_true",
+                    help="with --noise-from: model each run as an offset (log-sd of the measured run medians) plus "
+                         "rounds resampled from the measured within-run residuals; normalized samples")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     if args.noise_from and args.blocks:
         return blocks_main(args, t0)
+    if args.noise_from and args.run_level:
+        return run_level_main(args, t0)
     if args.noise_from:
         return measured_main(args, t0)
     est = estimate_round_cv(args.history)
@@ -181,6 +190,50 @@ def measured_series(history_path: Path, case: str | None) -> tuple[dict[str, np.
             norm.extend(s["tokens_per_probe"])
             n += 1
     return {"raw": np.asarray(raw), "normalized": np.asarray(norm)}, n
+
+
+def run_level_main(args, t0: float) -> int:
+    """What more rounds cannot average away: runs of unchanged code differ by an offset. Each simulated run is an
+    offset drawn at the log-sd of the measured runs' medians plus n rounds drawn from the measured residuals about
+    their own run's median (machine-normalized samples), so the rounds-based rule is tested at any n."""
+    from moebench.history import injected, read_history
+
+    runs, _ = read_history(args.noise_from)
+    residuals, medians = [], []
+    for run in runs:
+        for r in run.get("records", []):
+            s = (r.get("samples") or {}).get("tokens_per_probe")
+            if not s or injected(r) or (args.case and args.case not in str(r.get("case"))):
+                continue
+            x = np.log(np.asarray(s))
+            residuals.extend(x - np.median(x))
+            medians.append(float(np.median(x)))
+    if len(medians) < 3:
+        print(f"{args.noise_from}: {len(medians)} unchanged runs with probe timings; need at least 3")
+        return 1
+    res, sd_run = np.asarray(residuals), float(np.std(medians, ddof=1))
+    print(f"{len(medians)} unchanged runs, {res.size} rounds: log-sd between run medians {sd_run:.4f}, within runs "
+          f"{np.std(res):.4f}")
+    rng = np.random.default_rng(args.seed)
+    rows, results = [], []
+    for n in args.rounds:
+        def draw(n=n):
+            return np.exp(rng.choice(res, (args.reps, n)) + rng.normal(0.0, sd_run, (args.reps, 1)))
+
+        base, same, slow = draw(), draw(), draw()
+        row = {"n": n}
+        for scenario, cur in (("identical", same), ("5% slower", slow * 0.95)):
+            v = compare_many(base, cur, higher_is_better=True, seed=args.seed)
+            row[scenario] = {s: v.rate(s) for s in ("regressed", "improved", "unchanged", "inconclusive")}
+        results.append(row)
+        rows.append([n, f"{row['identical']['regressed']:.1%}", f"{row['5% slower']['regressed']:.1%}"])
+    print(tabulate(rows, headers=["n/side", "false alarm", "flag 5%"], tablefmt="github"))
+    print(f"\n({time.perf_counter() - t0:.1f} s)")
+    if args.out:
+        args.out.write_text(json.dumps({"history": str(args.noise_from), "runs": len(medians), "sd_run": sd_run,
+                                        "reps": args.reps, "rows": results}, indent=2))
+        print(f"wrote {args.out}")
+    return 0
 
 
 def blocks_main(args, t0: float) -> int:
