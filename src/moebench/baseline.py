@@ -132,6 +132,43 @@ def from_run(run: dict, suite: str, command: str | None = None) -> dict:
     }
 
 
+def add_earlier_runs(baseline: dict, earlier: list[dict], keep: int) -> dict:
+    """Attach to each case of `baseline` the per-round samples of the same case in up to `keep - 1` earlier runs
+    (newest first): complete, with no injected slowdown, of the same machine class, the case passed and comparable
+    (same tier, dtype, workload, device). The verdict then tests at run level (`stats.compare_runs`), against how
+    much runs of unchanged code differ among themselves, which the rounds of one run cannot show."""
+    if keep < 1:
+        raise BaselineError(f"a baseline keeps at least 1 run, got {keep}")
+    # copies: the cases are the records of a stored run, which must not change under it
+    baseline = dict(baseline, cases={name: dict(case, earlier_runs=list(case.get("earlier_runs") or []))
+                                     for name, case in baseline["cases"].items()})
+    cls = baseline.get("machine_class")
+    ids = [baseline.get("source_run_id")]
+    for run in earlier:
+        if len(ids) >= keep:
+            break
+        if run.get("status", "complete") != "complete" or run.get("run_id") in ids:
+            continue
+        if cls and run.get("machine_class") and run.get("machine_class") != cls:
+            continue
+        used = False
+        for r in run.get("records", []):
+            case = baseline["cases"].get(r.get("case"))
+            if case is None or r.get("suite") != baseline["suite"] or injected(r) or not r.get("passed", True):
+                continue
+            if comparability(case, r)[0] or not r.get("samples"):
+                continue
+            case["earlier_runs"].append({"run_id": run.get("run_id"), "samples": r["samples"]})
+            used = True
+        if used:
+            ids.append(run.get("run_id"))
+    for case in baseline["cases"].values():
+        if not case["earlier_runs"]:
+            del case["earlier_runs"]
+    baseline["runs"] = ids
+    return baseline
+
+
 def load(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
@@ -192,6 +229,9 @@ def compare_metric(metric: Metric, base: dict, cur: dict, limit: float) -> dict:
                     "current": cval, "message": f"{metric.name}: no per-round samples on "
                     f"{'the baseline' if not bs else 'this run'} side; remake the baseline with this moebench"}
         bval, cval = _median(bs), _median(cs)
+        run_level = _run_level(metric, base, cur, limit)
+        if run_level is not None:
+            return {**run_level, "baseline": bval, "current": cval}
         key = metric.sample_key
         if metric.normalized_key is not None:
             bn = (base.get("samples") or {}).get(metric.normalized_key)
@@ -214,6 +254,28 @@ def compare_metric(metric: Metric, base: dict, cur: dict, limit: float) -> dict:
     status = "regressed" if worse else "improved" if better else "unchanged"
     return {"status": status, "ratio": ratio, "baseline": bval, "current": cval,
             "message": f"{metric.name} {ratio:.3f}x ({bval:.4g} -> {cval:.4g}, limit {limit:.0%}): {status}"}
+
+
+def _run_level(metric: Metric, base: dict, cur: dict, limit: float) -> dict | None:
+    """The run-level verdict when the baseline case keeps samples of at least `stats.MIN_RUNS` runs (normalized
+    when every run and this one have them), else None (the per-round verdict applies)."""
+    from . import stats
+
+    sets = [base.get("samples") or {}] + [e.get("samples") or {} for e in base.get("earlier_runs") or []]
+    if len(sets) < stats.MIN_RUNS:
+        return None
+    key = metric.normalized_key
+    if key is None or not all(s.get(key) for s in sets) or not (cur.get("samples") or {}).get(key):
+        key = metric.sample_key
+    if not all(s.get(key) for s in sets):
+        return None
+    v = stats.compare_runs([s[key] for s in sets], cur["samples"][key], higher_is_better=metric.higher_is_better,
+                           threshold=limit, confidence=CONFIDENCE)
+    normalized = key != metric.sample_key
+    return {"status": v.status, "ratio": v.ratio, "ci": [v.ci_low, v.ci_high], "p_value": v.p_value,
+            "n": [len(sets), len(cur["samples"][key])], "samples": key, "normalized": normalized, "level": "runs",
+            "message": f"{'machine-normalized ' if normalized else ''}{v.message}", "too_few_rounds": False,
+            "rounds_needed": None}
 
 
 def _device_type(record: dict) -> str | None:
@@ -289,6 +351,8 @@ def compare_case(base: dict | None, cur: dict, limits: dict[str, float], *, base
     timed = [m for m in metrics.values() if "n" in m]
     if timed:
         out["rounds"] = timed[0]["n"]
+        if timed[0].get("level") == "runs":
+            out["level"] = "runs"  # rounds = [baseline runs, this run's rounds]
         out["too_few_rounds"] = any(m["too_few_rounds"] for m in timed)
         needs = [m["rounds_needed"] for m in timed if m["too_few_rounds"]]
         if needs:

@@ -77,9 +77,13 @@ def _baseline_update(args: argparse.Namespace) -> int:
         return 2
     command = (f"moebench baseline update --history {args.history} --run {run.get('run_id')}  "
                f"(run made by: {run.get('command') or 'unknown'})")
+    earlier = [r for r in reversed(runs[: runs.index(run)])]  # the runs stored before it, newest first
     for suite in args.suite or run.get("suites", []):
-        path = bl.save(bl.path_for(args.dir, cls, suite), bl.from_run(run, suite, command), force=args.force)
-        print(f"wrote {path} from run {run.get('run_id')} ({len(bl.load(path)['cases'])} cases)")
+        baseline = bl.add_earlier_runs(bl.from_run(run, suite, command), earlier, args.runs)
+        path = bl.save(bl.path_for(args.dir, cls, suite), baseline, force=args.force)
+        kept = len(baseline["runs"])
+        print(f"wrote {path} from run {run.get('run_id')}" + (f" and {kept - 1} earlier" if kept > 1 else "")
+              + f" ({len(bl.load(path)['cases'])} cases)")
     return 0
 
 
@@ -171,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--machine-class", help="default: the run's (from its GPU name, e.g. h100)")
     u.add_argument("--dir", default="baselines", help="baselines folder (default baselines)")
     u.add_argument("--force", action="store_true", help="replace a file that does not read as a baseline")
+    u.add_argument("--runs", type=int, default=1, metavar="N",
+                   help="keep the samples of up to N-1 earlier runs too; from 3 runs on, verdicts test at run level")
     u.set_defaults(func=_baseline_update)
 
     c = with_history(sub.add_parser("compare", help="compare run B against run A (ids, or baseline .json files)"))

@@ -36,6 +36,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "throughput, latency (statistical, per-round samples), gpu_memory, h2d")
     group.addoption("--moebench-save-baseline", action="store_true", default=False,
                     help="after a complete run, write baselines/<machine-class>/<suite>.json from it")
+    group.addoption("--moebench-baseline-runs", type=int, default=1, metavar="N",
+                    help="with --moebench-save-baseline: keep the samples of this run and of up to N-1 earlier runs "
+                         "of the suite from the history; from 3 runs on, timed verdicts test at run level (default 1)")
     group.addoption("--moebench-baseline-dir", default=None, metavar="DIR",
                     help="folder of baselines (default: baselines under the rootdir)")
     group.addoption("--moebench-machine-class", default=None, metavar="NAME",

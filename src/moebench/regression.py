@@ -52,6 +52,9 @@ def configure_comparison(config: pytest.Config, device: str) -> dict:
         delay, stretch = parse_delay(config.getoption("moebench_inject_delay"))
     except ValueError as exc:
         raise pytest.UsageError(f"--moebench-inject-delay: {exc}") from None
+    baseline_runs = config.getoption("moebench_baseline_runs")
+    if baseline_runs < 1:
+        raise pytest.UsageError(f"--moebench-baseline-runs: {baseline_runs} is not a run count; use 1 or more")
     machine = machine_info()
     cls = config.getoption("moebench_machine_class") or machine_class(machine, device)
     if not re.match(r"^[a-z0-9][a-z0-9_.\-]*$", cls):
@@ -72,6 +75,7 @@ def configure_comparison(config: pytest.Config, device: str) -> dict:
             "machine_class": cls,
             "baseline_dir": base_dir, "compare_mode": mode, "explicit_baseline": explicit, "baselines": {},
             "baseline_paths": {}, "save_baseline": config.getoption("moebench_save_baseline"),
+            "baseline_runs": baseline_runs,
             "store_messages": []}
 
 
@@ -142,11 +146,22 @@ def finish_session(session: pytest.Session, state: dict, options: dict, exitstat
     if interrupted:
         state["store_messages"].append(("baseline: NOT saved, the run was interrupted", True))
         return
+    earlier: list[dict] = []
+    if state["baseline_runs"] > 1:
+        try:
+            stored, _ = history.read_history(state["history"])
+            earlier = [r for r in reversed(stored) if r.get("run_id") != run.get("run_id")]
+        except (OSError, history.HistoryError) as exc:
+            state["store_messages"].append((f"baseline: earlier runs unreadable ({exc}); keeping this run only",
+                                            True))
     for suite in state["suites"]:
         path = bl.path_for(state["baseline_dir"], state["machine_class"], suite)
         try:
-            bl.save(path, bl.from_run(run, suite, command))
-            state["store_messages"].append((f"baseline: wrote {path} (run {run['run_id']})", False))
+            baseline = bl.add_earlier_runs(bl.from_run(run, suite, command), earlier, state["baseline_runs"])
+            bl.save(path, baseline)
+            kept = len(baseline.get("runs") or [run["run_id"]])
+            state["store_messages"].append((f"baseline: wrote {path} (run {run['run_id']}"
+                                            + (f" and {kept - 1} earlier" if kept > 1 else "") + ")", False))
         except (OSError, bl.BaselineError) as exc:
             state["store_messages"].append((f"baseline: NOT saved: {exc}", True))
 

@@ -53,8 +53,8 @@ Modelled with that run offset and the measured within-run residuals (``benchmark
 --run-level``), false alarms grow with the rounds: 2.9% at 10, 5.3% at 20, 7.4% at 30, 19.1% at 100 and 23.5% at
 300 a side. (Block resampling of the same 160 rounds says 0.0-0.5% at 20-30: its two blocks often come from one run,
 so it under-counts run offsets; this model draws an independent offset per run, so the truth lies between.) A
-verdict that holds at any round count needs a test at run level (several baseline runs and their spread, or
-interleaved A/B runs); it is not built.
+verdict that holds at any round count tests at run level: :func:`compare_runs`, used when a baseline keeps the
+samples of several runs (``--moebench-baseline-runs``). Interleaved A/B runs are not built.
 
 Earlier estimate (before per-round samples were stored)
 -------------------------------------------------------
@@ -87,12 +87,14 @@ from scipy import stats as _sps
 __all__ = [
     "DEFAULT_ROUNDS",
     "MIN_ROUNDS",
+    "MIN_RUNS",
     "NOISE_CV_ESTIMATE",
     "STATUSES",
     "BatchVerdict",
     "Verdict",
     "compare",
     "compare_many",
+    "compare_runs",
     "estimate_round_cv",
     "min_p_value",
     "rounds_needed",
@@ -100,6 +102,8 @@ __all__ = [
 
 #: Fewer rounds than this on either side gives ``inconclusive``.
 MIN_ROUNDS = 3
+#: Fewer baseline runs than this gives ``inconclusive`` at run level (:func:`compare_runs`).
+MIN_RUNS = 3
 #: Per-round coefficient of variation of tokens/s estimated from the stored H100 run (see the module docstring).
 NOISE_CV_ESTIMATE = 0.10
 #: Rounds per side at which the simulated 5%-slowdown detection rate reaches >= 95% with <= 1% false alarms, at
@@ -350,6 +354,60 @@ def compare_many(baseline: np.ndarray, current: np.ndarray, *, higher_is_better:
     r, lo, hi, p, code = _decide(base, cur, u_base, u_cur, higher_is_better=higher_is_better,
                                  threshold=threshold, confidence=confidence)
     return BatchVerdict(r, lo, hi, p, np.asarray(STATUSES, dtype=object)[code].astype(str))
+
+
+# ---------------------------------------------------------------------------------------------------- run level
+def compare_runs(baseline_runs: Sequence[Sequence[float]], current: Sequence[float], *, higher_is_better: bool,
+                 threshold: float = 0.05, confidence: float = 0.99) -> Verdict:
+    """Verdict at run level: is this run's median outside what the baseline's runs vary by among themselves?
+
+    Each run is reduced to the log of its median; with ``m`` baseline runs of mean ``b`` and sample s.d. ``s`` and
+    this run's ``c``, the change ``g = c - b`` (oriented so that ``g > 0`` is better) has a Student-t prediction
+    interval ``g +- t_{m-1} s sqrt(1 + 1/m)``: it holds whatever part of the spread is round noise and whatever part
+    is the machine's run-to-run offset, so its false-alarm rate stays at ``1 - confidence`` at any round count
+    (the per-round :func:`compare` does not once runs differ). The statuses follow :func:`compare`'s rule with this
+    interval and its one-sided t p-value. Needs :data:`MIN_RUNS` baseline runs; the price is power: with m runs
+    spread by s, only changes well beyond ``t_{m-1} s`` can be flagged."""
+    _check_options(threshold, confidence, 1000)
+    runs = [_check_sample(f"baseline run {i}", r) for i, r in enumerate(baseline_runs)]
+    cur = _check_sample("current", current)
+    kind = "throughput" if higher_is_better else "latency"
+    m = len(runs)
+    meds = np.log([float(np.median(r)) for r in runs]) if runs else np.zeros(0)
+    c = math.log(float(np.median(cur)))
+    if m < MIN_RUNS:
+        ratio = math.exp(c - float(meds.mean())) if m else math.nan
+        return Verdict(ratio, math.nan, math.nan, math.nan, "inconclusive",
+                       f"{kind} {ratio:.3f}x: inconclusive at run level, the baseline keeps {m} run(s); "
+                       f"need at least {MIN_RUNS} (--moebench-baseline-runs)")
+    sign = 1.0 if higher_is_better else -1.0
+    b = float(meds.mean())
+    s = max(float(meds.std(ddof=1)), 1e-12)
+    se = s * math.sqrt(1 + 1 / m)
+    g = sign * (c - b)
+    alpha = 1 - confidence
+    q = float(_sps.t.ppf(1 - alpha / 2, m - 1))
+    g_lo, g_hi = g - q * se, g + q * se
+    p_worse = float(_sps.t.cdf(g / se, m - 1))
+    p_better = float(_sps.t.sf(g / se, m - 1))
+    half, full = math.log(1 - threshold / 2), math.log(1 - threshold)
+    if g_hi < 0 and g < half and p_worse < alpha:
+        status = "regressed"
+    elif g_lo > 0 and g > -half and p_better < alpha:
+        status = "improved"
+    elif g_lo >= full and g_hi <= -full:
+        status = "unchanged"
+    else:
+        status = "inconclusive"
+    ratio = math.exp(c - b)
+    lo, hi = sorted((math.exp(sign * g_lo), math.exp(sign * g_hi)))
+    pct = round(confidence * 100, 6)
+    msg = (f"{kind} {ratio:.3f}x against {m} baseline runs ({pct:g}% prediction interval {lo:.3f}-{hi:.3f}, "
+           f"run-to-run s.d. {s:.1%}, t p={p_worse:.2g}): {status}")
+    if status == "inconclusive" and g_lo < full:
+        msg += (f"; the baseline runs vary too much to settle a {threshold:.0%} change: keep more runs "
+                "(--moebench-baseline-runs) or repeat this one")
+    return Verdict(ratio, lo, hi, p_worse, status, msg)
 
 
 # ------------------------------------------------------------------------------------------------- noise estimate

@@ -61,7 +61,10 @@ def comparison_cells(comparison: dict | None) -> list[str]:
     if comparison.get("injected"):
         verdict += f" (injected {comparison['injected']})"
     n = comparison.get("rounds")
-    rounds = "-" if not n else f"{n[0]}/{n[1]}" + (" too few" if comparison.get("too_few_rounds") else "")
+    if n and comparison.get("level") == "runs":
+        rounds = f"{n[0]} runs/{n[1]}"
+    else:
+        rounds = "-" if not n else f"{n[0]}/{n[1]}" + (" too few" if comparison.get("too_few_rounds") else "")
     return [_num(comparison.get("baseline_tokens_per_s"), ".1f"),
             "-" if ratio is None else f"{ratio - 1:+.1%}", rounds, verdict]
 

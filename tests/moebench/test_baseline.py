@@ -162,6 +162,14 @@ def test_plugin_baseline_flow(tiny):
     runs, _ = history.read_history(tiny.path / "hist")
     assert all(rec["inject_slowdown"] == 1.0 for rec in runs[-1]["records"])
 
+    # a baseline that keeps earlier runs of the history (the injected ones are never among them)
+    r = tiny.runpytest_subprocess(*_args(tiny, "--moebench-save-baseline", "--moebench-baseline-runs=3"))
+    r.stdout.fnmatch_lines([f"baseline: wrote {base} (run * and 2 earlier)"])
+    data = json.loads(base.read_text())
+    assert len(data["runs"]) == 3 and all(len(c["earlier_runs"]) == 2 for c in data["cases"].values())
+    r = tiny.runpytest_subprocess(*_args(tiny))
+    r.stdout.fnmatch_lines(["*3 runs/6*"])  # the verdict now tests at run level
+
 
 @pytest.mark.parametrize("opt, match", [
     ("--moebench-compare-fail=throughput:5", "*--moebench-compare-fail: malformed limit 'throughput:5'*"),

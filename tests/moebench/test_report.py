@@ -76,6 +76,9 @@ def test_baseline_update_from_history_and_compare_against_the_file(hist, tmp_pat
     assert "moebench baseline update" in data["command"]
     assert cli_main(["compare", str(path), "1", "--history", str(hist)]) == 0  # run 1 is faster: not a regression
     capsys.readouterr()
+    assert cli_main(["baseline", "update", "--history", str(hist), "--dir", str(tmp_path / "b"), "--runs", "3"]) == 0
+    assert "and 2 earlier" in capsys.readouterr().out
+    assert json.loads(path.read_text())["runs"] == [runs[2]["run_id"], runs[1]["run_id"], runs[0]["run_id"]]
     path.write_text("garbage")
     assert cli_main(["baseline", "update", "--history", str(hist), "--dir", str(tmp_path / "b")]) == 2
     assert "corrupt baseline" in capsys.readouterr().err and path.read_text() == "garbage"
