@@ -180,7 +180,6 @@ class OffloadedMoELayer:
         counts = torch.zeros(n_slots + 1, dtype=torch.int32, device=slot.device)
         counts.scatter_add_(0, slot, torch.ones_like(slot, dtype=torch.int32))
         offs = counts[:n_slots].cumsum(0, dtype=torch.int32)
-        self.cache.count_hits((counts[:n_slots] > 0).sum())
         backend = "triton" if self.kernels == "triton" else "torch"
         try:
             x = _kernels.permute(hidden, order % tokens, backend=backend)
@@ -190,6 +189,7 @@ class OffloadedMoELayer:
                           f"{exc}); it routes on the host from now on", RuntimeWarning, stacklevel=3)
             self.resident_path = False
             return self._grouped(hidden, top_k_index, top_k_weights)
+        self.cache.count_hits((counts[:n_slots] > 0).sum())  # after the fallback point: never counted twice
         rows = torch.arange(order.numel(), device=order.device, dtype=torch.int32)
         inverse = torch.full_like(order, -1, dtype=torch.int32).scatter_(0, order, rows)
         inverse = torch.where(valid, inverse, -1)  # pairs routed to no expert contribute nothing
