@@ -227,8 +227,8 @@ def part_full(args, device, rec):
                 run_engine_case(rec, model, hook, store, policy, budget, batch, args, device, bw)
 
 
-def part_peer(args, device, rec):
-    """A model that fits: peers and the all-resident comparisons at the same layer count."""
+def build_peer_model(args, device):
+    """The --peer-layers model of Mixtral's width, every weight seeded on `device` (it fits): peers and cost."""
     cfg = MixtralConfig(**{**(TINY if args.tiny else MIXTRAL), "num_hidden_layers": args.peer_layers})
     with torch.device("meta"):
         model = MixtralForCausalLM(cfg).to(torch.bfloat16).eval()
@@ -239,6 +239,12 @@ def part_peer(args, device, rec):
         for layer in model.model.layers:
             layer.mlp.experts.gate_up_proj.normal_(0.0, STD, generator=g)
             layer.mlp.experts.down_proj.normal_(0.0, STD, generator=g)
+    return cfg, model
+
+
+def part_peer(args, device, rec):
+    """A model that fits: peers and the all-resident comparisons at the same layer count."""
+    cfg, model = build_peer_model(args, device)
     import moeoffload
 
     bw = float("nan")
@@ -288,16 +294,7 @@ def part_cost(args, device, rec):
     engine with every expert resident (policy `resident`), then `lru` with a budget of every expert, its cache
     filled before timing (otherwise the first visits of cold experts are misses, which is I/O, not engine cost).
     Each variant: --steps timed decode steps per batch; the row keeps the median over the repeats."""
-    cfg = MixtralConfig(**{**(TINY if args.tiny else MIXTRAL), "num_hidden_layers": args.peer_layers})
-    with torch.device("meta"):
-        model = MixtralForCausalLM(cfg).to(torch.bfloat16).eval()
-    model.to_empty(device=device)
-    init_dense(model, device, seed=0)
-    g = torch.Generator(device=device).manual_seed(1)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.mlp.experts.gate_up_proj.normal_(0.0, STD, generator=g)
-            layer.mlp.experts.down_proj.normal_(0.0, STD, generator=g)
+    cfg, model = build_peer_model(args, device)
     import moeoffload
 
     times: dict[tuple[str, int], list[float]] = {}

@@ -163,12 +163,7 @@ class ExpertCache:
             for slot in pinned_now:
                 self._pins[slot] -= 1
             raise
-        if self._cuda:
-            stream = torch.cuda.current_stream(self.device)
-            for slot in slots:
-                event = self._ready[slot]
-                if event is not None:
-                    stream.wait_event(event)
+        self._wait_for_copies(slots)
         return slots
 
     def resident_table(self, layer: int, num_experts: int) -> torch.Tensor | None:
@@ -185,12 +180,7 @@ class ExpertCache:
         slots = [s for s in found if s is not None]
         if len(slots) < num_experts:
             return None
-        if self._cuda:
-            stream = torch.cuda.current_stream(self.device)
-            for slot in slots:
-                event = self._ready[slot]
-                if event is not None:
-                    stream.wait_event(event)
+        self._wait_for_copies(slots)
         table = torch.tensor(slots, dtype=torch.int64, device=self.device)
         self._tables[layer] = table
         return table
@@ -263,6 +253,16 @@ class ExpertCache:
         self.rule.on_insert(key)
         self._stats.peak_resident = max(self._stats.peak_resident, len(self._slot_of))
         return slot
+
+    def _wait_for_copies(self, slots: Iterable[int]) -> None:
+        """On CUDA, make the current stream wait until the copies into `slots` have landed (no host wait)."""
+        if not self._cuda:
+            return
+        stream = torch.cuda.current_stream(self.device)
+        for slot in slots:
+            event = self._ready[slot]
+            if event is not None:
+                stream.wait_event(event)
 
     def _evictable(self, protect: set[ExpertKey] | frozenset = frozenset()) -> Evictable:
         return Evictable(self._slot_of, self._pins, protect)
