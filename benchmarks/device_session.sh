@@ -6,7 +6,8 @@
 #   OUT=/some/dir STEPS="gpu_tests expertflow predictors" bash benchmarks/device_session.sh
 #
 # Steps: gpu_tests, gpu_exact, mixtral (benchmarks/mixtral_e2e.py, peers and full size), expertflow, predictors, stats (benchmarks/stats_device.sh), nightly_switch (ci/nightly.sh on
-# switch-base-8 with the policies of baselines/h100/switch.json), full_<suite> (that suite's full tier).
+# switch-base-8 with the policies of baselines/h100/switch.json), full_<suite> (that suite's full tier), machine
+# (CPU quota and throttling), ab_same / ab_slow (moebench ab: A/A, and B stretched by AB_SLOW; AB_N runs each).
 # Runs from a bare checkout (the package need not be installed): PYTHONPATH=src. A copy of the tree whose .git is
 # stale (the device tool's) records a wrong commit: pass the real one, MOEBENCH_COMMIT=<hash> (moebench.fingerprint).
 set -uo pipefail
@@ -63,6 +64,19 @@ for step in $STEPS; do
       run_step "$step" "${FULL_LIMIT_S:-300}" -- python3 -m pytest -p moebench.plugin -p no:cacheprovider \
         "suites/$suite" --moebench --moebench-tier full --moebench-rounds "${FULL_ROUNDS:-2}" \
         --moebench-history "$work/history_$suite" -v ${FULL_ARGS:-} ;;
+    machine)  # CPU quota and throttling of this VM (a guess at the two speeds of the fifth set)
+      run_step machine 30 -- bash -c 'for f in /sys/fs/cgroup/cpu.max /sys/fs/cgroup/cpu.stat /sys/fs/cgroup/cpu.weight \
+        /proc/pressure/cpu; do echo "## $f"; cat "$f" 2>&1; done; nproc; grep -m1 "model name" /proc/cpuinfo;
+        cat /sys/devices/system/clocksource/clocksource0/current_clocksource 2>&1' ;;
+    ab_*)  # interleaved A/B runs (moebench ab) of one case: ab_same (A = B), ab_slow (B stretched by AB_SLOW)
+      kind="${step#ab_}"; n="${AB_N:-1}"
+      for i in $(seq 1 "$n"); do
+        extra=(); [[ "$kind" == slow ]] && extra=("--b-args=--moebench-inject-delay=${AB_SLOW:-5%}")
+        run_step "${step}_$i" "${AB_LIMIT_S:-280}" -- python3 -m moebench.cli ab --rounds "${AB_ROUNDS:-100}" \
+          --out "$work/${step}_$i" --no-progress "${extra[@]}" -- suites/switch --moebench-tier full \
+          -k "${AB_CASE:-switch-base-8 and lru-50}"
+        cat /sys/fs/cgroup/cpu.stat >> "$work/${step}_$i.log" 2>&1
+      done ;;
     *) echo "unknown step $step" | tee -a "$summary" ;;
   esac
 done

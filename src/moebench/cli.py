@@ -200,7 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     z.set_defaults(func=_zoo)
 
+    from .ab import add_parser as add_ab_parser
     from .predictor_cmd import add_parser as add_predictor_parser
+
+    add_ab_parser(sub)
 
     add_predictor_parser(sub)
     return parser

@@ -85,6 +85,7 @@ class Session:
     rounds: int = 3
     inject_delay_s: float = 0.0  # test hook only: a busy wait per MoE layer call, to fake a slower commit
     inject_slowdown: float = 0.0  # test hook only: stretch every round by this fraction (`Stretch`)
+    turns: Any = None  # moebench.turns.Turns in an interleaved A/B run: the floor is given up before every round
     _models: dict[str, tuple[Any, str]] = field(default_factory=dict)
     _refs: dict[str, Reference] = field(default_factory=dict)
     _predictors: dict[tuple[str, str | None], Any] = field(default_factory=dict)  # (model, predictor kind) -> trained
@@ -292,6 +293,8 @@ class Session:
             nvml_peak: int | None = None
             round_tokens, round_logits = [], []
             for ids in prompts[1:]:
+                if self.turns is not None:
+                    self.turns.take()  # A/B: the other side's round i runs now, right before this one
                 probes.append(probe.run())
                 if stretch is not None:
                     stretch.restart()

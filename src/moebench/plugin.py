@@ -75,6 +75,9 @@ def pytest_configure(config: pytest.Config) -> None:
     from .regression import configure_comparison
 
     comparison = configure_comparison(config, device)  # raises pytest.UsageError on a bad spec or baseline
+    from .turns import Turns
+
+    turns = Turns.from_env()  # set by `moebench ab`: blocks until the referee gives this process the floor
     config.stash[_STATE] = {
         "device": device,
         "tier": resolve_tier(config.getoption("moebench_tier"), device),
@@ -86,8 +89,15 @@ def pytest_configure(config: pytest.Config) -> None:
         "suites": [],
         "history_path": None,
         "history_error": None,
+        "turns": turns,
         **comparison,
     }
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    state = config.stash.get(_STATE, None)
+    if state is not None and state["turns"] is not None:
+        state["turns"].close()  # A/B: the other side runs on alone
 
 
 def _is_suite_file(path: Path) -> bool:
@@ -119,7 +129,8 @@ class SuiteFile(pytest.File):
         except SuiteError as exc:
             raise self.CollectError(str(exc)) from None
         session = Session(suite, device=state["device"], tier=state["tier"], rounds=state["rounds"],
-                          inject_delay_s=state["inject_delay_s"], inject_slowdown=state["inject_slowdown"])
+                          inject_delay_s=state["inject_delay_s"], inject_slowdown=state["inject_slowdown"],
+                          turns=state["turns"])
         from .regression import load_suite_baseline
 
         load_suite_baseline(state, suite.name, self)  # a corrupt baseline is a collection error naming the file

@@ -94,6 +94,7 @@ __all__ = [
     "Verdict",
     "compare",
     "compare_many",
+    "compare_paired",
     "compare_runs",
     "estimate_round_cv",
     "min_p_value",
@@ -104,6 +105,9 @@ __all__ = [
 MIN_ROUNDS = 3
 #: Fewer baseline runs than this gives ``inconclusive`` at run level (:func:`compare_runs`).
 MIN_RUNS = 3
+#: Fewer round pairs than this gives ``inconclusive`` in an interleaved A/B run (:func:`compare_paired`): the
+#: smallest one-sided signed-rank p of n pairs is 2**-n, below 1% from 7 pairs on.
+MIN_PAIRS = 7
 #: Per-round coefficient of variation of tokens/s estimated from the stored H100 run (see the module docstring).
 NOISE_CV_ESTIMATE = 0.10
 #: Rounds per side at which the simulated 5%-slowdown detection rate reaches >= 95% with <= 1% false alarms, at
@@ -408,6 +412,90 @@ def compare_runs(baseline_runs: Sequence[Sequence[float]], current: Sequence[flo
         msg += (f"; the baseline runs vary too much to settle a {threshold:.0%} change: keep more runs "
                 "(--moebench-baseline-runs) or repeat this one")
     return Verdict(ratio, lo, hi, p_worse, status, msg)
+
+
+# ---------------------------------------------------------------------------------------------- paired (A/B)
+@functools.lru_cache(maxsize=64)
+def _signed_rank_cdf(n: int) -> np.ndarray:
+    """P(W+ <= w) for w = 0..n(n+1)/2 under the null of the Wilcoxon signed-rank test with n untied pairs: each
+    rank 1..n enters the sum with probability 1/2 (exact, by counting subsets; float64 counts are exact to n ~ 50
+    and accurate to 1e-15 relative beyond)."""
+    top = n * (n + 1) // 2
+    counts = np.zeros(top + 1)
+    counts[0] = 1.0
+    for k in range(1, n + 1):
+        counts[k:] = counts[k:] + counts[: top + 1 - k].copy()
+    return np.cumsum(counts) / 2.0**n
+
+
+def _signed_rank_interval(d: np.ndarray, confidence: float) -> tuple[float, float, float, float, float]:
+    """Hodges-Lehmann estimate of the pairs' shift (the median of the Walsh averages (d_i + d_j)/2, i <= j) with
+    its distribution-free confidence interval (inverting the signed-rank test: the k-th smallest and largest Walsh
+    averages) and the two one-sided signed-rank p-values (P(shift <= 0), P(shift >= 0) rejected)."""
+    n = d.size
+    i, j = np.triu_indices(n)
+    walsh = np.sort((d[i] + d[j]) / 2.0)
+    cdf = _signed_rank_cdf(n)
+    alpha = 1.0 - confidence
+    k = int(np.searchsorted(cdf, alpha / 2, side="right"))  # P(W+ <= k-1) <= alpha/2 < P(W+ <= k)
+    k = max(k, 1)
+    lo, hi = walsh[k - 1], walsh[walsh.size - k]
+    ranks = _sps.rankdata(np.abs(d))
+    w_plus = float(ranks[d > 0].sum() + 0.5 * ranks[d == 0].sum())
+    top = cdf.size - 1
+    p_less = float(cdf[min(int(math.floor(w_plus)), top)])  # small W+: the shift is negative
+    p_greater = float(cdf[min(max(top - int(math.ceil(w_plus)), 0), top)])  # P(W+ >= w) = P(W+ <= top - w)
+    return float(np.median(walsh)), float(lo), float(hi), p_less, p_greater
+
+
+def compare_paired(baseline: Sequence[float], current: Sequence[float], *, higher_is_better: bool,
+                   threshold: float = 0.05, confidence: float = 0.99) -> Verdict:
+    """Verdict from an interleaved A/B run: ``baseline[i]`` and ``current[i]`` are rounds measured back to back
+    (``moebench ab`` alternates two processes round by round), so whatever the machine did in that second (its slow
+    spells, the run-to-run offset that :func:`compare` and :func:`compare_runs` must live with) hits both and cancels
+    in the pair's log ratio ``d_i``. The shift is the Hodges-Lehmann estimate of the ``d_i`` with the signed-rank
+    confidence interval and one-sided Wilcoxon signed-rank p-value (distribution free: a slow outlier round moves
+    them by at most one rank); ``ratio`` is ``exp(shift)``. The statuses follow :func:`compare`'s rule."""
+    base = _check_sample("baseline", baseline)
+    cur = _check_sample("current", current)
+    _check_options(threshold, confidence, 1000)
+    if base.size != cur.size:
+        raise ValueError(f"paired samples must have one baseline round per current round, got {base.size} and "
+                         f"{cur.size}; pair the rounds of one interleaved run (moebench ab)")
+    kind = "throughput" if higher_is_better else "latency"
+    n = base.size
+    d = np.log(cur) - np.log(base)
+    if n < MIN_PAIRS:
+        ratio = float(np.exp(np.median(d)))
+        return Verdict(ratio, math.nan, math.nan, math.nan, "inconclusive",
+                       f"{kind} {ratio:.3f}x: inconclusive, {n} round pairs; need at least {MIN_PAIRS} "
+                       "(--moebench-rounds)", 2.0**-n, MIN_PAIRS)
+    shift, lo, hi, p_less, p_greater = _signed_rank_interval(d, confidence)
+    sign = 1.0 if higher_is_better else -1.0
+    g = sign * shift
+    g_lo, g_hi = sorted((sign * lo, sign * hi))
+    p_worse, p_better = (p_less, p_greater) if higher_is_better else (p_greater, p_less)
+    alpha = 1.0 - confidence
+    half, full = math.log(1 - threshold / 2), math.log(1 - threshold)
+    if g_hi < 0 and g < half and p_worse < alpha:
+        status = "regressed"
+    elif g_lo > 0 and g > -half and p_better < alpha:
+        status = "improved"
+    elif g_lo >= full and g_hi <= -full:
+        status = "unchanged"
+    else:
+        status = "inconclusive"
+    ratio, r_lo, r_hi = math.exp(shift), math.exp(lo), math.exp(hi)
+    pct = round(confidence * 100, 6)
+    sd = float(np.std(d, ddof=1))
+    msg = (f"{kind} {ratio:.3f}x over {n} interleaved round pairs ({pct:g}% CI {r_lo:.3f}-{r_hi:.3f}, pair s.d. "
+           f"{sd:.1%}, signed-rank p={p_worse:.2g}): {status}")
+    if status == "inconclusive":
+        # pairs needed for the interval's half-width to fit inside half the threshold, by a normal approximation
+        z = float(_sps.norm.ppf(1 - alpha / 2))
+        need = int(math.ceil((2 * z * 1.05 * sd / -half) ** 2)) if sd > 0 else n
+        msg += f"; about {max(need, n + 1)} pairs would settle a {threshold:.0%} change at this spread"
+    return Verdict(ratio, r_lo, r_hi, p_worse, status, msg, 2.0**-n, None)
 
 
 # ------------------------------------------------------------------------------------------------- noise estimate

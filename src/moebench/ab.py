@@ -1,0 +1,294 @@
+"""`moebench ab`: an interleaved A/B run, the verdict that survives a noisy machine.
+
+Two pytest processes run the same suite selection, one per side: two source trees (commits, checked out as git
+worktrees) or one tree with different options (`--b-args=--moebench-inject-delay=5%`). A `turns.Referee` lets them
+run one round at a time, alternating, so round i of A and round i of B share the machine's state of that moment.
+Each pair's ratio is then free of what made earlier verdicts unreliable on the lent H100 (slow spells of seconds to
+minutes, a 2.6% offset from run to run), and `stats.compare_paired` tests the pairs.
+
+Each side writes its own history under `OUT/a` and `OUT/b` (the normal records, so `moebench history --dir OUT/a`
+and the reports read them); the comparison goes to `OUT/ab.json` and a table on stdout. Exit status: 0 when no
+metric regressed beyond its limit, 1 when one did, 2 when a side failed to run or the run is unusable.
+
+Both processes hold their models at once (one of them idle): an A/B run needs twice the host and GPU memory of one
+side, and the NVML figure of each side includes the other's allocations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+from .turns import SIDES, Referee
+
+DEFAULT_PAIRS = 100  # pairs that settle a 5% change at the measured H100 pair spread (benchmarks/RESULTS.md)
+PAIRED_METRICS = ("throughput", "latency")
+
+
+class ABError(RuntimeError):
+    """An A/B run that cannot give a verdict; the message names what to fix."""
+
+
+def resolve_tree(spec: str, out: Path, side: str, repo: Path) -> tuple[Path, str | None]:
+    """A side's source tree: an existing folder as it is, else a git ref checked out as a detached worktree under
+    `out/trees/<side>` (returned second, for removal afterwards)."""
+    path = Path(spec)
+    if path.is_dir():
+        return path.resolve(), None
+    tree = out / "trees" / side
+    if tree.exists():
+        raise ABError(f"{tree} already exists; remove it (git worktree remove --force {tree}) or pick another --out")
+    proc = subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(tree), spec],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ABError(f"side {side}: {spec!r} is neither a folder nor a git ref of {repo} "
+                      f"({proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'git failed'})")
+    return tree.resolve(), str(tree)
+
+
+def _plugin_installed() -> bool:
+    try:
+        return any(ep.value == "moebench.plugin" for ep in metadata.entry_points(group="pytest11"))
+    except Exception:  # a broken environment: load the plugin explicitly
+        return False
+
+
+def side_command(rounds: int, history: Path, extra: list[str], pytest_args: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "pytest", "--moebench", f"--moebench-rounds={rounds}",
+           f"--moebench-history={history}", "--moebench-compare=none", "-p", "no:cacheprovider"]
+    if not _plugin_installed():
+        cmd[3:3] = ["-p", "moebench.plugin"]
+    return cmd + extra + pytest_args
+
+
+def _side_env(tree: Path, referee: Referee, side: str) -> dict[str, str]:
+    env = dict(os.environ)
+    src = tree / "src"
+    env["PYTHONPATH"] = os.pathsep.join([str(src)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.update(referee.env(side))
+    return env
+
+
+def run_sides(trees: dict[str, Path], commands: dict[str, list[str]], out: Path, *, timeout_s: float | None = None,
+              progress: bool = True) -> dict:
+    """Start both sides under one referee and wait; returns each side's exit code, log and reported package
+    folder, plus how many turns the referee granted."""
+    referee = Referee()
+    referee.start()
+    procs, logs = {}, {}
+    t0 = time.perf_counter()
+    try:
+        for side in SIDES:
+            logs[side] = out / f"{side}.log"
+            with open(logs[side], "w") as log:
+                log.write("$ " + shlex.join(commands[side]) + "\n")
+            procs[side] = subprocess.Popen(commands[side], cwd=trees[side], env=_side_env(trees[side], referee, side),
+                                           stdout=open(logs[side], "a"), stderr=subprocess.STDOUT)
+        bar = _progress(progress)
+        while any(p.poll() is None for p in procs.values()):
+            if timeout_s is not None and time.perf_counter() - t0 > timeout_s:
+                for p in procs.values():
+                    p.kill()
+                raise ABError(f"the A/B run took longer than {timeout_s:g} s; both sides were killed (logs: "
+                              f"{logs['a']}, {logs['b']})")
+            if bar is not None:
+                bar.n = len(referee.log) // 2
+                bar.refresh()
+            time.sleep(0.5)
+        if bar is not None:
+            bar.n = len(referee.log) // 2
+            bar.close()
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+        referee.close()
+    return {"returncode": {s: procs[s].returncode for s in SIDES}, "logs": {s: str(logs[s]) for s in SIDES},
+            "package": {s: (referee.hello.get(s) or (None, None))[1] for s in SIDES}, "turns": len(referee.log),
+            "wall_s": time.perf_counter() - t0, "referee_error": referee.error}
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(desc="moebench ab: round pairs", unit="pair", file=sys.stderr)
+
+
+def _last_run(history: Path) -> dict | None:
+    from .history import read_history
+
+    if not (history / "history.jsonl").exists():
+        return None
+    runs, _ = read_history(history)
+    return runs[-1] if runs else None
+
+
+def compare_sides(run_a: dict, run_b: dict, limits: dict[str, float]) -> list[dict]:
+    """One row per case both sides ran: per metric, the paired verdict on the rounds both sides have."""
+    from . import stats
+    from .baseline import METRICS, _median
+    from .history import case_records
+
+    cases_a, cases_b = case_records(run_a), case_records(run_b)
+    rows = []
+    for name in [c for c in cases_a if c in cases_b]:
+        ra, rb = cases_a[name], cases_b[name]
+        row = {"case": name, "metrics": {}}
+        for key in PAIRED_METRICS:
+            metric = METRICS[key]
+            sa = list((ra.get("samples") or {}).get(metric.sample_key) or [])
+            sb = list((rb.get("samples") or {}).get(metric.sample_key) or [])
+            n = min(len(sa), len(sb))
+            entry = {"a": _median(sa), "b": _median(sb), "pairs": n, "unpaired_rounds": abs(len(sa) - len(sb)),
+                     "limit": limits.get(key)}
+            if n == 0:
+                entry.update(status="inconclusive", message=f"{key}: no per-round samples on one side")
+            else:
+                v = stats.compare_paired(sa[:n], sb[:n], higher_is_better=metric.higher_is_better,
+                                         threshold=limits.get(key, 0.05))
+                u = stats.compare(sa[:n], sb[:n], higher_is_better=metric.higher_is_better,
+                                  threshold=limits.get(key, 0.05))
+                entry.update(status=v.status, ratio=v.ratio, ci=[v.ci_low, v.ci_high], p=v.p_value, message=v.message,
+                             unpaired_status=u.status, unpaired_ratio=u.ratio)
+            row["metrics"][key] = entry
+        row["injected"] = {"a": _injected(ra), "b": _injected(rb)}
+        rows.append(row)
+    return rows
+
+
+def _injected(record: dict) -> str | None:
+    from .history import injected
+
+    return injected(record)
+
+
+def render(rows: list[dict]) -> str:
+    from tabulate import tabulate
+
+    table = []
+    for row in rows:
+        t = row["metrics"]["throughput"]
+        lat = row["metrics"]["latency"]
+        ci = t.get("ci") or [float("nan")] * 2
+        table.append([row["case"], _fmt(t["a"]), _fmt(t["b"]), _fmt(t.get("ratio"), ".3f"),
+                      f"{ci[0]:.3f}-{ci[1]:.3f}", t["pairs"], t["status"], t.get("unpaired_status", "-"),
+                      _fmt(lat.get("ratio"), ".3f"), lat["status"]])
+    return tabulate(table, headers=["case", "A tok/s", "B tok/s", "B/A", "99% CI", "pairs", "verdict",
+                                    "unpaired verdict", "p50 B/A", "p50 verdict"], disable_numparse=True)
+
+
+def _fmt(value, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def main(args: argparse.Namespace) -> int:
+    from .baseline import parse_limits
+
+    limits = {k: v for k, v in parse_limits(args.fail).items() if k in PAIRED_METRICS}
+    if args.rounds < 7:
+        raise ABError(f"--rounds {args.rounds}: a paired verdict needs at least 7 round pairs; use the default "
+                      f"{DEFAULT_PAIRS}")
+    if args.out is None:
+        from .history import new_run_id
+
+        args.out = os.path.join(".moebench", "ab", new_run_id())
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for side in SIDES:
+        hist = out / side / "history.jsonl"
+        if hist.exists():
+            raise ABError(f"{hist} exists from an earlier A/B run; pick a fresh --out so the sides' runs are not mixed")
+    repo = Path(subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True).stdout.strip()
+                or ".").resolve()
+    specs = {"a": args.a, "b": args.b}
+    extra = {"a": shlex.split(args.a_args or ""), "b": shlex.split(args.b_args or "")}
+    trees, worktrees = {}, []
+    try:
+        for side in SIDES:
+            trees[side], wt = resolve_tree(specs[side], out, side, repo)
+            if wt:
+                worktrees.append(wt)
+        commands = {s: side_command(args.rounds, out / s, extra[s], args.pytest_args) for s in SIDES}
+        print(f"moebench ab: A = {specs['a']} {' '.join(extra['a'])}".rstrip() + f"; B = {specs['b']} "
+              f"{' '.join(extra['b'])}".rstrip() + f"; {args.rounds} rounds a side, interleaved; logs in {out}",
+              file=sys.stderr)
+        result = run_sides(trees, commands, out, timeout_s=args.timeout, progress=not args.no_progress)
+    finally:
+        for wt in worktrees:
+            subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", wt], capture_output=True)
+    problems = []
+    for side in SIDES:
+        pkg = result["package"][side]
+        own = (trees[side] / "src" / "moebench").is_dir()  # a moebench checkout must measure its own code
+        if own and pkg is not None and not Path(pkg).resolve().is_relative_to(trees[side]):
+            problems.append(f"side {side} imported moebench from {pkg}, not from its tree {trees[side]}: the installed "
+                            "package shadows it; uninstall it or install it editable")
+        if pkg is None:
+            problems.append(f"side {side} never reached the referee (see {result['logs'][side]})")
+    runs = {s: _last_run(out / s) for s in SIDES}
+    for side in SIDES:
+        if runs[side] is None:
+            problems.append(f"side {side} stored no run (exit {result['returncode'][side]}; see "
+                            f"{result['logs'][side]})")
+    rows = compare_sides(runs["a"], runs["b"], limits) if not problems else []
+    report = {"a": {"spec": specs["a"], "args": extra["a"], "commit": (runs["a"] or {}).get("git")},
+              "b": {"spec": specs["b"], "args": extra["b"], "commit": (runs["b"] or {}).get("git")},
+              "pytest_args": args.pytest_args, "rounds": args.rounds, "limits": limits, "rows": rows,
+              "problems": problems, **result}
+    (out / "ab.json").write_text(json.dumps(report, indent=2, default=str))
+    if problems:
+        for p in problems:
+            print(f"moebench ab: error: {p}", file=sys.stderr)
+        return 2
+    print(render(rows))
+    for row in rows:
+        for m in row["metrics"].values():
+            if m["status"] != "unchanged":
+                print(f"{row['case']}: {m['message']}")
+    print(f"wrote {out / 'ab.json'}  (side exit codes a={result['returncode']['a']} b={result['returncode']['b']}, "
+          f"{result['wall_s']:.0f} s)")
+    regressed = [r["case"] for r in rows for k, m in r["metrics"].items()
+                 if m["status"] == "regressed" and m["limit"] is not None]
+    return 1 if regressed else 0
+
+
+def add_parser(sub) -> None:
+    from .baseline import DEFAULT_LIMITS
+
+    p = sub.add_parser("ab", help="interleaved A/B run of two trees or option sets, verdict on round pairs",
+                       description=__doc__.split("\n\n")[1])
+    p.add_argument("--a", default=".", help="side A (the baseline): a source folder or a git ref (default .)")
+    p.add_argument("--b", default=".", help="side B (the candidate): a source folder or a git ref (default .)")
+    p.add_argument("--a-args", default="", help="extra pytest options for side A only (one quoted string)")
+    p.add_argument("--b-args", default="", help="extra pytest options for side B only, written with '=', e.g. "
+                                                "--b-args=--moebench-inject-delay=5%% (the sides must run the same "
+                                                "cases)")
+    p.add_argument("--rounds", type=int, default=DEFAULT_PAIRS, help=f"rounds a side (default {DEFAULT_PAIRS})")
+    p.add_argument("--out", default=None, help="folder for both histories, logs and ab.json (default "
+                                               ".moebench/ab/<time>; must not hold an earlier A/B run)")
+    p.add_argument("--fail", default=DEFAULT_LIMITS, help=f"failure limits (default {DEFAULT_LIMITS!r}; only "
+                                                          "throughput and latency apply)")
+    p.add_argument("--timeout", type=float, default=None, help="kill both sides after this many seconds")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("pytest_args", nargs="*", help="after --: pytest arguments for both sides, e.g. suites/switch -k "
+                                                     "lru")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        return main(args)
+    except ABError as exc:
+        print(f"moebench ab: error: {exc}", file=sys.stderr)
+        return 2

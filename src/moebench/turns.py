@@ -1,0 +1,184 @@
+"""Turn-taking for interleaved A/B runs: two pytest processes that never run at the same time.
+
+`moebench ab` starts one pytest process per side (two commits, or one tree with and without an option) and a
+`Referee` between them. Each process holds the floor in turn and gives it up at the start of every timed round
+(`Turns.take`), so the sides' rounds alternate A1 B1 A2 B2 ... and everything else (start-up, model loading,
+accuracy passes) is serialized too. Round i of A and round i of B are measured a second apart, under the same
+machine state, which is what `moebench.stats.compare_paired` needs: the lent H100's slow spells and run-to-run
+offsets hit both rounds of a pair and cancel in their ratio.
+
+The floor is passed over a local socket (`multiprocessing.connection`, authenticated) rather than polled files: a
+waiting process blocks in `recv`, burns no CPU, and wakes within microseconds. If one side exits or dies, the
+other is given the floor for good and finishes alone (its unpaired rounds are reported, not compared).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tempfile
+import threading
+import time
+from multiprocessing.connection import Client, Connection, Listener, wait
+from pathlib import Path
+
+ENV_ADDRESS = "MOEBENCH_TURNS"
+ENV_KEY = "MOEBENCH_TURNS_KEY"
+ENV_SIDE = "MOEBENCH_TURNS_SIDE"
+SIDES = ("a", "b")
+
+
+class TurnsError(RuntimeError):
+    """The turn-taking channel broke (the referee is gone): the run cannot stay interleaved."""
+
+
+class Turns:
+    """One side's end of the channel. Connecting blocks until the referee gives this side the floor."""
+
+    def __init__(self, address: str, authkey: bytes, side: str):
+        if side not in SIDES:
+            raise ValueError(f"turn-taking side must be one of {SIDES}, got {side!r}")
+        self.side = side
+        self.turns = 0
+        try:
+            self._conn: Connection | None = Client(address, family="AF_UNIX", authkey=authkey)
+        except OSError as exc:
+            raise TurnsError(f"cannot reach the A/B referee at {address} ({exc}); run A/B runs through "
+                             f"`moebench ab`, or unset {ENV_ADDRESS}") from None
+        import moebench
+
+        self._send(("hello", side, os.getpid(), str(Path(moebench.__file__).resolve().parent)))
+        self._await_floor()
+
+    @classmethod
+    def from_env(cls) -> Turns | None:
+        """The channel `moebench ab` set up for this process, or None in a plain run."""
+        address = os.environ.get(ENV_ADDRESS)
+        if not address:
+            return None
+        key, side = os.environ.get(ENV_KEY), os.environ.get(ENV_SIDE)
+        if not key or not side:
+            raise TurnsError(f"{ENV_ADDRESS} is set but {ENV_KEY} or {ENV_SIDE} is not; run A/B runs through "
+                             "`moebench ab`")
+        return cls(address, bytes.fromhex(key), side)
+
+    def take(self) -> None:
+        """Give the floor to the other side and wait until it comes back: call right before each timed round."""
+        self.turns += 1
+        self._send("turn")
+        self._await_floor()
+
+    def close(self) -> None:
+        """Leave for good: the other side runs on alone."""
+        if self._conn is not None:
+            try:
+                self._conn.send("bye")
+            except OSError:
+                pass
+            self._conn.close()
+            self._conn = None
+
+    def _send(self, msg) -> None:
+        if self._conn is None:
+            raise TurnsError("the turn-taking channel is closed")
+        try:
+            self._conn.send(msg)
+        except OSError as exc:
+            raise TurnsError(f"lost the A/B referee ({exc})") from None
+
+    def _await_floor(self) -> None:
+        try:
+            msg = self._conn.recv()  # type: ignore[union-attr]
+        except (EOFError, OSError) as exc:
+            raise TurnsError(f"lost the A/B referee while waiting for the floor ({exc!r})") from None
+        if msg != "go":
+            raise TurnsError(f"unexpected message from the A/B referee: {msg!r}")
+
+
+class Referee:
+    """Hands the floor to A first, then to whichever side is waiting whenever the holder asks for a turn.
+
+    `env(side)` gives the environment a side's process needs; `start()` serves in a background thread;
+    `log` keeps (time, side) for every grant and `hello[side]` what each side reported (its moebench package
+    folder: `moebench ab` checks that each side imported its own tree)."""
+
+    def __init__(self, folder: str | Path | None = None):
+        self._tmp = tempfile.TemporaryDirectory(prefix="moebench-ab-") if folder is None else None
+        base = Path(self._tmp.name if self._tmp else folder)
+        self.address = str(base / "turns.sock")
+        self.authkey = secrets.token_bytes(16)
+        self._listener = Listener(self.address, family="AF_UNIX", authkey=self.authkey)
+        self.hello: dict[str, tuple] = {}
+        self.log: list[tuple[float, str]] = []
+        self.error: str | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def env(self, side: str) -> dict[str, str]:
+        return {ENV_ADDRESS: self.address, ENV_KEY: self.authkey.hex(), ENV_SIDE: side}
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._serve, name="moebench-ab-referee", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop serving (after both processes ended, or to abandon the run)."""
+        self._closed = True
+        try:
+            self._listener.close()
+        except OSError:
+            pass
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def _serve(self) -> None:
+        conns: dict[str, Connection] = {}
+        try:
+            while len(conns) < len(SIDES):
+                conn = self._listener.accept()
+                msg = conn.recv()
+                if not (isinstance(msg, tuple) and msg and msg[0] == "hello" and msg[1] in SIDES
+                        and msg[1] not in conns):
+                    conn.close()
+                    continue
+                conns[msg[1]] = conn
+                self.hello[msg[1]] = msg[2:]
+        except (OSError, EOFError):
+            return  # closed before both sides arrived: `moebench ab` reports the side that failed to start
+        self._run(conns)
+
+    def _grant(self, conns: dict[str, Connection], side: str) -> None:
+        self.log.append((time.perf_counter(), side))
+        conns[side].send("go")
+
+    def _run(self, conns: dict[str, Connection]) -> None:
+        alive = dict(conns)
+        side_of = {c: s for s, c in conns.items()}
+        waiting = set(SIDES)  # both sides are blocked in their hello
+        waiting.discard("a")
+        self._grant(conns, "a")
+        while alive and not self._closed:
+            for conn in wait(list(alive.values()), timeout=1.0):
+                side = side_of[conn]
+                try:
+                    msg = conn.recv()
+                except (EOFError, OSError):
+                    msg = "bye"
+                other = "b" if side == "a" else "a"
+                if msg == "bye":
+                    del alive[side]
+                    conn.close()
+                    if other in alive and other in waiting:
+                        waiting.discard(other)
+                        self._grant(conns, other)
+                elif msg == "turn":
+                    if other in alive and other in waiting:
+                        waiting.add(side)
+                        waiting.discard(other)
+                        self._grant(conns, other)
+                    else:  # the other side has left: run on alone
+                        self._grant(conns, side)
+                else:
+                    self.error = f"side {side} sent {msg!r}"

@@ -1,0 +1,155 @@
+"""Interleaved A/B runs: the paired verdict, the turn-taking that makes rounds pairs, and `moebench ab` itself.
+
+Why pairs: on the lent H100 the machine's speed changes within and between runs, so two runs' rounds differ by
+more than the change under test. Rounds of A and B measured back to back share that state; their ratio does not."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats as sps
+
+from moebench import cli
+from moebench.stats import MIN_PAIRS, compare, compare_paired
+from moebench.turns import Referee
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _pairs(rng, n, shift=0.0, drift_sd=0.3, pair_sd=0.05):
+    """Rounds whose machine state (a common factor, wandering by drift_sd) dwarfs the change under test."""
+    state = 100 * np.exp(np.cumsum(rng.normal(0, drift_sd / 3, n)))
+    a = state * np.exp(rng.normal(0, pair_sd / np.sqrt(2), n))
+    b = state * np.exp(rng.normal(0, pair_sd / np.sqrt(2), n)) * (1 - shift)
+    return a, b
+
+
+def test_signed_rank_p_value_is_scipys_exact_one():
+    rng = np.random.default_rng(3)
+    for n in (7, 12, 30):
+        a, b = _pairs(rng, n, shift=0.02)
+        d = np.log(b) - np.log(a)
+        v = compare_paired(a, b, higher_is_better=True)
+        assert v.p_value == pytest.approx(sps.wilcoxon(d, alternative="less", method="exact").pvalue, rel=1e-9)
+
+
+def test_pairs_flag_a_5pct_slowdown_that_the_machine_drift_hides_from_unpaired_rounds():
+    rng = np.random.default_rng(11)
+    reps, n = 200, 40
+    paired = {"fa": 0, "det": 0}
+    unpaired_det = 0
+    for _ in range(reps):
+        a, b = _pairs(rng, n)
+        paired["fa"] += compare_paired(a, b, higher_is_better=True).status == "regressed"
+        a, b = _pairs(rng, n, shift=0.05)
+        paired["det"] += compare_paired(a, b, higher_is_better=True).status == "regressed"
+        unpaired_det += compare(a, b, higher_is_better=True, n_boot=200).status == "regressed"
+    assert paired["fa"] / reps <= 0.02  # alpha = 1%, room for 200 draws
+    assert paired["det"] / reps >= 0.95
+    assert unpaired_det / reps <= 0.3  # the same rounds, unpaired, mostly cannot tell
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.floats(1, 1e4), st.floats(0.5, 2.0)), min_size=MIN_PAIRS, max_size=40),
+       st.floats(0.01, 100))
+def test_paired_verdict_mirrors_on_swap_and_ignores_scale(pairs, scale):
+    a = np.array([p[0] for p in pairs])
+    b = a * np.array([p[1] for p in pairs])
+    v = compare_paired(a, b, higher_is_better=True)
+    w = compare_paired(b, a, higher_is_better=True)
+    mirror = {"regressed": "improved", "improved": "regressed", "unchanged": "unchanged",
+              "inconclusive": "inconclusive"}
+    assert w.status == mirror[v.status]
+    assert w.ratio == pytest.approx(1 / v.ratio, rel=1e-9)
+    assert compare_paired(a * scale, b * scale, higher_is_better=True).status == v.status
+    assert compare_paired(1 / a, 1 / b, higher_is_better=False).status == v.status  # latency = 1 / throughput
+
+
+def test_paired_input_errors_name_the_fix():
+    with pytest.raises(ValueError, match="one baseline round per current round"):
+        compare_paired([1, 2, 3, 4, 5, 6, 7], [1, 2, 3], higher_is_better=True)
+    v = compare_paired([1.0] * 5, [0.5] * 5, higher_is_better=True)
+    assert v.status == "inconclusive" and f"need at least {MIN_PAIRS}" in v.message
+
+
+SIDE = textwrap.dedent("""
+    import sys, time
+    from moebench.turns import Turns
+    turns = Turns.from_env()
+    side, rounds, crash_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    for i in range(rounds):
+        turns.take()
+        if i == crash_at:
+            raise SystemExit(3)
+        with open(sys.argv[4], "a") as f:
+            f.write(f"{side}{i} ")
+        time.sleep(0.01)
+    turns.close()
+""")
+
+
+def _run_sides(tmp_path, rounds, crash_b_at=-1):
+    import os
+
+    referee = Referee()
+    referee.start()
+    log = tmp_path / "order.txt"
+    procs = []
+    try:
+        for side, crash in (("a", -1), ("b", crash_b_at)):
+            env = {**os.environ, **referee.env(side), "PYTHONPATH": str(ROOT / "src")}
+            procs.append(subprocess.Popen([sys.executable, "-c", SIDE, side, str(rounds), str(crash), str(log)],
+                                          env=env))
+        codes = [p.wait(timeout=60) for p in procs]
+    finally:
+        referee.close()
+    return log.read_text().split(), codes
+
+
+def test_two_processes_alternate_round_by_round(tmp_path):
+    order, codes = _run_sides(tmp_path, 5)
+    assert codes == [0, 0]
+    assert order == [f"{s}{i}" for i in range(5) for s in "ab"]
+
+
+def test_when_one_side_dies_the_other_finishes_alone(tmp_path):
+    order, codes = _run_sides(tmp_path, 5, crash_b_at=2)
+    assert codes == [0, 3]
+    assert order == ["a0", "b0", "a1", "b1", "a2", "a3", "a4"]
+
+
+def test_ab_refuses_bad_input_without_touching_stored_runs(tmp_path, capsys):
+    out = tmp_path / "ab"
+    (out / "a").mkdir(parents=True)
+    (out / "a" / "history.jsonl").write_text("keep me\n")
+    assert cli.main(["ab", "--out", str(out), "--", "suites/switch"]) == 2
+    assert "earlier A/B run" in capsys.readouterr().err
+    assert (out / "a" / "history.jsonl").read_text() == "keep me\n"
+    assert cli.main(["ab", "--rounds", "3", "--out", str(tmp_path / "x"), "--", "suites/switch"]) == 2
+    assert "at least 7 round pairs" in capsys.readouterr().err
+    assert cli.main(["ab", "--b", "no-such-ref-xyz", "--out", str(tmp_path / "y"), "--", "suites/switch"]) == 2
+    assert "neither a folder nor a git ref" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ab_run_on_the_switch_quick_tier(tmp_path, monkeypatch):
+    """Both sides run one quick case as separate pytest processes, one round at a time; the stored runs are
+    ordinary histories and ab.json pairs their rounds."""
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "ab"
+    code = cli.main(["ab", "--rounds", "8", "--out", str(out), "--no-progress",
+                     "--b-args=--moebench-inject-delay=0.01ms", "--", "suites/switch", "-k",
+                     "switch-base-8 and lru-50"])
+    report = json.loads((out / "ab.json").read_text())
+    assert report["problems"] == [] and report["returncode"] == {"a": 0, "b": 0}, report
+    assert code in (0, 1)
+    assert report["turns"] >= 16  # a grant per round a side, plus the first and the hand-over at the end
+    (row,) = report["rows"]
+    assert row["metrics"]["throughput"]["pairs"] == 8
+    assert row["injected"] == {"a": None, "b": "0.01 ms per MoE layer"}
