@@ -22,3 +22,7 @@ class UnsupportedModelError(MoeOffloadError, TypeError):
 
 class NotOffloadedError(MoeOffloadError, RuntimeError):
     """unload() or stats on a model that is not (or no longer) offloaded."""
+
+
+class HostMemoryError(MoeOffloadError, MemoryError):
+    """Host memory for the experts that could not be allocated or page-locked."""
