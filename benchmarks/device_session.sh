@@ -73,7 +73,7 @@ for step in $STEPS; do
       for i in $(seq 1 "$n"); do
         extra=(); [[ "$kind" == slow ]] && extra=("--b-args=--moebench-inject-delay=${AB_SLOW:-5%}")
         run_step "${step}_$i" "${AB_LIMIT_S:-280}" -- python3 -m moebench.cli ab --rounds "${AB_ROUNDS:-100}" \
-          --out "$work/${step}_$i" --no-progress "${extra[@]}" -- suites/switch --moebench-tier full \
+          --out "$work/${step}_$i" --no-progress --timeout $(( ${AB_LIMIT_S:-280} - 40 )) "${extra[@]}" -- suites/switch --moebench-tier full \
           -k "${AB_CASE:-switch-base-8 and lru-50}"
         cat /sys/fs/cgroup/cpu.stat >> "$work/${step}_$i.log" 2>&1
       done ;;

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -92,16 +93,30 @@ def run_sides(trees: dict[str, Path], commands: dict[str, list[str]], out: Path,
             procs[side] = subprocess.Popen(commands[side], cwd=trees[side], env=_side_env(trees[side], referee, side),
                                            stdout=open(logs[side], "a"), stderr=subprocess.STDOUT)
         bar = _progress(progress)
-        while any(p.poll() is None for p in procs.values()):
-            if timeout_s is not None and time.perf_counter() - t0 > timeout_s:
-                for p in procs.values():
+        interrupted, shown = False, 0
+        try:
+            while any(p.poll() is None for p in procs.values()):
+                if timeout_s is not None and time.perf_counter() - t0 > timeout_s:
+                    raise KeyboardInterrupt
+                pairs = len(referee.log) // 2
+                if bar is not None:
+                    bar.n = pairs
+                    bar.refresh()
+                elif pairs >= shown + 10:  # a line per 10 pairs where no bar is shown (logs, CI)
+                    shown = pairs - pairs % 10
+                    print(f"moebench ab: {pairs} round pairs, {time.perf_counter() - t0:.0f} s", file=sys.stderr,
+                          flush=True)
+                time.sleep(0.5)
+        except KeyboardInterrupt:  # Ctrl-C or --timeout: let both sides store what they finished, then stop them
+            interrupted = True
+            for p in procs.values():
+                if p.poll() is None:
+                    p.send_signal(signal.SIGINT)
+            for p in procs.values():
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
                     p.kill()
-                raise ABError(f"the A/B run took longer than {timeout_s:g} s; both sides were killed (logs: "
-                              f"{logs['a']}, {logs['b']})")
-            if bar is not None:
-                bar.n = len(referee.log) // 2
-                bar.refresh()
-            time.sleep(0.5)
         if bar is not None:
             bar.n = len(referee.log) // 2
             bar.close()
@@ -112,7 +127,8 @@ def run_sides(trees: dict[str, Path], commands: dict[str, list[str]], out: Path,
         referee.close()
     return {"returncode": {s: procs[s].returncode for s in SIDES}, "logs": {s: str(logs[s]) for s in SIDES},
             "package": {s: (referee.hello.get(s) or (None, None))[1] for s in SIDES}, "turns": len(referee.log),
-            "wall_s": time.perf_counter() - t0, "referee_error": referee.error}
+            "wall_s": time.perf_counter() - t0, "referee_error": referee.error, "interrupted": interrupted,
+            "grants": [[round(t - t0, 4), side] for t, side in referee.log]}
 
 
 def _progress(enabled: bool):
@@ -247,6 +263,9 @@ def main(args: argparse.Namespace) -> int:
               "pytest_args": args.pytest_args, "rounds": args.rounds, "limits": limits, "rows": rows,
               "problems": problems, **result}
     (out / "ab.json").write_text(json.dumps(report, indent=2, default=str))
+    if result["interrupted"]:
+        problems.append(f"interrupted (Ctrl-C or --timeout) after {result['turns'] // 2} round pairs: a case "
+                        "in progress stores no record; give the run more time or fewer rounds")
     if problems:
         for p in problems:
             print(f"moebench ab: error: {p}", file=sys.stderr)
