@@ -64,6 +64,8 @@ for step in $STEPS; do
       run_step "$step" "${FULL_LIMIT_S:-300}" -- python3 -m pytest -p moebench.plugin -p no:cacheprovider \
         "suites/$suite" --moebench --moebench-tier full --moebench-rounds "${FULL_ROUNDS:-2}" \
         --moebench-history "$work/history_$suite" -v ${FULL_ARGS:-} ;;
+    store)  # pinned bytes and copy rate of the per-layer registered slabs (benchmarks/store_pinning.py)
+      run_step store "${STORE_LIMIT_S:-150}" -- python3 benchmarks/store_pinning.py --out "$work/store" ;;
     machine)  # CPU quota and throttling of this VM (a guess at the two speeds of the fifth set)
       run_step machine 30 -- bash -c 'for f in /sys/fs/cgroup/cpu.max /sys/fs/cgroup/cpu.stat /sys/fs/cgroup/cpu.weight \
         /proc/pressure/cpu; do echo "## $f"; cat "$f" 2>&1; done; nproc; grep -m1 "model name" /proc/cpuinfo;
