@@ -15,6 +15,11 @@ resampled from the measured residuals within runs: what the per-round rule does 
 lent machine's slow spells kept), on raw and on machine-normalized tokens/s (``moebench.probe``): the noise "like that
 measured on the device" with nothing assumed about its shape.
 
+``--pairs-from AB_DIR [AB_DIR ...]`` takes the noise from MEASURED round pairs: the rounds of an interleaved A/A run
+(``moebench ab``, both sides the same code: ``AB_DIR/a`` and ``AB_DIR/b``), or, for a history given instead, adjacent
+rounds of one process. Each simulated comparison draws n pairs with replacement, each in a random orientation (A and
+B of unchanged code are exchangeable), scales B by the slowdown and applies ``compare_paired``.
+
 ``--noise-from HISTORY`` takes the noise from MEASURED per-round samples instead (a history with schema 2, e.g. the
 one ``benchmarks/stats_device.sh`` writes): ``measured`` is log-normal at the measured CV, ``empirical`` resamples the
 measured log-residuals themselves (their skew and outliers included), ``measured-2x`` doubles the CV for margin.
@@ -74,8 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-level", action="store_true",
                     help="with --noise-from: model each run as an offset (log-sd of the measured run medians) plus "
                          "rounds resampled from the measured within-run residuals; normalized samples")
+    ap.add_argument("--pairs-from", type=Path, nargs="+",
+                    help="interleaved A/A run folders (moebench ab --out) or histories: paired verdicts (see above)")
+    ap.add_argument("--pairs", type=int, nargs="*", default=[30, 50, 70, 100, 150, 200, 250],
+                    help="with --pairs-from: pairs per comparison to tabulate")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
+    if args.pairs_from:
+        return pairs_main(args, t0)
     if args.noise_from and args.blocks:
         return blocks_main(args, t0)
     if args.noise_from and args.run_level:
@@ -274,6 +285,76 @@ def blocks_main(args, t0: float) -> int:
     if args.out:
         args.out.write_text(json.dumps({"history": str(args.noise_from), "rounds": total, "records": n_records,
                                         "reps": args.reps, "rows": results}, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def measured_pairs(sources: list[Path], case: str | None) -> tuple[np.ndarray, list[str]]:
+    """(n, 2) array of measured round pairs (tokens/s): side a and b of A/A runs, or adjacent rounds of a history."""
+    from moebench.history import injected, read_history
+
+    pairs, notes = [], []
+    for src in sources:
+        if (src / "a").is_dir() and (src / "b").is_dir():
+            (run_a,), (run_b,) = read_history(src / "a")[0][-1:], read_history(src / "b")[0][-1:]
+            for ra in run_a["records"]:
+                rb = next((r for r in run_b["records"] if r["case"] == ra["case"]), None)
+                if rb is None or (case and case not in ra["case"]) or injected(ra) or injected(rb):
+                    continue
+                xa, xb = ra["samples"]["tokens_per_s"], rb["samples"]["tokens_per_s"]
+                n = min(len(xa), len(xb))
+                pairs.extend(zip(xa[:n], xb[:n]))
+                notes.append(f"{src}: {ra['case']}, {n} interleaved pairs (two processes)")
+        else:
+            runs, _ = read_history(src)
+            for run in runs:
+                for r in run.get("records", []):
+                    x = (r.get("samples") or {}).get("tokens_per_s") or []
+                    if injected(r) or (case and case not in str(r.get("case"))) or len(x) < 2:
+                        continue
+                    pairs.extend((x[k], x[k + 1]) for k in range(0, len(x) - 1, 2))
+                    notes.append(f"{src}: {r['case']} of {run.get('run_id')}, {len(x) // 2} adjacent pairs "
+                                 "(one process)")
+    return np.asarray(pairs, dtype=float), notes
+
+
+def pairs_main(args, t0: float) -> int:
+    """False alarms and detection of compare_paired with measured pair noise (see the module docstring)."""
+    from moebench.stats import compare_paired
+
+    pairs, notes = measured_pairs(args.pairs_from, args.case)
+    if len(pairs) < 7:
+        print(f"{args.pairs_from}: {len(pairs)} measured pairs; need at least 7")
+        return 1
+    d = np.log(pairs[:, 1] / pairs[:, 0])
+    print("\n".join(notes))
+    print(f"{len(pairs)} measured pairs; sd of the pair log ratio {np.std(d, ddof=1):.3f}, mean {np.mean(d):+.4f}, "
+          f"quantiles 1/50/99% " + "/".join(f"{q:+.3f}" for q in np.quantile(d, [0.01, 0.5, 0.99])))
+    rng = np.random.default_rng(args.seed)
+    rows, results = [], []
+    for n in args.pairs:
+        row = {"pairs": n}
+        for name, slow in SCENARIOS.items():
+            counts = dict.fromkeys(("regressed", "improved", "unchanged", "inconclusive"), 0)
+            for _ in range(args.reps):
+                idx = rng.integers(0, len(pairs), n)
+                swap = rng.random(n) < 0.5
+                a = np.where(swap, pairs[idx, 1], pairs[idx, 0])
+                b = np.where(swap, pairs[idx, 0], pairs[idx, 1]) * (1 - slow)
+                counts[compare_paired(a, b, higher_is_better=True).status] += 1
+            row[name] = {k: v / args.reps for k, v in counts.items()}
+        results.append(row)
+        rows.append([n, f"{row['identical']['regressed']:.2%}", f"{row['identical']['unchanged']:.1%}",
+                     *(f"{row[s]['regressed']:.1%}" for s in ("2% slower", "5% slower", "10% slower"))])
+    print(f"{args.reps} comparisons per cell; targets: false alarm <= 1%, flag 5% >= 95%")
+    print(tabulate(rows, headers=["pairs", "false alarm", "identical: unchanged", "flag 2%", "flag 5%", "flag 10%"],
+                   tablefmt="github"))
+    met = [r["pairs"] for r in results if r["identical"]["regressed"] <= 0.01 and r["5% slower"]["regressed"] >= 0.95]
+    print(f"fewest tabulated pairs meeting both targets: {min(met) if met else 'none'}")
+    print(f"({time.perf_counter() - t0:.1f} s)")
+    if args.out:
+        args.out.write_text(json.dumps({"sources": notes, "n_pairs": len(pairs), "reps": args.reps,
+                                        "pair_log_sd": float(np.std(d, ddof=1)), "rows": results}, indent=2))
         print(f"wrote {args.out}")
     return 0
 

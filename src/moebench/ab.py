@@ -26,10 +26,11 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from .turns import SIDES, Referee
 
-DEFAULT_PAIRS = 100  # pairs that settle a 5% change at the measured H100 pair spread (benchmarks/RESULTS.md)
+DEFAULT_PAIRS = 250  # flags a 5% change in >= 95% at the measured H100 A/A pair spread (stats.pairs_needed, RESULTS.md)
 PAIRED_METRICS = ("throughput", "latency")
 
 
@@ -160,7 +161,7 @@ def compare_sides(run_a: dict, run_b: dict, limits: dict[str, float]) -> list[di
     rows = []
     for name in [c for c in cases_a if c in cases_b]:
         ra, rb = cases_a[name], cases_b[name]
-        row = {"case": name, "metrics": {}}
+        row: dict[str, Any] = {"case": name, "metrics": {}}
         for key in PAIRED_METRICS:
             metric = METRICS[key]
             sa = list((ra.get("samples") or {}).get(metric.sample_key) or [])
@@ -257,7 +258,8 @@ def main(args: argparse.Namespace) -> int:
         if runs[side] is None:
             problems.append(f"side {side} stored no run (exit {result['returncode'][side]}; see "
                             f"{result['logs'][side]})")
-    rows = compare_sides(runs["a"], runs["b"], limits) if not problems else []
+    run_a, run_b = runs["a"], runs["b"]
+    rows = compare_sides(run_a, run_b, limits) if not problems and run_a and run_b else []
     report = {"a": {"spec": specs["a"], "args": extra["a"], "commit": (runs["a"] or {}).get("git")},
               "b": {"spec": specs["b"], "args": extra["b"], "commit": (runs["b"] or {}).get("git")},
               "pytest_args": args.pytest_args, "rounds": args.rounds, "limits": limits, "rows": rows,

@@ -54,7 +54,15 @@ Modelled with that run offset and the measured within-run residuals (``benchmark
 300 a side. (Block resampling of the same 160 rounds says 0.0-0.5% at 20-30: its two blocks often come from one run,
 so it under-counts run offsets; this model draws an independent offset per run, so the truth lies between.) A
 verdict that holds at any round count tests at run level: :func:`compare_runs`, used when a baseline keeps the
-samples of several runs (``--moebench-baseline-runs``). Interleaved A/B runs are not built.
+samples of several runs (``--moebench-baseline-runs``).
+
+Interleaved A/B runs (sixth set): ``moebench ab`` alternates two processes round by round and
+:func:`compare_paired` tests the pairs, so run offsets cancel (the two A/B runs of the sixth set differed by 10% in
+median tokens/s; their pairs did not care). What pairing cannot cancel is the noise within a second: the pair
+log-ratio s.d. of an A/A run was 19%, about sqrt(2) times the 13-16% round-to-round spread of each side, so the rounds
+of this machine vary independently at the scale of one round (~1 s). With that measured spread, resampled
+(``benchmarks/stats_power.py --pairs-from``), 250 pairs give <= 1% false alarms and >= 95% detection of a 5%
+slowdown: :func:`pairs_needed`, and ``moebench ab``'s default.
 
 Earlier estimate (before per-round samples were stored)
 -------------------------------------------------------
@@ -97,6 +105,7 @@ __all__ = [
     "compare_paired",
     "compare_runs",
     "estimate_round_cv",
+    "pairs_needed",
     "min_p_value",
     "rounds_needed",
 ]
@@ -448,6 +457,14 @@ def _signed_rank_interval(d: np.ndarray, confidence: float) -> tuple[float, floa
     return float(np.median(walsh)), float(lo), float(hi), p_less, p_greater
 
 
+def pairs_needed(pair_sd: float, threshold: float = 0.05, confidence: float = 0.99, power: float = 0.95) -> int:
+    """Round pairs at which a true change of ``threshold`` is flagged with probability ``power``, for pairs whose log
+    ratio has s.d. ``pair_sd`` (normal approximation, inflated by 1/0.955, the signed-rank test's efficiency
+    against the t-test at normal noise). At the lent H100's measured A/A spread (19%) this is about 250."""
+    z = float(_sps.norm.ppf(1 - (1 - confidence) / 2)) + float(_sps.norm.ppf(power))
+    return max(MIN_PAIRS, int(math.ceil((z * pair_sd / -math.log(1 - threshold)) ** 2 / 0.955)))
+
+
 def compare_paired(baseline: Sequence[float], current: Sequence[float], *, higher_is_better: bool,
                    threshold: float = 0.05, confidence: float = 0.99) -> Verdict:
     """Verdict from an interleaved A/B run: ``baseline[i]`` and ``current[i]`` are rounds measured back to back
@@ -491,10 +508,8 @@ def compare_paired(baseline: Sequence[float], current: Sequence[float], *, highe
     msg = (f"{kind} {ratio:.3f}x over {n} interleaved round pairs ({pct:g}% CI {r_lo:.3f}-{r_hi:.3f}, pair s.d. "
            f"{sd:.1%}, signed-rank p={p_worse:.2g}): {status}")
     if status == "inconclusive":
-        # pairs needed for the interval's half-width to fit inside half the threshold, by a normal approximation
-        z = float(_sps.norm.ppf(1 - alpha / 2))
-        need = int(math.ceil((2 * z * 1.05 * sd / -half) ** 2)) if sd > 0 else n
-        msg += f"; about {max(need, n + 1)} pairs would settle a {threshold:.0%} change at this spread"
+        need = pairs_needed(sd, threshold, confidence)
+        msg += f"; about {need} pairs would settle a {threshold:.0%} change at this spread (moebench ab --rounds)"
     return Verdict(ratio, r_lo, r_hi, p_worse, status, msg, 2.0**-n, None)
 
 

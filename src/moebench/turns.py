@@ -21,6 +21,7 @@ import threading
 import time
 from multiprocessing.connection import Client, Connection, Listener, wait
 from pathlib import Path
+from typing import cast
 
 ENV_ADDRESS = "MOEBENCH_TURNS"
 ENV_KEY = "MOEBENCH_TURNS_KEY"
@@ -104,7 +105,7 @@ class Referee:
 
     def __init__(self, folder: str | Path | None = None):
         self._tmp = tempfile.TemporaryDirectory(prefix="moebench-ab-") if folder is None else None
-        base = Path(self._tmp.name if self._tmp else folder)
+        base = Path(self._tmp.name) if self._tmp is not None else Path(folder)  # type: ignore[arg-type]
         self.address = str(base / "turns.sock")
         self.authkey = secrets.token_bytes(16)
         self._listener = Listener(self.address, family="AF_UNIX", authkey=self.authkey)
@@ -160,7 +161,8 @@ class Referee:
         waiting.discard("a")
         self._grant(conns, "a")
         while alive and not self._closed:
-            for conn in wait(list(alive.values()), timeout=1.0):
+            for ready in wait(list(alive.values()), timeout=1.0):
+                conn = cast(Connection, ready)
                 side = side_of[conn]
                 try:
                     msg = conn.recv()
