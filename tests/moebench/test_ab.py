@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from scipy import stats as sps
 
 from moebench import cli
-from moebench.stats import MIN_PAIRS, compare, compare_paired
+from moebench.stats import MIN_PAIRS, compare, compare_paired, pairs_needed
 from moebench.turns import Referee
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,6 +69,19 @@ def test_paired_verdict_mirrors_on_swap_and_ignores_scale(pairs, scale):
     assert w.ratio == pytest.approx(1 / v.ratio, rel=1e-9)
     assert compare_paired(a * scale, b * scale, higher_is_better=True).status == v.status
     assert compare_paired(1 / a, 1 / b, higher_is_better=False).status == v.status  # latency = 1 / throughput
+
+
+def test_pairs_needed_matches_the_simulated_power():
+    """At a pair spread of 10%, the pairs the formula asks for flag a 5% slowdown in >= 95% of simulated runs."""
+    need = pairs_needed(0.10)
+    assert need > pairs_needed(0.05) and 50 <= need <= 90
+    rng = np.random.default_rng(5)
+    flagged = 0
+    for _ in range(200):
+        a = 100 * np.exp(rng.normal(0, 0.10 / np.sqrt(2), need))
+        b = 100 * np.exp(rng.normal(0, 0.10 / np.sqrt(2), need)) * 0.95
+        flagged += compare_paired(a, b, higher_is_better=True).status == "regressed"
+    assert flagged / 200 >= 0.9
 
 
 def test_paired_input_errors_name_the_fix():
