@@ -28,7 +28,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .turns import SIDES, Referee
+from .turns import GRAINS, SIDES, Referee
 
 DEFAULT_PAIRS = 250  # flags a 5% change in >= 95% at the measured H100 A/A pair spread (stats.pairs_needed, RESULTS.md)
 PAIRED_METRICS = ("throughput", "latency")
@@ -79,10 +79,10 @@ def _side_env(tree: Path, referee: Referee, side: str) -> dict[str, str]:
 
 
 def run_sides(trees: dict[str, Path], commands: dict[str, list[str]], out: Path, *, timeout_s: float | None = None,
-              progress: bool = True) -> dict:
+              progress: bool = True, grain: str = "round") -> dict:
     """Start both sides under one referee and wait; returns each side's exit code, log and reported package
     folder, plus how many turns the referee granted."""
-    referee = Referee()
+    referee = Referee(grain=grain)
     referee.start()
     procs, logs = {}, {}
     t0 = time.perf_counter()
@@ -93,20 +93,22 @@ def run_sides(trees: dict[str, Path], commands: dict[str, list[str]], out: Path,
                 log.write("$ " + shlex.join(commands[side]) + "\n")
             procs[side] = subprocess.Popen(commands[side], cwd=trees[side], env=_side_env(trees[side], referee, side),
                                            stdout=open(logs[side], "a"), stderr=subprocess.STDOUT)
-        bar = _progress(progress)
+        per = 2 if grain == "round" else 1  # round grain: two grants make a round pair
+        every = 10 if grain == "round" else 200  # a progress line this often where no bar is shown (logs, CI)
+        bar = _progress(progress, "round pairs" if grain == "round" else "turns")
         interrupted, shown = False, 0
         try:
             while any(p.poll() is None for p in procs.values()):
                 if timeout_s is not None and time.perf_counter() - t0 > timeout_s:
                     raise KeyboardInterrupt
-                pairs = len(referee.log) // 2
+                pairs = len(referee.log) // per
                 if bar is not None:
                     bar.n = pairs
                     bar.refresh()
-                elif pairs >= shown + 10:  # a line per 10 pairs where no bar is shown (logs, CI)
-                    shown = pairs - pairs % 10
-                    print(f"moebench ab: {pairs} round pairs, {time.perf_counter() - t0:.0f} s", file=sys.stderr,
-                          flush=True)
+                elif pairs >= shown + every:
+                    shown = pairs - pairs % every
+                    print(f"moebench ab: {pairs} {'round pairs' if per == 2 else 'turns'}, "
+                          f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
                 time.sleep(0.5)
         except KeyboardInterrupt:  # Ctrl-C or --timeout: let both sides store what they finished, then stop them
             interrupted = True
@@ -119,7 +121,7 @@ def run_sides(trees: dict[str, Path], commands: dict[str, list[str]], out: Path,
                 except subprocess.TimeoutExpired:
                     p.kill()
         if bar is not None:
-            bar.n = len(referee.log) // 2
+            bar.n = len(referee.log) // per
             bar.close()
     finally:
         for p in procs.values():
@@ -132,14 +134,14 @@ def run_sides(trees: dict[str, Path], commands: dict[str, list[str]], out: Path,
             "grants": [[round(t - t0, 4), side] for t, side in referee.log]}
 
 
-def _progress(enabled: bool):
+def _progress(enabled: bool, unit: str):
     if not enabled:
         return None
     try:
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(desc="moebench ab: round pairs", unit="pair", file=sys.stderr)
+    return tqdm(desc=f"moebench ab: {unit}", unit=unit.split()[-1].rstrip("s"), file=sys.stderr)
 
 
 def _last_run(history: Path) -> dict | None:
@@ -240,7 +242,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"moebench ab: A = {specs['a']} {' '.join(extra['a'])}".rstrip() + f"; B = {specs['b']} "
               f"{' '.join(extra['b'])}".rstrip() + f"; {args.rounds} rounds a side, interleaved; logs in {out}",
               file=sys.stderr)
-        result = run_sides(trees, commands, out, timeout_s=args.timeout, progress=not args.no_progress)
+        result = run_sides(trees, commands, out, timeout_s=args.timeout, progress=not args.no_progress,
+                           grain=args.grain)
     finally:
         for wt in worktrees:
             subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", wt], capture_output=True)
@@ -262,11 +265,11 @@ def main(args: argparse.Namespace) -> int:
     rows = compare_sides(run_a, run_b, limits) if not problems and run_a and run_b else []
     report = {"a": {"spec": specs["a"], "args": extra["a"], "commit": (runs["a"] or {}).get("git")},
               "b": {"spec": specs["b"], "args": extra["b"], "commit": (runs["b"] or {}).get("git")},
-              "pytest_args": args.pytest_args, "rounds": args.rounds, "limits": limits, "rows": rows,
-              "problems": problems, **result}
+              "pytest_args": args.pytest_args, "rounds": args.rounds, "grain": args.grain, "limits": limits,
+              "rows": rows, "problems": problems, **result}
     (out / "ab.json").write_text(json.dumps(report, indent=2, default=str))
     if result["interrupted"]:
-        problems.append(f"interrupted (Ctrl-C or --timeout) after {result['turns'] // 2} round pairs: a case "
+        problems.append(f"interrupted (Ctrl-C or --timeout) after {result['turns']} turns: a case "
                         "in progress stores no record; give the run more time or fewer rounds")
     if problems:
         for p in problems:
@@ -300,6 +303,9 @@ def add_parser(sub) -> None:
                                                ".moebench/ab/<time>; must not hold an earlier A/B run)")
     p.add_argument("--fail", default=DEFAULT_LIMITS, help=f"failure limits (default {DEFAULT_LIMITS!r}; only "
                                                           "throughput and latency apply)")
+    p.add_argument("--grain", choices=GRAINS, default="round",
+                   help="round: the sides alternate whole rounds (measured on the H100); step: they also alternate "
+                        "decode steps, so a pair's rounds interleave ~30 ms apart (not yet measured on a GPU)")
     p.add_argument("--timeout", type=float, default=None, help="kill both sides after this many seconds")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("pytest_args", nargs="*", help="after --: pytest arguments for both sides, e.g. suites/switch -k "

@@ -292,21 +292,31 @@ class Session:
             totals: list[float] = []
             nvml_peak: int | None = None
             round_tokens, round_logits = [], []
+            # A/B at step grain: the other side's step k runs between this side's steps k and k+1, and a round's
+            # time is the sum of its own steps (the waits in between are not this side's)
+            step_turns = self.turns is not None and self.turns.grain == "step"
+
+            def pause() -> None:
+                self.turns.take()
+                if stretch is not None:
+                    stretch.restart()  # the stretch is a fraction of this side's time, not of the wait
+
             for ids in prompts[1:]:
                 if self.turns is not None:
                     self.turns.take()  # A/B: the other side's round i runs now, right before this one
                 probes.append(probe.run())
                 if stretch is not None:
                     stretch.restart()
-                clock = TokenClock(dev)
+                clock = TokenClock(dev, pause=pause if step_turns else None)
                 if cuda:
                     torch.cuda.synchronize(dev)
                 t0 = time.perf_counter()
                 tokens, logits = generate(model, ids, wl.new_tokens, clock)
                 if cuda:
                     torch.cuda.synchronize(dev)
-                totals.append(time.perf_counter() - t0)
+                wall = time.perf_counter() - t0
                 round_steps = clock.step_seconds()
+                totals.append(sum(round_steps) if step_turns else wall)
                 steps.extend(round_steps)
                 round_steps_all.append(round_steps)
                 round_p50.append(percentile(round_steps, 50) * 1e3)
@@ -387,6 +397,8 @@ class Session:
                         "p50_per_probe": normalized(round_p50, [p.total for p in probes], per_time=False),
                         "round_s": totals, "p50_ms": round_p50,
                         "probe": {k: [p.as_dict()[k] for p in probes] for k in PROBE_PARTS}},
+            # an interleaved A/B run (moebench ab): "round" or "step" turns; at step grain round_s sums own steps
+            "interleaved": None if self.turns is None else self.turns.grain,
             "inject_delay_ms": self.inject_delay_s * 1e3,
             "inject_slowdown": self.inject_slowdown,
             "stats": stats.as_dict(),

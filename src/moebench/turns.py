@@ -26,7 +26,11 @@ from typing import cast
 ENV_ADDRESS = "MOEBENCH_TURNS"
 ENV_KEY = "MOEBENCH_TURNS_KEY"
 ENV_SIDE = "MOEBENCH_TURNS_SIDE"
+ENV_GRAIN = "MOEBENCH_TURNS_GRAIN"
 SIDES = ("a", "b")
+#: How often the floor changes: before every timed round, or also between decode steps (pairs ~30 ms apart
+#: instead of ~1 s: on the lent H100 neighbouring rounds vary almost independently, benchmarks/RESULTS.md sixth set)
+GRAINS = ("round", "step")
 
 
 class TurnsError(RuntimeError):
@@ -36,10 +40,13 @@ class TurnsError(RuntimeError):
 class Turns:
     """One side's end of the channel. Connecting blocks until the referee gives this side the floor."""
 
-    def __init__(self, address: str, authkey: bytes, side: str):
+    def __init__(self, address: str, authkey: bytes, side: str, grain: str = "round"):
         if side not in SIDES:
             raise ValueError(f"turn-taking side must be one of {SIDES}, got {side!r}")
+        if grain not in GRAINS:
+            raise ValueError(f"turn-taking grain must be one of {GRAINS}, got {grain!r}")
         self.side = side
+        self.grain = grain
         self.turns = 0
         try:
             self._conn: Connection | None = Client(address, family="AF_UNIX", authkey=authkey)
@@ -61,10 +68,11 @@ class Turns:
         if not key or not side:
             raise TurnsError(f"{ENV_ADDRESS} is set but {ENV_KEY} or {ENV_SIDE} is not; run A/B runs through "
                              "`moebench ab`")
-        return cls(address, bytes.fromhex(key), side)
+        return cls(address, bytes.fromhex(key), side, os.environ.get(ENV_GRAIN) or "round")
 
     def take(self) -> None:
-        """Give the floor to the other side and wait until it comes back: call right before each timed round."""
+        """Give the floor to the other side and wait until it comes back: call right before each timed round (and,
+        at step grain, between decode steps)."""
         self.turns += 1
         self._send("turn")
         self._await_floor()
@@ -103,7 +111,10 @@ class Referee:
     `log` keeps (time, side) for every grant and `hello[side]` what each side reported (its moebench package
     folder: `moebench ab` checks that each side imported its own tree)."""
 
-    def __init__(self, folder: str | Path | None = None):
+    def __init__(self, folder: str | Path | None = None, grain: str = "round"):
+        if grain not in GRAINS:
+            raise ValueError(f"turn-taking grain must be one of {GRAINS}, got {grain!r}")
+        self.grain = grain
         self._tmp = tempfile.TemporaryDirectory(prefix="moebench-ab-") if folder is None else None
         base = Path(self._tmp.name) if self._tmp is not None else Path(folder)  # type: ignore[arg-type]
         self.address = str(base / "turns.sock")
@@ -116,7 +127,7 @@ class Referee:
         self._closed = False
 
     def env(self, side: str) -> dict[str, str]:
-        return {ENV_ADDRESS: self.address, ENV_KEY: self.authkey.hex(), ENV_SIDE: side}
+        return {ENV_ADDRESS: self.address, ENV_KEY: self.authkey.hex(), ENV_SIDE: side, ENV_GRAIN: self.grain}
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._serve, name="moebench-ab-referee", daemon=True)

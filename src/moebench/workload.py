@@ -170,13 +170,19 @@ class TokenClock:
     On CUDA each step records an event on the current stream (read after a synchronize); elsewhere it reads
     time.perf_counter(). `start()` marks the call to generate(); step latencies are the gaps between marks, so the
     first one also holds the prompt's prefill (the encoder, for encoder-decoder models).
+
+    `pause`, when given, is called after every step's mark (an interleaved A/B run hands the floor to the other
+    process there: `moebench.turns`); the next step is then timed from a fresh mark taken when `pause` returns, so
+    a step's latency never includes the time spent paused.
     """
 
-    def __init__(self, device) -> None:
+    def __init__(self, device, pause=None) -> None:
         import torch
 
         self.cuda = torch.device(device).type == "cuda"
-        self.marks: list = []
+        self.pause = pause
+        self.starts: list = []
+        self.ends: list = []
 
     def _mark(self):
         if self.cuda:
@@ -188,10 +194,19 @@ class TokenClock:
         return time.perf_counter()
 
     def start(self) -> None:
-        self.marks = [self._mark()]
+        self.starts, self.ends = [self._mark()], []
 
     def __call__(self, input_ids, scores):
-        self.marks.append(self._mark())
+        self.ends.append(self._mark())
+        if self.pause is not None:
+            if self.cuda:
+                import torch
+
+                torch.cuda.synchronize()  # this step's work is done before the other side's starts
+            self.pause()
+            self.starts.append(self._mark())
+        else:
+            self.starts.append(self.ends[-1])
         return scores
 
     def step_seconds(self) -> list[float]:
@@ -199,8 +214,8 @@ class TokenClock:
             import torch
 
             torch.cuda.synchronize()
-            return [a.elapsed_time(b) / 1000.0 for a, b in zip(self.marks, self.marks[1:])]
-        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+            return [a.elapsed_time(b) / 1000.0 for a, b in zip(self.starts, self.ends)]
+        return [b - a for a, b in zip(self.starts, self.ends)]
 
 
 def generate(model, ids, new_tokens: int, clock: TokenClock | None = None):

@@ -150,19 +150,51 @@ def test_ab_refuses_bad_input_without_touching_stored_runs(tmp_path, capsys):
     assert "neither a folder nor a git ref" in capsys.readouterr().err
 
 
+def test_token_clock_leaves_the_pauses_out_of_step_latencies(monkeypatch):
+    """At step grain the other side runs between two steps; that wait must not count as this side's step."""
+    from moebench import workload
+
+    now = [0.0]
+    monkeypatch.setattr(workload.time, "perf_counter", lambda: now[0])
+
+    def pause():
+        now[0] += 100.0  # the other side's step
+
+    clock = workload.TokenClock("cpu", pause=pause)
+    clock.start()
+    for step in range(4):
+        now[0] += 0.01 * (step + 1)  # this side's step
+        clock(None, None)
+    assert clock.step_seconds() == pytest.approx([0.01, 0.02, 0.03, 0.04])
+    plain = workload.TokenClock("cpu")
+    plain.start()
+    now[0] += 0.5
+    plain(None, None)
+    now[0] += 0.25
+    plain(None, None)
+    assert plain.step_seconds() == pytest.approx([0.5, 0.25])
+
+
 @pytest.mark.slow
-def test_ab_run_on_the_switch_quick_tier(tmp_path, monkeypatch):
-    """Both sides run one quick case as separate pytest processes, one round at a time; the stored runs are
-    ordinary histories and ab.json pairs their rounds."""
+@pytest.mark.parametrize("grain", ["round", "step"])
+def test_ab_run_on_the_switch_quick_tier(tmp_path, monkeypatch, grain):
+    """Both sides run one quick case as separate pytest processes, one round (or decode step) at a time; the stored
+    runs are ordinary histories and ab.json pairs their rounds."""
     monkeypatch.chdir(ROOT)
     out = tmp_path / "ab"
-    code = cli.main(["ab", "--rounds", "8", "--out", str(out), "--no-progress",
+    code = cli.main(["ab", "--rounds", "8", "--out", str(out), "--no-progress", "--grain", grain,
                      "--b-args=--moebench-inject-delay=0.01ms", "--", "suites/switch", "-k",
                      "switch-base-8 and lru-50"])
     report = json.loads((out / "ab.json").read_text())
     assert report["problems"] == [] and report["returncode"] == {"a": 0, "b": 0}, report
     assert code in (0, 1)
     assert report["turns"] >= 16  # a grant per round a side, plus the first and the hand-over at the end
+    if grain == "step":  # and one per decode step: the reference's and the case's rounds, both sides
+        assert report["turns"] >= 2 * 2 * 8 * 8
     (row,) = report["rows"]
     assert row["metrics"]["throughput"]["pairs"] == 8
     assert row["injected"] == {"a": None, "b": "0.01 ms per MoE layer"}
+    from moebench.history import read_history
+
+    (run,) = read_history(out / "b")[0]
+    assert run["records"][0]["interleaved"] == grain
