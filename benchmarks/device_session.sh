@@ -7,7 +7,8 @@
 #
 # Steps: gpu_tests, gpu_exact, mixtral (benchmarks/mixtral_e2e.py, peers and full size), expertflow, predictors, stats (benchmarks/stats_device.sh), nightly_switch (ci/nightly.sh on
 # switch-base-8 with the policies of baselines/h100/switch.json), full_<suite> (that suite's full tier), machine
-# (CPU quota and throttling), ab_same / ab_slow (moebench ab: A/A, and B stretched by AB_SLOW; AB_N runs each).
+# (CPU quota and throttling), ab_same / ab_slow (moebench ab: A/A, and B stretched by AB_SLOW; AB_N runs each;
+# AB_ROUNDS, AB_CASE, AB_GRAIN=round|step).
 # Runs from a bare checkout (the package need not be installed): PYTHONPATH=src. A copy of the tree whose .git is
 # stale (the device tool's) records a wrong commit: pass the real one, MOEBENCH_COMMIT=<hash> (moebench.fingerprint).
 set -uo pipefail
@@ -75,7 +76,7 @@ for step in $STEPS; do
       for i in $(seq 1 "$n"); do
         extra=(); [[ "$kind" == slow ]] && extra=("--b-args=--moebench-inject-delay=${AB_SLOW:-5%}")
         run_step "${step}_$i" "${AB_LIMIT_S:-280}" -- python3 -m moebench.cli ab --rounds "${AB_ROUNDS:-100}" \
-          --out "$work/${step}_$i" --no-progress --timeout $(( ${AB_LIMIT_S:-280} - 40 )) "${extra[@]}" -- suites/switch --moebench-tier full \
+          --out "$work/${step}_$i" --no-progress --grain "${AB_GRAIN:-round}" --timeout $(( ${AB_LIMIT_S:-280} - 40 )) "${extra[@]}" -- suites/switch --moebench-tier full \
           -k "${AB_CASE:-switch-base-8 and lru-50}"
         cat /sys/fs/cgroup/cpu.stat >> "$work/${step}_$i.log" 2>&1
       done ;;

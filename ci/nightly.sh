@@ -14,6 +14,9 @@
 # MOEBENCH_BASELINE_DIR (baselines), MOEBENCH_SAVE_BASELINE=1 (store this run as the baseline: only when a
 # person decided so), MOEBENCH_STEP_TIMEOUT (seconds per pytest call; none by default), MOEBENCH_SKIP_GPU_TESTS=1,
 # MOEBENCH_PYTEST_ARGS (more pytest arguments for every suite run, e.g. "--moebench-policy lru -k switch-base-8").
+# MOEBENCH_AB_AGAINST=<git ref> adds an interleaved A/B run of that ref against this tree (moebench ab: the verdict
+# that survives a noisy machine), on MOEBENCH_AB_ARGS (pytest arguments, shell-quoted; default one switch-base-8
+# case) with MOEBENCH_AB_ROUNDS (250) and MOEBENCH_AB_GRAIN (round); a regression there fails the night too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -70,6 +73,13 @@ for suite in "${suites[@]}"; do
     --moebench-baseline-dir "$baselines" "${save[@]}" -p no:cacheprovider -v --junitxml "$out/suite_$name.xml" \
     ${MOEBENCH_PYTEST_ARGS:-}
 done
+
+if [[ -n "${MOEBENCH_AB_AGAINST:-}" ]]; then
+  eval "ab_args=(${MOEBENCH_AB_ARGS:-suites/switch -k \"switch-base-8 and lru-50\"})"  # keeps the quoting
+  step "a/b vs $MOEBENCH_AB_AGAINST" "$out/ab.log" -- "${limit[@]}" "$py" -m moebench.cli ab \
+    --a "$MOEBENCH_AB_AGAINST" --b . --rounds "${MOEBENCH_AB_ROUNDS:-250}" --grain "${MOEBENCH_AB_GRAIN:-round}" \
+    --out "$out/ab" --no-progress -- --moebench-tier "$tier" "${ab_args[@]}"
+fi
 
 if "$py" -m moebench.cli report --help >/dev/null 2>&1; then
   step "report" "$out/report.log" -- "$py" -m moebench.cli report --history "$history" --out "$out/report"
