@@ -263,19 +263,20 @@ def main(args: argparse.Namespace) -> int:
                             f"{result['logs'][side]})")
     run_a, run_b = runs["a"], runs["b"]
     rows = compare_sides(run_a, run_b, limits) if not problems and run_a and run_b else []
+    if result["interrupted"]:  # the cases both sides finished are still compared and shown
+        problems.append(f"interrupted (Ctrl-C or --timeout) after {result['turns']} turns: a case "
+                        "in progress stores no record; give the run more time or fewer rounds")
     report = {"a": {"spec": specs["a"], "args": extra["a"], "commit": (runs["a"] or {}).get("git")},
               "b": {"spec": specs["b"], "args": extra["b"], "commit": (runs["b"] or {}).get("git")},
               "pytest_args": args.pytest_args, "rounds": args.rounds, "grain": args.grain, "limits": limits,
               "rows": rows, "problems": problems, **result}
     (out / "ab.json").write_text(json.dumps(report, indent=2, default=str))
-    if result["interrupted"]:
-        problems.append(f"interrupted (Ctrl-C or --timeout) after {result['turns']} turns: a case "
-                        "in progress stores no record; give the run more time or fewer rounds")
+    if rows:
+        print(render(rows))
     if problems:
         for p in problems:
             print(f"moebench ab: error: {p}", file=sys.stderr)
         return 2
-    print(render(rows))
     for row in rows:
         for m in row["metrics"].values():
             if m["status"] != "unchanged":

@@ -198,3 +198,17 @@ def test_ab_run_on_the_switch_quick_tier(tmp_path, monkeypatch, grain):
 
     (run,) = read_history(out / "b")[0]
     assert run["records"][0]["interleaved"] == grain
+
+
+@pytest.mark.slow
+def test_ab_timeout_stops_both_sides_and_says_so(tmp_path, monkeypatch, capsys):
+    """--timeout (like Ctrl-C) interrupts both sides with SIGINT: ab.json still comes out, naming the interruption."""
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "ab"
+    code = cli.main(["ab", "--rounds", "500", "--timeout", "4", "--out", str(out), "--no-progress", "--",
+                     "suites/switch", "-k", "switch-base-8 and lru-50"])
+    assert code == 2
+    assert "interrupted" in capsys.readouterr().err
+    report = json.loads((out / "ab.json").read_text())
+    assert report["interrupted"] is True and any("interrupted" in p for p in report["problems"])
+    assert report["rows"] == []  # the only case was in progress: nothing to compare, and nothing made up
