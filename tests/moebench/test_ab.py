@@ -212,3 +212,11 @@ def test_ab_timeout_stops_both_sides_and_says_so(tmp_path, monkeypatch, capsys):
     report = json.loads((out / "ab.json").read_text())
     assert report["interrupted"] is True and any("interrupted" in p for p in report["problems"])
     assert report["rows"] == []  # the only case was in progress: nothing to compare, and nothing made up
+
+
+def test_step_grain_records_are_not_compared_with_plain_runs():
+    from moebench.baseline import comparability
+
+    fields, reason = comparability({"interleaved": "step"}, {"interleaved": None})
+    assert fields == ["interleaved"] and "interleaved step" in reason
+    assert comparability({"interleaved": "round"}, {})[0] == []  # timed like a plain run
