@@ -101,6 +101,8 @@ def run_sides(trees: dict[str, Path], commands: dict[str, list[str]], out: Path,
             while any(p.poll() is None for p in procs.values()):
                 if timeout_s is not None and time.perf_counter() - t0 > timeout_s:
                     raise KeyboardInterrupt
+                if len(referee.hello) < len(SIDES) and any(p.poll() is not None for p in procs.values()):
+                    break  # a side ended before reaching the referee: the other would wait for it forever
                 pairs = len(referee.log) // per
                 if bar is not None:
                     bar.n = pairs
@@ -207,6 +209,42 @@ def render(rows: list[dict]) -> str:
                                     "unpaired verdict", "p50 B/A", "p50 verdict"], disable_numparse=True)
 
 
+def plot_pairs(run_a: dict, run_b: dict, rows: list[dict], path: Path) -> Path | None:
+    """One panel per case: each round pair's B/A throughput ratio in run order, the paired estimate with its 99%
+    interval, and the failure limit; a drift or a slow spell shows as a trend that the pairs do not follow. None
+    when matplotlib is not installed (it is the optional extra `report`)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    from .history import case_records
+
+    cases_a, cases_b = case_records(run_a), case_records(run_b)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(8, 2.6 * len(rows)), squeeze=False)
+    for ax, row in zip(axes[:, 0], rows):
+        t = row["metrics"]["throughput"]
+        sa = cases_a[row["case"]]["samples"]["tokens_per_s"][: t["pairs"]]
+        sb = cases_b[row["case"]]["samples"]["tokens_per_s"][: t["pairs"]]
+        ax.plot(range(1, len(sa) + 1), [b / a for a, b in zip(sa, sb)], ".", color="0.4", label="round pair B/A")
+        if t.get("ratio") is not None:
+            ax.axhline(t["ratio"], color="C0", label=f"estimate {t['ratio']:.3f} ({t['status']})")
+            ax.axhspan(*t["ci"], color="C0", alpha=0.2, label="99% interval")
+        if t.get("limit"):
+            ax.axhline(1 - t["limit"], color="C3", ls="--", lw=1, label=f"-{t['limit']:.0%} limit")
+        ax.axhline(1.0, color="k", lw=0.6)
+        ax.set_title(row["case"], fontsize=9)
+        ax.set_ylabel("B/A tokens/s")
+        ax.legend(fontsize=7, loc="best")
+    axes[-1, 0].set_xlabel("round pair")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _fmt(value, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -273,6 +311,9 @@ def main(args: argparse.Namespace) -> int:
     (out / "ab.json").write_text(json.dumps(report, indent=2, default=str))
     if rows:
         print(render(rows))
+        plotted = plot_pairs(run_a, run_b, rows, out / "ab.png")  # type: ignore[arg-type]
+        if plotted:
+            print(f"plot: {plotted}")
     if problems:
         for p in problems:
             print(f"moebench ab: error: {p}", file=sys.stderr)

@@ -198,6 +198,8 @@ def test_ab_run_on_the_switch_quick_tier(tmp_path, monkeypatch, grain):
 
     (run,) = read_history(out / "b")[0]
     assert run["records"][0]["interleaved"] == grain
+    pytest.importorskip("matplotlib")
+    assert (out / "ab.png").stat().st_size > 1000  # the pairs' ratios, the estimate and the limit
 
 
 @pytest.mark.slow
@@ -220,3 +222,13 @@ def test_step_grain_records_are_not_compared_with_plain_runs():
     fields, reason = comparability({"interleaved": "step"}, {"interleaved": None})
     assert fields == ["interleaved"] and "interleaved step" in reason
     assert comparability({"interleaved": "round"}, {})[0] == []  # timed like a plain run
+
+
+def test_ab_stops_when_a_side_dies_before_reaching_the_referee(tmp_path, monkeypatch, capsys):
+    """Side B refuses its options (0 rounds) before it connects; side A, already waiting for B, must not hang."""
+    monkeypatch.chdir(ROOT)
+    code = cli.main(["ab", "--rounds", "8", "--out", str(tmp_path / "ab"), "--no-progress", "--timeout", "120",
+                     "--b-args=--moebench-rounds=0", "--", "suites/switch", "-k", "switch-base-8 and lru-50"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "side b never reached the referee" in err and "interrupted" not in err
