@@ -159,7 +159,7 @@ def compare_sides(run_a: dict, run_b: dict, limits: dict[str, float]) -> list[di
     """One row per case both sides ran: per metric, the paired verdict on the rounds both sides have."""
     from . import stats
     from .baseline import METRICS, _median
-    from .history import case_records
+    from .history import case_records, injected
 
     cases_a, cases_b = case_records(run_a), case_records(run_b)
     rows = []
@@ -183,15 +183,9 @@ def compare_sides(run_a: dict, run_b: dict, limits: dict[str, float]) -> list[di
                 entry.update(status=v.status, ratio=v.ratio, ci=[v.ci_low, v.ci_high], p=v.p_value, message=v.message,
                              unpaired_status=u.status, unpaired_ratio=u.ratio)
             row["metrics"][key] = entry
-        row["injected"] = {"a": _injected(ra), "b": _injected(rb)}
+        row["injected"] = {"a": injected(ra), "b": injected(rb)}
         rows.append(row)
     return rows
-
-
-def _injected(record: dict) -> str | None:
-    from .history import injected
-
-    return injected(record)
 
 
 def render(rows: list[dict]) -> str:
@@ -213,14 +207,13 @@ def plot_pairs(run_a: dict, run_b: dict, rows: list[dict], path: Path) -> Path |
     """One panel per case: each round pair's B/A throughput ratio in run order, the paired estimate with its 99%
     interval, and the failure limit; a drift or a slow spell shows as a trend that the pairs do not follow. None
     when matplotlib is not installed (it is the optional extra `report`)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
     from .history import case_records
+    from .report import ReportError, _pyplot
+
+    try:
+        plt = _pyplot()
+    except ReportError:
+        return None
 
     cases_a, cases_b = case_records(run_a), case_records(run_b)
     fig, axes = plt.subplots(len(rows), 1, figsize=(8, 2.6 * len(rows)), squeeze=False)

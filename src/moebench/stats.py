@@ -369,6 +369,20 @@ def compare_many(baseline: np.ndarray, current: np.ndarray, *, higher_is_better:
     return BatchVerdict(r, lo, hi, p, np.asarray(STATUSES, dtype=object)[code].astype(str))
 
 
+def _status(g: float, g_lo: float, g_hi: float, p_worse: float, p_better: float, alpha: float,
+            threshold: float) -> str:
+    """The module docstring's decision rule for one change ``g`` (log, oriented so that > 0 is better) with its
+    interval and one-sided p-values: the scalar form of what :func:`_decide` does row-wise."""
+    half, full = math.log(1 - threshold / 2), math.log(1 - threshold)
+    if g_hi < 0 and g < half and p_worse < alpha:
+        return "regressed"
+    if g_lo > 0 and g > -half and p_better < alpha:
+        return "improved"
+    if g_lo >= full and g_hi <= -full:
+        return "unchanged"
+    return "inconclusive"
+
+
 # ---------------------------------------------------------------------------------------------------- run level
 def compare_runs(baseline_runs: Sequence[Sequence[float]], current: Sequence[float], *, higher_is_better: bool,
                  threshold: float = 0.05, confidence: float = 0.99) -> Verdict:
@@ -403,15 +417,8 @@ def compare_runs(baseline_runs: Sequence[Sequence[float]], current: Sequence[flo
     g_lo, g_hi = g - q * se, g + q * se
     p_worse = float(_sps.t.cdf(g / se, m - 1))
     p_better = float(_sps.t.sf(g / se, m - 1))
-    half, full = math.log(1 - threshold / 2), math.log(1 - threshold)
-    if g_hi < 0 and g < half and p_worse < alpha:
-        status = "regressed"
-    elif g_lo > 0 and g > -half and p_better < alpha:
-        status = "improved"
-    elif g_lo >= full and g_hi <= -full:
-        status = "unchanged"
-    else:
-        status = "inconclusive"
+    status = _status(g, g_lo, g_hi, p_worse, p_better, alpha, threshold)
+    full = math.log(1 - threshold)
     ratio = math.exp(c - b)
     lo, hi = sorted((math.exp(sign * g_lo), math.exp(sign * g_hi)))
     pct = round(confidence * 100, 6)
@@ -493,15 +500,7 @@ def compare_paired(baseline: Sequence[float], current: Sequence[float], *, highe
     g_lo, g_hi = sorted((sign * lo, sign * hi))
     p_worse, p_better = (p_less, p_greater) if higher_is_better else (p_greater, p_less)
     alpha = 1.0 - confidence
-    half, full = math.log(1 - threshold / 2), math.log(1 - threshold)
-    if g_hi < 0 and g < half and p_worse < alpha:
-        status = "regressed"
-    elif g_lo > 0 and g > -half and p_better < alpha:
-        status = "improved"
-    elif g_lo >= full and g_hi <= -full:
-        status = "unchanged"
-    else:
-        status = "inconclusive"
+    status = _status(g, g_lo, g_hi, p_worse, p_better, alpha, threshold)
     ratio, r_lo, r_hi = math.exp(shift), math.exp(lo), math.exp(hi)
     pct = round(confidence * 100, 6)
     sd = float(np.std(d, ddof=1))
