@@ -66,3 +66,30 @@ def test_stretch_makes_a_known_fraction_whatever_the_pace():
     before = now[0]
     layers[0](x)
     assert now[0] == before  # removed: no more work
+
+
+def test_stretch_leaves_out_a_wait_but_keeps_the_step_tail_before_it():
+    """At step grain (moebench ab --grain step) a side waits for the other side's step between two of its own.
+    The wait must not be stretched, but the end of the step before it (LM head, sampling, waiting for the GPU) must:
+    a GPU-bound step spends most of its wall time there, after its last layer call."""
+    now = [0.0]
+
+    def work(iterations):
+        now[0] += iterations * 1e-8
+
+    layers = [torch.nn.Identity() for _ in range(2)]
+    stretch = Stretch(layers, 0.10, clock=lambda: now[0], work=work, per_iter=1e-8)
+    x = torch.zeros(1)
+    own = 0.0
+    for _ in range(20):
+        for layer in layers:
+            now[0] += 0.001  # launches, CPU ahead of the GPU
+            own += 0.001
+            layer(x)
+        now[0] += 0.008  # the step's tail: LM head, sampling, synchronize
+        own += 0.008
+        with stretch.excluded():
+            now[0] += 0.050  # the other side's step
+    waited = 20 * 0.050
+    # each step's tail is stretched at the next step's first layer call; the last tail is not (no call follows)
+    assert now[0] - waited == pytest.approx(own * 1.10 - 0.008 * 0.10, rel=1e-3)
