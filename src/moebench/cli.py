@@ -182,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = with_history(sub.add_parser("compare", help="compare run B against run A (ids, or baseline .json files)"))
     c.add_argument("a", help="baseline side: run id / prefix / index, or a baseline .json file")
     c.add_argument("b", help="current side: run id / prefix / index, or a baseline .json file")
-    c.add_argument("--fail", default=DEFAULT_LIMITS, help=f"failure limits (default {DEFAULT_LIMITS!r})")
+    c.add_argument("--fail", default=DEFAULT_LIMITS,
+                   help=f"failure limits (default {DEFAULT_LIMITS.replace('%', '%%')!r})")  # argparse %-formats help
     c.set_defaults(func=_compare)
 
     r = with_history(sub.add_parser("report", help="PNG plots and one self-contained HTML page"))

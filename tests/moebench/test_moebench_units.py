@@ -130,6 +130,16 @@ def test_cli_policies_and_history(tmp_path, capsys):
     assert "lru" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", [["ab"], ["policies"], ["history"], ["baseline"], ["baseline", "update"],
+                                     ["compare"], ["report"], ["export"], ["zoo"]])
+def test_every_command_prints_its_help(command, capsys):
+    """argparse expands %-formats in help texts: a default such as 'throughput:5%' once crashed `--help`."""
+    with pytest.raises(SystemExit) as exit_:
+        cli_main([*command, "--help"])
+    assert exit_.value.code == 0
+    assert "usage: moebench" in capsys.readouterr().out
+
+
 def test_only_files_in_a_suites_folder_are_suites():
     from pathlib import Path
 
