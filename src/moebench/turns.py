@@ -2,8 +2,10 @@
 
 `moebench ab` starts one pytest process per side (two commits, or one tree with and without an option) and a
 `Referee` between them. Each process holds the floor in turn and gives it up at the start of every timed round
-(`Turns.take`), so the sides' rounds alternate A1 B1 A2 B2 ... and everything else (start-up, model loading,
-accuracy passes) is serialized too. Round i of A and round i of B are measured a second apart, under the same
+(`Turns.take`), and everything else (start-up, model loading, accuracy passes) is serialized too. The floor goes
+a b b a a b b a ...: the rounds run B1 A1 A2 B2 B3 A3 ..., so each side goes first in half the pairs and whatever
+the second of two back-to-back rounds gains or loses (a clock still boosted, a cache still warm) cancels instead of
+favouring one side. Round i of A and round i of B are measured a second apart, under the same
 machine state, which is what `moebench.stats.compare_paired` needs: the lent H100's slow spells and run-to-run
 offsets hit both rounds of a pair and cancel in their ratio.
 
@@ -29,7 +31,8 @@ ENV_SIDE = "MOEBENCH_TURNS_SIDE"
 ENV_GRAIN = "MOEBENCH_TURNS_GRAIN"
 SIDES = ("a", "b")
 #: How often the floor changes: before every timed round, or also between decode steps (pairs ~30 ms apart
-#: instead of ~1 s: on the lent H100 neighbouring rounds vary almost independently, benchmarks/RESULTS.md sixth set)
+#: instead of ~1 s: on the lent H100 the A/A pairs then spread by 9-13% instead of 19%, benchmarks/RESULTS.md
+#: sixth and seventh sets)
 GRAINS = ("round", "step")
 
 
@@ -105,7 +108,8 @@ class Turns:
 
 
 class Referee:
-    """Hands the floor to A first, then to whichever side is waiting whenever the holder asks for a turn.
+    """Hands the floor to A first, then, whenever the holder asks for a turn, to the side that `next_side` names
+(b, b, a, a, b, b, ...: balanced order), or back to the holder when the other side has left.
 
     `env(side)` gives the environment a side's process needs; `start()` serves in a background thread;
     `log` keeps (time, side) for every grant and `hello[side]` what each side reported (its moebench package
@@ -161,6 +165,11 @@ class Referee:
             return  # closed before both sides arrived: `moebench ab` reports the side that failed to start
         self._run(conns)
 
+    @staticmethod
+    def next_side(grants: int) -> str:
+        """The side of grant number `grants` (0-based): a, b, b, a, a, b, b, a, ..."""
+        return SIDES[((grants + 1) // 2) % 2]
+
     def _grant(self, conns: dict[str, Connection], side: str) -> None:
         self.log.append((time.perf_counter(), side))
         conns[side].send("go")
@@ -187,11 +196,11 @@ class Referee:
                         waiting.discard(other)
                         self._grant(conns, other)
                 elif msg == "turn":
-                    if other in alive and other in waiting:
+                    if other in alive and other in waiting and self.next_side(len(self.log)) == other:
                         waiting.add(side)
                         waiting.discard(other)
                         self._grant(conns, other)
-                    else:  # the other side has left: run on alone
+                    else:  # its second turn in a row, or the other side has left: run on alone
                         self._grant(conns, side)
                 else:
                     self.error = f"side {side} sent {msg!r}"

@@ -125,16 +125,22 @@ def _run_sides(tmp_path, rounds, crash_b_at=-1):
     return log.read_text().split(), codes
 
 
-def test_two_processes_alternate_round_by_round(tmp_path):
-    order, codes = _run_sides(tmp_path, 5)
+def test_two_processes_take_turns_in_balanced_order(tmp_path):
+    """Round i of A and B run back to back, and each side goes first in every other pair (the first grant, A's,
+    covers A's start-up, the second B's)."""
+    order, codes = _run_sides(tmp_path, 6)
     assert codes == [0, 0]
-    assert order == [f"{s}{i}" for i in range(5) for s in "ab"]
+    assert order == ["b0", "a0", "a1", "b1", "b2", "a2", "a3", "b3", "b4", "a4", "a5", "b5"]
+
+
+def test_balanced_order():
+    assert "".join(Referee.next_side(n) for n in range(10)) == "abbaabbaab"
 
 
 def test_when_one_side_dies_the_other_finishes_alone(tmp_path):
     order, codes = _run_sides(tmp_path, 5, crash_b_at=2)
     assert codes == [0, 3]
-    assert order == ["a0", "b0", "a1", "b1", "a2", "a3", "a4"]
+    assert order == ["b0", "a0", "a1", "b1", "a2", "a3", "a4"]
 
 
 def test_ab_refuses_bad_input_without_touching_stored_runs(tmp_path, capsys):
