@@ -56,13 +56,13 @@ so it under-counts run offsets; this model draws an independent offset per run, 
 verdict that holds at any round count tests at run level: :func:`compare_runs`, used when a baseline keeps the
 samples of several runs (``--moebench-baseline-runs``).
 
-Interleaved A/B runs (sixth set): ``moebench ab`` alternates two processes round by round and
+Interleaved A/B runs (sixth and seventh sets): ``moebench ab`` lets two processes take turns and
 :func:`compare_paired` tests the pairs, so run offsets cancel (the two A/B runs of the sixth set differed by 10% in
-median tokens/s; their pairs did not care). What pairing cannot cancel is the noise within a second: the pair
-log-ratio s.d. of an A/A run was 19%, about sqrt(2) times the 13-16% round-to-round spread of each side, so the rounds
-of this machine vary independently at the scale of one round (~1 s). With that measured spread, resampled
-(``benchmarks/stats_power.py --pairs-from``), 250 pairs give <= 1% false alarms and >= 95% detection of a 5%
-slowdown: :func:`pairs_needed`, and ``moebench ab``'s default.
+median tokens/s; their pairs did not care). What pairing cannot cancel is the noise within the pair's time apart:
+with whole rounds alternating (~1 s apart) the pair log-ratio s.d. of an A/A run was 19%, about sqrt(2) times each
+side's 13-16% round-to-round spread; with decode steps alternating (~30 ms apart, the default) it was 9-13%. With the
+step-grain spread, resampled (``benchmarks/stats_power.py --pairs-from``), 100 pairs give <= 1% false alarms and
+>= 95% detection of a 5% slowdown (250 at round grain): :func:`pairs_needed`, and ``moebench ab``'s default of 120.
 
 Earlier estimate (before per-round samples were stored)
 -------------------------------------------------------
@@ -467,7 +467,8 @@ def _signed_rank_interval(d: np.ndarray, confidence: float) -> tuple[float, floa
 def pairs_needed(pair_sd: float, threshold: float = 0.05, confidence: float = 0.99, power: float = 0.95) -> int:
     """Round pairs at which a true change of ``threshold`` is flagged with probability ``power``, for pairs whose log
     ratio has s.d. ``pair_sd`` (normal approximation, inflated by 1/0.955, the signed-rank test's efficiency
-    against the t-test at normal noise). At the lent H100's measured A/A spread (19%) this is about 250."""
+    against the t-test at normal noise). At the lent H100's measured A/A spread this is 117 at step grain (12.8%) and
+    262 at round grain (19.2%)."""
     z = float(_sps.norm.ppf(1 - (1 - confidence) / 2)) + float(_sps.norm.ppf(power))
     return max(MIN_PAIRS, int(math.ceil((z * pair_sd / -math.log(1 - threshold)) ** 2 / 0.955)))
 
@@ -475,7 +476,7 @@ def pairs_needed(pair_sd: float, threshold: float = 0.05, confidence: float = 0.
 def compare_paired(baseline: Sequence[float], current: Sequence[float], *, higher_is_better: bool,
                    threshold: float = 0.05, confidence: float = 0.99) -> Verdict:
     """Verdict from an interleaved A/B run: ``baseline[i]`` and ``current[i]`` are rounds measured back to back
-    (``moebench ab`` alternates two processes round by round), so whatever the machine did in that second (its slow
+    (``moebench ab`` lets two processes take turns), so whatever the machine did in that moment (its slow
     spells, the run-to-run offset that :func:`compare` and :func:`compare_runs` must live with) hits both and cancels
     in the pair's log ratio ``d_i``. The shift is the Hodges-Lehmann estimate of the ``d_i`` with the signed-rank
     confidence interval and one-sided Wilcoxon signed-rank p-value (distribution free: a slow outlier round moves
