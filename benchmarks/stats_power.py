@@ -19,6 +19,9 @@ measured on the device" with nothing assumed about its shape.
 (``moebench ab``, both sides the same code: ``AB_DIR/a`` and ``AB_DIR/b``), or, for a history given instead, adjacent
 rounds of one process. Each simulated comparison draws n pairs with replacement, each in a random orientation (A and
 B of unchanged code are exchangeable), scales B by the slowdown and applies ``compare_paired``.
+Resampled pairs lose one thing: an offset that stays with a process for its whole run (where its memory landed, its
+CPU core). The A/A runs' own shifts show it: their spread beyond what their pairs explain is printed as the process
+offset, and ``--process-offset SD`` scales B of each simulated comparison by ``exp(N(0, SD))`` to include it.
 
 ``--noise-from HISTORY`` takes the noise from MEASURED per-round samples instead (a history with schema 2, e.g. the
 one ``benchmarks/stats_device.sh`` writes): ``measured`` is log-normal at the measured CV, ``empirical`` resamples the
@@ -34,6 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import scipy.stats
 from tabulate import tabulate
 
 from moebench.stats import compare_many, estimate_round_cv
@@ -83,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="interleaved A/A run folders (moebench ab --out) or histories: paired verdicts (see above)")
     ap.add_argument("--pairs", type=int, nargs="*", default=[30, 50, 70, 100, 150, 200, 250],
                     help="with --pairs-from: pairs per comparison to tabulate")
+    ap.add_argument("--process-offset", type=float, nargs="*", default=[0.0],
+                    help="with --pairs-from: log s.d. of a per-comparison offset between the two processes (one "
+                         "table each; see above)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     if args.pairs_from:
@@ -289,11 +296,12 @@ def blocks_main(args, t0: float) -> int:
     return 0
 
 
-def measured_pairs(sources: list[Path], case: str | None) -> tuple[np.ndarray, list[str]]:
-    """(n, 2) array of measured round pairs (tokens/s): side a and b of A/A runs, or adjacent rounds of a history."""
+def measured_pairs(sources: list[Path], case: str | None) -> tuple[np.ndarray, list[str], list[np.ndarray]]:
+    """(n, 2) array of measured round pairs (tokens/s): side a and b of A/A runs, or adjacent rounds of a history;
+    and each A/A run's pair log ratios."""
     from moebench.history import injected, read_history
 
-    pairs, notes = [], []
+    pairs, notes, runs = [], [], []  # runs: the pairs of each A/A run, for the process offset
     for src in sources:
         if (src / "a").is_dir() and (src / "b").is_dir():
             (run_a,), (run_b,) = read_history(src / "a")[0][-1:], read_history(src / "b")[0][-1:]
@@ -304,6 +312,7 @@ def measured_pairs(sources: list[Path], case: str | None) -> tuple[np.ndarray, l
                 xa, xb = ra["samples"]["tokens_per_s"], rb["samples"]["tokens_per_s"]
                 n = min(len(xa), len(xb))
                 pairs.extend(zip(xa[:n], xb[:n]))
+                runs.append(np.log(np.asarray(xb[:n], float) / np.asarray(xa[:n], float)))
                 notes.append(f"{src}: {ra['case']}, {n} interleaved pairs (two processes)")
         else:
             runs, _ = read_history(src)
@@ -315,14 +324,12 @@ def measured_pairs(sources: list[Path], case: str | None) -> tuple[np.ndarray, l
                     pairs.extend((x[k], x[k + 1]) for k in range(0, len(x) - 1, 2))
                     notes.append(f"{src}: {r['case']} of {run.get('run_id')}, {len(x) // 2} adjacent pairs "
                                  "(one process)")
-    return np.asarray(pairs, dtype=float), notes
+    return np.asarray(pairs, dtype=float), notes, runs
 
 
 def pairs_main(args, t0: float) -> int:
     """False alarms and detection of compare_paired with measured pair noise (see the module docstring)."""
-    from moebench.stats import compare_paired
-
-    pairs, notes = measured_pairs(args.pairs_from, args.case)
+    pairs, notes, runs = measured_pairs(args.pairs_from, args.case)
     if len(pairs) < 7:
         print(f"{args.pairs_from}: {len(pairs)} measured pairs; need at least 7")
         return 1
@@ -330,33 +337,64 @@ def pairs_main(args, t0: float) -> int:
     print("\n".join(notes))
     print(f"{len(pairs)} measured pairs; sd of the pair log ratio {np.std(d, ddof=1):.3f}, mean {np.mean(d):+.4f}, "
           f"quantiles 1/50/99% " + "/".join(f"{q:+.3f}" for q in np.quantile(d, [0.01, 0.5, 0.99])))
+    offset = process_offset(runs)
     rng = np.random.default_rng(args.seed)
+    results = []
+    for sd in args.process_offset:
+        results += pairs_table(args, rng, pairs, sd)
+    print(f"({time.perf_counter() - t0:.1f} s)")
+    if args.out:
+        args.out.write_text(json.dumps({"sources": notes, "n_pairs": len(pairs), "reps": args.reps,
+                                        "pair_log_sd": float(np.std(d, ddof=1)), "process_offset": offset,
+                                        "rows": results}, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def process_offset(runs: list[np.ndarray]) -> dict | None:
+    """Each A/A run's shift (mean pair log ratio) and its standard error; the process offset is the spread of the
+    shifts beyond those errors (method of moments, 0 when they explain it all): pairing cannot cancel it."""
+    if len(runs) < 2:
+        return None
+    shifts = np.array([r.mean() for r in runs])
+    ses = np.array([r.std(ddof=1) / np.sqrt(len(r)) for r in runs])
+    for r, m, se in zip(runs, shifts, ses):
+        print(f"  A/A run of {len(r)} pairs: shift {m:+.4f} (s.e. {se:.4f})")
+    sd = float(np.sqrt(max(float(np.var(shifts, ddof=1) - np.mean(ses**2)), 0.0)))
+    w = 1 / ses**2  # Cochran's Q: do the shifts differ by more than their errors?
+    q = float(np.sum(w * (shifts - np.sum(w * shifts) / np.sum(w)) ** 2))
+    p = float(scipy.stats.chi2.sf(q, len(runs) - 1))
+    print(f"process offset (log s.d. of the shifts beyond their s.e., {len(runs)} runs): {sd:.4f}; Cochran's Q "
+          f"{q:.2f} on {len(runs) - 1} df, p = {p:.3f}")
+    return {"shifts": shifts.tolist(), "standard_errors": ses.tolist(), "offset_sd": sd, "cochran_q": q, "p": p}
+
+
+def pairs_table(args, rng: np.random.Generator, pairs: np.ndarray, offset_sd: float) -> list[dict]:
+    """One table of compare_paired's verdicts on resampled pairs, B offset by exp(N(0, offset_sd)) per comparison."""
+    from moebench.stats import compare_paired
+
     rows, results = [], []
     for n in args.pairs:
-        row = {"pairs": n}
+        row: dict = {"pairs": n, "process_offset": offset_sd}
         for name, slow in SCENARIOS.items():
             counts = dict.fromkeys(("regressed", "improved", "unchanged", "inconclusive"), 0)
             for _ in range(args.reps):
                 idx = rng.integers(0, len(pairs), n)
                 swap = rng.random(n) < 0.5
                 a = np.where(swap, pairs[idx, 1], pairs[idx, 0])
-                b = np.where(swap, pairs[idx, 0], pairs[idx, 1]) * (1 - slow)
+                b = np.where(swap, pairs[idx, 0], pairs[idx, 1]) * (1 - slow) * np.exp(rng.normal(0, offset_sd))
                 counts[compare_paired(a, b, higher_is_better=True).status] += 1
             row[name] = {k: v / args.reps for k, v in counts.items()}
         results.append(row)
         rows.append([n, f"{row['identical']['regressed']:.2%}", f"{row['identical']['unchanged']:.1%}",
                      *(f"{row[s]['regressed']:.1%}" for s in ("2% slower", "5% slower", "10% slower"))])
-    print(f"{args.reps} comparisons per cell; targets: false alarm <= 1%, flag 5% >= 95%")
+    print(f"{args.reps} comparisons per cell, process offset s.d. {offset_sd:.3f}; targets: false alarm <= 1%, "
+          "flag 5% >= 95%")
     print(tabulate(rows, headers=["pairs", "false alarm", "identical: unchanged", "flag 2%", "flag 5%", "flag 10%"],
                    tablefmt="github"))
     met = [r["pairs"] for r in results if r["identical"]["regressed"] <= 0.01 and r["5% slower"]["regressed"] >= 0.95]
     print(f"fewest tabulated pairs meeting both targets: {min(met) if met else 'none'}")
-    print(f"({time.perf_counter() - t0:.1f} s)")
-    if args.out:
-        args.out.write_text(json.dumps({"sources": notes, "n_pairs": len(pairs), "reps": args.reps,
-                                        "pair_log_sd": float(np.std(d, ddof=1)), "rows": results}, indent=2))
-        print(f"wrote {args.out}")
-    return 0
+    return results
 
 
 if __name__ == "__main__":
