@@ -32,7 +32,7 @@ from .turns import GRAINS, SIDES, Referee
 
 # At step grain the lent H100's A/A pairs spread by 12-13% (19% at round grain), and resampling them flags a 5% change
 # in >= 98% of 100-pair comparisons with <= 0.5% false alarms; 120 leaves a margin (stats.pairs_needed(0.128) = 117;
-# benchmarks/RESULTS.md, seventh set).
+# benchmarks/RESULTS.md, seventh set). Not covered: the ~2% offset per process that the seventh set's A/A runs show.
 DEFAULT_GRAIN = "step"
 DEFAULT_PAIRS = 120
 PAIRED_METRICS = ("throughput", "latency")
