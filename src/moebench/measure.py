@@ -1,7 +1,9 @@
 """Run one benchmark case and check it: plain functions and a session object, usable without pytest.
 
 A `Session` builds each model once and runs the reference (policy `resident`, budget `all`) once per model; every
-case is then measured against that reference. Records are plain dicts (JSON-ready) for the table and history.
+case is then measured against that reference. The model is offloaded once and each case switches its policy and
+budget (`OffloadedModel.switch`): the experts cross the host once per model, not once per case (at published size
+that copy took about a minute a case). Records are plain dicts (JSON-ready) for the table and history.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ class Session:
     _refs: dict[str, Reference] = field(default_factory=dict)
     _predictors: dict[tuple[str, str | None], Any] = field(default_factory=dict)  # (model, predictor kind) -> trained
     _probe: Any = None  # probe.MachineProbe, built on first use (on the session's device)
+    _handle: Any = None  # moeoffload.OffloadedModel of the current model, kept across its cases (`serve`)
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -106,9 +109,32 @@ class Session:
         if name not in self._models:
             # models are built on the CPU; offload() moves the dense part to the device. One model at a time:
             # cases run grouped by model, and a published-size model may take most of the host's memory.
+            self.close()
             self._models.clear()
             self._models[name] = self.suite.model(name).build(self.tier, self.dtype, "cpu")
         return self._models[name]
+
+    def serve(self, model, policy: str, budget: str, predictor=None):
+        """The offloaded handle of `model` serving `policy` at `budget`: the kept handle switched (the store's host
+        copies stay), or a fresh offload when there is none. A budget the policy cannot use raises BudgetError with
+        the kept handle untouched. The old cache's pool is freed before the new one is allocated, so a case's GPU
+        figures hold its own cache only."""
+        import moeoffload
+
+        handle = self._handle
+        if handle is not None and handle.active and handle.model is model:
+            return handle.switch(policy, budget, predictor=predictor)
+        self.close()
+        self._handle = moeoffload.offload(model, policy, budget, device=self.device, show_progress=False,
+                                          predictor=predictor)
+        return self._handle
+
+    def close(self) -> None:
+        """Put the current model's experts back (when the model changes, after a failed case, at the session's
+        end); a later case offloads again."""
+        handle, self._handle = self._handle, None
+        if handle is not None and handle.active:
+            handle.unload()
 
     def probe(self):
         """The machine-speed probe timed around every round (`moebench.probe`: why)."""
@@ -191,8 +217,8 @@ class Session:
         return record
 
     def _out_of_memory(self, case: Case, exc: BaseException) -> CaseFailed:
-        """The case fails with a record and the session goes on: `_measure` has already unloaded the model (its
-        `finally`), so what is left to free is the allocator's cache of the blocks that unload gave back."""
+        """The case fails with a record and the session goes on: `_measure` has already unloaded the model
+        (`close`, in its `finally`), so what is left to free is the allocator's cache of the blocks unload gave back."""
         exc.with_traceback(None)  # its frames hold the failed case's tensors
         release_device_memory(self.device)
         message = f"out of memory: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
@@ -215,6 +241,9 @@ class Session:
         if needs is None:
             return None
         if needs == "exact-trace":
+            # recorded on the kept handle under an exact policy without a predictor: the routing the case will see
+            self.serve(model, "lru", case.budget)
+
             def run():
                 for ids in prompts:
                     generate(model, ids.to(model.device), wl.new_tokens)
@@ -227,6 +256,7 @@ class Session:
         if key not in self._predictors:
             trace_key = (case.model, "trace")  # one recorded training trace per model, shared by every kind
             if trace_key not in self._predictors:
+                self.serve(model, "lru", case.budget)  # recorded through the kept handle: exact, so the same routing
                 train = replace(wl, seed=wl.seed + TRAIN_SEED_OFFSET)
                 batches = TRAIN_BATCHES[self.tier]
                 train_prompts = [train.prompts(model.config.vocab_size, round_index=r, tokenizer=find_tokenizer(model))
@@ -257,12 +287,15 @@ class Session:
         try:
             predictor = self.prepare(case, model, wl, prompts)
             release_device_memory(self.device)  # what preparing (recording, training) left for the collector
-            handle = moeoffload.offload(model, case.policy, case.budget, device=self.device, show_progress=False,
-                                        predictor=predictor)
+            handle = self.serve(model, case.policy, case.budget, predictor)
         except moeoffload.BudgetError as exc:
             raise CaseSkipped(f"{case.name}: {exc}") from None
+        except BaseException:
+            self.close()
+            raise
         delay_hooks = inject_delay(handle.hook.layers, self.inject_delay_s)
         stretch = Stretch(handle.hook.layers, self.inject_slowdown) if self.inject_slowdown else None
+        measured = False
         try:
             inject_out_of_memory(case.name)
             dev = handle.device
@@ -346,13 +379,14 @@ class Session:
             task = load_task(wl.task) if wl.task else None
             evaluation = accuracy.evaluate(model, text, dev, tokenizer, task) if evaluate else None
             arrivals = serve_arrivals(model, wl, dev, tokenizer) if wl.arrivals is not None and evaluate else None
+            measured = True
         finally:
             for h in delay_hooks:
                 h.remove()
             if stretch is not None:
                 stretch.remove()
-            if handle.active:
-                handle.unload()
+            if not measured:  # a failed case leaves no offloaded model behind: the next one offloads afresh
+                self.close()
         tokens, logits = torch.cat(round_tokens), torch.cat(round_logits)
         if schedule is not None:  # back to arrival order, where the reference has them
             tokens, logits = schedule.restore(tokens), schedule.restore(logits)

@@ -85,6 +85,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "policies": selected,
         "history": history,
         "sessions": {},  # suite file -> measure.Session
+        "serving": None,  # the Session whose model is offloaded now (its handle is kept across its cases)
         "records": [],
         "suites": [],
         "history_path": None,
@@ -152,6 +153,9 @@ class CaseItem(pytest.Item):
         from .measure import CaseFailed, CaseSkipped
 
         state = self.config.stash[_STATE]
+        if state["serving"] is not None and state["serving"] is not self.bench:
+            state["serving"].close()  # another suite's model leaves the device before this suite's case is measured
+        state["serving"] = self.bench
         try:
             record = self.bench.run(self.case)
         except CaseSkipped as exc:
@@ -201,7 +205,11 @@ def pytest_report_header(config: pytest.Config):
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
     state = session.config.stash.get(_STATE, None)
-    if state is None or not state["records"]:
+    if state is None:
+        return
+    for bench in state["sessions"].values():
+        bench.close()  # each suite's last model gets its experts back, and the device and pinned memory are freed
+    if not state["records"]:
         return
     from .regression import finish_session
 

@@ -8,6 +8,7 @@ the host ExpertStore, and a cache of `gpu_budget` bytes serves them on the devic
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -56,23 +57,27 @@ class OffloadStats:
 
 
 class OffloadedModel:
-    """Handle of an offloaded model: its statistics, and the way back (`unload`, or a `with` block)."""
+    """Handle of an offloaded model: its statistics, another policy over the same host store (`switch`), and the
+    way back (`unload`, or a `with` block)."""
 
-    def __init__(self, model: nn.Module, hook: hooks.ModelHook, policy: policies.Policy, store: ExpertStore,
-                 cache: ExpertCache, layers: list[OffloadedMoELayer], budget_bytes: int, original_device: torch.device):
+    def __init__(self, model: nn.Module, hook: hooks.ModelHook, store: ExpertStore, original_device: torch.device,
+                 device: torch.device):
         self.model = model
         self.hook = hook
-        self.policy = policy
         self.store = store
-        self.cache = cache
-        self.layers = layers
-        self.budget_bytes = budget_bytes
         self.original_device = original_device
-        self.device = cache.device
+        self.device = device
         self.dense_bytes = _device_bytes(model)  # fixed while offloaded; after unload the model holds experts again
         self.active = True
+        self.serving = False  # a cache, its prefetcher and the engine's layers are installed (`_serve`)
+        self.policy: policies.Policy
+        self.cache: ExpertCache
+        self.layers: list[OffloadedMoELayer] = []
+        self.budget_bytes = 0
+        self.runahead = None
 
     def stats(self) -> OffloadStats:
+        self._require_cache()
         c = self.cache
         return OffloadStats(
             policy=self.policy.name, exact=self.policy.exact, device=str(self.device),
@@ -93,16 +98,80 @@ class OffloadedModel:
         return held() if held is not None else 0
 
     def reset_stats(self) -> None:
+        self._require_cache()
         self.cache.reset_stats()
+
+    def switch(self, policy: str | policies.Policy = "lru", gpu_budget: str | int | None = "all", *, predictor=None,
+               kernels: str = "torch") -> OffloadedModel:
+        """Serve the same offloaded model with another policy and budget; returns this handle.
+
+        The host store stays as it is (no expert crosses the host again: at published size that copy, not the new
+        cache, is what costs a minute); the old cache's device pool, its prefetcher, its predictor runtime and the
+        engine's layers go first, then a new cache is built for `policy` and statistics start from zero. A budget
+        the policy cannot use is refused before anything changes (the old policy keeps serving); if building the new
+        cache fails (out of memory), the handle serves nothing until the next `switch`, and `unload()` still restores
+        every expert. `predictor` and `kernels`: as for `offload`."""
+        if not self.active:
+            raise NotOffloadedError("this model was unloaded, so there is nothing to switch; offload it again with "
+                                    "moeoffload.offload(model, policy, gpu_budget)")
+        policy = policies.get(policy)
+        check_predictor(policy, predictor)
+        require_routers(policy, self.hook)
+        n_slots, budget_bytes = plan_slots(policy, gpu_budget, self.store, self.device)
+        self._release_cache()
+        self._serve(policy, n_slots, budget_bytes, predictor, kernels)
+        return self
+
+    def _serve(self, policy: policies.Policy, n_slots: int, budget_bytes: int, predictor, kernels: str) -> None:
+        """Build the cache, prefetcher and predictor runtime of `policy` over the store and route every MoE layer to
+        them: the one setup that `offload` and `switch` share. On failure, what was built is torn down again."""
+        hook = self.hook
+        try:
+            cache = ExpertCache(self.store, n_slots, self.device, make_rule(policy.eviction), retain=policy.retain)
+            self.cache, self.policy, self.budget_bytes, self.serving = cache, policy, budget_bytes, True
+            if policy.preload:
+                cache.preload(self.store.keys())
+            prefetcher = make_prefetcher(policy, hook, cache)
+            self.runahead = make_runahead(policy, predictor, hook, cache, self.model)
+            if self.runahead is not None:
+                prefetcher = self.runahead if policy.predictor_prefetch else None
+            for i, module in enumerate(hook.layers):
+                layer = OffloadedMoELayer(i, hook.num_experts, cache, hook.expert_ffn(module), prefetcher,
+                                          router_tap=None if self.runahead is None else self.runahead.tap,
+                                          ffn=getattr(hook, "ffn", None), kernels=kernels)
+                hook.install(module, layer)
+                self.layers.append(layer)
+        except BaseException:
+            self._release_cache()
+            raise
+        cache.reset_stats()
+
+    def _release_cache(self) -> None:
+        """Tear down what `_serve` built (predictor runtime, engine layers, device pool); the store stays. The MoE
+        layers are left routed to a stand-in that names the fix, so that no forward reads a freed pool."""
+        if not self.serving:
+            return
+        if self.runahead is not None:
+            self.runahead.detach()
+            self.runahead = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # copies and kernels still in flight read the pool
+        for module in self.hook.layers:
+            self.hook.install(module, cast(OffloadedMoELayer, _NO_CACHE))
+        self.layers = []
+        self.cache.free()  # statistics stay readable
+        self.serving = False
+
+    def _require_cache(self) -> None:
+        if self.active and not self.serving:
+            raise MoeOffloadError("this offloaded model has no expert cache (a switch failed while building it); "
+                                  "call handle.switch(policy, gpu_budget) again, or handle.unload()")
 
     def unload(self) -> nn.Module:
         """Put every expert back into the model as parameters on the model's original device."""
         if not self.active:
             raise NotOffloadedError("this model was already unloaded")
-        if getattr(self, "runahead", None) is not None:
-            self.runahead.detach()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self._release_cache()  # the device pool goes first: restoring reads the host store only
         for i, module in enumerate(self.hook.layers):
             tensors = [
                 {k: v.to(self.original_device, copy=True) for k, v in self.store.views((i, e)).items()}
@@ -114,8 +183,7 @@ class OffloadedModel:
         if "previous_implementation" in self.hook.extra:
             hooks.experts3d.select(self.model, self.hook.extra["previous_implementation"])
         self.model.to(self.original_device)
-        self.cache.free()  # the device pool and the pinned host copies go now, not when the handle is collected
-        self.store.clear()
+        self.store.clear()  # the pinned host copies go now, not when the handle is collected
         self.active = False
         del self.model._moeoffload
         return self.model
@@ -128,6 +196,8 @@ class OffloadedModel:
             self.unload()
 
     def __repr__(self) -> str:
+        if not self.serving:
+            return f"OffloadedModel(no expert cache, device={self.device}, active={self.active})"
         return (f"OffloadedModel(policy={self.policy.name!r}, device={self.device}, slots={self.cache.n_slots}/"
                 f"{self.store.num_layers * self.store.num_experts}, budget={format_bytes(self.budget_bytes)})")
 
@@ -194,27 +264,38 @@ def offload(model: nn.Module, policy: str | policies.Policy = "lru", gpu_budget:
             store.put((i, e), hook.expert_tensors(module, e))
         hook.strip(module)
     model.to(device)
-    cache = ExpertCache(store, n_slots, device, make_rule(policy.eviction), retain=policy.retain)
-    if policy.preload:
-        cache.preload(store.keys())
-    prefetcher = make_prefetcher(policy, hook, cache)
-    runahead = make_runahead(policy, predictor, hook, cache, model)
-    if runahead is not None:
-        prefetcher = runahead if policy.predictor_prefetch else None
-    layers = []
-    for i, module in enumerate(hook.layers):
-        layer = OffloadedMoELayer(i, hook.num_experts, cache, hook.expert_ffn(module), prefetcher,
-                                  router_tap=None if runahead is None else runahead.tap,
-                                  ffn=getattr(hook, "ffn", None), kernels=kernels)
-        hook.install(module, layer)
-        layers.append(layer)
     if hook.family == "experts3d":
         hooks.experts3d.select(model, hooks.experts3d.IMPLEMENTATION)
-    handle = OffloadedModel(model, hook, policy, store, cache, layers, budget_bytes, original_device)
-    handle.runahead = runahead
+    handle = OffloadedModel(model, hook, store, original_device, device)
     model._moeoffload = handle
-    cache.reset_stats()
+    try:
+        handle._serve(policy, n_slots, budget_bytes, predictor, kernels)
+    except BaseException:
+        handle.unload()  # the experts go back: a failed offload leaves the model as it was
+        raise
     return handle
+
+
+def switch(model: nn.Module, policy: str | policies.Policy = "lru", gpu_budget: str | int | None = "all", *,
+           predictor=None, kernels: str = "torch") -> OffloadedModel:
+    """Serve an offloaded model with another policy and budget without moving its experts through the host again
+    (`OffloadedModel.switch`)."""
+    handle = getattr(model, "_moeoffload", None)
+    if handle is None:
+        raise NotOffloadedError("this model is not offloaded, so there is no policy to switch; use "
+                                "moeoffload.offload(model, policy, gpu_budget)")
+    return handle.switch(policy, gpu_budget, predictor=predictor, kernels=kernels)
+
+
+class _NoCacheLayer:
+    """Where the MoE layers route while a handle has no cache (between caches, or after a failed switch)."""
+
+    def __call__(self, *args, **kwargs):
+        raise MoeOffloadError("this offloaded model has no expert cache (a switch failed while building it); call "
+                              "handle.switch(policy, gpu_budget) again, or handle.unload()")
+
+
+_NO_CACHE = _NoCacheLayer()
 
 
 def require_routers(policy: policies.Policy, hook: hooks.ModelHook) -> None:

@@ -122,31 +122,41 @@ def test_task_needs_a_tokenizer():
 
 
 def _perturbing_offload(monkeypatch, scale: float):
-    """Wrap moeoffload.offload: a non-resident policy gets noise added to its logits (what an approximate policy,
-    e.g. one that skips or quantizes experts, does to the output)."""
+    """Wrap moeoffload.offload and OffloadedModel.switch (a Session switches the policy of a kept handle): a
+    non-resident policy gets noise added to its logits (what an approximate policy, e.g. one that skips or quantizes
+    experts, does to the output)."""
     import moeoffload
 
-    real = moeoffload.offload
+    real_offload, real_switch, real_unload = moeoffload.offload, moeoffload.OffloadedModel.switch, \
+        moeoffload.OffloadedModel.unload
+    hooks = {}  # id(handle) -> the noise hook of its current policy
 
-    def offload(model, policy, *args, **kwargs):
-        handle = real(model, policy, *args, **kwargs)
+    def perturb(handle, policy):
+        old = hooks.pop(id(handle), None)
+        if old is not None:
+            old.remove()
         if policy != "resident":
             gen = torch.Generator().manual_seed(1)
 
             def noise(module, inputs, output):
                 return output + scale * torch.randn(output.shape, generator=gen).to(output)
 
-            hook = model.lm_head.register_forward_hook(noise)
-            real_unload = handle.unload
-
-            def unload():
-                hook.remove()
-                return real_unload()
-
-            handle.unload = unload
+            hooks[id(handle)] = handle.model.lm_head.register_forward_hook(noise)
         return handle
 
+    def offload(model, policy, *args, **kwargs):
+        return perturb(real_offload(model, policy, *args, **kwargs), policy)
+
+    def switch(self, policy, *args, **kwargs):
+        return perturb(real_switch(self, policy, *args, **kwargs), policy)
+
+    def unload(self):
+        perturb(self, "resident")
+        return real_unload(self)
+
     monkeypatch.setattr(moeoffload, "offload", offload)
+    monkeypatch.setattr(moeoffload.OffloadedModel, "switch", switch)
+    monkeypatch.setattr(moeoffload.OffloadedModel, "unload", unload)
 
 
 def test_a_policy_that_perturbs_outputs_shows_a_positive_drop(trained_tiny, monkeypatch):

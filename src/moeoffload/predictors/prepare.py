@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .base import PREDICTORS
-from .traces import collect_trace, record_calls
+from .traces import _offloaded, collect_trace, record_calls
 
 
 def needs(policy) -> str | None:
@@ -30,8 +30,6 @@ def prepare(policy, model, *, train_prompts=None, new_tokens: int = 8, run: Call
     """The `predictor=` argument `offload(model, policy, ...)` needs, or None when the policy needs none.
     `past_end` (exact-trace only): what the oracle does with calls served after those `run` made (CallTrace)."""
     from .. import policies
-    from ..offload import offload
-
     policy = policies.get(policy)
     if policy.predictor is None:
         return None
@@ -46,6 +44,6 @@ def prepare(policy, model, *, train_prompts=None, new_tokens: int = 8, run: Call
     if kind.needs == "exact-trace":
         if run is None:
             raise ValueError(f"policy {policy.name!r} replays the served routing: pass run (the exact calls)")
-        with offload(model, "lru", budget, device=device, show_progress=False) as handle:
+        with _offloaded(model, budget, device) as handle:  # an offloaded model records on its own handle
             return record_calls(handle, run, past_end=past_end)
     raise ValueError(f"predictor {kind.name!r} declares unknown needs {kind.needs!r}")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import MoeOffloadError
 from ..progress import progress
 from .base import stack_call, stacks_of
 
@@ -160,6 +161,9 @@ def _offloaded(model, budget, device):
 
     handle = getattr(model, "_moeoffload", None)
     if handle is not None:
+        if handle.runahead is not None or not handle.policy.exact:  # its taps would be replaced, or routing changed
+            raise MoeOffloadError(f"routing is recorded on an exact policy without a predictor, but this model is "
+                                  f"offloaded with {handle.policy.name!r}; call handle.switch('lru', gpu_budget) first")
         yield handle
         return
     with offload(model, "lru", budget, device=device, show_progress=False) as handle:
