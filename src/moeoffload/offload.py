@@ -164,8 +164,7 @@ class OffloadedModel:
 
     def _require_cache(self) -> None:
         if self.active and not self.serving:
-            raise MoeOffloadError("this offloaded model has no expert cache (a switch failed while building it); "
-                                  "call handle.switch(policy, gpu_budget) again, or handle.unload()")
+            raise MoeOffloadError(NO_CACHE_MESSAGE)
 
     def unload(self) -> nn.Module:
         """Put every expert back into the model as parameters on the model's original device."""
@@ -287,12 +286,15 @@ def switch(model: nn.Module, policy: str | policies.Policy = "lru", gpu_budget: 
     return handle.switch(policy, gpu_budget, predictor=predictor, kernels=kernels)
 
 
+NO_CACHE_MESSAGE = ("this offloaded model has no expert cache (a switch failed while building it); call "
+                    "handle.switch(policy, gpu_budget) again, or handle.unload()")
+
+
 class _NoCacheLayer:
     """Where the MoE layers route while a handle has no cache (between caches, or after a failed switch)."""
 
     def __call__(self, *args, **kwargs):
-        raise MoeOffloadError("this offloaded model has no expert cache (a switch failed while building it); call "
-                              "handle.switch(policy, gpu_budget) again, or handle.unload()")
+        raise MoeOffloadError(NO_CACHE_MESSAGE)
 
 
 _NO_CACHE = _NoCacheLayer()
