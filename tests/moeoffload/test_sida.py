@@ -48,3 +48,24 @@ def test_sida_beats_random_saves_loads_and_data_aware_is_approximate(tmp_path):
         with torch.no_grad():
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
         assert h.stats().exact is False
+
+
+def test_sida_networks_start_from_their_seed_whatever_ran_before():
+    """A suite's SiDA figures must not depend on which cases ran first (they once did: the networks were drawn from
+    the global random state), and creating them must leave that state alone."""
+    model = tiny_switch(seed=2)
+    trace = P.collect_trace(model, [torch.randint(2, 96, (2, 8), generator=torch.Generator().manual_seed(3))], 2,
+                            show_progress=False)
+
+    def weights(predictor):
+        return [p.detach().clone() for net in predictor.nets.values() for p in net.parameters()]
+
+    torch.manual_seed(123)
+    first = weights(P.SidaPredictor.create(model, trace, dim=16))
+    torch.rand(7)  # something else draws in between
+    state = torch.get_rng_state()
+    second = weights(P.SidaPredictor.create(model, trace, dim=16))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    other = weights(P.SidaPredictor.create(model, trace, dim=16, seed=1))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))

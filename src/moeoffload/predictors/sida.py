@@ -87,11 +87,16 @@ class SidaPredictor:
         self._state: dict[int, tuple] = {}
 
     @staticmethod
-    def create(model, trace: RoutingTrace, dim: int = 128, truncate: int | None = None) -> SidaPredictor:
+    def create(model, trace: RoutingTrace, dim: int = 128, truncate: int | None = None,
+               seed: int = 0) -> SidaPredictor:
+        """Untrained networks for `trace`'s stacks, initialised from `seed` (not the global random state, which
+        whatever ran before would otherwise decide, and left as it was)."""
         embedding = model.get_input_embeddings().weight
         layer_stack = trace.info["layer_stack"]
-        nets = {s: HashNetwork(embedding.shape[1], layer_stack.count(s), trace.num_experts, dim)
-                for s in sorted(set(layer_stack))}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            nets = {s: HashNetwork(embedding.shape[1], layer_stack.count(s), trace.num_experts, dim)
+                    for s in sorted(set(layer_stack))}
         e, k = trace.num_experts, trace.top_k
         return SidaPredictor(embedding, dict(trace.info), nets, truncate or min(e, max(2 * k, e // 8)))
 
