@@ -278,7 +278,9 @@ class Session:
         from moeoffload.scheduler import plan as plan_schedule
         from moeoffload.scheduler import served_gain
 
+        phases = PhaseClock()  # where a case's wall time goes (a published-size case spends most of it outside rounds)
         model, source = self.model(case.model)
+        phases.mark("model")
         wl = self.suite.workload_for(self.tier)
         tokenizer = find_tokenizer(model)
         prompts = [wl.prompts(model.config.vocab_size, round_index=r, tokenizer=tokenizer)
@@ -287,7 +289,9 @@ class Session:
         try:
             predictor = self.prepare(case, model, wl, prompts)
             release_device_memory(self.device)  # what preparing (recording, training) left for the collector
+            phases.mark("prepare")
             handle = self.serve(model, case.policy, case.budget, predictor)
+            phases.mark("offload")
         except moeoffload.BudgetError as exc:
             raise CaseSkipped(f"{case.name}: {exc}") from None
         except BaseException:
@@ -316,6 +320,7 @@ class Session:
                 torch.cuda.reset_peak_memory_stats(dev)
                 start_bytes = int(torch.cuda.memory_allocated(dev))
             generate(model, prompts[0], wl.new_tokens)  # warm-up on its own prompts: kernels load, cache fills
+            phases.mark("warmup")
             probe = self.probe()
             probe.run()  # its own warm-up
             handle.reset_stats()
@@ -362,6 +367,7 @@ class Session:
                 if used is not None:
                     nvml_peak = max(nvml_peak or 0, used)
             probes.append(probe.run())
+            phases.mark("rounds")
             stats = handle.stats()
             gain = None if schedule is None else served_gain(handle, schedule, wl.batch_size)
             torch_peak = int(torch.cuda.max_memory_allocated(dev)) if cuda else None
@@ -379,6 +385,7 @@ class Session:
             task = load_task(wl.task) if wl.task else None
             evaluation = accuracy.evaluate(model, text, dev, tokenizer, task) if evaluate else None
             arrivals = serve_arrivals(model, wl, dev, tokenizer) if wl.arrivals is not None and evaluate else None
+            phases.mark("accuracy")
             measured = True
         finally:
             for h in delay_hooks:
@@ -436,6 +443,9 @@ class Session:
                         "probe": {k: [p.as_dict()[k] for p in probes] for k in PROBE_PARTS}},
             # an interleaved A/B run (moebench ab): "round" or "step" turns; at step grain round_s sums own steps
             "interleaved": None if self.turns is None else self.turns.grain,
+            # wall seconds of each phase: model (built by this case, else ~0), prepare (predictor recording and
+            # training), offload (store fill or policy switch), warmup, rounds (timed, probes included), accuracy
+            "phase_s": phases.seconds,
             "inject_delay_ms": self.inject_delay_s * 1e3,
             "inject_slowdown": self.inject_slowdown,
             "stats": stats.as_dict(),
@@ -492,6 +502,19 @@ def inject_delay(layers, seconds: float) -> list:
             pass
 
     return [layer.register_forward_pre_hook(wait) for layer in layers]
+
+
+class PhaseClock:
+    """Wall seconds between named marks, in order: `seconds[name]` is the time since the previous mark."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._last, 3)
+        self._last = now
 
 
 class Stretch:

@@ -28,6 +28,9 @@ def test_cases_of_one_model_share_one_offload_and_close_restores_it(monkeypatch)
     for r in records:  # each record's cache is its own case's
         assert r["n_slots"] == r["cache_bytes"] // r["stats"]["expert_bytes"] and r["cache_bytes"] <= r["budget_bytes"]
     assert records[1]["h2d_bytes_per_round"] == records[-2]["h2d_bytes_per_round"]  # lru-25% twice: same figures
+    for r in records:  # where each case's wall time went, in order
+        assert list(r["phase_s"]) == ["model", "prepare", "offload", "warmup", "rounds", "accuracy"]
+        assert all(v >= 0 for v in r["phase_s"].values())
     session.close()
     assert not hasattr(model, "_moeoffload")
     after = model.state_dict()
