@@ -524,12 +524,10 @@ def processes_needed(group_sd: float, threshold: float = 0.05, confidence: float
     """Process pairs at which a true change of ``threshold`` is flagged with probability ``power`` when the process
     pairs' mean log ratios spread by ``group_sd`` (the t test's power, noncentral-t approximation by shifted
     quantiles). None beyond ``cap``."""
-    effect = -math.log(1 - threshold)
-    for k in range(MIN_PROCESS_PAIRS, cap + 1):
-        q = float(_sps.t.ppf(1 - (1 - confidence) / 2, k - 1)) + float(_sps.t.ppf(power, k - 1))
-        if q * group_sd / math.sqrt(k) <= effect:
-            return k
-    return None
+    k = np.arange(MIN_PROCESS_PAIRS, int(cap) + 1)
+    q = _sps.t.ppf(1 - (1 - confidence) / 2, k - 1) + _sps.t.ppf(power, k - 1)
+    ok = np.flatnonzero(q * group_sd / np.sqrt(k) <= -math.log(1 - threshold))
+    return int(k[ok[0]]) if ok.size else None
 
 
 def compare_paired_groups(groups: Sequence[tuple[Sequence[float], Sequence[float]]], *, higher_is_better: bool,
