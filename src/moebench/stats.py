@@ -63,6 +63,8 @@ with whole rounds alternating (~1 s apart) the pair log-ratio s.d. of an A/A run
 side's 13-16% round-to-round spread; with decode steps alternating (~30 ms apart, the default) it was 9-13%. With the
 step-grain spread, resampled (``benchmarks/stats_power.py --pairs-from``), 100 pairs give <= 1% false alarms and
 >= 95% detection of a 5% slowdown (250 at round grain): :func:`pairs_needed`, and ``moebench ab``'s default of 120.
+The seventh set's A/A runs also show an offset of about 1.8% per process, which no number of pairs averages away;
+:func:`compare_paired_groups` tests K process pairs (``moebench ab --processes K``) against their own spread instead.
 
 Earlier estimate (before per-round samples were stored)
 -------------------------------------------------------
