@@ -22,6 +22,9 @@ B of unchanged code are exchangeable), scales B by the slowdown and applies ``co
 Resampled pairs lose one thing: an offset that stays with a process for its whole run (where its memory landed, its
 CPU core). The A/A runs' own shifts show it: their spread beyond what their pairs explain is printed as the process
 offset, and ``--process-offset SD`` scales B of each simulated comparison by ``exp(N(0, SD))`` to include it.
+``--groups K [K ...]`` (with ``--pairs-from``) simulates ``moebench ab --processes K`` instead: each comparison draws
+K process pairs of n resampled pairs (``--pairs``), each with its own offset ``exp(N(0, SD))`` on B, and applies
+``compare_paired_groups``.
 
 ``--noise-from HISTORY`` takes the noise from MEASURED per-round samples instead (a history with schema 2, e.g. the
 one ``benchmarks/stats_device.sh`` writes): ``measured`` is log-normal at the measured CV, ``empirical`` resamples the
@@ -90,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--process-offset", type=float, nargs="*", default=[0.0],
                     help="with --pairs-from: log s.d. of a per-comparison offset between the two processes (one "
                          "table each; see above)")
+    ap.add_argument("--groups", type=int, nargs="*", default=None,
+                    help="with --pairs-from: process pairs per comparison, for compare_paired_groups (see above)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     if args.pairs_from:
@@ -341,7 +346,7 @@ def pairs_main(args, t0: float) -> int:
     rng = np.random.default_rng(args.seed)
     results = []
     for sd in args.process_offset:
-        results += pairs_table(args, rng, pairs, sd)
+        results += groups_table(args, rng, pairs, sd) if args.groups else pairs_table(args, rng, pairs, sd)
     print(f"({time.perf_counter() - t0:.1f} s)")
     if args.out:
         args.out.write_text(json.dumps({"sources": notes, "n_pairs": len(pairs), "reps": args.reps,
@@ -394,6 +399,38 @@ def pairs_table(args, rng: np.random.Generator, pairs: np.ndarray, offset_sd: fl
                    tablefmt="github"))
     met = [r["pairs"] for r in results if r["identical"]["regressed"] <= 0.01 and r["5% slower"]["regressed"] >= 0.95]
     print(f"fewest tabulated pairs meeting both targets: {min(met) if met else 'none'}")
+    return results
+
+
+def groups_table(args, rng: np.random.Generator, pairs: np.ndarray, offset_sd: float) -> list[dict]:
+    """One table of compare_paired_groups' verdicts: K process pairs of n resampled pairs, B of each process pair
+    offset by its own exp(N(0, offset_sd))."""
+    from moebench.stats import compare_paired_groups
+
+    rows, results = [], []
+    for k in args.groups:
+        for n in args.pairs:
+            row: dict = {"process_pairs": k, "pairs": n, "process_offset": offset_sd}
+            for name, slow in SCENARIOS.items():
+                counts = dict.fromkeys(("regressed", "improved", "unchanged", "inconclusive"), 0)
+                for _ in range(args.reps):
+                    idx = rng.integers(0, len(pairs), (k, n))
+                    swap = rng.random((k, n)) < 0.5
+                    a = np.where(swap, pairs[idx, 1], pairs[idx, 0])
+                    b = (np.where(swap, pairs[idx, 0], pairs[idx, 1]) * (1 - slow)
+                         * np.exp(rng.normal(0, offset_sd, (k, 1))))
+                    counts[compare_paired_groups(list(zip(a, b)), higher_is_better=True).status] += 1
+                row[name] = {s: v / args.reps for s, v in counts.items()}
+            results.append(row)
+            rows.append([k, n, k * n, f"{row['identical']['regressed']:.2%}", f"{row['identical']['unchanged']:.1%}",
+                         *(f"{row[s]['regressed']:.1%}" for s in ("2% slower", "5% slower", "10% slower"))])
+    print(f"SIMULATION from resampled measured pairs: {args.reps} comparisons per cell, process offset s.d. "
+          f"{offset_sd:.4f} per process pair; targets: false alarm <= 1%, flag 5% >= 95%")
+    print(tabulate(rows, headers=["process pairs", "pairs each", "pairs in all", "false alarm", "identical: unchanged",
+                                  "flag 2%", "flag 5%", "flag 10%"], tablefmt="github"))
+    met = [(r["process_pairs"], r["pairs"]) for r in results
+           if r["identical"]["regressed"] <= 0.01 and r["5% slower"]["regressed"] >= 0.95]
+    print(f"(process pairs, pairs each) meeting both targets: {met if met else 'none'}")
     return results
 
 

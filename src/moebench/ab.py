@@ -10,6 +10,11 @@ Each side writes its own history under `OUT/a` and `OUT/b` (the normal records, 
 and the reports read them); the comparison goes to `OUT/ab.json` and a table on stdout. Exit status: 0 when no
 metric regressed beyond its limit, 1 when one did, 2 when a side failed to run or the run is unusable.
 
+`--processes K` repeats the A/B process pair K times (`OUT/p1` ... `OUT/pK`, each like a single run's folders), each
+with `--rounds` rounds a side: a process keeps an offset of its own for its whole run (about 1.8% on the lent H100,
+seventh set), which pairing rounds cannot cancel, so the verdict in `OUT/ab.json` then tests the K process pairs'
+shifts against their own spread (`stats.compare_paired_groups`).
+
 Both processes hold their models at once (one of them idle): an A/B run needs twice the host and GPU memory of one
 side, and the NVML figure of each side includes the other's allocations.
 """
@@ -83,19 +88,23 @@ def _side_env(tree: Path, referee: Referee, side: str) -> dict[str, str]:
 
 
 def run_sides(trees: dict[str, Path], commands: dict[str, list[str]], out: Path, *, timeout_s: float | None = None,
-              progress: bool = True, grain: str = DEFAULT_GRAIN) -> dict:
+              progress: bool = True, grain: str = DEFAULT_GRAIN, first: str = "a") -> dict:
     """Start both sides under one referee and wait; returns each side's exit code, log and reported package
-    folder, plus how many turns the referee granted."""
+    folder, plus how many turns the referee granted. `first`: the side that starts first and takes the referee's
+    first grant (its start-up runs before the other's)."""
     referee = Referee(grain=grain)
     referee.start()
+    role = {s: s for s in SIDES} if first == "a" else {"a": "b", "b": "a"}  # side -> the referee's name for it
+    side_of = {r: s for s, r in role.items()}
     procs, logs = {}, {}
     t0 = time.perf_counter()
     try:
-        for side in SIDES:
+        for side in sorted(SIDES, key=lambda s: role[s]):
             logs[side] = out / f"{side}.log"
             with open(logs[side], "w") as log:
                 log.write("$ " + shlex.join(commands[side]) + "\n")
-            procs[side] = subprocess.Popen(commands[side], cwd=trees[side], env=_side_env(trees[side], referee, side),
+            env = _side_env(trees[side], referee, role[side])
+            procs[side] = subprocess.Popen(commands[side], cwd=trees[side], env=env,
                                            stdout=open(logs[side], "a"), stderr=subprocess.STDOUT)
         per = 2 if grain == "round" else 1  # round grain: two grants make a round pair
         every = 10 if grain == "round" else 200  # a progress line this often where no bar is shown (logs, CI)
@@ -135,9 +144,10 @@ def run_sides(trees: dict[str, Path], commands: dict[str, list[str]], out: Path,
                 p.kill()
         referee.close()
     return {"returncode": {s: procs[s].returncode for s in SIDES}, "logs": {s: str(logs[s]) for s in SIDES},
-            "package": {s: (referee.hello.get(s) or (None, None))[1] for s in SIDES}, "turns": len(referee.log),
-            "wall_s": time.perf_counter() - t0, "referee_error": referee.error, "interrupted": interrupted,
-            "grants": [[round(t - t0, 4), side] for t, side in referee.log]}
+            "package": {s: (referee.hello.get(role[s]) or (None, None))[1] for s in SIDES},
+            "turns": len(referee.log), "wall_s": time.perf_counter() - t0, "referee_error": referee.error,
+            "interrupted": interrupted, "grants": [[round(t - t0, 4), side_of[side]] for t, side in referee.log],
+            **({"first": first} if first != "a" else {})}
 
 
 def _progress(enabled: bool, unit: str):
@@ -192,6 +202,53 @@ def compare_sides(run_a: dict, run_b: dict, limits: dict[str, float]) -> list[di
     return rows
 
 
+def combine_process_pairs(pair_runs: list[tuple[dict, dict]], limits: dict[str, float]) -> list[dict]:
+    """One row per case over K process pairs (`--processes`): per metric, `stats.compare_paired_groups` on the
+    process pairs with at least `stats.MIN_PAIRS` round pairs of that case; each process pair's own paired verdict
+    is kept under `process_pairs` (None where that pair did not run the case)."""
+    from . import stats
+    from .baseline import METRICS, _median
+    from .history import case_records
+
+    per_pair = [{r["case"]: r for r in compare_sides(a, b, limits)} for a, b in pair_runs]
+    records = [(case_records(a), case_records(b)) for a, b in pair_runs]
+    names = list(dict.fromkeys(name for rows in per_pair for name in rows))
+    rows = []
+    for name in names:
+        row: dict[str, Any] = {"case": name, "metrics": {}}
+        for key in PAIRED_METRICS:
+            metric = METRICS[key]
+            groups, all_a, all_b = [], [], []
+            each: list[dict | None] = []
+            for (ca, cb), rows_j in zip(records, per_pair):
+                if name not in rows_j:
+                    each.append(None)
+                    continue
+                sa = list((ca[name].get("samples") or {}).get(metric.sample_key) or [])
+                sb = list((cb[name].get("samples") or {}).get(metric.sample_key) or [])
+                n = min(len(sa), len(sb))
+                all_a += sa
+                all_b += sb
+                if n >= stats.MIN_PAIRS:
+                    groups.append((sa[:n], sb[:n]))
+                e = rows_j[name]["metrics"][key]
+                each.append({k: e.get(k) for k in ("status", "ratio", "ci", "pairs", "message")})
+            entry = {"a": _median(all_a), "b": _median(all_b), "pairs": sum(len(g[0]) for g in groups),
+                     "processes": len(groups), "limit": limits.get(key), "process_pairs": each}
+            if len(groups) < stats.MIN_PROCESS_PAIRS:
+                entry.update(status="inconclusive", message=f"{key}: {len(groups)} process pair(s) with at least "
+                             f"{stats.MIN_PAIRS} round pairs; a verdict needs {stats.MIN_PROCESS_PAIRS} (--processes)")
+            else:
+                v = stats.compare_paired_groups(groups, higher_is_better=metric.higher_is_better,
+                                                threshold=limits.get(key, 0.05))
+                entry.update(status=v.status, ratio=v.ratio, ci=[v.ci_low, v.ci_high], p=v.p_value, message=v.message)
+            row["metrics"][key] = entry
+        first = next(j for j, rows_j in enumerate(per_pair) if name in rows_j)
+        row["injected"] = per_pair[first][name]["injected"]
+        rows.append(row)
+    return rows
+
+
 def render(rows: list[dict]) -> str:
     from tabulate import tabulate
 
@@ -207,10 +264,11 @@ def render(rows: list[dict]) -> str:
                                     "unpaired verdict", "p50 B/A", "p50 verdict"], disable_numparse=True)
 
 
-def plot_pairs(run_a: dict, run_b: dict, rows: list[dict], path: Path) -> Path | None:
-    """One panel per case: each round pair's B/A throughput ratio in run order, the paired estimate with its 99%
-    interval, and the failure limit; a drift or a slow spell shows as a trend that the pairs do not follow. None
-    when matplotlib is not installed (it is the optional extra `report`)."""
+def plot_pairs(pair_runs: list[tuple[dict, dict]], rows: list[dict], path: Path) -> Path | None:
+    """One panel per case: each round pair's B/A throughput ratio in run order (one colour per process pair when
+    there are several), the estimate with its 99% interval, and the failure limit; a drift or a slow spell shows as
+    a trend that the pairs do not follow. None when matplotlib is not installed (it is the optional extra
+    `report`)."""
     from .history import case_records
     from .report import ReportError, _pyplot
 
@@ -219,13 +277,21 @@ def plot_pairs(run_a: dict, run_b: dict, rows: list[dict], path: Path) -> Path |
     except ReportError:
         return None
 
-    cases_a, cases_b = case_records(run_a), case_records(run_b)
+    records = [(case_records(a), case_records(b)) for a, b in pair_runs]
     fig, axes = plt.subplots(len(rows), 1, figsize=(8, 2.6 * len(rows)), squeeze=False)
     for ax, row in zip(axes[:, 0], rows):
         t = row["metrics"]["throughput"]
-        sa = cases_a[row["case"]]["samples"]["tokens_per_s"][: t["pairs"]]
-        sb = cases_b[row["case"]]["samples"]["tokens_per_s"][: t["pairs"]]
-        ax.plot(range(1, len(sa) + 1), [b / a for a, b in zip(sa, sb)], ".", color="0.4", label="round pair B/A")
+        start = 1
+        for j, (cases_a, cases_b) in enumerate(records):
+            if row["case"] not in cases_a or row["case"] not in cases_b:
+                continue
+            sa = (cases_a[row["case"]].get("samples") or {}).get("tokens_per_s") or []
+            sb = (cases_b[row["case"]].get("samples") or {}).get("tokens_per_s") or []
+            ratios = [b / a for a, b in zip(sa, sb)]
+            label, color = (("round pair B/A", "0.4") if len(records) == 1 else
+                            (f"process pair {j + 1}", _PAIR_COLOURS[j % 8]))
+            ax.plot(range(start, start + len(ratios)), ratios, ".", color=color, label=label)
+            start += len(ratios)
         if t.get("ratio") is not None:
             ax.axhline(t["ratio"], color="C0", label=f"estimate {t['ratio']:.3f} ({t['status']})")
             ax.axhspan(*t["ci"], color="C0", alpha=0.2, label="99% interval")
@@ -242,6 +308,9 @@ def plot_pairs(run_a: dict, run_b: dict, rows: list[dict], path: Path) -> Path |
     return path
 
 
+_PAIR_COLOURS = ("C1", "C2", "C4", "C5", "C6", "C7", "C8", "C9")  # C0 is the estimate, C3 the limit
+
+
 def _fmt(value, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -253,62 +322,83 @@ def main(args: argparse.Namespace) -> int:
     if args.rounds < 7:
         raise ABError(f"--rounds {args.rounds}: a paired verdict needs at least 7 round pairs; use the default "
                       f"{DEFAULT_PAIRS}")
+    if args.processes < 1 or args.processes == 2:
+        raise ABError(f"--processes {args.processes}: use 1 (one process pair) or at least 3 (a verdict over process "
+                      "pairs needs 3)")
     if args.out is None:
         from .history import new_run_id
 
         args.out = os.path.join(".moebench", "ab", new_run_id())
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    for side in SIDES:
-        hist = out / side / "history.jsonl"
-        if hist.exists():
-            raise ABError(f"{hist} exists from an earlier A/B run; pick a fresh --out so the sides' runs are not mixed")
+    folders = [out] if args.processes == 1 else [out / f"p{k}" for k in range(1, args.processes + 1)]
+    for folder in folders:
+        for side in SIDES:
+            hist = folder / side / "history.jsonl"
+            if hist.exists():
+                raise ABError(f"{hist} exists from an earlier A/B run; pick a fresh --out so the sides' runs are not "
+                              "mixed")
     repo = Path(subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True).stdout.strip()
                 or ".").resolve()
     specs = {"a": args.a, "b": args.b}
     extra = {"a": shlex.split(args.a_args or ""), "b": shlex.split(args.b_args or "")}
     trees, worktrees = {}, []
+    pairs: list[dict] = []  # per process pair: run_sides' result, its problems and stored runs
+    t0 = time.perf_counter()
     try:
-        for side in SIDES:
+        for side in SIDES:  # once: every process pair runs the same trees
             trees[side], wt = resolve_tree(specs[side], out, side, repo)
             if wt:
                 worktrees.append(wt)
-        commands = {s: side_command(args.rounds, out / s, extra[s], args.pytest_args) for s in SIDES}
         print(f"moebench ab: A = {specs['a']} {' '.join(extra['a'])}".rstrip() + f"; B = {specs['b']} "
-              f"{' '.join(extra['b'])}".rstrip() + f"; {args.rounds} rounds a side, interleaved; logs in {out}",
+              f"{' '.join(extra['b'])}".rstrip() + f"; {args.rounds} rounds a side, interleaved"
+              + (f", in each of {args.processes} process pairs" if args.processes > 1 else "") + f"; logs in {out}",
               file=sys.stderr)
-        result = run_sides(trees, commands, out, timeout_s=args.timeout, progress=not args.no_progress,
-                           grain=args.grain)
+        for k, folder in enumerate(folders):
+            left = None if args.timeout is None else args.timeout - (time.perf_counter() - t0)
+            if left is not None and left <= 0 and pairs:
+                pairs[-1]["result"]["interrupted"] = True
+                break
+            if len(folders) > 1:
+                folder.mkdir(exist_ok=True)
+                print(f"moebench ab: process pair {k + 1} of {len(folders)}", file=sys.stderr)
+            commands = {s: side_command(args.rounds, folder / s, extra[s], args.pytest_args) for s in SIDES}
+            result = run_sides(trees, commands, folder, timeout_s=left, progress=not args.no_progress,
+                               grain=args.grain, first=SIDES[k % 2])  # alternate which side starts first
+            pairs.append({"result": result, **_pair_outcome(result, trees, folder)})
+            if pairs[-1]["problems"] or result["interrupted"]:
+                break
     finally:
         for wt in worktrees:
             subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", wt], capture_output=True)
-    problems = []
-    for side in SIDES:
-        pkg = result["package"][side]
-        own = (trees[side] / "src" / "moebench").is_dir()  # a moebench checkout must measure its own code
-        if own and pkg is not None and not Path(pkg).resolve().is_relative_to(trees[side]):
-            problems.append(f"side {side} imported moebench from {pkg}, not from its tree {trees[side]}: the installed "
-                            "package shadows it; uninstall it or install it editable")
-        if pkg is None:
-            problems.append(f"side {side} never reached the referee (see {result['logs'][side]})")
-    runs = {s: _last_run(out / s) for s in SIDES}
-    for side in SIDES:
-        if runs[side] is None:
-            problems.append(f"side {side} stored no run (exit {result['returncode'][side]}; see "
-                            f"{result['logs'][side]})")
-    run_a, run_b = runs["a"], runs["b"]
-    rows = compare_sides(run_a, run_b, limits) if not problems and run_a and run_b else []
-    if result["interrupted"]:  # the cases both sides finished are still compared and shown
-        problems.append(f"interrupted (Ctrl-C or --timeout) after {result['turns']} turns: a case "
+    header = {"a": {"spec": specs["a"], "args": extra["a"]}, "b": {"spec": specs["b"], "args": extra["b"]},
+              "pytest_args": args.pytest_args, "rounds": args.rounds, "grain": args.grain, "limits": limits}
+    if args.processes == 1:
+        (pair,) = pairs
+        result, problems, (run_a, run_b) = pair["result"], pair["problems"], pair["runs"]
+        rows = compare_sides(run_a, run_b, limits) if not problems and run_a and run_b else []
+        pair_runs = [(run_a, run_b)]
+        for side, run in (("a", run_a), ("b", run_b)):
+            header[side]["commit"] = (run or {}).get("git")
+        wall_s, turns = result["wall_s"], result["turns"]
+    else:
+        pair_runs = [p["runs"] for p in pairs if all(p["runs"])]
+        rows = combine_process_pairs(pair_runs, limits) if pair_runs else []
+        problems = [f"process pair {k + 1}: {msg}" for k, p in enumerate(pairs) for msg in p["problems"]]
+        for side in SIDES:
+            header[side]["commit"] = next((p["runs"][SIDES.index(side)] or {} for p in pairs), {}).get("git")
+        result = {"processes": args.processes, "process_pairs": [
+            {"folder": str(folders[k]), **p["result"], "rows": compare_sides(p["runs"][0], p["runs"][1], limits)
+             if all(p["runs"]) else []} for k, p in enumerate(pairs)]}
+        wall_s, turns = time.perf_counter() - t0, sum(p["result"]["turns"] for p in pairs)
+    if any(p["result"]["interrupted"] for p in pairs):  # the cases both sides finished are still compared and shown
+        problems.append(f"interrupted (Ctrl-C or --timeout) after {turns} turns: a case "
                         "in progress stores no record; give the run more time or fewer rounds")
-    report = {"a": {"spec": specs["a"], "args": extra["a"], "commit": (runs["a"] or {}).get("git")},
-              "b": {"spec": specs["b"], "args": extra["b"], "commit": (runs["b"] or {}).get("git")},
-              "pytest_args": args.pytest_args, "rounds": args.rounds, "grain": args.grain, "limits": limits,
-              "rows": rows, "problems": problems, **result}
+    report = {**header, "rows": rows, "problems": problems, **result}
     (out / "ab.json").write_text(json.dumps(report, indent=2, default=str))
     if rows:
         print(render(rows))
-        plotted = plot_pairs(run_a, run_b, rows, out / "ab.png")  # type: ignore[arg-type]
+        plotted = plot_pairs(pair_runs, rows, out / "ab.png")
         if plotted:
             print(f"plot: {plotted}")
     if problems:
@@ -319,11 +409,30 @@ def main(args: argparse.Namespace) -> int:
         for m in row["metrics"].values():
             if m["status"] != "unchanged":
                 print(f"{row['case']}: {m['message']}")
-    print(f"wrote {out / 'ab.json'}  (side exit codes a={result['returncode']['a']} b={result['returncode']['b']}, "
-          f"{result['wall_s']:.0f} s)")
+    codes = " ".join(f"a={p['result']['returncode']['a']} b={p['result']['returncode']['b']}" for p in pairs)
+    print(f"wrote {out / 'ab.json'}  (side exit codes {codes}, {wall_s:.0f} s)")
     regressed = [r["case"] for r in rows for k, m in r["metrics"].items()
                  if m["status"] == "regressed" and m["limit"] is not None]
     return 1 if regressed else 0
+
+
+def _pair_outcome(result: dict, trees: dict[str, Path], folder: Path) -> dict:
+    """What one process pair left: the problems that make it unusable and each side's stored run (None if none)."""
+    problems = []
+    for side in SIDES:
+        pkg = result["package"][side]
+        own = (trees[side] / "src" / "moebench").is_dir()  # a moebench checkout must measure its own code
+        if own and pkg is not None and not Path(pkg).resolve().is_relative_to(trees[side]):
+            problems.append(f"side {side} imported moebench from {pkg}, not from its tree {trees[side]}: the installed "
+                            "package shadows it; uninstall it or install it editable")
+        if pkg is None:
+            problems.append(f"side {side} never reached the referee (see {result['logs'][side]})")
+    runs = {s: _last_run(folder / s) for s in SIDES}
+    for side in SIDES:
+        if runs[side] is None:
+            problems.append(f"side {side} stored no run (exit {result['returncode'][side]}; see "
+                            f"{result['logs'][side]})")
+    return {"problems": problems, "runs": (runs["a"], runs["b"])}
 
 
 def add_parser(sub) -> None:
@@ -337,7 +446,12 @@ def add_parser(sub) -> None:
     p.add_argument("--b-args", default="", help="extra pytest options for side B only, written with '=', e.g. "
                                                 "--b-args=--moebench-inject-delay=5%% (the sides must run the same "
                                                 "cases)")
-    p.add_argument("--rounds", type=int, default=DEFAULT_PAIRS, help=f"rounds a side (default {DEFAULT_PAIRS})")
+    p.add_argument("--rounds", type=int, default=DEFAULT_PAIRS,
+                   help=f"rounds a side, in each process pair (default {DEFAULT_PAIRS})")
+    p.add_argument("--processes", type=int, default=1,
+                   help="A/B process pairs to run one after another (OUT/p1 ... OUT/pK), each with --rounds rounds a "
+                        "side; from 3 on the verdict tests the process pairs' shifts, which holds when each process "
+                        "keeps an offset of its own (default 1: one pair, its rounds tested)")
     p.add_argument("--out", default=None, help="folder for both histories, logs and ab.json (default "
                                                ".moebench/ab/<time>; must not hold an earlier A/B run)")
     p.add_argument("--fail", default=DEFAULT_LIMITS,  # argparse %-formats help texts
@@ -347,7 +461,8 @@ def add_parser(sub) -> None:
                    help=f"step: the sides alternate decode steps, so a pair's rounds interleave ~30 ms apart; round: "
                         f"they alternate whole rounds, ~1 s apart, and the pairs spread more (19%% against 13%% on "
                         f"the H100; default {DEFAULT_GRAIN})")
-    p.add_argument("--timeout", type=float, default=None, help="kill both sides after this many seconds")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="kill both sides after this many seconds (over all process pairs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("pytest_args", nargs="*", help="after --: pytest arguments for both sides, e.g. suites/switch -k "
                                                      "lru")

@@ -63,6 +63,8 @@ with whole rounds alternating (~1 s apart) the pair log-ratio s.d. of an A/A run
 side's 13-16% round-to-round spread; with decode steps alternating (~30 ms apart, the default) it was 9-13%. With the
 step-grain spread, resampled (``benchmarks/stats_power.py --pairs-from``), 100 pairs give <= 1% false alarms and
 >= 95% detection of a 5% slowdown (250 at round grain): :func:`pairs_needed`, and ``moebench ab``'s default of 120.
+The seventh set's A/A runs also show an offset of about 1.8% per process, which no number of pairs averages away;
+:func:`compare_paired_groups` tests K process pairs (``moebench ab --processes K``) against their own spread instead.
 
 Earlier estimate (before per-round samples were stored)
 -------------------------------------------------------
@@ -103,9 +105,11 @@ __all__ = [
     "compare",
     "compare_many",
     "compare_paired",
+    "compare_paired_groups",
     "compare_runs",
     "estimate_round_cv",
     "pairs_needed",
+    "processes_needed",
     "min_p_value",
     "rounds_needed",
 ]
@@ -117,6 +121,10 @@ MIN_RUNS = 3
 #: Fewer round pairs than this gives ``inconclusive`` in an interleaved A/B run (:func:`compare_paired`): the
 #: smallest one-sided signed-rank p of n pairs is 2**-n, below 1% from 7 pairs on.
 MIN_PAIRS = 7
+#: Fewer process pairs than this cannot give a verdict over process pairs (:func:`compare_paired_groups`): their
+#: spread is the only measure of the per-process offset, and a t interval needs at least 2 degrees of freedom to be
+#: of any use (at 99%, t_2 = 9.9 standard errors).
+MIN_PROCESS_PAIRS = 3
 #: Per-round coefficient of variation of tokens/s estimated from the stored H100 run (see the module docstring).
 NOISE_CV_ESTIMATE = 0.10
 #: Rounds per side at which the simulated 5%-slowdown detection rate reaches >= 95% with <= 1% false alarms, at
@@ -511,6 +519,69 @@ def compare_paired(baseline: Sequence[float], current: Sequence[float], *, highe
         need = pairs_needed(sd, threshold, confidence)
         msg += f"; about {need} pairs would settle a {threshold:.0%} change at this spread (moebench ab --rounds)"
     return Verdict(ratio, r_lo, r_hi, p_worse, status, msg, 2.0**-n, None)
+
+
+def processes_needed(group_sd: float, threshold: float = 0.05, confidence: float = 0.99, power: float = 0.95,
+                     cap: int = 200) -> int | None:
+    """Process pairs at which a true change of ``threshold`` is flagged with probability ``power`` when the process
+    pairs' mean log ratios spread by ``group_sd`` (the t test's power, noncentral-t approximation by shifted
+    quantiles). None beyond ``cap``."""
+    k = np.arange(MIN_PROCESS_PAIRS, int(cap) + 1)
+    q = _sps.t.ppf(1 - (1 - confidence) / 2, k - 1) + _sps.t.ppf(power, k - 1)
+    ok = np.flatnonzero(q * group_sd / np.sqrt(k) <= -math.log(1 - threshold))
+    return int(k[ok[0]]) if ok.size else None
+
+
+def compare_paired_groups(groups: Sequence[tuple[Sequence[float], Sequence[float]]], *, higher_is_better: bool,
+                          threshold: float = 0.05, confidence: float = 0.99) -> Verdict:
+    """Verdict over several interleaved A/B process pairs (``moebench ab --processes K``): ``groups[j]`` is the
+    (baseline, current) rounds of process pair j, paired round by round as in :func:`compare_paired`.
+
+    Why: a process keeps an offset for its whole run (about 1.8% log s.d. on the lent H100, seventh set), the same
+    for all its rounds, so pairing cannot cancel it and :func:`compare_paired` counts it as a real change once the
+    pairs are many. Model ``d_ij = mu + u_j + e_ij`` with ``u_j`` the process pair's offset: the shift is the mean of
+    the groups' mean log ratios ``m_j``, its interval the Student t interval with K-1 degrees of freedom on the
+    ``m_j`` and the p-values one-sided t: the ``m_j`` spread holds both the round noise and the offset, so the
+    coverage holds whatever the offset (for roughly normal ``m_j``, which means of many rounds are). Statuses follow
+    :func:`compare`'s rule. Unweighted on purpose: weighting groups by their round counts would be more efficient when
+    the counts differ, but its interval needs the offset's variance, which K of 3-12 estimate badly."""
+    _check_options(threshold, confidence, 1000)
+    means, rounds = [], 0
+    for j, (baseline, current) in enumerate(groups, start=1):
+        base = _check_sample(f"process pair {j} baseline", baseline)
+        cur = _check_sample(f"process pair {j} current", current)
+        if base.size != cur.size:
+            raise ValueError(f"process pair {j} has {base.size} baseline and {cur.size} current rounds; pass the "
+                             "rounds both sides finished, one baseline round per current round")
+        means.append(float(np.mean(np.log(cur) - np.log(base))))
+        rounds += base.size
+    k = len(means)
+    if k < MIN_PROCESS_PAIRS:
+        raise ValueError(f"{k} process pair(s): a verdict over process pairs needs at least {MIN_PROCESS_PAIRS} "
+                         f"(moebench ab --processes {MIN_PROCESS_PAIRS} or more); use compare_paired for one")
+    m = np.asarray(means)
+    shift = float(m.mean())
+    s = max(float(m.std(ddof=1)), 1e-12)
+    se = s / math.sqrt(k)
+    alpha = 1.0 - confidence
+    q = float(_sps.t.ppf(1 - alpha / 2, k - 1))
+    lo, hi = shift - q * se, shift + q * se
+    p_less, p_greater = float(_sps.t.cdf(shift / se, k - 1)), float(_sps.t.sf(shift / se, k - 1))
+    sign = 1.0 if higher_is_better else -1.0
+    g = sign * shift
+    g_lo, g_hi = sorted((sign * lo, sign * hi))
+    p_worse, p_better = (p_less, p_greater) if higher_is_better else (p_greater, p_less)
+    status = _status(g, g_lo, g_hi, p_worse, p_better, alpha, threshold)
+    kind = "throughput" if higher_is_better else "latency"
+    ratio, r_lo, r_hi = math.exp(shift), math.exp(lo), math.exp(hi)
+    pct = round(confidence * 100, 6)
+    msg = (f"{kind} {ratio:.3f}x over {k} process pairs of {rounds} round pairs ({pct:g}% CI {r_lo:.3f}-{r_hi:.3f}, "
+           f"process-pair shifts spread by s.d. {s:.1%}, t p={p_worse:.2g}): {status}")
+    if status == "inconclusive":
+        need = processes_needed(s, threshold, confidence)
+        more = f"about {need} process pairs" if need else "far more process pairs"
+        msg += f"; {more} would settle a {threshold:.0%} change at this spread (moebench ab --processes)"
+    return Verdict(ratio, r_lo, r_hi, p_worse, status, msg, math.nan, None)
 
 
 # ------------------------------------------------------------------------------------------------- noise estimate

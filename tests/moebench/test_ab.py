@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from scipy import stats as sps
 
 from moebench import cli
-from moebench.stats import MIN_PAIRS, compare, compare_paired, pairs_needed
+from moebench.stats import MIN_PAIRS, MIN_PROCESS_PAIRS, compare, compare_paired, compare_paired_groups, pairs_needed
 from moebench.turns import Referee
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,6 +89,134 @@ def test_paired_input_errors_name_the_fix():
         compare_paired([1, 2, 3, 4, 5, 6, 7], [1, 2, 3], higher_is_better=True)
     v = compare_paired([1.0] * 5, [0.5] * 5, higher_is_better=True)
     assert v.status == "inconclusive" and f"need at least {MIN_PAIRS}" in v.message
+
+
+def _groups(rng, k, n, shift=0.0, offset_sd=0.02, pair_sd=0.10):
+    """k process pairs of n round pairs each; B of each process pair carries its own offset exp(N(0, offset_sd))."""
+    out = []
+    for _ in range(k):
+        a, b = _pairs(rng, n, shift=shift, pair_sd=pair_sd)
+        out.append((a, b * np.exp(rng.normal(0, offset_sd))))
+    return out
+
+
+def test_groups_verdict_is_a_one_sample_t_test_on_the_process_pairs_shifts():
+    rng = np.random.default_rng(8)
+    for k, n in ((3, 7), (5, 20), (8, 12)):
+        groups = _groups(rng, k, n, shift=0.03)
+        m = [np.mean(np.log(b) - np.log(a)) for a, b in groups]
+        v = compare_paired_groups(groups, higher_is_better=True)
+        assert v.p_value == pytest.approx(sps.ttest_1samp(m, 0.0, alternative="less").pvalue, rel=1e-9)
+        ci = sps.ttest_1samp(m, 0.0).confidence_interval(0.99)
+        assert (v.ci_low, v.ci_high) == pytest.approx((np.exp(ci.low), np.exp(ci.high)), rel=1e-9)
+        assert v.ratio == pytest.approx(np.exp(np.mean(m)), rel=1e-12)
+        assert f"over {k} process pairs of {k * n} round pairs" in v.message and "spread by s.d." in v.message
+
+
+def test_groups_verdict_refuses_too_few_process_pairs_and_unpaired_rounds():
+    rng = np.random.default_rng(1)
+    with pytest.raises(ValueError, match=f"needs at least {MIN_PROCESS_PAIRS}.*--processes"):
+        compare_paired_groups(_groups(rng, MIN_PROCESS_PAIRS - 1, 10), higher_is_better=True)
+    groups = _groups(rng, 3, 10)
+    groups[1] = (groups[1][0], groups[1][1][:9])
+    with pytest.raises(ValueError, match="process pair 2 has 10 baseline and 9 current rounds"):
+        compare_paired_groups(groups, higher_is_better=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.floats(1, 1e4), st.floats(0.5, 2.0)), min_size=2 * MIN_PROCESS_PAIRS, max_size=40),
+       st.integers(MIN_PROCESS_PAIRS, 6), st.floats(0.01, 100))
+def test_groups_verdict_mirrors_on_swap_and_ignores_scale(pairs, k, scale):
+    a, b = np.array([p[0] for p in pairs]), np.array([p[0] * p[1] for p in pairs])
+    groups = [(a[j::k], b[j::k]) for j in range(k) if a[j::k].size]
+    v = compare_paired_groups(groups, higher_is_better=True)
+    w = compare_paired_groups([(b, a) for a, b in groups], higher_is_better=True)
+    mirror = {"regressed": "improved", "improved": "regressed", "unchanged": "unchanged",
+              "inconclusive": "inconclusive"}
+    assert w.status == mirror[v.status]
+    assert w.ratio == pytest.approx(1 / v.ratio, rel=1e-9)
+    assert compare_paired_groups([(a * scale, b * scale) for a, b in groups], higher_is_better=True).status == v.status
+    assert compare_paired_groups([(1 / a, 1 / b) for a, b in groups], higher_is_better=False).status == v.status
+
+
+def test_groups_verdict_holds_its_confidence_where_a_process_offset_fools_paired_rounds():
+    """A 2% offset per process pair, no change: one process pair's signed-rank verdict counts its offset as a change
+    (false alarms well above 1%), and pooling 8 process pairs' rounds gives an interval that misses "no change" far
+    more often than 1%; the process pairs' t test measures the offset and keeps both at <= 1%."""
+    rng = np.random.default_rng(21)
+    reps, k, n = 300, 8, 40
+    grouped = {"regressed": 0, "missed": 0}
+    pooled_missed = single_alarms = 0
+    for _ in range(reps):
+        groups = _groups(rng, k, n, offset_sd=0.02, pair_sd=0.02)
+        v = compare_paired_groups(groups, higher_is_better=True)
+        grouped["regressed"] += v.status == "regressed"
+        grouped["missed"] += not v.ci_low <= 1.0 <= v.ci_high
+        a, b = np.concatenate([g[0] for g in groups]), np.concatenate([g[1] for g in groups])
+        pooled = compare_paired(a, b, higher_is_better=True)
+        pooled_missed += not pooled.ci_low <= 1.0 <= pooled.ci_high
+        single_alarms += compare_paired(*groups[0], higher_is_better=True).status == "regressed"
+    assert grouped["regressed"] / reps <= 0.01 and grouped["missed"] / reps <= 0.02  # 1%, room for 300 draws
+    assert pooled_missed / reps > 0.2
+    assert single_alarms / reps > 0.04
+
+
+def _history_run(case_tokens: dict[str, list[float]], injected: str | None = None) -> dict:
+    return {"records": [{"case": c, "samples": {"tokens_per_s": x, "step_p50_ms": [1000 / v for v in x]},
+                         **({"inject_delay_ms": injected} if injected else {})} for c, x in case_tokens.items()]}
+
+
+def test_combine_process_pairs_keeps_each_pairs_verdict_and_tests_the_groups():
+    from moebench.ab import combine_process_pairs, render
+
+    rng = np.random.default_rng(4)
+    pair_runs = []
+    for a, b in _groups(rng, 4, 12, shift=0.10, offset_sd=0.01, pair_sd=0.05):
+        pair_runs.append((_history_run({"x": list(a), "y": list(a)}), _history_run({"x": list(b), "y": list(a)})))
+    pair_runs[3] = (pair_runs[3][0], _history_run({"x": list(pair_runs[3][1]["records"][0]["samples"]
+                                                               ["tokens_per_s"][:5]), "y": [1.0] * 12}))
+    rows = {r["case"]: r for r in combine_process_pairs(pair_runs, {"throughput": 0.05})}
+    t = rows["x"]["metrics"]["throughput"]
+    assert t["processes"] == 3 and t["pairs"] == 36  # process pair 4 has only 5 round pairs of x: left out
+    assert t["status"] == "regressed" and "over 3 process pairs" in t["message"]
+    assert len(t["process_pairs"]) == 4 and t["process_pairs"][3]["status"] == "inconclusive"
+    assert rows["y"]["metrics"]["throughput"]["processes"] == 4
+    assert "x" in render(list(rows.values()))
+
+
+def test_ab_processes_runs_k_pairs_in_their_folders_and_combines_them(tmp_path, monkeypatch, capsys):
+    """`--processes 3` without launching pytest: each process pair gets its own folder, the side that starts first
+    alternates, the trees are resolved once, and ab.json holds the combined verdict and each pair's own."""
+    from moebench import ab
+
+    rng = np.random.default_rng(2)
+    groups = iter(_groups(rng, 3, 10, shift=0.2, offset_sd=0.01, pair_sd=0.05))
+    calls, stored = [], {}
+
+    def fake_run_sides(trees, commands, out, *, timeout_s, progress, grain, first):
+        calls.append((out, first))
+        a, b = next(groups)
+        stored[out / "a"], stored[out / "b"] = _history_run({"x": list(a)}), _history_run({"x": list(b)})
+        return {"returncode": {"a": 0, "b": 0}, "logs": {"a": "a.log", "b": "b.log"}, "turns": 40, "wall_s": 1.0,
+                "package": {s: str(trees[s] / "src" / "moebench") for s in "ab"}, "referee_error": None,
+                "interrupted": False, "grants": []}
+
+    monkeypatch.setattr(ab, "run_sides", fake_run_sides)
+    monkeypatch.setattr(ab, "_last_run", lambda folder: stored.get(folder))
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "ab"
+    assert cli.main(["ab", "--processes", "3", "--rounds", "10", "--out", str(out), "--", "suites/switch"]) == 1
+    assert calls == [(out / "p1", "a"), (out / "p2", "b"), (out / "p3", "a")]
+    report = json.loads((out / "ab.json").read_text())
+    assert report["processes"] == 3 and report["problems"] == []
+    (row,) = report["rows"]
+    assert row["metrics"]["throughput"]["status"] == "regressed"
+    assert "over 3 process pairs" in row["metrics"]["throughput"]["message"]
+    assert [p["folder"] for p in report["process_pairs"]] == [str(out / f"p{k}") for k in (1, 2, 3)]
+    assert all(p["rows"][0]["metrics"]["throughput"]["pairs"] == 10 for p in report["process_pairs"])
+    assert "regressed" in capsys.readouterr().out
+    assert cli.main(["ab", "--processes", "2", "--out", str(tmp_path / "two"), "--", "suites/switch"]) == 2
+    assert "--processes 2" in capsys.readouterr().err
 
 
 SIDE = textwrap.dedent("""
