@@ -169,6 +169,11 @@ def _last_run(history: Path) -> dict | None:
     return runs[-1] if runs else None
 
 
+def _samples(record: dict, key: str | None) -> list[float]:
+    """A record's per-round samples of `key` (empty when it has none)."""
+    return list((record.get("samples") or {}).get(key or "") or [])
+
+
 def compare_sides(run_a: dict, run_b: dict, limits: dict[str, float]) -> list[dict]:
     """One row per case both sides ran: per metric, the paired verdict on the rounds both sides have."""
     from . import stats
@@ -182,8 +187,7 @@ def compare_sides(run_a: dict, run_b: dict, limits: dict[str, float]) -> list[di
         row: dict[str, Any] = {"case": name, "metrics": {}}
         for key in PAIRED_METRICS:
             metric = METRICS[key]
-            sa = list((ra.get("samples") or {}).get(metric.sample_key) or [])
-            sb = list((rb.get("samples") or {}).get(metric.sample_key) or [])
+            sa, sb = _samples(ra, metric.sample_key), _samples(rb, metric.sample_key)
             n = min(len(sa), len(sb))
             entry = {"a": _median(sa), "b": _median(sb), "pairs": n, "unpaired_rounds": abs(len(sa) - len(sb)),
                      "limit": limits.get(key)}
@@ -202,15 +206,19 @@ def compare_sides(run_a: dict, run_b: dict, limits: dict[str, float]) -> list[di
     return rows
 
 
-def combine_process_pairs(pair_runs: list[tuple[dict, dict]], limits: dict[str, float]) -> list[dict]:
+def combine_process_pairs(pair_runs: list[tuple[dict, dict]], limits: dict[str, float],
+                          pair_rows: list[list[dict]] | None = None) -> list[dict]:
     """One row per case over K process pairs (`--processes`): per metric, `stats.compare_paired_groups` on the
     process pairs with at least `stats.MIN_PAIRS` round pairs of that case; each process pair's own paired verdict
-    is kept under `process_pairs` (None where that pair did not run the case)."""
+    is kept under `process_pairs` (None where that pair did not run the case). `pair_rows`: each pair's
+    `compare_sides` rows when the caller has them already."""
     from . import stats
     from .baseline import METRICS, _median
     from .history import case_records
 
-    per_pair = [{r["case"]: r for r in compare_sides(a, b, limits)} for a, b in pair_runs]
+    if pair_rows is None:
+        pair_rows = [compare_sides(a, b, limits) for a, b in pair_runs]
+    per_pair = [{r["case"]: r for r in rows} for rows in pair_rows]
     records = [(case_records(a), case_records(b)) for a, b in pair_runs]
     names = list(dict.fromkeys(name for rows in per_pair for name in rows))
     rows = []
@@ -224,8 +232,7 @@ def combine_process_pairs(pair_runs: list[tuple[dict, dict]], limits: dict[str, 
                 if name not in rows_j:
                     each.append(None)
                     continue
-                sa = list((ca[name].get("samples") or {}).get(metric.sample_key) or [])
-                sb = list((cb[name].get("samples") or {}).get(metric.sample_key) or [])
+                sa, sb = _samples(ca[name], metric.sample_key), _samples(cb[name], metric.sample_key)
                 n = min(len(sa), len(sb))
                 all_a += sa
                 all_b += sb
@@ -285,8 +292,7 @@ def plot_pairs(pair_runs: list[tuple[dict, dict]], rows: list[dict], path: Path)
         for j, (cases_a, cases_b) in enumerate(records):
             if row["case"] not in cases_a or row["case"] not in cases_b:
                 continue
-            sa = (cases_a[row["case"]].get("samples") or {}).get("tokens_per_s") or []
-            sb = (cases_b[row["case"]].get("samples") or {}).get("tokens_per_s") or []
+            sa, sb = _samples(cases_a[row["case"]], "tokens_per_s"), _samples(cases_b[row["case"]], "tokens_per_s")
             ratios = [b / a for a, b in zip(sa, sb)]
             label, color = (("round pair B/A", "0.4") if len(records) == 1 else
                             (f"process pair {j + 1}", _PAIR_COLOURS[j % 8]))
@@ -382,14 +388,15 @@ def main(args: argparse.Namespace) -> int:
             header[side]["commit"] = (run or {}).get("git")
         wall_s, turns = result["wall_s"], result["turns"]
     else:
+        each_rows = [compare_sides(p["runs"][0], p["runs"][1], limits) if all(p["runs"]) else [] for p in pairs]
         pair_runs = [p["runs"] for p in pairs if all(p["runs"])]
-        rows = combine_process_pairs(pair_runs, limits) if pair_runs else []
+        rows = combine_process_pairs(pair_runs, limits, [r for p, r in zip(pairs, each_rows) if all(p["runs"])]) \
+            if pair_runs else []
         problems = [f"process pair {k + 1}: {msg}" for k, p in enumerate(pairs) for msg in p["problems"]]
         for side in SIDES:
             header[side]["commit"] = next((p["runs"][SIDES.index(side)] or {} for p in pairs), {}).get("git")
         result = {"processes": args.processes, "process_pairs": [
-            {"folder": str(folders[k]), **p["result"], "rows": compare_sides(p["runs"][0], p["runs"][1], limits)
-             if all(p["runs"]) else []} for k, p in enumerate(pairs)]}
+            {"folder": str(folders[k]), **p["result"], "rows": each_rows[k]} for k, p in enumerate(pairs)]}
         wall_s, turns = time.perf_counter() - t0, sum(p["result"]["turns"] for p in pairs)
     if any(p["result"]["interrupted"] for p in pairs):  # the cases both sides finished are still compared and shown
         problems.append(f"interrupted (Ctrl-C or --timeout) after {turns} turns: a case "
