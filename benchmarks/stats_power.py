@@ -374,22 +374,33 @@ def process_offset(runs: list[np.ndarray]) -> dict | None:
     return {"shifts": shifts.tolist(), "standard_errors": ses.tolist(), "offset_sd": sd, "cochran_q": q, "p": p}
 
 
+def verdict_rates(rng: np.random.Generator, pairs: np.ndarray, k: int, n: int, reps: int, offset_sd: float,
+                  judge) -> dict:
+    """Per scenario, the share of each status over `reps` comparisons: k process pairs of n measured pairs drawn
+    with replacement, each in a random orientation, B slowed by the scenario and offset per process pair by
+    exp(N(0, offset_sd)); `judge(a, b)` (arrays of shape (k, n)) gives the verdict."""
+    out = {}
+    for name, slow in SCENARIOS.items():
+        counts = dict.fromkeys(("regressed", "improved", "unchanged", "inconclusive"), 0)
+        for _ in range(reps):
+            idx = rng.integers(0, len(pairs), (k, n))
+            swap = rng.random((k, n)) < 0.5
+            a = np.where(swap, pairs[idx, 1], pairs[idx, 0])
+            b = np.where(swap, pairs[idx, 0], pairs[idx, 1]) * (1 - slow) * np.exp(rng.normal(0, offset_sd, (k, 1)))
+            counts[judge(a, b).status] += 1
+        out[name] = {s: v / reps for s, v in counts.items()}
+    return out
+
+
 def pairs_table(args, rng: np.random.Generator, pairs: np.ndarray, offset_sd: float) -> list[dict]:
     """One table of compare_paired's verdicts on resampled pairs, B offset by exp(N(0, offset_sd)) per comparison."""
     from moebench.stats import compare_paired
 
     rows, results = [], []
     for n in args.pairs:
-        row: dict = {"pairs": n, "process_offset": offset_sd}
-        for name, slow in SCENARIOS.items():
-            counts = dict.fromkeys(("regressed", "improved", "unchanged", "inconclusive"), 0)
-            for _ in range(args.reps):
-                idx = rng.integers(0, len(pairs), n)
-                swap = rng.random(n) < 0.5
-                a = np.where(swap, pairs[idx, 1], pairs[idx, 0])
-                b = np.where(swap, pairs[idx, 0], pairs[idx, 1]) * (1 - slow) * np.exp(rng.normal(0, offset_sd))
-                counts[compare_paired(a, b, higher_is_better=True).status] += 1
-            row[name] = {k: v / args.reps for k, v in counts.items()}
+        row = {"pairs": n, "process_offset": offset_sd,
+               **verdict_rates(rng, pairs, 1, n, args.reps, offset_sd,
+                               lambda a, b: compare_paired(a[0], b[0], higher_is_better=True))}
         results.append(row)
         rows.append([n, f"{row['identical']['regressed']:.2%}", f"{row['identical']['unchanged']:.1%}",
                      *(f"{row[s]['regressed']:.1%}" for s in ("2% slower", "5% slower", "10% slower"))])
@@ -410,17 +421,9 @@ def groups_table(args, rng: np.random.Generator, pairs: np.ndarray, offset_sd: f
     rows, results = [], []
     for k in args.groups:
         for n in args.pairs:
-            row: dict = {"process_pairs": k, "pairs": n, "process_offset": offset_sd}
-            for name, slow in SCENARIOS.items():
-                counts = dict.fromkeys(("regressed", "improved", "unchanged", "inconclusive"), 0)
-                for _ in range(args.reps):
-                    idx = rng.integers(0, len(pairs), (k, n))
-                    swap = rng.random((k, n)) < 0.5
-                    a = np.where(swap, pairs[idx, 1], pairs[idx, 0])
-                    b = (np.where(swap, pairs[idx, 0], pairs[idx, 1]) * (1 - slow)
-                         * np.exp(rng.normal(0, offset_sd, (k, 1))))
-                    counts[compare_paired_groups(list(zip(a, b)), higher_is_better=True).status] += 1
-                row[name] = {s: v / args.reps for s, v in counts.items()}
+            row = {"process_pairs": k, "pairs": n, "process_offset": offset_sd,
+                   **verdict_rates(rng, pairs, k, n, args.reps, offset_sd,
+                                   lambda a, b: compare_paired_groups(list(zip(a, b)), higher_is_better=True))}
             results.append(row)
             rows.append([k, n, k * n, f"{row['identical']['regressed']:.2%}", f"{row['identical']['unchanged']:.1%}",
                          *(f"{row[s]['regressed']:.1%}" for s in ("2% slower", "5% slower", "10% slower"))])
