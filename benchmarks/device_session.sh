@@ -8,7 +8,8 @@
 # Steps: gpu_tests, gpu_exact, mixtral (benchmarks/mixtral_e2e.py, peers and full size), expertflow, predictors, stats (benchmarks/stats_device.sh), nightly_switch (ci/nightly.sh on
 # switch-base-8 with the policies of baselines/h100/switch.json), full_<suite> (that suite's full tier), machine
 # (CPU quota and throttling), ab_same / ab_slow (moebench ab: A/A, and B stretched by AB_SLOW; AB_N runs each;
-# AB_ROUNDS, AB_CASE, AB_GRAIN=round|step).
+# AB_ROUNDS, AB_CASE, AB_GRAIN=round|step), abk_<name> (moebench ab --processes AB_PROCESSES, resumed from AB_STATE
+# until the call's DEADLINE_S).
 # Runs from a bare checkout (the package need not be installed): PYTHONPATH=src. A copy of the tree whose .git is
 # stale (the device tool's) records a wrong commit: pass the real one, MOEBENCH_COMMIT=<hash> (moebench.fingerprint).
 set -uo pipefail
@@ -80,9 +81,23 @@ for step in $STEPS; do
           -k "${AB_CASE:-switch-base-8 and lru-50}"
         cat /sys/fs/cgroup/cpu.stat >> "$work/${step}_$i.log" 2>&1
       done ;;
+    abk_*)  # moebench ab --processes, resumable over device calls: AB_STATE is a folder carried in the tree (the
+      # call brings it back as ab_state.tar.gz); abk_same* is A = B, abk_slow* stretches B by AB_SLOW
+      name="${step#abk_}"; dir="${AB_STATE:?set AB_STATE to a folder in the tree}/$name"; mkdir -p "$dir"
+      if [[ -f "$dir/ab.json" ]] && python3 -c "import json, sys; sys.exit(bool(json.load(open(sys.argv[1]))['problems']))" "$dir/ab.json"; then
+        echo "== $step: finished in an earlier call" >> "$summary"; continue
+      fi
+      left=$(( ${DEADLINE_S:-540} - SECONDS ))
+      if (( left < 90 )); then echo "== $step: not started, ${left} s left" >> "$summary"; continue; fi
+      extra=(); [[ "$name" == slow* ]] && extra=("--b-args=--moebench-inject-delay=${AB_SLOW:-5%}")
+      [[ -f "$dir/ab-run.json" ]] && extra+=(--resume)
+      run_step "$step" $(( left + 40 )) -- python3 -m moebench.cli ab --processes "${AB_PROCESSES:-12}" \
+        --rounds "${AB_ROUNDS:-20}" --out "$dir" --no-progress --timeout "$left" "${extra[@]}" -- suites/switch \
+        --moebench-tier full -k "${AB_CASE:-switch-base-8 and resident}" ;;
     *) echo "unknown step $step" | tee -a "$summary" ;;
   esac
 done
 tar -czf "$OUT/results.tar.gz" -C "$work" . 2>/dev/null
+[[ -n "${AB_STATE:-}" && -d "$AB_STATE" ]] && tar -czf "$OUT/ab_state.tar.gz" -C "$AB_STATE" .
 rm -rf "$work"
 cat "$summary"

@@ -13,7 +13,9 @@ metric regressed beyond its limit, 1 when one did, 2 when a side failed to run o
 `--processes K` repeats the A/B process pair K times (`OUT/p1` ... `OUT/pK`, each like a single run's folders), each
 with `--rounds` rounds a side: a process keeps an offset of its own for its whole run (about 1.8% on the lent H100,
 seventh set), which pairing rounds cannot cancel, so the verdict in `OUT/ab.json` then tests the K process pairs'
-shifts against their own spread (`stats.compare_paired_groups`).
+shifts against their own spread (`stats.compare_paired_groups`). Each finished pair leaves `pK/pair.json`; with
+`--timeout` a pair is started only if it fits, and `--resume` (same settings) runs the pairs still missing, so one
+comparison can span several time-limited commands.
 
 Both processes hold their models at once (one of them idle): an A/B run needs twice the host and GPU memory of one
 side, and the NVML figure of each side includes the other's allocations.
@@ -41,6 +43,8 @@ from .turns import GRAINS, SIDES, Referee
 DEFAULT_GRAIN = "step"
 DEFAULT_PAIRS = 120
 PAIRED_METRICS = ("throughput", "latency")
+RUN_FILE = "ab-run.json"  # a --processes run's settings: --resume goes on only with the same ones
+PAIR_FILE = "pair.json"  # a finished process pair's outcome: --resume keeps the pair
 
 
 class ABError(RuntimeError):
@@ -90,8 +94,8 @@ def _side_env(tree: Path, referee: Referee, side: str) -> dict[str, str]:
 def run_sides(trees: dict[str, Path], commands: dict[str, list[str]], out: Path, *, timeout_s: float | None = None,
               progress: bool = True, grain: str = DEFAULT_GRAIN, first: str = "a") -> dict:
     """Start both sides under one referee and wait; returns each side's exit code, log and reported package
-    folder, plus how many turns the referee granted. `first`: the side that starts first and takes the referee's
-    first grant (its start-up runs before the other's)."""
+    folder, plus how many turns the referee granted. `first`: the side that takes the referee's first grant (the
+    first timed round, once both have started up)."""
     referee = Referee(grain=grain)
     referee.start()
     role = {s: s for s in SIDES} if first == "a" else {"a": "b", "b": "a"}  # side -> the referee's name for it
@@ -338,18 +342,27 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     folders = [out] if args.processes == 1 else [out / f"p{k}" for k in range(1, args.processes + 1)]
-    for folder in folders:
-        for side in SIDES:
-            hist = folder / side / "history.jsonl"
-            if hist.exists():
-                raise ABError(f"{hist} exists from an earlier A/B run; pick a fresh --out so the sides' runs are not "
-                              "mixed")
+    settings = {"a": args.a, "b": args.b, "a_args": args.a_args or "", "b_args": args.b_args or "",
+                "rounds": args.rounds, "grain": args.grain, "fail": limits, "pytest_args": list(args.pytest_args)}
+    kept: dict[int, dict] = {}  # --resume: the process pairs an earlier call finished
+    if args.resume:
+        kept = resume(out, folders, settings)
+    else:
+        for folder in folders:
+            for side in SIDES:
+                hist = folder / side / "history.jsonl"
+                if hist.exists():
+                    raise ABError(f"{hist} exists from an earlier A/B run; pick a fresh --out so the sides' runs are "
+                                  "not mixed (or go on with an unfinished --processes run: --resume)")
+        if args.processes > 1:
+            (out / RUN_FILE).write_text(json.dumps(settings, indent=2))
     repo = Path(subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True).stdout.strip()
                 or ".").resolve()
     specs = {"a": args.a, "b": args.b}
     extra = {"a": shlex.split(args.a_args or ""), "b": shlex.split(args.b_args or "")}
     trees, worktrees = {}, []
     pairs: list[dict] = []  # per process pair: run_sides' result, its problems and stored runs
+    stopped = None  # why a --processes run stopped before its last process pair, when --timeout made it
     t0 = time.perf_counter()
     try:
         for side in SIDES:  # once: every process pair runs the same trees
@@ -360,10 +373,15 @@ def main(args: argparse.Namespace) -> int:
               f"{' '.join(extra['b'])}".rstrip() + f"; {args.rounds} rounds a side, interleaved"
               + (f", in each of {args.processes} process pairs" if args.processes > 1 else "") + f"; logs in {out}",
               file=sys.stderr)
+        walls = [p["result"]["wall_s"] for p in kept.values()]  # the next process pair is started only if it fits
         for k, folder in enumerate(folders):
+            if k in kept:
+                pairs.append(kept[k])
+                continue
             left = None if args.timeout is None else args.timeout - (time.perf_counter() - t0)
-            if left is not None and left <= 0 and pairs:
-                pairs[-1]["result"]["interrupted"] = True
+            if left is not None and walls and left < max(walls):
+                stopped = f"--timeout: {len(pairs)} of {len(folders)} process pairs done, and the next would not " \
+                          f"finish in the {left:.0f} s left; run the same command with --resume to go on"
                 break
             if len(folders) > 1:
                 folder.mkdir(exist_ok=True)
@@ -372,6 +390,10 @@ def main(args: argparse.Namespace) -> int:
             result = run_sides(trees, commands, folder, timeout_s=left, progress=not args.no_progress,
                                grain=args.grain, first=SIDES[k % 2])  # alternate which side starts first
             pairs.append({"result": result, **_pair_outcome(result, trees, folder)})
+            walls.append(result["wall_s"])
+            if len(folders) > 1:
+                (folder / PAIR_FILE).write_text(json.dumps({k: pairs[-1][k] for k in ("result", "problems")},
+                                                           indent=2, default=str))
             if pairs[-1]["problems"] or result["interrupted"]:
                 break
     finally:
@@ -399,8 +421,11 @@ def main(args: argparse.Namespace) -> int:
             {"folder": str(folders[k]), **p["result"], "rows": each_rows[k]} for k, p in enumerate(pairs)]}
         wall_s, turns = time.perf_counter() - t0, sum(p["result"]["turns"] for p in pairs)
     if any(p["result"]["interrupted"] for p in pairs):  # the cases both sides finished are still compared and shown
-        problems.append(f"interrupted (Ctrl-C or --timeout) after {turns} turns: a case "
-                        "in progress stores no record; give the run more time or fewer rounds")
+        problems.append(f"interrupted (Ctrl-C or --timeout) after {turns} turns: a case in progress stores no "
+                        "record; give the run more time or fewer rounds"
+                        + ("; --resume runs the unfinished process pairs" if args.processes > 1 else ""))
+    if stopped:
+        problems.append(stopped)
     report = {**header, "rows": rows, "problems": problems, **result}
     (out / "ab.json").write_text(json.dumps(report, indent=2, default=str))
     if rows:
@@ -421,6 +446,38 @@ def main(args: argparse.Namespace) -> int:
     regressed = [r["case"] for r in rows for k, m in r["metrics"].items()
                  if m["status"] == "regressed" and m["limit"] is not None]
     return 1 if regressed else 0
+
+
+def resume(out: Path, folders: list[Path], settings: dict) -> dict[int, dict]:
+    """The process pairs an earlier `--processes` call in `out` finished (index -> outcome), after checking that
+    this call has the same settings. An unfinished pair's folder is moved aside to `pK.unfinished` (nothing stored
+    is deleted) and run again."""
+    run_file = out / RUN_FILE
+    if not run_file.exists():
+        raise ABError(f"--resume: {out} holds no --processes run ({RUN_FILE} is missing); start one without --resume")
+    stored = json.loads(run_file.read_text())
+    changed = [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in settings.items() if stored.get(k) != v]
+    if changed:
+        raise ABError(f"--resume: {'; '.join(changed)}: the run in {out} used other settings; resume with the same "
+                      "ones, or pick a fresh --out")
+    kept = {}
+    for k, folder in enumerate(folders):
+        pair_file = folder / PAIR_FILE
+        if pair_file.exists():
+            pair = json.loads(pair_file.read_text())
+            runs = (_last_run(folder / "a"), _last_run(folder / "b"))
+            if not pair["problems"] and not pair["result"]["interrupted"] and all(runs):
+                kept[k] = {**pair, "runs": runs}
+                continue
+        if folder.exists():
+            aside = folder.with_name(folder.name + ".unfinished")
+            n = 1
+            while aside.exists():
+                n += 1
+                aside = folder.with_name(f"{folder.name}.unfinished{n}")
+            folder.rename(aside)
+    print(f"moebench ab: resuming {out}: {len(kept)} of {len(folders)} process pairs done", file=sys.stderr)
+    return kept
 
 
 def _pair_outcome(result: dict, trees: dict[str, Path], folder: Path) -> dict:
@@ -469,7 +526,11 @@ def add_parser(sub) -> None:
                         f"they alternate whole rounds, ~1 s apart, and the pairs spread more (19%% against 13%% on "
                         f"the H100; default {DEFAULT_GRAIN})")
     p.add_argument("--timeout", type=float, default=None,
-                   help="kill both sides after this many seconds (over all process pairs)")
+                   help="kill both sides after this many seconds (over all process pairs; with --processes, a pair "
+                        "is started only if the longest one so far fits in the time left)")
+    p.add_argument("--resume", action="store_true",
+                   help="go on with the unfinished --processes run in --out (same settings): keep the process pairs "
+                        "it finished, run the rest; --processes may grow")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("pytest_args", nargs="*", help="after --: pytest arguments for both sides, e.g. suites/switch -k "
                                                      "lru")

@@ -1,8 +1,11 @@
 """Turn-taking for interleaved A/B runs: two pytest processes that never run at the same time.
 
 `moebench ab` starts one pytest process per side (two commits, or one tree with and without an option) and a
-`Referee` between them. Each process holds the floor in turn and gives it up at the start of every timed round
-(`Turns.take`), and everything else (start-up, model loading, accuracy passes) is serialized too. The floor goes
+`Referee` between them. Both start up at once (imports, model building, warm-up: nothing is timed yet, and a
+serialized start-up cost 44 s a process pair for switch-base-8 on the lent H100, seventh set); the first turn is
+handed out when both have reached their first timed round. From then on each process holds the floor in turn and
+gives it up at the start of every timed round (`Turns.take`), and everything else (later models, accuracy passes)
+is serialized too. The floor goes
 a b b a a b b a ...: the rounds run B1 A1 A2 B2 B3 A3 ..., so each side goes first in half the pairs and whatever
 the second of two back-to-back rounds gains or loses (a clock still boosted, a cache still warm) cancels instead of
 favouring one side. Round i of A and round i of B are measured a second apart, under the same
@@ -41,7 +44,7 @@ class TurnsError(RuntimeError):
 
 
 class Turns:
-    """One side's end of the channel. Connecting blocks until the referee gives this side the floor."""
+    """One side's end of the channel. Connecting does not wait: the side runs freely until its first `take`."""
 
     def __init__(self, address: str, authkey: bytes, side: str, grain: str = "round"):
         if side not in SIDES:
@@ -59,7 +62,6 @@ class Turns:
         import moebench
 
         self._send(("hello", side, os.getpid(), str(Path(moebench.__file__).resolve().parent)))
-        self._await_floor()
 
     @classmethod
     def from_env(cls) -> Turns | None:
@@ -108,8 +110,9 @@ class Turns:
 
 
 class Referee:
-    """Hands the floor to A first, then, whenever the holder asks for a turn, to the side that `next_side` names
-(b, b, a, a, b, b, ...: balanced order), or back to the holder when the other side has left.
+    """Hands the floor to A once both sides have asked for their first turn (or one has left), then, whenever the
+    holder asks for a turn, to the side that `next_side` names (b, b, a, a, b, b, ...: balanced order), or back to
+    the holder when the other side has left.
 
     `env(side)` gives the environment a side's process needs; `start()` serves in a background thread;
     `log` keeps (time, side) for every grant and `hello[side]` what each side reported (its moebench package
@@ -177,9 +180,8 @@ class Referee:
     def _run(self, conns: dict[str, Connection]) -> None:
         alive = dict(conns)
         side_of = {c: s for s, c in conns.items()}
-        waiting = set(SIDES)  # both sides are blocked in their hello
-        waiting.discard("a")
-        self._grant(conns, "a")
+        waiting: set[str] = set()  # sides blocked in `take`
+        started = False  # the first turn is handed out once every side still running waits for it
         while alive and not self._closed:
             for ready in wait(list(alive.values()), timeout=1.0):
                 conn = cast(Connection, ready)
@@ -192,9 +194,11 @@ class Referee:
                 if msg == "bye":
                     del alive[side]
                     conn.close()
-                    if other in alive and other in waiting:
+                    if started and other in alive and other in waiting:
                         waiting.discard(other)
                         self._grant(conns, other)
+                elif msg == "turn" and not started:
+                    waiting.add(side)
                 elif msg == "turn":
                     if other in alive and other in waiting and self.next_side(len(self.log)) == other:
                         waiting.add(side)
@@ -204,3 +208,8 @@ class Referee:
                         self._grant(conns, side)
                 else:
                     self.error = f"side {side} sent {msg!r}"
+            if not started and alive and waiting >= alive.keys():
+                started = True
+                first = SIDES[0] if SIDES[0] in alive else SIDES[1]
+                waiting.discard(first)
+                self._grant(conns, first)

@@ -219,11 +219,54 @@ def test_ab_processes_runs_k_pairs_in_their_folders_and_combines_them(tmp_path, 
     assert "--processes 2" in capsys.readouterr().err
 
 
+
+def test_ab_processes_stops_before_a_pair_that_would_not_fit_and_resumes(tmp_path, monkeypatch, capsys):
+    """A time-limited call (one device command) stops before a process pair that would overrun --timeout; --resume
+    keeps the finished pairs, moves an unfinished one aside, runs the rest, and refuses changed settings."""
+    from moebench import ab
+
+    rng = np.random.default_rng(3)
+    groups = iter(_groups(rng, 4, 10, shift=0.2, offset_sd=0.01, pair_sd=0.05))
+    calls, stored = [], {}
+
+    def fake_run_sides(trees, commands, out, *, timeout_s, progress, grain, first):
+        calls.append(out.name)
+        a, b = next(groups)
+        stored[out / "a"], stored[out / "b"] = _history_run({"x": list(a)}), _history_run({"x": list(b)})
+        return {"returncode": {"a": 0, "b": 0}, "logs": {"a": "a.log", "b": "b.log"}, "turns": 40, "wall_s": 200.0,
+                "package": {s: str(trees[s] / "src" / "moebench") for s in "ab"}, "referee_error": None,
+                "interrupted": False, "grants": []}
+
+    monkeypatch.setattr(ab, "run_sides", fake_run_sides)
+    monkeypatch.setattr(ab, "_last_run", lambda folder: stored.get(folder))
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "ab"
+    argv = ["ab", "--processes", "3", "--rounds", "10", "--out", str(out)]
+    assert cli.main([*argv, "--timeout", "150", "--", "suites/switch"]) == 2  # p1 took 200 s: p2 would not fit
+    assert calls == ["p1"] and "run the same command with --resume" in capsys.readouterr().err
+    (out / "p2" / "a").mkdir(parents=True)  # what a killed call leaves: a pair without its pair.json
+    (out / "p2" / "a" / "history.jsonl").write_text("partial\n")
+    assert cli.main([*argv, "--rounds", "12", "--resume", "--", "suites/switch"]) == 2
+    assert "rounds 10 -> 12" in capsys.readouterr().err and (out / "p2" / "a" / "history.jsonl").exists()
+    assert cli.main([*argv, "--resume", "--", "suites/switch"]) == 1
+    assert calls == ["p1", "p2", "p3"]
+    assert (out / "p2.unfinished" / "a" / "history.jsonl").read_text() == "partial\n"
+    report = json.loads((out / "ab.json").read_text())
+    assert report["problems"] == [] and [p["folder"] for p in report["process_pairs"]] == \
+        [str(out / f"p{k}") for k in (1, 2, 3)]
+    assert "over 3 process pairs" in report["rows"][0]["metrics"]["throughput"]["message"]
+    assert cli.main([*argv[:2], "4", *argv[3:], "--resume", "--", "suites/switch"]) == 1  # one more pair
+    assert calls == ["p1", "p2", "p3", "p4"]
+    assert cli.main(["ab", "--resume", "--out", str(tmp_path / "none"), "--", "suites/switch"]) == 2
+    assert "holds no --processes run" in capsys.readouterr().err
+
 SIDE = textwrap.dedent("""
     import sys, time
     from moebench.turns import Turns
     turns = Turns.from_env()
     side, rounds, crash_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    with open(sys.argv[4], "a") as f:  # start-up: runs without the floor
+        f.write(f"up{side} ")
     for i in range(rounds):
         turns.take()
         if i == crash_at:
@@ -250,15 +293,17 @@ def _run_sides(tmp_path, rounds, crash_b_at=-1):
         codes = [p.wait(timeout=60) for p in procs]
     finally:
         referee.close()
-    return log.read_text().split(), codes
+    order = log.read_text().split()
+    assert sorted(order[:2]) == ["upa", "upb"], "each side's start-up must run before the first turn"
+    return order[2:], codes
 
 
 def test_two_processes_take_turns_in_balanced_order(tmp_path):
-    """Round i of A and B run back to back, and each side goes first in every other pair (the first grant, A's,
-    covers A's start-up, the second B's)."""
+    """Round i of A and B run back to back, and each side goes first in every other pair; the first turn waits for
+    both sides' start-up."""
     order, codes = _run_sides(tmp_path, 6)
     assert codes == [0, 0]
-    assert order == ["b0", "a0", "a1", "b1", "b2", "a2", "a3", "b3", "b4", "a4", "a5", "b5"]
+    assert order == ["a0", "b0", "b1", "a1", "a2", "b2", "b3", "a3", "a4", "b4", "b5", "a5"]
 
 
 def test_balanced_order():
@@ -268,7 +313,7 @@ def test_balanced_order():
 def test_when_one_side_dies_the_other_finishes_alone(tmp_path):
     order, codes = _run_sides(tmp_path, 5, crash_b_at=2)
     assert codes == [0, 3]
-    assert order == ["b0", "a0", "a1", "b1", "a2", "a3", "a4"]
+    assert order == ["a0", "b0", "b1", "a1", "a2", "a3", "a4"]
 
 
 def test_ab_refuses_bad_input_without_touching_stored_runs(tmp_path, capsys):
