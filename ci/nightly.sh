@@ -16,7 +16,8 @@
 # MOEBENCH_PYTEST_ARGS (more pytest arguments for every suite run, e.g. "--moebench-policy lru -k switch-base-8").
 # MOEBENCH_AB_AGAINST=<git ref> adds an interleaved A/B run of that ref against this tree (moebench ab: the verdict
 # that survives a noisy machine), on MOEBENCH_AB_ARGS (pytest arguments, shell-quoted; default one switch-base-8
-# case) with MOEBENCH_AB_ROUNDS (120) and MOEBENCH_AB_GRAIN (step); a regression there fails the night too.
+# case) with MOEBENCH_AB_PROCESSES process pairs (24) of MOEBENCH_AB_ROUNDS rounds a side (10) at MOEBENCH_AB_GRAIN
+# (step); a regression there fails the night too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -77,7 +78,7 @@ done
 if [[ -n "${MOEBENCH_AB_AGAINST:-}" ]]; then
   eval "ab_args=(${MOEBENCH_AB_ARGS:-suites/switch -k \"switch-base-8 and lru-50\"})"  # keeps the quoting
   step "a/b vs $MOEBENCH_AB_AGAINST" "$out/ab.log" -- "${limit[@]}" "$py" -m moebench.cli ab \
-    --a "$MOEBENCH_AB_AGAINST" --b . --rounds "${MOEBENCH_AB_ROUNDS:-120}" --grain "${MOEBENCH_AB_GRAIN:-step}" \
+    --a "$MOEBENCH_AB_AGAINST" --b . --processes "${MOEBENCH_AB_PROCESSES:-24}" --rounds "${MOEBENCH_AB_ROUNDS:-10}" --grain "${MOEBENCH_AB_GRAIN:-step}" \
     --out "$out/ab" --no-progress -- --moebench-tier "$tier" "${ab_args[@]}"
 fi
 

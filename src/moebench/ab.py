@@ -2,20 +2,21 @@
 
 Two pytest processes run the same suite selection, one per side: two source trees (commits, checked out as git
 worktrees) or one tree with different options (`--b-args=--moebench-inject-delay=5%`). A `turns.Referee` lets them
-run one round at a time, alternating, so round i of A and round i of B share the machine's state of that moment.
-Each pair's ratio is then free of what made earlier verdicts unreliable on the lent H100 (slow spells of seconds to
-minutes, a 2.6% offset from run to run), and `stats.compare_paired` tests the pairs.
+run one decode step (or round) at a time, alternating, so round i of A and round i of B share the machine's state of
+that moment: each pair's ratio is free of the lent H100's slow spells of seconds to minutes.
 
-Each side writes its own history under `OUT/a` and `OUT/b` (the normal records, so `moebench history --dir OUT/a`
+What pairing cannot cancel is the speed offset each process keeps for its whole run (4.0% log s.d. over 27 A/A process
+pairs on the lent H100, eighth set). So the run is repeated over K process pairs (`--processes`, default 24, one after
+another, `--rounds` rounds a side in each, under `OUT/p1` ... `OUT/pK`; which side takes the first turn alternates),
+and the verdict tests the K process pairs' shifts against their own spread (`stats.compare_paired_groups`).
+`--processes 1` runs one pair and tests its rounds (`stats.compare_paired`): right only on a machine without such
+offsets.
+
+Each side writes its own history under `pK/a` and `pK/b` (the normal records, so `moebench history --dir OUT/p1/a`
 and the reports read them); the comparison goes to `OUT/ab.json` and a table on stdout. Exit status: 0 when no
-metric regressed beyond its limit, 1 when one did, 2 when a side failed to run or the run is unusable.
-
-`--processes K` repeats the A/B process pair K times (`OUT/p1` ... `OUT/pK`, each like a single run's folders), each
-with `--rounds` rounds a side: a process keeps an offset of its own for its whole run (about 1.8% on the lent H100,
-seventh set), which pairing rounds cannot cancel, so the verdict in `OUT/ab.json` then tests the K process pairs'
-shifts against their own spread (`stats.compare_paired_groups`). Each finished pair leaves `pK/pair.json`; with
-`--timeout` a pair is started only if it fits, and `--resume` (same settings) runs the pairs still missing, so one
-comparison can span several time-limited commands.
+metric regressed beyond its limit, 1 when one did, 2 when a side failed to run or the run is unusable or unfinished.
+Each finished pair leaves `pK/pair.json`; with `--timeout` a pair is started only if it fits, and `--resume` (same
+settings) runs the pairs still missing, so one comparison can span several time-limited commands.
 
 Both processes hold their models at once (one of them idle): an A/B run needs twice the host and GPU memory of one
 side, and the NVML figure of each side includes the other's allocations.
@@ -37,11 +38,17 @@ from typing import Any
 
 from .turns import GRAINS, SIDES, Referee
 
-# At step grain the lent H100's A/A pairs spread by 12-13% (19% at round grain), and resampling them flags a 5% change
-# in >= 98% of 100-pair comparisons with <= 0.5% false alarms; 120 leaves a margin (stats.pairs_needed(0.128) = 117;
-# benchmarks/RESULTS.md, seventh set). Not covered: the ~2% offset per process that the seventh set's A/A runs show.
+# Each process keeps a speed offset of its own for its whole run: over 27 A/A process pairs on the lent H100 it had a
+# log s.d. of 4.0% (2.2% and 6.6% in two runs of 12; benchmarks/RESULTS.md, eighth set). Pairing rounds cannot cancel
+# it, so one process pair's verdict then gives false alarms in ~28% of simulated comparisons; a verdict over K process
+# pairs holds its 1% (stats.compare_paired_groups), and resampling the measured pairs with that offset flags a 5%
+# slowdown in >= 95% of comparisons at 24 process pairs of 10 rounds (95.8%; 72% at 12 x 20).
 DEFAULT_GRAIN = "step"
-DEFAULT_PAIRS = 120
+DEFAULT_PROCESSES = 24
+DEFAULT_GROUP_ROUNDS = 10  # rounds a side in each process pair, with --processes >= 3
+# At step grain the A/A pairs spread by 12-13% (19% at round grain): 120 pairs flag a 5% change in >= 98% of
+# comparisons with <= 0.5% false alarms when there is no process offset (stats.pairs_needed(0.128) = 117; seventh set)
+DEFAULT_PAIRS = 120  # rounds a side with --processes 1
 PAIRED_METRICS = ("throughput", "latency")
 RUN_FILE = "ab-run.json"  # a --processes run's settings: --resume goes on only with the same ones
 PAIR_FILE = "pair.json"  # a finished process pair's outcome: --resume keeps the pair
@@ -298,8 +305,14 @@ def plot_pairs(pair_runs: list[tuple[dict, dict]], rows: list[dict], path: Path)
                 continue
             sa, sb = _samples(cases_a[row["case"]], "tokens_per_s"), _samples(cases_b[row["case"]], "tokens_per_s")
             ratios = [b / a for a, b in zip(sa, sb)]
-            label, color = (("round pair B/A", "0.4") if len(records) == 1 else
-                            (f"process pair {j + 1}", _PAIR_COLOURS[j % 8]))
+            label: str | None
+            if len(records) == 1:
+                label, color = "round pair B/A", "0.4"
+            elif len(records) <= len(_PAIR_COLOURS):
+                label, color = f"process pair {j + 1}", _PAIR_COLOURS[j]
+            else:  # too many for a legend: one entry for all, the colours still tell the process pairs apart
+                label = "round pair B/A (a colour per process pair)" if j == 0 else None
+                color = _PAIR_COLOURS[j % len(_PAIR_COLOURS)]
             ax.plot(range(start, start + len(ratios)), ratios, ".", color=color, label=label)
             start += len(ratios)
         if t.get("ratio") is not None:
@@ -329,12 +342,19 @@ def main(args: argparse.Namespace) -> int:
     from .baseline import parse_limits
 
     limits = {k: v for k, v in parse_limits(args.fail).items() if k in PAIRED_METRICS}
-    if args.rounds < 7:
-        raise ABError(f"--rounds {args.rounds}: a paired verdict needs at least 7 round pairs; use the default "
-                      f"{DEFAULT_PAIRS}")
     if args.processes < 1 or args.processes == 2:
         raise ABError(f"--processes {args.processes}: use 1 (one process pair) or at least 3 (a verdict over process "
-                      "pairs needs 3)")
+                      f"pairs needs 3; default {DEFAULT_PROCESSES})")
+    default_rounds = DEFAULT_PAIRS if args.processes == 1 else DEFAULT_GROUP_ROUNDS
+    if args.rounds is None:
+        args.rounds = default_rounds
+    if args.rounds < 7:
+        raise ABError(f"--rounds {args.rounds}: a paired verdict needs at least 7 round pairs; use the default "
+                      f"{default_rounds}")
+    if args.processes == 1:
+        print("moebench ab: one process pair: its verdict does not cover the speed offset each process keeps for its "
+              "whole run (about 4% on the lent H100, where it gave ~28% false alarms in simulation); drop "
+              "--processes 1 for a verdict that does", file=sys.stderr)
     if args.out is None:
         from .history import new_run_id
 
@@ -417,8 +437,9 @@ def main(args: argparse.Namespace) -> int:
         problems = [f"process pair {k + 1}: {msg}" for k, p in enumerate(pairs) for msg in p["problems"]]
         for side in SIDES:
             header[side]["commit"] = next((p["runs"][SIDES.index(side)] or {} for p in pairs), {}).get("git")
-        result = {"processes": args.processes, "process_pairs": [
-            {"folder": str(folders[k]), **p["result"], "rows": each_rows[k]} for k, p in enumerate(pairs)]}
+        result = {"processes": args.processes, "process_pairs": [  # each pair's grant log stays in its pair.json
+            {"folder": str(folders[k]), **{n: v for n, v in p["result"].items() if n != "grants"},
+             "rows": each_rows[k]} for k, p in enumerate(pairs)]}
         wall_s, turns = time.perf_counter() - t0, sum(p["result"]["turns"] for p in pairs)
     if any(p["result"]["interrupted"] for p in pairs):  # the cases both sides finished are still compared and shown
         problems.append(f"interrupted (Ctrl-C or --timeout) after {turns} turns: a case in progress stores no "
@@ -510,12 +531,14 @@ def add_parser(sub) -> None:
     p.add_argument("--b-args", default="", help="extra pytest options for side B only, written with '=', e.g. "
                                                 "--b-args=--moebench-inject-delay=5%% (the sides must run the same "
                                                 "cases)")
-    p.add_argument("--rounds", type=int, default=DEFAULT_PAIRS,
-                   help=f"rounds a side, in each process pair (default {DEFAULT_PAIRS})")
-    p.add_argument("--processes", type=int, default=1,
+    p.add_argument("--rounds", type=int, default=None,
+                   help=f"rounds a side, in each process pair (default {DEFAULT_GROUP_ROUNDS}; {DEFAULT_PAIRS} with "
+                        "--processes 1)")
+    p.add_argument("--processes", type=int, default=DEFAULT_PROCESSES,
                    help="A/B process pairs to run one after another (OUT/p1 ... OUT/pK), each with --rounds rounds a "
-                        "side; from 3 on the verdict tests the process pairs' shifts, which holds when each process "
-                        "keeps an offset of its own (default 1: one pair, its rounds tested)")
+                        "side; the verdict tests the process pairs' shifts, which holds when each process keeps a "
+                        f"speed offset of its own (default {DEFAULT_PROCESSES}; 1: one pair, its rounds tested, "
+                        "which does not cover such an offset)")
     p.add_argument("--out", default=None, help="folder for both histories, logs and ab.json (default "
                                                ".moebench/ab/<time>; must not hold an earlier A/B run)")
     p.add_argument("--fail", default=DEFAULT_LIMITS,  # argparse %-formats help texts

@@ -77,7 +77,7 @@ def pytest_configure(config: pytest.Config) -> None:
     comparison = configure_comparison(config, device)  # raises pytest.UsageError on a bad spec or baseline
     from .turns import Turns
 
-    turns = Turns.from_env()  # set by `moebench ab`: blocks until the referee gives this process the floor
+    turns = Turns.from_env()  # set by `moebench ab`; the first timed round waits for the referee to give the floor
     config.stash[_STATE] = {
         "device": device,
         "tier": resolve_tier(config.getoption("moebench_tier"), device),

@@ -62,9 +62,11 @@ median tokens/s; their pairs did not care). What pairing cannot cancel is the no
 with whole rounds alternating (~1 s apart) the pair log-ratio s.d. of an A/A run was 19%, about sqrt(2) times each
 side's 13-16% round-to-round spread; with decode steps alternating (~30 ms apart, the default) it was 9-13%. With the
 step-grain spread, resampled (``benchmarks/stats_power.py --pairs-from``), 100 pairs give <= 1% false alarms and
->= 95% detection of a 5% slowdown (250 at round grain): :func:`pairs_needed`, and ``moebench ab``'s default of 120.
-The seventh set's A/A runs also show an offset of about 1.8% per process, which no number of pairs averages away;
-:func:`compare_paired_groups` tests K process pairs (``moebench ab --processes K``) against their own spread instead.
+>= 95% detection of a 5% slowdown (250 at round grain): :func:`pairs_needed` (``moebench ab --processes 1``).
+But each process also keeps a speed offset of its own, which no number of pairs averages away: over 27 A/A process
+pairs (seventh and eighth sets) its log s.d. was 4.0%, and with it one process pair's verdict gave ~28% false alarms in
+simulation. :func:`compare_paired_groups` tests K process pairs (``moebench ab --processes K``, default 24 of 10
+rounds) against their own spread instead: <= 0.4% false alarms and 95.8% detection of a 5% slowdown at 24 x 10.
 
 Earlier estimate (before per-round samples were stored)
 -------------------------------------------------------

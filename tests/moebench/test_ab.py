@@ -220,6 +220,38 @@ def test_ab_processes_runs_k_pairs_in_their_folders_and_combines_them(tmp_path, 
 
 
 
+def test_ab_defaults_to_process_pairs(tmp_path, monkeypatch, capsys):
+    """Without options a run is 24 process pairs of 10 rounds a side (what the H100's per-process offset needs);
+    `--processes 1` alone falls back to 120 rounds and says what its verdict does not cover."""
+    from moebench import ab
+
+    rng = np.random.default_rng(4)
+    groups = iter(_groups(rng, 25, 120, offset_sd=0.0, pair_sd=0.05))
+    rounds = []
+
+    def fake_run_sides(trees, commands, out, *, timeout_s, progress, grain, first):
+        rounds.append(next(c for c in commands["a"] if c.startswith("--moebench-rounds=")))
+        a, b = next(groups)
+        n = int(rounds[-1].split("=")[1])
+        stored[out / "a"], stored[out / "b"] = _history_run({"x": list(a[:n])}), _history_run({"x": list(b[:n])})
+        return {"returncode": {"a": 0, "b": 0}, "logs": {"a": "a.log", "b": "b.log"}, "turns": 40, "wall_s": 1.0,
+                "package": {s: str(trees[s] / "src" / "moebench") for s in "ab"}, "referee_error": None,
+                "interrupted": False, "grants": []}
+
+    stored: dict = {}
+    monkeypatch.setattr(ab, "run_sides", fake_run_sides)
+    monkeypatch.setattr(ab, "_last_run", lambda folder: stored.get(folder))
+    monkeypatch.chdir(ROOT)
+    assert cli.main(["ab", "--out", str(tmp_path / "k"), "--", "suites/switch"]) == 0
+    assert rounds == ["--moebench-rounds=10"] * 24
+    report = json.loads((tmp_path / "k" / "ab.json").read_text())
+    assert "over 24 process pairs" in report["rows"][0]["metrics"]["throughput"]["message"]
+    capsys.readouterr()
+    assert cli.main(["ab", "--processes", "1", "--out", str(tmp_path / "one"), "--", "suites/switch"]) == 0
+    assert rounds[24:] == ["--moebench-rounds=120"]
+    assert "does not cover the speed offset" in capsys.readouterr().err
+
+
 def test_ab_processes_stops_before_a_pair_that_would_not_fit_and_resumes(tmp_path, monkeypatch, capsys):
     """A time-limited call (one device command) stops before a process pair that would overrun --timeout; --resume
     keeps the finished pairs, moves an unfinished one aside, runs the rest, and refuses changed settings."""
@@ -320,7 +352,7 @@ def test_ab_refuses_bad_input_without_touching_stored_runs(tmp_path, capsys):
     out = tmp_path / "ab"
     (out / "a").mkdir(parents=True)
     (out / "a" / "history.jsonl").write_text("keep me\n")
-    assert cli.main(["ab", "--out", str(out), "--", "suites/switch"]) == 2
+    assert cli.main(["ab", "--processes", "1", "--out", str(out), "--", "suites/switch"]) == 2
     assert "earlier A/B run" in capsys.readouterr().err
     assert (out / "a" / "history.jsonl").read_text() == "keep me\n"
     assert cli.main(["ab", "--rounds", "3", "--out", str(tmp_path / "x"), "--", "suites/switch"]) == 2
@@ -361,7 +393,7 @@ def test_ab_run_on_the_switch_quick_tier(tmp_path, monkeypatch, grain):
     runs are ordinary histories and ab.json pairs their rounds."""
     monkeypatch.chdir(ROOT)
     out = tmp_path / "ab"
-    code = cli.main(["ab", "--rounds", "8", "--out", str(out), "--no-progress", "--grain", grain,
+    code = cli.main(["ab", "--processes", "1", "--rounds", "8", "--out", str(out), "--no-progress", "--grain", grain,
                      "--b-args=--moebench-inject-delay=0.01ms", "--", "suites/switch", "-k",
                      "switch-base-8 and lru-50"])
     report = json.loads((out / "ab.json").read_text())
@@ -386,8 +418,8 @@ def test_ab_timeout_stops_both_sides_and_says_so(tmp_path, monkeypatch, capsys):
     """--timeout (like Ctrl-C) interrupts both sides with SIGINT: ab.json still comes out, naming the interruption."""
     monkeypatch.chdir(ROOT)
     out = tmp_path / "ab"
-    code = cli.main(["ab", "--rounds", "500", "--timeout", "4", "--out", str(out), "--no-progress", "--",
-                     "suites/switch", "-k", "switch-base-8 and lru-50"])
+    code = cli.main(["ab", "--processes", "1", "--rounds", "500", "--timeout", "4", "--out", str(out), "--no-progress",
+                     "--", "suites/switch", "-k", "switch-base-8 and lru-50"])
     assert code == 2
     assert "interrupted" in capsys.readouterr().err
     report = json.loads((out / "ab.json").read_text())
@@ -406,8 +438,9 @@ def test_step_grain_records_are_not_compared_with_plain_runs():
 def test_ab_stops_when_a_side_dies_before_reaching_the_referee(tmp_path, monkeypatch, capsys):
     """Side B refuses its options (0 rounds) before it connects; side A, already waiting for B, must not hang."""
     monkeypatch.chdir(ROOT)
-    code = cli.main(["ab", "--rounds", "8", "--out", str(tmp_path / "ab"), "--no-progress", "--timeout", "120",
-                     "--b-args=--moebench-rounds=0", "--", "suites/switch", "-k", "switch-base-8 and lru-50"])
+    code = cli.main(["ab", "--processes", "1", "--rounds", "8", "--out", str(tmp_path / "ab"), "--no-progress",
+                     "--timeout", "120", "--b-args=--moebench-rounds=0", "--", "suites/switch", "-k",
+                     "switch-base-8 and lru-50"])
     assert code == 2
     err = capsys.readouterr().err
     assert "side b never reached the referee" in err and "interrupted" not in err
