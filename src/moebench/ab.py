@@ -42,7 +42,7 @@ from .turns import GRAINS, SIDES, Referee
 # log s.d. of 4.0% (2.2% and 6.6% in two runs of 12; benchmarks/RESULTS.md, eighth set). Pairing rounds cannot cancel
 # it, so one process pair's verdict then gives false alarms in ~28% of simulated comparisons; a verdict over K process
 # pairs holds its 1% (stats.compare_paired_groups), and resampling the measured pairs with that offset flags a 5%
-# slowdown in >= 95% of comparisons at 24 process pairs of 10 rounds (95.8%; 72% at 12 x 20).
+# slowdown in >= 95% of comparisons at 24 process pairs of 10 rounds (96.2%, 0.5% false alarms; 72% at 12 x 20).
 DEFAULT_GRAIN = "step"
 DEFAULT_PROCESSES = 24
 DEFAULT_GROUP_ROUNDS = 10  # rounds a side in each process pair, with --processes >= 3

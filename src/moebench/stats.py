@@ -66,7 +66,8 @@ step-grain spread, resampled (``benchmarks/stats_power.py --pairs-from``), 100 p
 But each process also keeps a speed offset of its own, which no number of pairs averages away: over 27 A/A process
 pairs (seventh and eighth sets) its log s.d. was 4.0%, and with it one process pair's verdict gave ~28% false alarms in
 simulation. :func:`compare_paired_groups` tests K process pairs (``moebench ab --processes K``, default 24 of 10
-rounds) against their own spread instead: <= 0.4% false alarms and 95.8% detection of a 5% slowdown at 24 x 10.
+rounds) against their own spread instead: at 24 x 10, 0.5% false alarms and 96.2% detection of a 5% slowdown
+(2000 simulated comparisons).
 
 Earlier estimate (before per-round samples were stored)
 -------------------------------------------------------
