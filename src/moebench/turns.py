@@ -6,7 +6,7 @@ serialized start-up cost 44 s a process pair for switch-base-8 on the lent H100,
 handed out when both have reached their first timed round. From then on each process holds the floor in turn and
 gives it up at the start of every timed round (`Turns.take`), and everything else (later models, accuracy passes)
 is serialized too. The floor goes
-a b b a a b b a ...: the rounds run B1 A1 A2 B2 B3 A3 ..., so each side goes first in half the pairs and whatever
+a b b a a b b a ...: the rounds run A1 B1 B2 A2 A3 B3 ..., so each side goes first in half the pairs and whatever
 the second of two back-to-back rounds gains or loses (a clock still boosted, a cache still warm) cancels instead of
 favouring one side. Round i of A and round i of B are measured a second apart, under the same
 machine state, which is what `moebench.stats.compare_paired` needs: the lent H100's slow spells and run-to-run
@@ -208,7 +208,7 @@ class Referee:
                         self._grant(conns, side)
                 else:
                     self.error = f"side {side} sent {msg!r}"
-            if not started and alive and waiting >= alive.keys():
+            if not started and alive and set(alive) <= waiting:
                 started = True
                 first = SIDES[0] if SIDES[0] in alive else SIDES[1]
                 waiting.discard(first)
