@@ -184,29 +184,37 @@ def test_combine_process_pairs_keeps_each_pairs_verdict_and_tests_the_groups():
     assert "x" in render(list(rows.values()))
 
 
-def test_ab_processes_runs_k_pairs_in_their_folders_and_combines_them(tmp_path, monkeypatch, capsys):
-    """`--processes 3` without launching pytest: each process pair gets its own folder, the side that starts first
-    alternates, the trees are resolved once, and ab.json holds the combined verdict and each pair's own."""
+def _fake_sides(monkeypatch, groups, wall_s=1.0) -> list[dict]:
+    """Replace `ab.run_sides` (no pytest launched): each process pair stores the next group's rounds, cut to the
+    command's --moebench-rounds, as its sides' runs; returns the calls (folder, first side, rounds option)."""
     from moebench import ab
 
-    rng = np.random.default_rng(2)
-    groups = iter(_groups(rng, 3, 10, shift=0.2, offset_sd=0.01, pair_sd=0.05))
     calls, stored = [], {}
 
     def fake_run_sides(trees, commands, out, *, timeout_s, progress, grain, first):
-        calls.append((out, first))
+        rounds = next(c for c in commands["a"] if c.startswith("--moebench-rounds="))
+        calls.append({"out": out, "first": first, "rounds": rounds})
+        n = int(rounds.split("=")[1])
         a, b = next(groups)
-        stored[out / "a"], stored[out / "b"] = _history_run({"x": list(a)}), _history_run({"x": list(b)})
-        return {"returncode": {"a": 0, "b": 0}, "logs": {"a": "a.log", "b": "b.log"}, "turns": 40, "wall_s": 1.0,
+        stored[out / "a"], stored[out / "b"] = _history_run({"x": list(a[:n])}), _history_run({"x": list(b[:n])})
+        return {"returncode": {"a": 0, "b": 0}, "logs": {"a": "a.log", "b": "b.log"}, "turns": 40, "wall_s": wall_s,
                 "package": {s: str(trees[s] / "src" / "moebench") for s in "ab"}, "referee_error": None,
                 "interrupted": False, "grants": []}
 
     monkeypatch.setattr(ab, "run_sides", fake_run_sides)
     monkeypatch.setattr(ab, "_last_run", lambda folder: stored.get(folder))
+    return calls
+
+
+def test_ab_processes_runs_k_pairs_in_their_folders_and_combines_them(tmp_path, monkeypatch, capsys):
+    """`--processes 3` without launching pytest: each process pair gets its own folder, the side that starts first
+    alternates, the trees are resolved once, and ab.json holds the combined verdict and each pair's own."""
+    rng = np.random.default_rng(2)
+    calls = _fake_sides(monkeypatch, iter(_groups(rng, 3, 10, shift=0.2, offset_sd=0.01, pair_sd=0.05)))
     monkeypatch.chdir(ROOT)
     out = tmp_path / "ab"
     assert cli.main(["ab", "--processes", "3", "--rounds", "10", "--out", str(out), "--", "suites/switch"]) == 1
-    assert calls == [(out / "p1", "a"), (out / "p2", "b"), (out / "p3", "a")]
+    assert [(c["out"], c["first"]) for c in calls] == [(out / "p1", "a"), (out / "p2", "b"), (out / "p3", "a")]
     report = json.loads((out / "ab.json").read_text())
     assert report["processes"] == 3 and report["problems"] == []
     (row,) = report["rows"]
@@ -223,72 +231,42 @@ def test_ab_processes_runs_k_pairs_in_their_folders_and_combines_them(tmp_path, 
 def test_ab_defaults_to_process_pairs(tmp_path, monkeypatch, capsys):
     """Without options a run is 24 process pairs of 10 rounds a side (what the H100's per-process offset needs);
     `--processes 1` alone falls back to 120 rounds and says what its verdict does not cover."""
-    from moebench import ab
-
     rng = np.random.default_rng(4)
-    groups = iter(_groups(rng, 25, 120, offset_sd=0.0, pair_sd=0.05))
-    rounds = []
-
-    def fake_run_sides(trees, commands, out, *, timeout_s, progress, grain, first):
-        rounds.append(next(c for c in commands["a"] if c.startswith("--moebench-rounds=")))
-        a, b = next(groups)
-        n = int(rounds[-1].split("=")[1])
-        stored[out / "a"], stored[out / "b"] = _history_run({"x": list(a[:n])}), _history_run({"x": list(b[:n])})
-        return {"returncode": {"a": 0, "b": 0}, "logs": {"a": "a.log", "b": "b.log"}, "turns": 40, "wall_s": 1.0,
-                "package": {s: str(trees[s] / "src" / "moebench") for s in "ab"}, "referee_error": None,
-                "interrupted": False, "grants": []}
-
-    stored: dict = {}
-    monkeypatch.setattr(ab, "run_sides", fake_run_sides)
-    monkeypatch.setattr(ab, "_last_run", lambda folder: stored.get(folder))
+    calls = _fake_sides(monkeypatch, iter(_groups(rng, 25, 120, offset_sd=0.0, pair_sd=0.05)))
     monkeypatch.chdir(ROOT)
     assert cli.main(["ab", "--out", str(tmp_path / "k"), "--", "suites/switch"]) == 0
-    assert rounds == ["--moebench-rounds=10"] * 24
+    assert [c["rounds"] for c in calls] == ["--moebench-rounds=10"] * 24
     report = json.loads((tmp_path / "k" / "ab.json").read_text())
     assert "over 24 process pairs" in report["rows"][0]["metrics"]["throughput"]["message"]
     capsys.readouterr()
     assert cli.main(["ab", "--processes", "1", "--out", str(tmp_path / "one"), "--", "suites/switch"]) == 0
-    assert rounds[24:] == ["--moebench-rounds=120"]
+    assert [c["rounds"] for c in calls[24:]] == ["--moebench-rounds=120"]
     assert "does not cover the speed offset" in capsys.readouterr().err
 
 
 def test_ab_processes_stops_before_a_pair_that_would_not_fit_and_resumes(tmp_path, monkeypatch, capsys):
     """A time-limited call (one device command) stops before a process pair that would overrun --timeout; --resume
     keeps the finished pairs, moves an unfinished one aside, runs the rest, and refuses changed settings."""
-    from moebench import ab
-
     rng = np.random.default_rng(3)
-    groups = iter(_groups(rng, 4, 10, shift=0.2, offset_sd=0.01, pair_sd=0.05))
-    calls, stored = [], {}
-
-    def fake_run_sides(trees, commands, out, *, timeout_s, progress, grain, first):
-        calls.append(out.name)
-        a, b = next(groups)
-        stored[out / "a"], stored[out / "b"] = _history_run({"x": list(a)}), _history_run({"x": list(b)})
-        return {"returncode": {"a": 0, "b": 0}, "logs": {"a": "a.log", "b": "b.log"}, "turns": 40, "wall_s": 200.0,
-                "package": {s: str(trees[s] / "src" / "moebench") for s in "ab"}, "referee_error": None,
-                "interrupted": False, "grants": []}
-
-    monkeypatch.setattr(ab, "run_sides", fake_run_sides)
-    monkeypatch.setattr(ab, "_last_run", lambda folder: stored.get(folder))
+    calls = _fake_sides(monkeypatch, iter(_groups(rng, 4, 10, shift=0.2, offset_sd=0.01, pair_sd=0.05)), wall_s=200.0)
     monkeypatch.chdir(ROOT)
     out = tmp_path / "ab"
     argv = ["ab", "--processes", "3", "--rounds", "10", "--out", str(out)]
     assert cli.main([*argv, "--timeout", "150", "--", "suites/switch"]) == 2  # p1 took 200 s: p2 would not fit
-    assert calls == ["p1"] and "run the same command with --resume" in capsys.readouterr().err
+    assert [c["out"].name for c in calls] == ["p1"] and "run the same command with --resume" in capsys.readouterr().err
     (out / "p2" / "a").mkdir(parents=True)  # what a killed call leaves: a pair without its pair.json
     (out / "p2" / "a" / "history.jsonl").write_text("partial\n")
     assert cli.main([*argv, "--rounds", "12", "--resume", "--", "suites/switch"]) == 2
     assert "rounds 10 -> 12" in capsys.readouterr().err and (out / "p2" / "a" / "history.jsonl").exists()
     assert cli.main([*argv, "--resume", "--", "suites/switch"]) == 1
-    assert calls == ["p1", "p2", "p3"]
+    assert [c["out"].name for c in calls] == ["p1", "p2", "p3"]
     assert (out / "p2.unfinished" / "a" / "history.jsonl").read_text() == "partial\n"
     report = json.loads((out / "ab.json").read_text())
     assert report["problems"] == [] and [p["folder"] for p in report["process_pairs"]] == \
         [str(out / f"p{k}") for k in (1, 2, 3)]
     assert "over 3 process pairs" in report["rows"][0]["metrics"]["throughput"]["message"]
     assert cli.main([*argv[:2], "4", *argv[3:], "--resume", "--", "suites/switch"]) == 1  # one more pair
-    assert calls == ["p1", "p2", "p3", "p4"]
+    assert [c["out"].name for c in calls] == ["p1", "p2", "p3", "p4"]
     assert cli.main(["ab", "--resume", "--out", str(tmp_path / "none"), "--", "suites/switch"]) == 2
     assert "holds no --processes run" in capsys.readouterr().err
 
