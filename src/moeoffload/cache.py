@@ -83,6 +83,7 @@ class ExpertCache:
         self.retain = retain
         self.transfer = transfer or TransferEngine(self.device)
         self.pool = torch.empty((n_slots, store.layout.numel), dtype=store.layout.dtype, device=self.device)
+        self._views = [store.layout.views(row) for row in self.pool]  # made once: the hot loop reads them per expert
         self._slot_of: dict[ExpertKey, int] = {}
         self._free: list[int] = list(range(n_slots - 1, -1, -1))
         self._pins = [0] * n_slots
@@ -127,8 +128,8 @@ class ExpertCache:
         return slot is not None and self._pins[slot] > 0
 
     def weights(self, slot: int) -> dict[str, torch.Tensor]:
-        """The matrices of the expert in `slot`, as views of the pool."""
-        return self.store.layout.views(self.pool[slot])
+        """The matrices of the expert in `slot`, as views of the pool (the same dict every time: do not modify)."""
+        return self._views[slot]
 
     # -- the hot path ------------------------------------------------------------------------------------------
     def acquire(self, keys: Sequence[ExpertKey]) -> list[int]:
@@ -289,6 +290,7 @@ class ExpertCache:
         _ = self.stats  # fold in deferred hits while the device still holds them
         self._slot_of.clear()
         self._tables.clear()
+        self._views = []  # views hold the pool's storage
         self.pool = self.pool.new_empty(0)
 
     def reset_stats(self) -> None:

@@ -4,7 +4,8 @@ Input is what every router gives: hidden states [T, H], top-k expert ids [T, k] 
 (an id >= num_experts marks "no expert", e.g. a token dropped by Switch's capacity limit). The experts a batch
 needs are made resident in waves no larger than the cache, in ascending expert order, so that the sum over
 experts is accumulated in the same order as transformers' eager forward: the output is exact, whatever the
-budget or the eviction rule.
+budget or the eviction rule. Where the hook can cut its expert form at the projections (`moeoffload.staged`), the
+loop runs staged: per expert only its two GEMMs, the rest once per layer, with the same bits.
 
 On CUDA, for expert forms the grouped kernels know (`kernels.FFN_KINDS`), the layer can instead permute the
 tokens by expert, run one grouped FFN launch per projection over the cache slots of a wave, and un-permute with
@@ -24,6 +25,7 @@ import torch
 
 from . import kernels as _kernels
 from .cache import ExpertCache
+from .staged import ExpertStages, ordered_sum, padded_blocks, row_quantum, token_ranks
 
 ExpertFFN = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 Prefetcher = Callable[[int, torch.Tensor], None]  # (this layer's index, its MoE input) -> starts copies
@@ -69,7 +71,7 @@ RouterTap = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], "tuple[tor
 class OffloadedMoELayer:
     def __init__(self, layer_idx: int, num_experts: int, cache: ExpertCache, expert_ffn: ExpertFFN,
                  prefetcher: Prefetcher | None = None, router_tap: RouterTap | None = None, ffn=None,
-                 kernels: str = "torch"):
+                 kernels: str = "torch", stages: ExpertStages | None = None):
         self.layer_idx = layer_idx
         self.num_experts = num_experts
         self.cache = cache
@@ -80,6 +82,17 @@ class OffloadedMoELayer:
         self.kernels = resolve_kernels(kernels, self.spec, cache.device)  # "loop", "triton" or "grouped-torch"
         # grouped modes: once every expert of the layer is resident for good, route on the device (`_resident`)
         self.resident_path = self.kernels != "loop"
+        # the exact loop with only the projections per expert (`moeoffload.staged`), when the hook can cut its form
+        self.stages = stages
+        self.quantum = 1
+        self._slot_operands: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        if stages is not None:
+            layout = cache.store.layout
+            shapes = dict(zip(layout.names, layout.shapes))
+            up, down = shapes[stages.up], shapes[stages.down]  # their widths: hidden, the intermediate, twice it
+            self.quantum = row_quantum((*up, *down), torch.empty((), dtype=layout.dtype).element_size())
+            self._up_width = up[-1] if stages.transposed else up[0]
+            self._out_width = down[-1] if stages.transposed else down[0]
 
     def _prefetch(self, hidden: torch.Tensor) -> None:
         """Start the next layer's copies before this layer computes. A predictor is a guess, so a broken one
@@ -142,6 +155,8 @@ class OffloadedMoELayer:
             if table is not None:
                 return self._resident(hidden, top_k_index, top_k_weights, table)
             return self._grouped(hidden, top_k_index, top_k_weights)
+        if self.stages is not None and not (torch.is_grad_enabled() and hidden.requires_grad):  # mm(out=) has no grad
+            return self._staged(hidden, top_k_index, top_k_weights)
         out = torch.zeros_like(hidden)
         tokens = hidden.shape[0]
         needed, starts, order = self.route(top_k_index)
@@ -162,6 +177,64 @@ class OffloadedMoELayer:
             finally:
                 self.cache.release(keys)
         return out
+
+    def _staged(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """The exact loop with the per-expert work cut to its two projections (`moeoffload.staged`: why exact)."""
+        stages, tokens, k = self.stages, hidden.shape[0], top_k_index.shape[1]
+        needed, starts, order = self.route(top_k_index)
+        n = starts[-1]
+        if n == 0:
+            return torch.zeros_like(hidden)
+        pairs = order[:n]
+        tok, pos = pairs % tokens, pairs // tokens
+        counts = [starts[i + 1] - starts[i] for i in range(len(needed))]
+        blocks, sizes = padded_blocks(counts, self.quantum)  # every expert's rows start 512-byte aligned, as in eager
+        height = blocks[-1]
+        rows = None  # the padded row of each pair, when padding moved any
+        if height == n:
+            x = hidden[tok]
+        else:
+            plan = torch.tensor([[b - s for b, s in zip(blocks, starts[:-1])], counts]).to(hidden.device)
+            rows = torch.arange(n, device=hidden.device) + torch.repeat_interleave(plan[0], plan[1], output_size=n)
+            source = torch.zeros(height, dtype=torch.long, device=hidden.device)
+            source[rows] = tok
+            x = hidden[source]  # padding rows hold token 0: no GEMM reads them
+        up = x.new_empty((height, self._up_width), dtype=self.cache.pool.dtype)
+        x_blocks, up_blocks = x.split(sizes)[::2], up.split(sizes)[::2]
+        y = y_blocks = None
+        wave = self.cache.n_slots
+        for first in range(0, len(needed), wave):
+            experts = needed[first : first + wave]
+            last = first + len(experts) - 1
+            keys = [(self.layer_idx, e) for e in experts]
+            slots = self.cache.acquire(keys)
+            try:
+                if self.prefetcher is not None and first == 0 and len(needed) <= wave:
+                    self._prefetch(hidden)
+                operands = [self._operands(slot) for slot in slots]
+                for i, (w_up, _) in enumerate(operands):
+                    torch.mm(x_blocks[first + i], w_up, out=up_blocks[first + i])
+                mid = stages.mid(up[blocks[first] : blocks[last] + counts[last]])  # fresh: aligned like `up`
+                if y is None:
+                    y = mid.new_empty((height, self._out_width))
+                    y_blocks = y.split(sizes)[::2]
+                mid_blocks = mid.split(sizes[2 * first : 2 * last + 1])[::2]
+                for i, (_, w_down) in enumerate(operands):
+                    torch.mm(mid_blocks[i], w_down, out=y_blocks[first + i])
+            finally:
+                self.cache.release(keys)
+        assert y is not None
+        y = y if rows is None else y[rows]
+        contributions = (y * top_k_weights[tok, pos, None]).to(hidden.dtype)
+        ranks = token_ranks(top_k_index).T.reshape(-1)[pairs]
+        return ordered_sum(contributions, tok, ranks, tokens, k, hidden)
+
+    def _operands(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The staged loop's right-hand matrices of the expert in `slot` (views of the pool, made once per slot)."""
+        found = self._slot_operands.get(slot)
+        if found is None:
+            found = self._slot_operands[slot] = self.stages.operands(self.cache.weights(slot))
+        return found
 
     def _resident(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                   table: torch.Tensor) -> torch.Tensor:

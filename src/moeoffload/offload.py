@@ -136,9 +136,10 @@ class OffloadedModel:
             if self.runahead is not None:
                 prefetcher = self.runahead if policy.predictor_prefetch else None
             for i, module in enumerate(hook.layers):
+                stages = hook.expert_stages(module) if hook.expert_stages is not None else None
                 layer = OffloadedMoELayer(i, hook.num_experts, cache, hook.expert_ffn(module), prefetcher,
                                           router_tap=None if self.runahead is None else self.runahead.tap,
-                                          ffn=getattr(hook, "ffn", None), kernels=kernels)
+                                          ffn=getattr(hook, "ffn", None), kernels=kernels, stages=stages)
                 hook.install(module, layer)
                 self.layers.append(layer)
         except BaseException:

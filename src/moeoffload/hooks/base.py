@@ -10,6 +10,7 @@ from torch import nn
 
 from ..layer import ExpertFFN, OffloadedMoELayer
 from ..layout import ExpertLayout
+from ..staged import ExpertStages
 from .ffn import ExpertFFNSpec
 
 
@@ -25,7 +26,8 @@ class ModelHook:
     `router_bias(i)` its bias or None (GPT-OSS's router has one). A predictor computes `top_k(x W^T + b)` only: a
     router that adds more (DeepSeek's group-limited top-k) is approximated, which costs bandwidth, never exactness.
     `ffn` says what one expert computes (kind, tensor names), so a grouped kernel can pick the formula; its
-    `name` is `ffn_kind`.
+    `name` is `ffn_kind`. `expert_stages(module)` cuts `expert_ffn` at its projections for the staged exact loop
+    (`moeoffload.staged`), or None where the form has biases or a gate it cannot cut.
     """
 
     family: str
@@ -41,6 +43,7 @@ class ModelHook:
     router_weight: Callable[[int], torch.Tensor] | None = None
     router_bias: Callable[[int], torch.Tensor | None] | None = None
     ffn: ExpertFFNSpec | None = None
+    expert_stages: Callable[[nn.Module], ExpertStages | None] | None = None
     next_layer: list[int | None] = field(default_factory=list)  # the MoE layer fed by the same residual stream
     extra: dict = field(default_factory=dict)
 

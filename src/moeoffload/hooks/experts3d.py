@@ -24,6 +24,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..layer import OffloadedMoELayer
 from ..layout import ExpertLayout
+from ..staged import ExpertStages
 from .base import ModelHook, empty_parameter, next_in_stack, parents
 from .ffn import ExpertFFNSpec
 
@@ -189,6 +190,7 @@ def discover(model: nn.Module) -> ModelHook | None:
         layout=layout,
         expert_tensors=lambda m, e: {n: getattr(m, n)[e] for n in names},
         expert_ffn=_expert_ffn,
+        expert_stages=_expert_stages,
         strip=_strip,
         install=_install,
         restore=lambda m, tensors: _restore(m, tensors, requires_grad),
@@ -225,6 +227,25 @@ def _expert_ffn(module: nn.Module):
         return project(h, w[spec.down], w[spec.down_bias] if spec.down_bias else None)
 
     return ffn
+
+
+def _expert_stages(module: nn.Module) -> ExpertStages | None:
+    """`_expert_ffn` cut at its projections: between them the default gate `act(g) * u` (or the activation), which
+    works element by element. None for the rest: a gate the engine does not know, or biases (GPT-OSS adds each
+    expert's bias after its product, which the staged loop does not do)."""
+    spec = ffn_spec(module)
+    if spec.kind not in ("gated", "dense") or spec.up_bias or spec.down_bias:
+        return None
+    if spec.kind == "gated":
+        gate = getattr(module, "_apply_gate", None)
+        if gate is None:
+            act = module.act_fn
+
+            def gate(h: torch.Tensor) -> torch.Tensor:
+                g, u = h.chunk(2, dim=-1)
+                return act(g) * u
+        return ExpertStages(up=spec.up, down=spec.down, mid=gate, transposed=spec.transposed)
+    return ExpertStages(up=spec.up, down=spec.down, mid=module.act_fn, transposed=spec.transposed)
 
 
 def _strip(module: nn.Module) -> None:

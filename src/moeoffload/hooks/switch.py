@@ -16,6 +16,7 @@ from torch import nn
 
 from ..layer import OffloadedMoELayer
 from ..layout import ExpertLayout
+from ..staged import ExpertStages
 from .base import ModelHook, empty_parameter, next_in_stack, parents
 from .ffn import ExpertFFNSpec
 
@@ -46,6 +47,7 @@ def discover(model: nn.Module) -> ModelHook | None:
         layout=layout,
         expert_tensors=lambda m, e: {"wi": m[f"expert_{e}"].wi.weight, "wo": m[f"expert_{e}"].wo.weight},
         expert_ffn=_expert_ffn,
+        expert_stages=_expert_stages,
         strip=_strip,
         install=_install,
         restore=_restore,
@@ -75,6 +77,18 @@ def _expert_ffn(module: nn.Module):
         return F.linear(h, w["wo"])
 
     return ffn
+
+
+def _expert_stages(module: nn.Module) -> ExpertStages:
+    """`_expert_ffn` cut at its two projections: the activation and the cast between them work element by element."""
+    act = module["expert_0"].act
+    wo_dtype = module["expert_0"].wo.weight.dtype  # read before the store strips the weights
+
+    def mid(h: torch.Tensor) -> torch.Tensor:
+        h = act(h)
+        return h if h.dtype == wo_dtype else h.to(wo_dtype)
+
+    return ExpertStages(up="wi", down="wo", mid=mid)
 
 
 def _strip(module: nn.Module) -> None:
