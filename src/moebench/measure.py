@@ -242,7 +242,7 @@ class Session:
             return None
         if needs == "exact-trace":
             # recorded on the kept handle under an exact policy without a predictor: the routing the case will see
-            self.serve(model, "lru", case.budget)
+            self._serve_for_recording(model, case)
 
             def run():
                 for ids in prompts:
@@ -256,7 +256,7 @@ class Session:
         if key not in self._predictors:
             trace_key = (case.model, "trace")  # one recorded training trace per model, shared by every kind
             if trace_key not in self._predictors:
-                self.serve(model, "lru", case.budget)  # recorded through the kept handle: exact, so the same routing
+                self._serve_for_recording(model, case)
                 train = replace(wl, seed=wl.seed + TRAIN_SEED_OFFSET)
                 batches = TRAIN_BATCHES[self.tier]
                 train_prompts = [train.prompts(model.config.vocab_size, round_index=r, tokenizer=find_tokenizer(model))
@@ -267,6 +267,16 @@ class Session:
             options = {"epochs": TRAIN_EPOCHS[self.tier]} if policy.predictor == "sida" else {}
             self._predictors[key] = kind.build(model, self._predictors[trace_key], show_progress=None, **options)
         return self._predictors[key]
+
+    def _serve_for_recording(self, model, case: Case) -> None:
+        """Serve `model` for recording routing (a predictor's training trace, an oracle's exact trace). Every exact
+        policy routes the same tokens the same way, so the fastest one records it: the resident model when its
+        reference ran (it fits the device), else LRU at the case's budget."""
+        ref = self._refs.get(case.model)
+        if ref is not None and not ref.skipped:
+            self.serve(model, REFERENCE_POLICY, REFERENCE_BUDGET)
+        else:
+            self.serve(model, "lru", case.budget)
 
     def _measure(self, case: Case, ref: Reference | None, schedule=None, evaluate: bool = True):
         """One case's timed rounds and untimed accuracy. `schedule`: serve the rounds in these batches (the
