@@ -5,7 +5,7 @@
 #
 #   OUT=/some/dir STEPS="gpu_tests expertflow predictors" bash benchmarks/device_session.sh
 #
-# Steps: gpu_tests, gpu_exact, mixtral (benchmarks/mixtral_e2e.py, peers and full size), expertflow, predictors, stats (benchmarks/stats_device.sh), nightly_switch (ci/nightly.sh on
+# Steps: gpu_tests, gpu_exact, gpu_staged, exact_loop (benchmarks/exact_loop.py), mixtral (benchmarks/mixtral_e2e.py, peers and full size), expertflow, predictors, stats (benchmarks/stats_device.sh), nightly_switch (ci/nightly.sh on
 # switch-base-8 with the policies of baselines/h100/switch.json), full_<suite> (that suite's full tier), machine
 # (CPU quota and throttling), ab_same / ab_slow (moebench ab: A/A, and B stretched by AB_SLOW; AB_N runs each;
 # AB_ROUNDS, AB_CASE, AB_GRAIN=round|step), abk_<name> (moebench ab --processes AB_PROCESSES, resumed from AB_STATE
@@ -42,6 +42,12 @@ for step in $STEPS; do
   case "$step" in
     gpu_tests)
       run_step gpu_tests 300 -- python3 -m pytest -p moebench.plugin -p no:cacheprovider -m gpu tests -q -rs ;;
+    gpu_staged)  # the staged exact loop against eager on CUDA: published widths, every family, every exact policy
+      run_step gpu_staged "${GPU_STAGED_LIMIT_S:-240}" -- python3 -m pytest -p moebench.plugin -p no:cacheprovider -m gpu \
+        -q -rs tests/moeoffload/test_staged_gpu.py tests/moeoffload/test_families_gpu.py tests/moeoffload/test_gpu.py ;;
+    exact_loop)  # one MoE layer at published widths: eager, grouped_mm, loop, staged (benchmarks/exact_loop.py)
+      run_step exact_loop "${EXACT_LOOP_LIMIT_S:-200}" -- python3 benchmarks/exact_loop.py --out "$work/exact_loop" \
+        ${EXACT_LOOP_ARGS:-} ;;
     gpu_exact)  # the CUDA exactness and prefetch-race tests alone (every exact built-in policy)
       run_step gpu_exact 200 -- python3 -m pytest -p moebench.plugin -p no:cacheprovider -m gpu -q -rs \
         tests/moeoffload/test_gpu.py tests/moeoffload/test_prefetch_races_gpu.py ;;
@@ -61,11 +67,14 @@ for step in $STEPS; do
       run_step nightly_switch 200 -- env OUT="$work/nightly" MOEBENCH_SKIP_GPU_TESTS=1 MOEBENCH_ROUNDS=6 \
         MOEBENCH_PYTEST_ARGS="-k switch-base-8 --moebench-policy resident --moebench-policy on-demand --moebench-policy lru --moebench-policy lookahead" \
         bash ci/nightly.sh suites/switch ;;
-    full_*)
-      suite="${step#full_}"
-      run_step "$step" "${FULL_LIMIT_S:-300}" -- python3 -m pytest -p moebench.plugin -p no:cacheprovider \
+    full_*)  # FULL_K: a pytest -k expression choosing cases; with DEADLINE_S the step ends by then
+      suite="${step#full_}"; limit="${FULL_LIMIT_S:-300}"
+      [[ -n "${DEADLINE_S:-}" ]] && (( DEADLINE_S - SECONDS - 10 < limit )) && limit=$(( DEADLINE_S - SECONDS - 10 ))
+      if (( limit < 60 )); then echo "== $step: not started, ${limit} s left" >> "$summary"; continue; fi
+      kexpr=(); [[ -n "${FULL_K:-}" ]] && kexpr=(-k "$FULL_K")
+      run_step "$step" "$limit" -- python3 -m pytest -p moebench.plugin -p no:cacheprovider \
         "suites/$suite" --moebench --moebench-tier full --moebench-rounds "${FULL_ROUNDS:-2}" \
-        --moebench-history "$work/history_$suite" -v ${FULL_ARGS:-} ;;
+        --moebench-history "$work/history_$suite" -v "${kexpr[@]}" ${FULL_ARGS:-} ;;
     store)  # pinned bytes and copy rate of the per-layer registered slabs (benchmarks/store_pinning.py)
       run_step store "${STORE_LIMIT_S:-150}" -- python3 benchmarks/store_pinning.py --out "$work/store" ;;
     machine)  # CPU quota and throttling of this VM (a guess at the two speeds of the fifth set)
