@@ -5,7 +5,8 @@ Variants, on the same hidden states and routing (random top-k, distinct experts 
 - `eager`: transformers' eager experts forward (the reference of every exactness claim);
 - `grouped_mm`: transformers' grouped_mm experts forward (fast, rounds differently);
 - `loop`: the engine's per-expert loop before the staged form (about ten ops per expert);
-- `staged`: the engine's staged exact loop (`moeoffload.staged`: two GEMMs per expert).
+- `staged`: the engine's staged exact loop (`moeoffload.staged`: two GEMMs per expert), forced on whatever the
+  number of experts (the engine stages a call from `moeoffload.layer.STAGED_MIN_EXPERTS` experts on).
 `loop` and `staged` are first checked bit for bit against `eager` (bf16 and float32 gate weights, several seeds
 and token counts); a mismatch is printed and makes the exit status 1. Timings: per variant, the median over
 `--repeats` interleaved repeats of the mean of `--iters` calls, each repeat synchronized; microseconds per layer
@@ -56,6 +57,8 @@ def routing(tokens: int, experts: int, top_k: int, hidden: int, seed: int, weigh
 def variants(eager_module, layer):
     from transformers.integrations.moe import grouped_mm_experts_forward
 
+    import moeoffload.layer
+
     eager_forward = type(eager_module).forward.__wrapped__
     stages = layer.stages
 
@@ -66,11 +69,18 @@ def variants(eager_module, layer):
         finally:
             layer.stages = stages
 
+    def staged(x, i, w):  # whatever the number of experts (the engine itself stages only from STAGED_MIN_EXPERTS)
+        threshold, moeoffload.layer.STAGED_MIN_EXPERTS = moeoffload.layer.STAGED_MIN_EXPERTS, 1
+        try:
+            return layer(x, i, w)
+        finally:
+            moeoffload.layer.STAGED_MIN_EXPERTS = threshold
+
     return {
         "eager": lambda x, i, w: eager_forward(eager_module, x, i, w),
         "grouped_mm": lambda x, i, w: grouped_mm_experts_forward(eager_module, x, i, w),
         "loop": loop,
-        "staged": lambda x, i, w: layer(x, i, w),
+        "staged": staged,
     }
 
 

@@ -30,6 +30,10 @@ from .staged import ExpertStages, ordered_sum, padded_blocks, row_quantum, token
 ExpertFFN = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 Prefetcher = Callable[[int, torch.Tensor], None]  # (this layer's index, its MoE input) -> starts copies
 KERNEL_MODES = ("auto", "torch", "triton", "grouped-torch")
+# Below this many experts in one call the per-expert loop runs, above it the staged loop: the staged loop saves about
+# eight launches per expert but adds about twenty per call (benchmarks/exact_loop.py on the H100: 0.72-0.79x of the
+# loop's speed with 2 to 6 experts, 1.15-1.26x with 8, 2.4-3.6x with 30 or more).
+STAGED_MIN_EXPERTS = 8
 
 
 def grouped_spec(ffn, layout) -> _kernels.FFNSpec | None:
@@ -155,11 +159,12 @@ class OffloadedMoELayer:
             if table is not None:
                 return self._resident(hidden, top_k_index, top_k_weights, table)
             return self._grouped(hidden, top_k_index, top_k_weights)
-        if self.stages is not None and not (torch.is_grad_enabled() and hidden.requires_grad):  # mm(out=) has no grad
-            return self._staged(hidden, top_k_index, top_k_weights)
+        needed, starts, order = self.route(top_k_index)
+        staged = len(needed) >= STAGED_MIN_EXPERTS and not (torch.is_grad_enabled() and hidden.requires_grad)
+        if self.stages is not None and staged:  # (mm(out=), which it writes with, has no autograd)
+            return self._staged(hidden, top_k_index, top_k_weights, needed, starts, order)
         out = torch.zeros_like(hidden)
         tokens = hidden.shape[0]
-        needed, starts, order = self.route(top_k_index)
         wave = self.cache.n_slots
         for first in range(0, len(needed), wave):
             experts = needed[first : first + wave]
@@ -178,10 +183,10 @@ class OffloadedMoELayer:
                 self.cache.release(keys)
         return out
 
-    def _staged(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def _staged(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                needed: list[int], starts: list[int], order: torch.Tensor) -> torch.Tensor:
         """The exact loop with the per-expert work cut to its two projections (`moeoffload.staged`: why exact)."""
         stages, tokens, k = self.stages, hidden.shape[0], top_k_index.shape[1]
-        needed, starts, order = self.route(top_k_index)
         n = starts[-1]
         if n == 0:
             return torch.zeros_like(hidden)

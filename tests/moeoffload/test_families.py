@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moeoffload
+import moeoffload.layer
 from moeoffload.errors import UnsupportedModelError
 from moeoffload.hooks import discover
 from moeoffload.hooks.base import parents
@@ -66,9 +67,12 @@ def snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.parametrize("staged_from", [1, None], ids=["staged", "default"])  # 1: every call through the staged loop
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_offloaded_family_equals_eager_bit_for_bit(family, dtype):
+def test_offloaded_family_equals_eager_bit_for_bit(family, dtype, staged_from, monkeypatch):
+    if staged_from is not None:
+        monkeypatch.setattr(moeoffload.layer, "STAGED_MIN_EXPERTS", staged_from)
     if dtype == torch.bfloat16 and family not in ("deepseek_v2", "gpt_oss"):
         pytest.skip("bf16 on DeepSeek (fp32 gate weights times bf16 rows) and GPT-OSS (biases) only; gated-silu "
                     "in bf16 is test_exactness.py's Mixtral")

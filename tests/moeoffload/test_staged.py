@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moeoffload
+import moeoffload.layer
 from moeoffload.staged import ALIGN_BYTES, ordered_sum, padded_blocks, row_quantum, token_ranks
 
 from . import models as M
@@ -69,9 +70,10 @@ def test_ordered_sum_counts_a_repeated_expert_twice():
     torch.testing.assert_close(got, values.sum(0))
 
 
-def test_staged_layer_equals_the_per_expert_loop_under_replaced_routing():
+def test_staged_layer_equals_the_per_expert_loop_under_replaced_routing(monkeypatch):
     """A router tap may repeat an expert within a token (an approximate policy's replacement): both copies count,
     as in the loop (float32 here: the value, not the order of a repeated expert's two adds, is what is checked)."""
+    monkeypatch.setattr(moeoffload.layer, "STAGED_MIN_EXPERTS", 1)
     model = M.tiny_mixtral(seed=3, experts=8, top_k=2)
     with moeoffload.offload(model, "lru", "50%", device="cpu") as handle:
         layer = handle.layers[0]
@@ -100,3 +102,15 @@ def test_a_forward_that_needs_gradients_takes_the_per_expert_loop():
         loss = model(ids).logits.sum()
         loss.backward()
         assert model.get_input_embeddings().weight.grad is not None
+
+
+def test_a_call_with_few_experts_takes_the_per_expert_loop(monkeypatch):
+    """Below STAGED_MIN_EXPERTS experts the staged loop's fixed launches cost more than it saves (exact_loop.py)."""
+    model = M.tiny_mixtral(seed=4, experts=8, top_k=2)
+    with moeoffload.offload(model, "resident", "all", device="cpu") as handle:
+        layer = handle.layers[0]
+        calls = []
+        monkeypatch.setattr(layer, "_staged", lambda *a: calls.append(len(a[3])) or torch.zeros_like(a[0]))
+        layer(torch.randn(1, 64), torch.tensor([[1, 6]]), torch.rand(1, 2))  # 2 experts: the loop
+        layer(torch.randn(30, 64), torch.arange(60).remainder(8).view(30, 2), torch.rand(30, 2))  # all 8: staged
+    assert calls == [8]

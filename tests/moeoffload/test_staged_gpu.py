@@ -9,7 +9,6 @@ import copy
 import pytest
 import torch
 
-import moeoffload
 from moeoffload.hooks import discover
 
 pytestmark = pytest.mark.gpu
@@ -23,9 +22,11 @@ WIDTHS = {
 
 
 @pytest.mark.parametrize("name", list(WIDTHS))
-def test_staged_loop_is_eager_at_published_widths(name):
+def test_staged_loop_is_eager_at_published_widths(name, monkeypatch):
+    import moeoffload.layer
     from moebench.zoo import build_synthetic
 
+    monkeypatch.setattr(moeoffload.layer, "STAGED_MIN_EXPERTS", 1)  # staged at every token count, 1 included
     zoo_name, overrides = WIDTHS[name]
     model, _ = build_synthetic(zoo_name, layers=1, dtype=torch.bfloat16, overrides={"vocab_size": 512, **overrides},
                                show_progress=False)
