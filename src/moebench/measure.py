@@ -238,6 +238,7 @@ class Session:
 
         policy = moeoffload.get_policy(case.policy)
         needs = predictors.needs(policy)
+        self._park_predictors()
         if needs is None:
             return None
         if needs == "exact-trace":
@@ -266,7 +267,17 @@ class Session:
             kind = predictors.PREDICTORS[str(policy.predictor)]  # set: only predictive policies get here
             options = {"epochs": TRAIN_EPOCHS[self.tier]} if policy.predictor == "sida" else {}
             self._predictors[key] = kind.build(model, self._predictors[trace_key], show_progress=None, **options)
-        return self._predictors[key]
+        chosen = self._predictors[key]
+        if callable(getattr(chosen, "to", None)):
+            chosen.to(self.device)  # back from where `_park_predictors` left it
+        return chosen
+
+    def _park_predictors(self) -> None:
+        """Trained predictors are kept for the model's later cases (the 50% case reuses the 25% case's SiDA), but on
+        the CPU between their cases: one left on the device would count in another case's GPU peak."""
+        for key, kept in self._predictors.items():
+            if key[1] != "trace" and callable(getattr(kept, "to", None)):
+                kept.to("cpu")
 
     def _serve_for_recording(self, model, case: Case) -> None:
         """Serve `model` for recording routing (a predictor's training trace, an oracle's exact trace). Every exact
