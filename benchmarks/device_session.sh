@@ -68,7 +68,7 @@ for step in $STEPS; do
         MOEBENCH_PYTEST_ARGS="-k switch-base-8 --moebench-policy resident --moebench-policy on-demand --moebench-policy lru --moebench-policy lookahead" \
         bash ci/nightly.sh suites/switch ;;
     full_*)  # FULL_K (or FULL_K_<suite>): a pytest -k expression choosing cases; FULL_ROUNDS(_<suite>) likewise;
-      # with DEADLINE_S the step ends by then
+      # with DEADLINE_S the step ends by then (pytest starts no case it expects to end later: --moebench-time-limit)
       suite="${step#full_}"; limit="${FULL_LIMIT_S:-300}"
       [[ -n "${DEADLINE_S:-}" ]] && (( DEADLINE_S - SECONDS - 10 < limit )) && limit=$(( DEADLINE_S - SECONDS - 10 ))
       if (( limit < 60 )); then echo "== $step: not started, ${limit} s left" >> "$summary"; continue; fi
@@ -76,7 +76,8 @@ for step in $STEPS; do
       r_var="FULL_ROUNDS_$suite"; rounds="${!r_var:-${FULL_ROUNDS:-2}}"
       run_step "$step" "$limit" -- python3 -m pytest -p moebench.plugin -p no:cacheprovider \
         "suites/$suite" --moebench --moebench-tier full --moebench-rounds "$rounds" \
-        --moebench-history "$work/history_$suite" -v "${kexpr[@]}" ${FULL_ARGS:-} ;;
+        --moebench-history "$work/history_$suite" --moebench-time-limit $(( limit - 40 )) -v "${kexpr[@]}" \
+        ${FULL_ARGS:-} ;;
     store)  # pinned bytes and copy rate of the per-layer registered slabs (benchmarks/store_pinning.py)
       run_step store "${STORE_LIMIT_S:-150}" -- python3 benchmarks/store_pinning.py --out "$work/store" ;;
     machine)  # CPU quota and throttling of this VM (a guess at the two speeds of the fifth set)

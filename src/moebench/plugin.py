@@ -7,6 +7,7 @@ moeoffload) happen only when --moebench is given, so plain `pytest` pays nothing
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="folder of baselines (default: baselines under the rootdir)")
     group.addoption("--moebench-machine-class", default=None, metavar="NAME",
                     help="baseline machine class (default: from the GPU name, e.g. h100; cpu without a GPU)")
+    group.addoption("--moebench-time-limit", type=float, default=None, metavar="SECONDS",
+                    help="start no case that would end past this many seconds after the run began (judged by the "
+                         "longest case so far): the rest are skipped with the reason, and the finished ones are "
+                         "reported and stored as usual; for a CI job with a wall-time limit")
     group.addoption("--moebench-inject-delay", default=None, metavar="TIME",
                     help="TEST HOOK: busy-wait before every MoE layer, to fake a slowdown: TIME (e.g. 0.2ms) each "
                          "call, or a percentage (e.g. 5%%: stretch the run by that much, whatever the machine's "
@@ -56,6 +61,9 @@ def pytest_configure(config: pytest.Config) -> None:
     rounds = config.getoption("moebench_rounds")
     if rounds < 1:
         raise pytest.UsageError(f"--moebench-rounds must be at least 1, got {rounds}")
+    time_limit = config.getoption("moebench_time_limit")
+    if time_limit is not None and time_limit <= 0:
+        raise pytest.UsageError(f"--moebench-time-limit must be a positive number of seconds, got {time_limit:g}")
     selected = config.getoption("moebench_policy")
     if selected:
         import moeoffload
@@ -91,6 +99,9 @@ def pytest_configure(config: pytest.Config) -> None:
         "history_path": None,
         "history_error": None,
         "turns": turns,
+        "time_limit": time_limit,
+        "started": time.monotonic(),
+        "longest_case_s": 0.0,
         **comparison,
     }
 
@@ -150,9 +161,20 @@ class CaseItem(pytest.Item):
         self.add_marker(pytest.mark.moebench)
 
     def runtest(self) -> None:
+        state = self.config.stash[_STATE]
+        elapsed = time.monotonic() - state["started"]
+        if state["time_limit"] is not None and elapsed + state["longest_case_s"] > state["time_limit"]:
+            pytest.skip(f"--moebench-time-limit {state['time_limit']:g}s: not started at {elapsed:.0f}s (the longest "
+                        f"case so far took {state['longest_case_s']:.0f}s)")
+        t0 = time.monotonic()
+        try:
+            self._run(state)
+        finally:
+            state["longest_case_s"] = max(state["longest_case_s"], time.monotonic() - t0)
+
+    def _run(self, state) -> None:
         from .measure import CaseFailed, CaseSkipped
 
-        state = self.config.stash[_STATE]
         if state["serving"] is not None and state["serving"] is not self.bench:
             state["serving"].close()  # another suite's model leaves the device before this suite's case is measured
         state["serving"] = self.bench

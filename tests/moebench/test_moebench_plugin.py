@@ -42,3 +42,20 @@ def test_switch_suite_with_lru(pytester, tmp_path):
     assert sorted(r["case"] for r in run["records"]) == sorted(
         f"{m}[{c}]" for m in ("switch-base-8", "switch-base-64") for c in ("resident-all", "lru-25%", "lru-50%"))
     assert all(r["passed"] and r["cache_bytes"] <= r["budget_bytes"] for r in run["records"])
+
+
+def test_time_limit_starts_no_case_that_would_end_past_it(pytester, tmp_path):
+    """A CI job's wall-time limit: cases that would not end in time are skipped with the reason (here all of them:
+    the limit has passed before the first case), and the run still exits 0."""
+    result = pytester.runpytest_subprocess(
+        "--moebench", str(SUITE), "--moebench-policy", "lru", "--moebench-rounds", "1", "--moebench-time-limit",
+        "0.000001", "--moebench-history", str(tmp_path / "hist"), "-p", "no:cacheprovider", "-rs")
+    result.assert_outcomes(skipped=6)
+    result.stdout.fnmatch_lines(["*--moebench-time-limit 1e-06s: not started at *s (the longest case so far took 0s)*"])
+    assert result.ret == 0
+
+
+def test_time_limit_must_be_positive(pytester):
+    result = pytester.runpytest_subprocess("--moebench", str(SUITE), "--moebench-time-limit", "0")
+    assert result.ret == 4
+    result.stderr.fnmatch_lines(["*--moebench-time-limit must be a positive number of seconds, got 0*"])
