@@ -285,9 +285,17 @@ class Session:
         reference ran (it fits the device), else LRU at the case's budget."""
         ref = self._refs.get(case.model)
         if ref is not None and not ref.skipped:
-            self.serve(model, REFERENCE_POLICY, REFERENCE_BUDGET)
-        else:
-            self.serve(model, "lru", case.budget)
+            # a model that barely fits (Qwen3-30B-A3B's 54 GiB of experts on an 80 GB GPU) may find no room for every
+            # expert beside what the earlier cases left: then LRU records it, at the case's budget
+            try:
+                self.serve(model, REFERENCE_POLICY, REFERENCE_BUDGET)
+                return
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                exc.with_traceback(None)
+                release_device_memory(self.device)
+        self.serve(model, "lru", case.budget)
 
     def _measure(self, case: Case, ref: Reference | None, schedule=None, evaluate: bool = True):
         """One case's timed rounds and untimed accuracy. `schedule`: serve the rounds in these batches (the

@@ -162,6 +162,10 @@ class OffloadedModel:
         self.layers = []
         self.cache.free()  # statistics stay readable
         self.serving = False
+        if self.device.type == "cuda":
+            # hand the pool's blocks back to the device: torch's allocator would keep them reserved in pieces, and a
+            # larger pool next (a switch to every expert of a model that barely fits) would find no room
+            torch.cuda.empty_cache()
 
     def _require_cache(self) -> None:
         if self.active and not self.serving:
