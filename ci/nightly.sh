@@ -12,7 +12,8 @@
 # Settings (environment): MOEBENCH_TIER (full), MOEBENCH_ROUNDS (10: with fewer than 5 rounds on a side, and fewer
 # than 7 against a 3-round baseline, no change can reach p < 0.01), MOEBENCH_HISTORY ($OUT/history),
 # MOEBENCH_BASELINE_DIR (baselines), MOEBENCH_SAVE_BASELINE=1 (store this run as the baseline: only when a
-# person decided so), MOEBENCH_STEP_TIMEOUT (seconds per pytest call; none by default), MOEBENCH_SKIP_GPU_TESTS=1,
+# person decided so), MOEBENCH_STEP_TIMEOUT (seconds per pytest call, none by default; a suite starts no case
+# that would end past 90% of it), MOEBENCH_SKIP_GPU_TESTS=1,
 # MOEBENCH_PYTEST_ARGS (more pytest arguments for every suite run, e.g. "--moebench-policy lru -k switch-base-8").
 # MOEBENCH_AB_AGAINST=<git ref> adds an interleaved A/B run of that ref against this tree (moebench ab: the verdict
 # that survives a noisy machine), on MOEBENCH_AB_ARGS (pytest arguments, shell-quoted; default one switch-base-8
@@ -38,7 +39,11 @@ sys.exit(0 if any(p.name == 'moebench' for p in e(group='pytest11')) else 1)"; t
   plugin=(-p moebench.plugin)  # not installed: load the plugin by module name (installed: its entry point does)
 fi
 limit=()
-if [[ -n "${MOEBENCH_STEP_TIMEOUT:-}" ]]; then limit=(timeout --signal=INT --kill-after=30 "$MOEBENCH_STEP_TIMEOUT"); fi
+time_limit=()  # suites stop starting cases in time, so that their finished cases are stored before the timeout
+if [[ -n "${MOEBENCH_STEP_TIMEOUT:-}" ]]; then
+  limit=(timeout --signal=INT --kill-after=30 "$MOEBENCH_STEP_TIMEOUT")
+  time_limit=(--moebench-time-limit $(( MOEBENCH_STEP_TIMEOUT * 9 / 10 )))
+fi
 
 if [[ $# -gt 0 ]]; then suites=("$@"); else suites=(suites/*/); fi
 status=0
@@ -71,8 +76,8 @@ for suite in "${suites[@]}"; do
   # and reported "no baseline" (the first night on a new machine class)
   step "suite $name" "$out/suite_$name.log" -- "${limit[@]}" "$py" -m pytest "${plugin[@]}" "$suite" --moebench \
     --moebench-tier "$tier" --moebench-rounds "$rounds" --moebench-history "$history" \
-    --moebench-baseline-dir "$baselines" "${save[@]}" -p no:cacheprovider -v --junitxml "$out/suite_$name.xml" \
-    ${MOEBENCH_PYTEST_ARGS:-}
+    --moebench-baseline-dir "$baselines" "${save[@]}" "${time_limit[@]}" -p no:cacheprovider -v \
+    --junitxml "$out/suite_$name.xml" ${MOEBENCH_PYTEST_ARGS:-}
 done
 
 if [[ -n "${MOEBENCH_AB_AGAINST:-}" ]]; then
