@@ -26,15 +26,22 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--rules", nargs="+", default=["lru", "lfu", "next-use"])
+    ap.add_argument("--rules", nargs="+", default=["lru", "lfu", "prior-frequency", "next-use"])
     args = ap.parse_args()
     rng = random.Random(0)
     store = filled_store(args.layers, args.experts)
     steps = [[sorted({e for _ in range(args.batch) for e in rng.sample(range(args.experts), args.top_k)})
               for _ in range(args.layers)] for _ in range(args.steps)]
-    print(f"{'rule':<10} {'ms/step':>8} {'misses/step':>11} {'us/eviction':>11}")
+    print(f"{'rule':<16} {'ms/step':>8} {'misses/step':>11} {'us/eviction':>11}")
     for rule in args.rules:
         cache = ExpertCache(store, args.slots, "cpu", make_rule(rule))
+        if rule == "prior-frequency":  # a prior as a trained one gives it: counts per expert, here seeded at random
+            import torch
+
+            from moeoffload.predictors import FrequencyPrior
+
+            counts = torch.randint(0, 1000, (args.layers, args.experts), generator=torch.Generator().manual_seed(0))
+            cache.rule.bind(FrequencyPrior(counts, args.top_k))
         t0 = time.perf_counter()
         for step in steps:
             for layer, experts in enumerate(step):
@@ -43,7 +50,7 @@ def main() -> None:
                 cache.acquire(keys)
                 cache.release(keys)
         dt = time.perf_counter() - t0
-        print(f"{rule:<10} {dt / len(steps) * 1e3:8.1f} {cache.stats.misses / len(steps):11.0f} "
+        print(f"{rule:<16} {dt / len(steps) * 1e3:8.1f} {cache.stats.misses / len(steps):11.0f} "
               f"{dt / max(cache.stats.evictions, 1) * 1e6:11.1f}")
 
 

@@ -19,6 +19,7 @@ class FrequencyPrior:
         self.counts = counts.float()  # [num_layers, num_experts]
         self.top_k = top_k
         self._rank = self.counts.argsort(dim=-1, descending=True)
+        self._table = self.counts.tolist()  # the eviction rule asks once per insert: a list, not a tensor index
 
     @staticmethod
     def fit(trace: RoutingTrace) -> FrequencyPrior:
@@ -32,7 +33,7 @@ class FrequencyPrior:
 
     def frequency(self, key: tuple[int, int]) -> float:
         layer, expert = key
-        return float(self.counts[layer, expert])
+        return self._table[layer][expert]
 
     def reset(self) -> None:
         pass
