@@ -1,11 +1,14 @@
-"""LFU and prior-frequency keep their residents in score buckets (moeoffload.eviction.ScoreBuckets) instead of
-scanning them all per eviction; they must choose exactly the victims of the plain definition: among the allowed keys
-the lowest score, and among those the least recently inserted or accessed."""
+"""LFU and prior-frequency keep their residents in score buckets (moeoffload.eviction.ScoreBuckets), and Belady
+stops at the least recent key never needed again, instead of scoring every resident per eviction; they must choose
+exactly the victims of the plain definition: among the allowed keys the lowest score (Belady: the farthest next
+use), and among those the least recently inserted or accessed."""
+
+import math
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moeoffload.eviction import LFU, PriorFrequency
+from moeoffload.eviction import LFU, Belady, PriorFrequency
 
 KEYS = [(layer, e) for layer in range(3) for e in range(4)]
 
@@ -19,7 +22,7 @@ class Prior:
 
 
 def reference_victim(order, score, allowed):
-    """The definition: `order` is recency (oldest first) of the resident keys, `score` their scores."""
+    """The definition: `order` is recency (oldest first) of the resident keys, `score` their scores (lowest leaves)."""
     candidates = [k for k in order if k in allowed]
     lowest = min(score(k) for k in candidates)
     return next(k for k in candidates if score(k) == lowest)
@@ -81,3 +84,14 @@ def test_prior_frequency_picks_the_rarest_then_the_least_recent(ops, values, bin
         bound.append(True)
 
     replay(rule, ops, lambda k: prior.frequency(k) if bound else 0.0, bind=(int(bind_at * len(ops)), bind))
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=operations, distances=st.lists(st.sampled_from([0.0, 1.0, 3.0, math.inf]), min_size=len(KEYS),
+                                          max_size=len(KEYS)))
+def test_belady_picks_the_farthest_next_use_then_the_least_recent(ops, distances):
+    rule = Belady()
+    future = Prior(distances)
+    future.next_use = future.frequency
+    rule.bind(future)
+    replay(rule, ops, lambda k: -future.next_use(k))
