@@ -32,7 +32,7 @@ Prefetcher = Callable[[int, torch.Tensor], None]  # (this layer's index, its MoE
 KERNEL_MODES = ("auto", "torch", "triton", "grouped-torch")
 # Below this many experts in one call the per-expert loop runs, above it the staged loop: the staged loop saves about
 # eight launches per expert but adds about twenty per call (benchmarks/exact_loop.py on the H100: 0.72-0.79x of the
-# loop's speed with 2 to 6 experts, 1.15-1.26x with 8, 2.4-3.6x with 30 or more).
+# loop's speed with 2 to 6 experts, 1.15-1.26x with 8 of OLMoE's and Qwen3's, 1.9-3.6x with 25 or more).
 STAGED_MIN_EXPERTS = 8
 
 
