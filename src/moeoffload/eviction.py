@@ -198,7 +198,7 @@ class PriorFrequency:
         self.prior = prior
         self._resident = ScoreBuckets()
         for key in self._recency._order:  # oldest first, so each group keeps recency order
-            self._resident.put(key, self.prior.frequency(key))
+            self._resident.put(key, prior.frequency(key))
 
     def on_insert(self, key: ExpertKey) -> None:
         self._recency.on_insert(key)
