@@ -5,7 +5,8 @@
 #
 #   OUT=/some/dir STEPS="gpu_tests expertflow predictors" bash benchmarks/device_session.sh
 #
-# Steps: gpu_tests, gpu_exact, gpu_staged, exact_loop (benchmarks/exact_loop.py), mixtral (benchmarks/mixtral_e2e.py, peers and full size), expertflow, predictors, stats (benchmarks/stats_device.sh), nightly_switch (ci/nightly.sh on
+# Steps: gpu_tests, gpu_exact, gpu_staged, exact_loop (benchmarks/exact_loop.py), mixtral (benchmarks/mixtral_e2e.py,
+# peers and full size), expertflow, predictors, stats (benchmarks/stats_device.sh), nightly_switch (ci/nightly.sh on
 # switch-base-8 with the policies of baselines/h100/switch.json), full_<suite> (that suite's full tier), machine
 # (CPU quota and throttling), ab_same / ab_slow (moebench ab: A/A, and B stretched by AB_SLOW; AB_N runs each;
 # AB_ROUNDS, AB_CASE, AB_GRAIN=round|step), abk_<name> (moebench ab --processes AB_PROCESSES, resumed from AB_STATE
