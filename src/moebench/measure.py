@@ -238,7 +238,8 @@ class Session:
 
         policy = moeoffload.get_policy(case.policy)
         needs = predictors.needs(policy)
-        self._park_predictors()
+        if needs != "training-trace":
+            self._park_predictors()
         if needs is None:
             return None
         if needs == "exact-trace":
@@ -268,15 +269,17 @@ class Session:
             options = {"epochs": TRAIN_EPOCHS[self.tier]} if policy.predictor == "sida" else {}
             self._predictors[key] = kind.build(model, self._predictors[trace_key], show_progress=None, **options)
         chosen = self._predictors[key]
+        self._park_predictors(keep=key)
         if callable(getattr(chosen, "to", None)):
-            chosen.to(self.device)  # back from where `_park_predictors` left it
+            chosen.to(self.device)  # back from where `_park_predictors` left it, if an earlier case parked it
         return chosen
 
-    def _park_predictors(self) -> None:
+    def _park_predictors(self, keep=None) -> None:
         """Trained predictors are kept for the model's later cases (the 50% case reuses the 25% case's SiDA), but on
-        the CPU between their cases: one left on the device would count in another case's GPU peak."""
+        the CPU between their cases: one left on the device would count in another case's GPU peak. `keep`: the
+        key of the case's own predictor, which stays where it is."""
         for key, kept in self._predictors.items():
-            if key[1] != "trace" and callable(getattr(kept, "to", None)):
+            if key != keep and key[1] != "trace" and callable(getattr(kept, "to", None)):
                 kept.to("cpu")
 
     def _serve_for_recording(self, model, case: Case) -> None:

@@ -53,6 +53,10 @@ class LRU:
     def on_remove(self, key: ExpertKey) -> None:
         self._order.pop(key, None)
 
+    def __iter__(self):
+        """The keys, least recently used first."""
+        return iter(self._order)
+
     def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
         allowed = membership(candidates)
         for key in self._order:
@@ -174,7 +178,7 @@ class Belady:
         next_use = self.future.next_use
         # most residents are not needed again by what the future knows (inf, the farthest): the least recent of
         # those is the answer, found without scoring every resident (thousands of slots at Qwen3-30B-A3B's budgets)
-        for key in self._recency._order:
+        for key in self._recency:
             if key in allowed and next_use(key) == math.inf:
                 return key
         distance = {k: next_use(k) for k in allowed}
@@ -197,7 +201,7 @@ class PriorFrequency:
     def bind(self, prior) -> None:
         self.prior = prior
         self._resident = ScoreBuckets()
-        for key in self._recency._order:  # oldest first, so each group keeps recency order
+        for key in self._recency:  # oldest first, so each group keeps recency order
             self._resident.put(key, prior.frequency(key))
 
     def on_insert(self, key: ExpertKey) -> None:
