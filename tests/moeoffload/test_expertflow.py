@@ -39,6 +39,12 @@ def trained(request, one_thread):
     return request.param, model, train, held, predictor
 
 
+def test_trained_path_net_is_for_inference_only(trained):
+    """No gradient or optimizer state outlives training: what the device holds for the predictor is its weights."""
+    net = trained[-1].net
+    assert all(p.grad is None and not p.requires_grad for p in net.parameters())
+
+
 def test_path_predictor_beats_random_on_held_out_routing(trained):
     name, _, _, held, predictor = trained
     ours = P.summary(P.evaluate(predictor, held))

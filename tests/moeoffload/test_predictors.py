@@ -172,6 +172,17 @@ def test_device_bytes_counts_a_predictors_own_storages_once_and_not_the_models()
     assert device_bytes(Holder(), torch.device("meta")) == 0  # nothing of it lives there
 
 
+def test_device_bytes_counts_gradients_left_on_a_network():
+    """A trained network that kept its gradients holds them on the device as well: on the H100, ExpertFlow's
+    path net kept its 37 MiB embedding gradient, uncounted, and Qwen1.5's expertflow cases failed their GPU
+    memory check by 30 MiB."""
+    from moeoffload.predictors.base import device_bytes
+
+    net = torch.nn.Linear(8, 4)
+    net(torch.ones(2, 8)).sum().backward()
+    assert device_bytes(net, torch.device("cpu")) == 2 * (32 + 4) * 4
+
+
 def test_runahead_footprint_is_zero_on_a_cpu_and_the_run_stays_exact(prepared):
     """The footprint probe is a GPU measurement (the side stream's peak); on a CPU it is 0, and the probe's
     prediction (state reset afterwards) does not change what the model then generates."""

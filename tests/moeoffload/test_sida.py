@@ -31,6 +31,8 @@ def test_sida_beats_random_saves_loads_and_data_aware_is_approximate(tmp_path):
     losses = []
     sida = P.SidaPredictor.create(model, train, dim=32).train(train, epochs=8, show_progress=False, log=losses)
     assert losses[-1] < losses[0]
+    # inference only from here: no gradient outlives training to be held on the device uncounted
+    assert all(p.grad is None and not p.requires_grad for net in sida.nets.values() for p in net.parameters())
     ours = P.summary(P.evaluate(sida, held))
     chance = P.summary(P.evaluate(P.RandomPredictor(trace.num_experts, trace.top_k), held))
     assert ours["hit_rate"] > chance["hit_rate"]

@@ -107,11 +107,20 @@ class PredictorKind:
 PREDICTORS: dict[str, PredictorKind] = {}
 
 
+def inference_only(net: torch.nn.Module) -> torch.nn.Module:
+    """`net` in eval mode with its gradients dropped and its parameters frozen: a trained predictor serves, and
+    a gradient kept from its last training step would sit on the device beside its weights (ExpertFlow's path net
+    kept one as large as its embedding, 37 MiB at Qwen1.5's vocabulary)."""
+    net.zero_grad(set_to_none=True)
+    net.requires_grad_(False)
+    return net.eval()
+
+
 def device_bytes(obj: Any, device: torch.device, shared_with: torch.nn.Module | None = None) -> int:
-    """Bytes of the distinct tensor storages reachable from `obj` (attributes, modules' parameters and buffers,
-    dicts, lists, tuples) that live on `device`, less the storages of `shared_with`'s parameters and buffers (the
-    model's own weights, which a predictor may share, as SiDA shares the input embeddings). What a predictor
-    holds on the GPU beyond the model and the expert cache: the memory a suite charges to it."""
+    """Bytes of the distinct tensor storages reachable from `obj` (attributes, modules' parameters, gradients and
+    buffers, dicts, lists, tuples) that live on `device`, less the storages of `shared_with`'s parameters and
+    buffers (the model's own weights, which a predictor may share, as SiDA shares the input embeddings). What a
+    predictor holds on the GPU beyond the model and the expert cache: the memory a suite charges to it."""
     seen_objects: set[int] = set()
     storages: dict[int, int] = {}
     exclude = set() if shared_with is None else {
@@ -127,7 +136,9 @@ def device_bytes(obj: Any, device: torch.device, shared_with: torch.nn.Module | 
                 if storage.data_ptr() not in exclude:
                     storages[storage.data_ptr()] = storage.nbytes()
         elif isinstance(x, torch.nn.Module):
-            for t in list(x.parameters()) + list(x.buffers()):
+            # a gradient left on a parameter is held on the device as surely as the parameter itself
+            grads = [p.grad for p in x.parameters() if p.grad is not None]
+            for t in list(x.parameters()) + grads + list(x.buffers()):
                 visit(t, depth + 1)
         elif isinstance(x, dict):
             for v in x.values():

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..progress import progress
-from .base import Prediction, StackInputs
+from .base import Prediction, StackInputs, inference_only
 from .runahead import RunAhead
 from .traces import RoutingTrace
 
@@ -203,7 +203,7 @@ class ExpertFlowPredictor:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        return cls(net.eval(), transitions(trace), dict(info))
+        return cls(inference_only(net), transitions(trace), dict(info))
 
     def to(self, device: str | torch.device) -> ExpertFlowPredictor:
         self.net.to(device)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..progress import progress
-from .base import Prediction, StackInputs, top_k_from_logits
+from .base import Prediction, StackInputs, inference_only, top_k_from_logits
 from .traces import SCHEMA_VERSION, RoutingTrace
 
 
@@ -116,7 +116,7 @@ class SidaPredictor:
         """Fit every stack's network on `trace` with the truncated KD loss; one optimizer step per chunk."""
         device = self.embedding.device
         self.to(device)
-        params = [p for net in self.nets.values() for p in net.parameters()]
+        params = [p.requires_grad_() for net in self.nets.values() for p in net.parameters()]
         opt = torch.optim.Adam(params, lr=lr)
         chunks = [c for c in trace.chunks if c["stack"] in self.nets and all(
             "logits" in c["layers"].get(i, {}) for i in self.layers_of(c["stack"]))]
@@ -146,7 +146,7 @@ class SidaPredictor:
         if hasattr(bar, "close"):
             bar.close()
         for net in self.nets.values():
-            net.eval()
+            inference_only(net)
         return self
 
     # -- RoutingPredictor ----------------------------------------------------------------------------------------
