@@ -4,6 +4,8 @@
 
 OLMoE's shape by default (16 MoE layers x 64 experts, a 25% cache of 256 slots, batch 8 x top-8 random routing):
 every decode step misses hundreds of times, so microseconds per eviction add up to milliseconds per step.
+`belady` is bound to the oracle of the same steps (oracle-belady's future). Qwen3-30B-A3B at 25%, batch 4:
+`--layers 48 --experts 128 --slots 1536 --batch 4`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--rules", nargs="+", default=["lru", "lfu", "prior-frequency", "next-use"])
+    ap.add_argument("--rules", nargs="+", default=["lru", "lfu", "prior-frequency", "next-use", "belady"])
     args = ap.parse_args()
     rng = random.Random(0)
     store = filled_store(args.layers, args.experts)
@@ -42,10 +44,20 @@ def main() -> None:
 
             counts = torch.randint(0, 1000, (args.layers, args.experts), generator=torch.Generator().manual_seed(0))
             cache.rule.bind(FrequencyPrior(counts, args.top_k))
+        oracle = None
+        if rule == "belady":  # the exact future of these very steps, as oracle-belady has it (an upper bound)
+            from moeoffload.predictors.oracle import OracleReplay
+            from moeoffload.predictors.traces import CallTrace
+
+            calls = [(layer, tuple(experts)) for step in steps for layer, experts in enumerate(step)]
+            oracle = OracleReplay(CallTrace(calls), cache, prefetch=False)
+            cache.rule.bind(oracle)
         t0 = time.perf_counter()
         for step in steps:
             for layer, experts in enumerate(step):
                 keys = [(layer, e) for e in experts]
+                if oracle is not None:
+                    oracle.tap(layer, None, None, None)
                 cache.enter_layer(layer)
                 cache.acquire(keys)
                 cache.release(keys)

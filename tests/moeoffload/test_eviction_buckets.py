@@ -1,5 +1,6 @@
 """LFU and prior-frequency keep their residents in score buckets (moeoffload.eviction.ScoreBuckets), and Belady
-stops at the least recent key never needed again, instead of scoring every resident per eviction; they must choose
+stops at the least recent key never needed again, or, bound to the oracle, pops the farthest from a heap, instead of
+scoring every resident per eviction; they must choose
 exactly the victims of the plain definition: among the allowed keys the lowest score (Belady: the farthest next
 use), and among those the least recently inserted or accessed."""
 
@@ -95,3 +96,75 @@ def test_belady_picks_the_farthest_next_use_then_the_least_recent(ops, distances
     future.next_use = future.frequency
     rule.bind(future)
     replay(rule, ops, lambda k: -future.next_use(k))
+
+
+class Evictable(set):
+    """A set the rules treat as the cache's lazy view of evictable keys (what turns on Belady's heap)."""
+
+    fast_membership = True
+
+
+@settings(max_examples=300, deadline=None)
+@given(calls=st.lists(st.tuples(st.integers(0, 2), st.sets(st.integers(0, 3), min_size=1)), min_size=1,
+                      max_size=30),
+       ops=st.lists(st.tuples(st.sampled_from(["insert", "access", "remove", "victim", "advance", "advance",
+                                               "diverge"]),
+                              st.sampled_from(KEYS), st.sets(st.sampled_from(KEYS))), min_size=20, max_size=120),
+       rebuild_after=st.sampled_from([0, 2, 256]))
+def test_belady_heap_on_the_oracles_positions_matches_the_definition(calls, ops, rebuild_after):
+    """Bound to the oracle (which gives positions), Belady pops the farthest from a heap that is brought up to date
+    only for the keys whose next use moved; its victims must be the definition's at every cursor, through
+    pins, removals, re-accesses, heap rebuilds and the oracle stepping aside."""
+    from unittest import mock
+
+    from moeoffload.predictors.oracle import OracleReplay
+    from moeoffload.predictors.traces import CallTrace
+
+    with mock.patch("moeoffload.predictors.oracle.REBUILD_AFTER_CALLS", rebuild_after):
+        check_belady_on_oracle(OracleReplay, CallTrace, calls, ops)
+
+
+def check_belady_on_oracle(OracleReplay, CallTrace, calls, ops):
+    future = OracleReplay(CallTrace([(layer, tuple(sorted(e))) for layer, e in calls], past_end="lru"), None,
+                          prefetch=False)
+    rule = Belady()
+    rule.bind(future)
+    resident: list = []
+    for op, key, allowed in ops:
+        if op == "advance":
+            nxt = future.cursor + 1
+            future.tap(calls[nxt][0] if nxt < len(calls) else 0, None, None, None)
+        elif op == "diverge":
+            future.diverged = True
+        elif op == "insert" and key not in resident:
+            rule.on_insert(key)
+            resident.append(key)
+        elif op == "access" and key in resident:
+            rule.on_access(key)
+            resident.remove(key)
+            resident.append(key)
+        elif op == "remove" and key in resident:
+            rule.on_remove(key)
+            resident.remove(key)
+        elif op == "victim":
+            for subset in (set(resident), allowed & set(resident)):
+                if subset:
+                    expected = reference_victim(resident, lambda k: -future.next_use(k), subset)
+                    assert rule.victim(Evictable(subset)) == expected
+
+
+def test_belady_heap_follows_a_resident_whose_next_use_moved_on():
+    """Expert (0, 0) is needed at calls 0 and 3, (1, 0) at call 2: once the cursor passes call 0, (0, 0) is the
+    farther one, though nothing touched it since it was inserted."""
+    from moeoffload.predictors.oracle import OracleReplay
+    from moeoffload.predictors.traces import CallTrace
+
+    future = OracleReplay(CallTrace([(0, (0,)), (2, (1,)), (1, (0,)), (0, (0,))]), None, prefetch=False)
+    rule = Belady()
+    rule.bind(future)
+    rule.on_insert((0, 0))
+    rule.on_insert((1, 0))
+    assert rule.victim(Evictable({(0, 0), (1, 0)})) == (1, 0)  # cursor before call 0: (0, 0) is needed first
+    future.tap(0, None, None, None)
+    future.tap(2, None, None, None)  # past call 0: (0, 0) is next needed at call 3, after (1, 0) at call 2
+    assert rule.victim(Evictable({(0, 0), (1, 0)})) == (0, 0)

@@ -14,6 +14,8 @@ import torch
 from ..cache import ExpertCache
 from .traces import CallTrace
 
+REBUILD_AFTER_CALLS = 256  # more passed calls than this since the last eviction: Belady rebuilds its heap
+
 
 class OracleReplay:
     name = "oracle"
@@ -62,10 +64,28 @@ class OracleReplay:
             self.cache.prefetch([(layer, e) for e in experts])
 
     def next_use(self, key: tuple[int, int]) -> float:
+        return self.position(key) - self.cursor
+
+    # -- positions (moeoffload.eviction.TracksPositions): Belady keeps a heap instead of scoring every resident --
+    def position(self, key: tuple[int, int]) -> float:
+        """The recorded call that next needs `key` (the running one included); inf: none, or stepped aside."""
         if self.diverged:
             return math.inf
         uses = self._uses.get(key)
         if not uses:
             return math.inf
         i = bisect.bisect_left(uses, max(self.cursor, 0))
-        return float(uses[i] - self.cursor) if i < len(uses) else math.inf
+        return float(uses[i]) if i < len(uses) else math.inf
+
+    @property
+    def version(self) -> tuple[bool, int]:
+        return self.diverged, max(self.cursor, 0)
+
+    def changed_since(self, version: tuple[bool, int]) -> list[tuple[int, int]] | None:
+        """The keys whose position moved since `version`: those of the calls the cursor has passed since. None
+        (all of them) once the oracle stepped aside, or when so many calls passed that a rebuild is cheaper."""
+        diverged, then = version
+        now = min(max(self.cursor, 0), len(self.trace.calls))
+        if diverged != self.diverged or now - then > REBUILD_AFTER_CALLS:
+            return None
+        return [(layer, e) for layer, experts in self.trace.calls[then:now] for e in experts]
