@@ -7,7 +7,6 @@ moeoffload) happen only when --moebench is given, so plain `pytest` pays nothing
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -46,8 +45,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="baseline machine class (default: from the GPU name, e.g. h100; cpu without a GPU)")
     group.addoption("--moebench-time-limit", type=float, default=None, metavar="SECONDS",
                     help="start no case that would end past this many seconds after the run began (judged by the "
-                         "longest case so far): the rest are skipped with the reason, and the finished ones are "
-                         "reported and stored as usual; for a CI job with a wall-time limit")
+                         "longest case so far of its kind: one that builds its model, or one that finds it built): "
+                         "the rest are skipped with the reason, and the finished ones are reported and stored as "
+                         "usual; for a CI job with a wall-time limit")
     group.addoption("--moebench-inject-delay", default=None, metavar="TIME",
                     help="TEST HOOK: busy-wait before every MoE layer, to fake a slowdown: TIME (e.g. 0.2ms) each "
                          "call, or a percentage (e.g. 5%%: stretch the run by that much, whatever the machine's "
@@ -83,6 +83,7 @@ def pytest_configure(config: pytest.Config) -> None:
     from .regression import configure_comparison
 
     comparison = configure_comparison(config, device)  # raises pytest.UsageError on a bad spec or baseline
+    from .deadline import Deadline
     from .turns import Turns
 
     turns = Turns.from_env()  # set by `moebench ab`; the first timed round waits for the referee to give the floor
@@ -99,9 +100,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "history_path": None,
         "history_error": None,
         "turns": turns,
-        "time_limit": time_limit,
-        "started": time.monotonic(),
-        "longest_case_s": 0.0,
+        "deadline": None if time_limit is None else Deadline(time_limit),
         **comparison,
     }
 
@@ -162,15 +161,15 @@ class CaseItem(pytest.Item):
 
     def runtest(self) -> None:
         state = self.config.stash[_STATE]
-        elapsed = time.monotonic() - state["started"]
-        if state["time_limit"] is not None and elapsed + state["longest_case_s"] > state["time_limit"]:
-            pytest.skip(f"--moebench-time-limit {state['time_limit']:g}s: not started at {elapsed:.0f}s (the longest "
-                        f"case so far took {state['longest_case_s']:.0f}s)")
-        t0 = time.monotonic()
-        try:
+        deadline = state["deadline"]
+        if deadline is None:
             self._run(state)
-        finally:
-            state["longest_case_s"] = max(state["longest_case_s"], time.monotonic() - t0)
+            return
+        model = (self.bench.suite.name, self.case.model)  # built once per suite session (measure.Session.model)
+        refusal = deadline.refusal(model)
+        if refusal is not None:
+            pytest.skip(refusal)
+        deadline.run(model, lambda: self._run(state))
 
     def _run(self, state) -> None:
         from .measure import CaseFailed, CaseSkipped
