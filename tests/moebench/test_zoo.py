@@ -69,6 +69,29 @@ def test_synthetic_is_seeded_reduced_and_labelled():
     assert torch.equal(a.model.rotary_emb.inv_freq, fresh.inv_freq)
 
 
+@pytest.mark.parametrize("threads,window", [(1, 1), (2, 1 << 40)])
+def test_synthetic_weights_do_not_depend_on_threads_or_the_draw_window(threads, window, monkeypatch):
+    """Blocks of many parameters are drawn at once; the weights must not depend on how many threads draw them or
+    how far ahead they are drawn, and tied weights must stay one tensor."""
+    from moebench.zoo import loader
+
+    def build():
+        model, _ = load_model("switch-base-8", layers=2, dtype="bfloat16", overrides={"d_model": 64, "d_ff": 128,
+                                                                                        "d_kv": 16, "num_heads": 4})
+        return model
+
+    reference = build().state_dict()
+    monkeypatch.setattr(loader, "_DRAW_WINDOW_BYTES", window)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = build()
+    finally:
+        torch.set_num_threads(old)
+    assert all(torch.equal(reference[k], v) for k, v in model.state_dict().items())
+    assert model.encoder.embed_tokens.weight is model.shared.weight
+
+
 def test_synthetic_routing_is_spread_over_experts():
     model, _ = load_model("mixtral-8x7b", layers=2, overrides=TINY)
     ids = torch.randint(2, 512, (4, 32), generator=torch.Generator().manual_seed(0))

@@ -14,8 +14,9 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ TRAINED_PATH = Path("models") / "kjv-moe"
 TRAIN_COMMAND = "python scripts/train_small_moe.py"
 _CHUNK = 1 << 22  # elements per independently seeded block: the draw does not depend on thread count or device
 _PROGRESS_MIN_BYTES = 1 << 30
+_DRAW_WINDOW_BYTES = 1 << 30  # host bytes drawn ahead of the parameters being placed (moved to the device)
 
 
 class CheckpointError(FileNotFoundError):
@@ -203,21 +205,47 @@ def _materialize(model: nn.Module, dtype: torch.dtype, device: torch.device, see
     bar = tqdm(desc="moebench: synthetic weights", total=total, unit="B", unit_scale=True, disable=not show,
                leave=False)
     done: dict[int, nn.Parameter] = {}
+    # Blocks of several parameters are drawn at once: a Switch expert matrix is a single block, so drawing parameter
+    # by parameter kept one thread busy (switch-base-256's build took 136 s on the 16-core device machine). A window
+    # of drawn-but-unplaced tensors bounds the extra host memory.
+    pending: deque[tuple[nn.Module, str, nn.Parameter, torch.Tensor, list[Future]]] = deque()
+    pending_ids: set[int] = set()
+    pending_bytes = 0
+
+    def place_oldest() -> None:
+        nonlocal pending_bytes
+        module, pname, meta_param, t, futures = pending.popleft()
+        pending_ids.discard(id(meta_param))
+        for f in futures:
+            f.result()
+        new = nn.Parameter(t.to(device), requires_grad=False)
+        done[id(meta_param)] = new
+        setattr(module, pname, new)
+        pending_bytes -= t.numel() * t.element_size()
+        bar.update(t.numel() * t.element_size())
+
     with torch.no_grad(), ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
         for index, (module, pname, meta_param) in enumerate(params):
+            if id(meta_param) in pending_ids:
+                while pending:  # its first occurrence must be placed before it is tied
+                    place_oldest()
             if id(meta_param) in done:  # tied weights stay tied
                 setattr(module, pname, done[id(meta_param)])
                 continue
             t = torch.empty(meta_param.shape, dtype=dtype if meta_param.is_floating_point() else meta_param.dtype)
+            futures: list[Future] = []
             if t.dim() < 2:
                 t.fill_(1.0 if _is_scale(pname, module) else 0.0)
             else:
                 bound = math.sqrt(3.0 / _fan_in(module, pname, meta_param))
-                _uniform_blocks(t, bound, seed, index, pool)
-            new = nn.Parameter(t.to(device), requires_grad=False)
-            done[id(meta_param)] = new
-            setattr(module, pname, new)
-            bar.update(t.numel() * t.element_size())
+                futures = _uniform_blocks(t, bound, seed, index, pool)
+            pending.append((module, pname, meta_param, t, futures))
+            pending_ids.add(id(meta_param))
+            pending_bytes += t.numel() * t.element_size()
+            while pending_bytes > _DRAW_WINDOW_BYTES and len(pending) > 1:
+                place_oldest()
+        while pending:
+            place_oldest()
     bar.close()
     _materialize_buffers(model, device)
 
@@ -229,15 +257,15 @@ def _unique_parameters(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Pa
                 yield module, pname, p
 
 
-def _uniform_blocks(t: torch.Tensor, bound: float, seed: int, index: int, pool: ThreadPoolExecutor) -> None:
-    flat = t.view(-1)
-    blocks = list(flat.split(_CHUNK))
+def _uniform_blocks(t: torch.Tensor, bound: float, seed: int, index: int, pool: ThreadPoolExecutor) -> list[Future]:
+    """Start drawing `t`'s blocks on `pool`; returns their futures (each block from its own seeded generator)."""
+    blocks = list(t.view(-1).split(_CHUNK))
 
     def draw(i: int) -> None:
         gen = torch.Generator().manual_seed((seed * 1_000_003 + index) * 1_000_033 + i)
         blocks[i].uniform_(-bound, bound, generator=gen)
 
-    list(pool.map(draw, range(len(blocks))))
+    return [pool.submit(draw, i) for i in range(len(blocks))]
 
 
 def _materialize_buffers(model: nn.Module, device: torch.device) -> None:
