@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .base import PREDICTORS
-from .traces import _offloaded, collect_trace, record_calls
+from .traces import collect_trace, record_calls, recording_handle
 
 
 def needs(policy) -> str | None:
@@ -44,6 +44,6 @@ def prepare(policy, model, *, train_prompts=None, new_tokens: int = 8, run: Call
     if kind.needs == "exact-trace":
         if run is None:
             raise ValueError(f"policy {policy.name!r} replays the served routing: pass run (the exact calls)")
-        with _offloaded(model, budget, device) as handle:  # an offloaded model records on its own handle
+        with recording_handle(model, budget, device) as handle:  # an offloaded model records on its own handle
             return record_calls(handle, run, past_end=past_end)
     raise ValueError(f"predictor {kind.name!r} declares unknown needs {kind.needs!r}")

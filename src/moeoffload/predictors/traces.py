@@ -156,7 +156,10 @@ def _info(handle, stacks) -> dict:
 
 
 @contextlib.contextmanager
-def _offloaded(model, budget, device):
+def recording_handle(model, budget, device):
+    """The handle routing is recorded on: the model's own when it is offloaded under an exact policy without a
+    predictor (refused otherwise: a predictor's taps would replace the recorder's), else a temporary LRU offload at
+    `budget`, restored afterwards."""
     from ..offload import offload
 
     handle = getattr(model, "_moeoffload", None)
@@ -175,7 +178,7 @@ def collect_trace(model, prompts: list[torch.Tensor], new_tokens: int = 8, *, wi
     """Greedy-generate `new_tokens` per prompt batch, then record the routing of one teacher-forced pass over
     prompt + generated tokens (the same routing generation saw, one forward per stack instead of one per token).
     Works on a plain model (offloaded here with 'lru' at `budget`, then restored) or an offloaded one."""
-    with _offloaded(model, budget, device) as handle:
+    with recording_handle(model, budget, device) as handle:
         dev = handle.device
         recorder = _Recorder(handle, with_hidden)
         for ids in progress(prompts, desc="moeoffload: recording routing", enable=show_progress):
