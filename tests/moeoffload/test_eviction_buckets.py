@@ -5,11 +5,14 @@ exactly the victims of the plain definition: among the allowed keys the lowest s
 use), and among those the least recently inserted or accessed."""
 
 import math
+from unittest import mock
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moeoffload.eviction import LFU, Belady, PriorFrequency
+from moeoffload.predictors.oracle import OracleReplay
+from moeoffload.predictors.traces import CallTrace
 
 KEYS = [(layer, e) for layer in range(3) for e in range(4)]
 
@@ -33,13 +36,17 @@ operations = st.lists(st.tuples(st.sampled_from(["insert", "access", "remove", "
                                 st.sets(st.sampled_from(KEYS))), min_size=20, max_size=80)
 
 
-def replay(rule, ops, score, on_use=None, bind=None):
+def replay(rule, ops, score, on_use=None, bind=None, events=None, view=set):
     """Apply `ops` to `rule` and to a plain recency list side by side; every victim must match the definition.
-    `bind` = (position in ops, callable): called before that operation (a prior bound mid-run)."""
+    `bind` = (position in ops, callable): called before that operation (a prior bound mid-run). `events`: op name
+    -> callable for ops that move the future, not the cache. `view`: how the candidates are handed to the rule."""
     resident: list = []  # recency order, oldest first
     for i, (op, key, allowed) in enumerate(ops):
         if bind is not None and i == bind[0]:
             bind[1]()
+        if events is not None and op in events:
+            events[op]()
+            continue
         if op == "insert" and key not in resident:
             rule.on_insert(key)
             resident.append(key)
@@ -54,7 +61,7 @@ def replay(rule, ops, score, on_use=None, bind=None):
         elif op == "victim":  # among every resident, and among the drawn subset of them (pins excluded)
             for subset in (set(resident), allowed & set(resident)):
                 if subset:
-                    assert rule.victim(subset) == reference_victim(resident, score, subset)
+                    assert rule.victim(view(subset)) == reference_victim(resident, score, subset)
             continue
         else:
             continue
@@ -115,50 +122,26 @@ def test_belady_heap_on_the_oracles_positions_matches_the_definition(calls, ops,
     """Bound to the oracle (which gives positions), Belady pops the farthest from a heap that is brought up to date
     only for the keys whose next use moved; its victims must be the definition's at every cursor, through
     pins, removals, re-accesses, heap rebuilds and the oracle stepping aside."""
-    from unittest import mock
-
-    from moeoffload.predictors.oracle import OracleReplay
-    from moeoffload.predictors.traces import CallTrace
-
-    with mock.patch("moeoffload.predictors.oracle.REBUILD_AFTER_CALLS", rebuild_after):
-        check_belady_on_oracle(OracleReplay, CallTrace, calls, ops)
-
-
-def check_belady_on_oracle(OracleReplay, CallTrace, calls, ops):
     future = OracleReplay(CallTrace([(layer, tuple(sorted(e))) for layer, e in calls], past_end="lru"), None,
                           prefetch=False)
     rule = Belady()
     rule.bind(future)
-    resident: list = []
-    for op, key, allowed in ops:
-        if op == "advance":
-            nxt = future.cursor + 1
-            future.tap(calls[nxt][0] if nxt < len(calls) else 0, None, None, None)
-        elif op == "diverge":
-            future.diverged = True
-        elif op == "insert" and key not in resident:
-            rule.on_insert(key)
-            resident.append(key)
-        elif op == "access" and key in resident:
-            rule.on_access(key)
-            resident.remove(key)
-            resident.append(key)
-        elif op == "remove" and key in resident:
-            rule.on_remove(key)
-            resident.remove(key)
-        elif op == "victim":
-            for subset in (set(resident), allowed & set(resident)):
-                if subset:
-                    expected = reference_victim(resident, lambda k: -future.next_use(k), subset)
-                    assert rule.victim(Evictable(subset)) == expected
+
+    def advance():
+        nxt = future.cursor + 1
+        future.tap(calls[nxt][0] if nxt < len(calls) else 0, None, None, None)
+
+    def diverge():
+        future.diverged = True
+
+    with mock.patch("moeoffload.predictors.oracle.REBUILD_AFTER_CALLS", rebuild_after):
+        replay(rule, ops, lambda k: -future.next_use(k), events={"advance": advance, "diverge": diverge},
+               view=Evictable)
 
 
 def test_belady_heap_follows_a_resident_whose_next_use_moved_on():
     """Expert (0, 0) is needed at calls 0 and 3, (1, 0) at call 2: once the cursor passes call 0, (0, 0) is the
     farther one, though nothing touched it since it was inserted."""
-    from moeoffload.predictors.oracle import OracleReplay
-    from moeoffload.predictors.traces import CallTrace
-
     future = OracleReplay(CallTrace([(0, (0,)), (2, (1,)), (1, (0,)), (0, (0,))]), None, prefetch=False)
     rule = Belady()
     rule.bind(future)
