@@ -167,10 +167,12 @@ class Belady:
         self._tick = 0
         self._heap: list[tuple[float, int, ExpertKey]] = []  # (-position, tick, key): farthest, then least recent
         self._seen = None  # the future's version the heap is up to date with (None: rebuild)
+        self._positional = False  # the bound future gives positions: keep the heap
 
     def bind(self, future) -> None:
         self.future = future
         self._seen = None
+        self._positional = isinstance(future, TracksPositions)  # once here, not per eviction
 
     def on_insert(self, key: ExpertKey) -> None:
         self._recency.on_insert(key)
@@ -217,7 +219,7 @@ class Belady:
         if self.future is None:
             return self._recency.victim(candidates)
         allowed = membership(candidates)
-        if isinstance(self.future, TracksPositions) and getattr(allowed, "fast_membership", False):
+        if self._positional and getattr(allowed, "fast_membership", False):
             key = self._pop_farthest(allowed)
             if key is not None:
                 return key
