@@ -224,10 +224,11 @@ class ExpertCache:
         Never evicts a pinned expert or another key of this call; stops when no slot can be freed. On CUDA the
         copies run on the transfer stream, overlapping whatever the compute stream does meanwhile.
         """
-        wanted = [k for k in dict.fromkeys(keys) if k not in self._slot_of]
+        asked = list(dict.fromkeys(keys))
+        wanted = [k for k in asked if k not in self._slot_of]
         for key in wanted:
             self.store.buffer(key)  # a key outside the store raises here, before any slot changes hands
-        protect = set(wanted)
+        protect = set(asked)  # those already resident too: evicting one to load another would be a miss later
         issued = 0
         for key in wanted:
             if not self._free and not self._evictable(protect):

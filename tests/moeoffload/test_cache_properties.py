@@ -59,9 +59,12 @@ def test_budget_residency_and_pins_hold_under_random_requests(shape, data, rule,
         held.extend(dict.fromkeys(keys))
         if data.draw(st.booleans(), label="prefetch"):
             guess = data.draw(st.lists(st.integers(0, experts - 1), max_size=experts), label="guess")
-            cache.prefetch([(data.draw(st.integers(0, layers - 1)), e) for e in guess])
+            guessed = [(data.draw(st.integers(0, layers - 1)), e) for e in guess]
+            already = {k for k in guessed if k in cache.resident()}
+            cache.prefetch(guessed)
             for key in held:  # a prefetch never evicts what a computation holds
                 assert key in cache.resident()
+            assert already <= cache.resident()  # nor a key it was asked for that was already there
         assert cache.pool_bytes <= budget and cache.resident_bytes <= budget
         for table_layer in range(layers):  # the device-routing table: only when nothing can ever move again
             table = cache.resident_table(table_layer, experts)

@@ -23,6 +23,20 @@ def test_prefetch_never_evicts_pinned_or_its_own_keys_and_counts_its_hits():
     assert cache.transfer.stats.copies == 3
 
 
+def test_prefetch_keeps_the_keys_of_its_call_that_were_already_resident():
+    """A prefetch for the next layer whose experts are partly resident must not evict those to load the rest: the
+    oracle had misses at a budget where it should have none (switch-base-32 `oracle@50%` on the H100)."""
+    store = filled_store(2, 4)
+    cache = ExpertCache(store, 2, "cpu", make_rule("lru"))
+    for key in ((1, 0), (0, 0)):  # (1, 0) is the least recently used resident ...
+        cache.acquire([key])
+        cache.release([key])
+    assert cache.prefetch([(1, 0), (1, 1)]) == 1  # ... and wanted by this prefetch: (0, 0) makes room instead
+    assert cache.resident() == {(1, 0), (1, 1)}
+    cache.acquire([(1, 0), (1, 1)])
+    assert cache.stats.misses == 2  # the two acquires above; the prefetched layer hits entirely
+
+
 def test_lookahead_policy_is_exact_and_prefetches():
     for build in (tiny_mixtral, tiny_switch):
         model = build(seed=5)
