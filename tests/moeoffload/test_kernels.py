@@ -51,6 +51,8 @@ def run_case(kind, tokens, hidden_size, inter, n_experts, top_k, dtype, device, 
     top_k_index = torch.stack([torch.randperm(n_experts, generator=g)[:top_k] for _ in range(tokens)]).to(device)
     if tokens > 1:
         top_k_index[0, -1] = n_experts  # a pair routed to no expert (Switch's capacity drop)
+    if tokens > 2:
+        top_k_index[-1, 0] = -1  # and an id below the range, which counts as no expert too
     top_k_weights = torch.rand(tokens, top_k, generator=g).to(dtype).to(device)
 
     order, counts = kernels.sort_by_expert(top_k_index, n_experts)
@@ -71,6 +73,22 @@ def run_case(kind, tokens, hidden_size, inter, n_experts, top_k, dtype, device, 
     ref = reference(kind, hidden, top_k_index, top_k_weights, experts)
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert err < TOLERANCE[dtype], f"{kind} T={tokens} H={hidden_size} I={inter} {dtype}: rel err {err:.2e}"
+
+    # the resident path's route, decided on the device: same groups, rows past the valid ones never read
+    slot_of_id = kernels.slot_lookup(torch.tensor(slot_of, device=device), n_slots)
+    slot_ends = torch.arange(1, n_slots + 1, dtype=torch.int32, device=device)
+    order, inverse, offs = kernels.route_on_device(top_k_index, slot_of_id, slot_ends, backend=backend)
+    per_slot = [0] * n_slots
+    for e, c in enumerate(counts):
+        per_slot[slot_of[e]] = c
+    assert offs.tolist() == torch.tensor(per_slot).cumsum(0).tolist()
+    x = kernels.permute(hidden, order, backend=backend, divisor=top_k)
+    y = kernels.grouped_ffn_by_offsets(spec, x, pool, offs)
+    y[n_valid:] = float("nan")  # what torch's grouped GEMM leaves there: undefined
+    out = kernels.unpermute(y, inverse, top_k_weights, dtype, backend=backend, token_major=True, limit=offs[-1:])
+    assert not torch.isnan(out).any()
+    err_device = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err_device < TOLERANCE[dtype], f"device route: rel err {err_device:.2e}"
     return err
 
 
@@ -85,8 +103,31 @@ def test_torch_fallback_matches_float64(kind, dtype, shape):
         run_case(kind, *shape, dtype, "cpu", "torch", seed)
 
 
+def check_route(pairs: int, top_k: int, n_experts: int, n_slots: int, device: str, backend: str, seed: int) -> None:
+    """`route_on_device` (one Triton launch at decode sizes) against its torch form and the definition: a stable
+    sort of the pairs by slot, ids outside 0..E-1 last."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(-1, n_experts + 2, (pairs // top_k, top_k), generator=g)
+    slot_of = torch.randperm(n_slots, generator=g)[:n_experts]
+    slot_of_id = kernels.slot_lookup(slot_of.to(device), n_slots)
+    slot_ends = torch.arange(1, n_slots + 1, dtype=torch.int32, device=device)
+    order, inverse, offs = kernels.route_on_device(ids.to(device), slot_of_id, slot_ends, backend=backend)
+    slot = [int(slot_of[i]) if 0 <= i < n_experts else n_slots for i in ids.reshape(-1).tolist()]
+    want = sorted(range(len(slot)), key=lambda p: (slot[p], p))
+    assert order.tolist() == want
+    assert [want.index(p) for p in range(len(slot))] == inverse.tolist()
+    assert offs.tolist() == [sum(s <= i for s in slot) for i in range(n_slots)]
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 4, 5), (16, 2, 8, 9), (64, 8, 64, 200), (130, 2, 8, 9)])
+def test_device_route_matches_its_definition(shape):
+    check_route(*shape, "cpu", "torch", seed=shape[0])
+
+
 def interpreter_checks() -> None:
     """Run by the subprocess below, with TRITON_INTERPRET=1."""
+    for i, shape in enumerate([(1, 1, 4, 5), (16, 2, 8, 9), (64, 8, 64, 200), (128, 4, 16, 17), (130, 2, 8, 9)]):
+        check_route(*shape, "cpu", "triton", seed=i)
     for kind in kernels.FFN_KINDS:
         for dtype in (torch.float32, torch.float16):
             for i, shape in enumerate([(1, 32, 48, 4, 2), (9, 32, 40, 4, 2), (21, 16, 24, 3, 1)]):

@@ -135,12 +135,14 @@ def slot_weights(spec: FFNSpec, pool: torch.Tensor) -> tuple[torch.Tensor, torch
     return w1, w2
 
 
-def grouped_ffn_by_offsets(spec: FFNSpec, x: torch.Tensor, pool: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+def grouped_ffn_by_offsets(spec: FFNSpec, x: torch.Tensor, pool: torch.Tensor, offs: torch.Tensor,
+                           weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """FFN of every slot over its rows of `x` (sorted by slot; slot i owns rows offs[i-1]:offs[i], a device
     tensor), without reading the offsets on the host: torch._grouped_mm over the whole pool, empty slots included.
-    Rows past offs[-1] come out undefined. Elsewhere (CPU, tests) the same function by a loop over the groups."""
-    w1, w2 = slot_weights(spec, pool)
+    Rows past offs[-1] come out undefined. Elsewhere (CPU, tests) the same function by a loop over the groups.
+    `weights`: `slot_weights(spec, pool)`, when the caller keeps them (a layer calls this once per token step)."""
     if grouped_mm_usable(x):
+        w1, w2 = weights or slot_weights(spec, pool)
         h = torch._grouped_mm(x, w1.transpose(1, 2), offs=offs)
         act = _activation(spec, h)
         return torch._grouped_mm(act, w2.transpose(1, 2), offs=offs)

@@ -13,6 +13,8 @@ import torch
 from . import use_triton
 
 BLOCK_H = 1024
+FUSED_ROUTE_MAX_PAIRS = 128  # (token, expert) pairs up to which one Triton launch routes them (all against all)
+ROUTE_BLOCK_SLOTS = 64
 
 
 def sort_by_expert(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[int]]:
@@ -32,41 +34,80 @@ def inverse_order(order: torch.Tensor, n_valid: int) -> torch.Tensor:
     return inverse
 
 
-def permute(hidden: torch.Tensor, token_of_row: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """[R, H]: row r is hidden[token_of_row[r]]."""
+def permute(hidden: torch.Tensor, token_of_row: torch.Tensor, backend: str = "auto", divisor: int = 1) -> torch.Tensor:
+    """[R, H]: row r is hidden[token_of_row[r] // divisor] (`divisor` k: rows given as token-major pair positions)."""
     hidden = hidden.contiguous()
     if not use_triton(hidden, backend):
-        return hidden.index_select(0, token_of_row)
+        return hidden.index_select(0, token_of_row if divisor == 1 else token_of_row // divisor)
     from . import triton_kernels as tk
 
     rows = token_of_row.numel()
     out = torch.empty((rows, hidden.shape[1]), dtype=hidden.dtype, device=hidden.device)
     if rows:
-        index = token_of_row.to(torch.int32).contiguous()
-        tk.gather_rows[(rows, triton_cdiv(hidden.shape[1], BLOCK_H))](hidden, index, out, hidden.shape[1],
-                                                                        BLOCK_H=BLOCK_H)
+        tk.gather_rows[(rows, triton_cdiv(hidden.shape[1], BLOCK_H))](hidden, token_of_row.contiguous(), out,
+                                                                        hidden.shape[1], divisor, BLOCK_H=BLOCK_H)
     return out
 
 
 def unpermute(y: torch.Tensor, inverse: torch.Tensor, top_k_weights: torch.Tensor, out_dtype: torch.dtype,
-              backend: str = "auto") -> torch.Tensor:
-    """[T, H]: out[t] = sum_k w[t, k] * y[inverse[k * T + t]], pairs with inverse -1 contributing nothing."""
+              backend: str = "auto", token_major: bool = False, limit: torch.Tensor | None = None) -> torch.Tensor:
+    """[T, H]: out[t] = sum_k w[t, k] * y[inverse[k * T + t]] (`token_major`: inverse[t * K + k]), summed in float32.
+
+    A pair contributes nothing when its row is -1 or, given `limit` (a one-element device tensor), at or past it:
+    rows the grouped FFN left undefined, never read."""
     tokens, k = top_k_weights.shape
     hidden_size = y.shape[1]
+    stride_t, stride_k = (k, 1) if token_major else (1, tokens)
     if not use_triton(y, backend):
-        inv = inverse.view(k, tokens).T.long()  # [T, k]
+        inv = inverse.as_strided((tokens, k), (stride_t, stride_k)).long()  # [T, k]
         valid = inv >= 0
-        rows = y.float()[inv.clamp(min=0)]  # [T, k, H]
+        if limit is not None:
+            valid &= inv < limit
+        rows = y.float()[inv.clamp(0, max(y.shape[0] - 1, 0))]  # [T, k, H]
         w = torch.where(valid, top_k_weights.float(), 0.0)
-        return (rows * w[..., None]).sum(dim=1).to(out_dtype)
+        return torch.where(valid[..., None], rows * w[..., None], 0.0).sum(dim=1).to(out_dtype)
     from . import triton_kernels as tk
 
     out = torch.empty((tokens, hidden_size), dtype=out_dtype, device=y.device)
     if tokens:
         tk.combine_rows[(tokens, triton_cdiv(hidden_size, BLOCK_H))](
-            y.contiguous(), inverse.contiguous(), top_k_weights.contiguous(), out, tokens, hidden_size,
-            K=k, BLOCK_H=BLOCK_H)
+            y.contiguous(), inverse.contiguous(), top_k_weights.contiguous(),
+            inverse if limit is None else limit, out, tokens, hidden_size, stride_t, stride_k, K=k,
+            HAS_LIMIT=limit is not None, BLOCK_H=BLOCK_H)
     return out
+
+
+def slot_lookup(table: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """int32 [E + 1]: the slot of each expert (`table`), then `n_slots` for "no expert": indexed with ids clamped to
+    -1..E, a router's id outside 0..E-1 (a token dropped by capacity) lands there and sorts after every slot."""
+    sentinel = torch.full((1,), n_slots, dtype=torch.int32, device=table.device)
+    return torch.cat([table.to(torch.int32), sentinel])
+
+
+def route_on_device(top_k_index: torch.Tensor, slot_of_id: torch.Tensor, slot_ends: torch.Tensor,
+                    backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(order, inverse, offs) without a host sync. `order`: token-major pair positions `t * K + k` stably sorted by
+    slot, pairs with no expert last; `inverse[p]`: the row of pair p in that order; `offs` int32 [n_slots]: the end
+    of each slot's rows (torch's grouped GEMM offsets). `slot_of_id` from `slot_lookup`; `slot_ends`: int32
+    1..n_slots. At decode sizes one Triton launch does it all (the host's launches bound a decode step); else six
+    torch kernels: clamp, lookup, sort, binary search, and a scatter of a range for the inverse."""
+    pairs = top_k_index.numel()
+    n_slots = slot_ends.numel()
+    if use_triton(top_k_index, backend) and pairs <= FUSED_ROUTE_MAX_PAIRS:
+        from . import triton_kernels as tk
+
+        order = torch.empty(pairs, dtype=torch.int32, device=top_k_index.device)
+        inverse = torch.empty_like(order)
+        offs = torch.empty(n_slots, dtype=torch.int32, device=top_k_index.device)
+        block_s = max(16, 1 << (pairs - 1).bit_length())
+        tk.route_pairs[(triton_cdiv(n_slots, ROUTE_BLOCK_SLOTS),)](
+            top_k_index.contiguous(), slot_of_id, order, inverse, offs, pairs, slot_of_id.numel(), n_slots,
+            BLOCK_S=block_s, BLOCK_SLOTS=ROUTE_BLOCK_SLOTS)
+        return order, inverse, offs
+    ids = top_k_index.reshape(-1).clamp(-1, slot_of_id.numel() - 1)
+    slots, order = torch.sort(slot_of_id[ids], stable=True)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(pairs, device=order.device))
+    return order, inverse, torch.searchsorted(slots, slot_ends, out_int32=True)
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -17,11 +17,12 @@ NO_ACT = 2  # plain grouped matmul: the down projection
 
 
 @triton.jit
-def gather_rows(src_ptr, index_ptr, dst_ptr, H, BLOCK_H: tl.constexpr):
-    """dst[r] = src[index[r]]: the permutation of token rows into expert order."""
+def gather_rows(src_ptr, index_ptr, dst_ptr, H, DIVISOR, BLOCK_H: tl.constexpr):
+    """dst[r] = src[index[r] // DIVISOR]: the permutation of token rows into expert order (DIVISOR: top-k, when
+    the index holds token-major pair positions)."""
     row = tl.program_id(0)
     block = tl.program_id(1)
-    src_row = tl.load(index_ptr + row).to(tl.int64)
+    src_row = tl.load(index_ptr + row).to(tl.int64) // DIVISOR
     offs = block * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = offs < H
     values = tl.load(src_ptr + src_row * H + offs, mask=mask)
@@ -29,8 +30,36 @@ def gather_rows(src_ptr, index_ptr, dst_ptr, H, BLOCK_H: tl.constexpr):
 
 
 @triton.jit
-def combine_rows(y_ptr, inverse_ptr, weight_ptr, out_ptr, T, H, K: tl.constexpr, BLOCK_H: tl.constexpr):
-    """out[t] = sum_k w[t, k] * y[inverse[k, t]] (inverse -1: no expert), in float32, one rounding.
+def route_pairs(ids_ptr, slot_of_id_ptr, order_ptr, inverse_ptr, offs_ptr, S, n_ids, n_slots,
+                BLOCK_S: tl.constexpr, BLOCK_SLOTS: tl.constexpr):
+    """The routing of a few pairs in one launch (`routing.route_on_device`): pair p = t * K + k goes to slot
+    slot_of_id[clamp(id, -1, E)] (-1 and E: the "no expert" sentinel, n_slots). Its row in a stable sort by slot
+    is the number of pairs before it, `inverse[p]`, and `order[row] = p`; `offs[i]` counts the pairs in slots
+    <= i. Every program writes its BLOCK_SLOTS offsets; the first also ranks the pairs, all against all, so
+    BLOCK_S stays small (decode sizes)."""
+    pid = tl.program_id(0)
+    p = tl.arange(0, BLOCK_S)
+    live = p < S
+    ids = tl.load(ids_ptr + p, mask=live, other=0)
+    ids = tl.minimum(tl.maximum(ids, -1), n_ids - 1)
+    ids = tl.where(ids < 0, n_ids - 1, ids)
+    slot = tl.load(slot_of_id_ptr + ids, mask=live, other=0)
+    slot = tl.where(live, slot, n_slots + 1)  # padding lanes: after every pair, never counted
+    i = pid * BLOCK_SLOTS + tl.arange(0, BLOCK_SLOTS)
+    counted = (slot[None, :] <= i[:, None]) & live[None, :]
+    tl.store(offs_ptr + i, tl.sum(counted.to(tl.int32), axis=1), mask=i < n_slots)
+    if pid == 0:
+        ahead = (slot[None, :] < slot[:, None]) | ((slot[None, :] == slot[:, None]) & (p[None, :] < p[:, None]))
+        row = tl.sum((ahead & live[None, :]).to(tl.int32), axis=1)
+        tl.store(inverse_ptr + p, row, mask=live)
+        tl.store(order_ptr + row, p, mask=live)
+
+
+@triton.jit
+def combine_rows(y_ptr, inverse_ptr, weight_ptr, limit_ptr, out_ptr, T, H, stride_t, stride_k, K: tl.constexpr,
+                 HAS_LIMIT: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[t] = sum_k w[t, k] * y[inverse[t * stride_t + k * stride_k]] in float32, one rounding. A pair contributes
+    nothing when its row is -1 or, with HAS_LIMIT, at or past *limit_ptr (read on the device: no host sync).
 
     A gather per token instead of a scatter with atomics: deterministic, and each output written exactly once.
     """
@@ -38,11 +67,15 @@ def combine_rows(y_ptr, inverse_ptr, weight_ptr, out_ptr, T, H, K: tl.constexpr,
     block = tl.program_id(1)
     offs = block * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = offs < H
+    if HAS_LIMIT:
+        limit = tl.load(limit_ptr)
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
     for k in tl.static_range(K):
-        row = tl.load(inverse_ptr + k * T + t)
+        row = tl.load(inverse_ptr + t * stride_t + k * stride_k)
         w = tl.load(weight_ptr + t * K + k).to(tl.float32)
         valid = row >= 0
+        if HAS_LIMIT:
+            valid = valid & (row < limit)
         w = tl.where(valid, w, 0.0)
         safe_row = tl.where(valid, row, 0).to(tl.int64)
         y = tl.load(y_ptr + safe_row * H + offs, mask=mask & valid, other=0.0)
