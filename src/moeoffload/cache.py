@@ -18,6 +18,8 @@ from .eviction import EvictionRule
 from .store import ExpertKey, ExpertStore
 from .transfer import TransferEngine
 
+FOLD_HITS_EVERY = 256  # resident fast-path calls whose hits are counted together (the offsets they keep alive)
+
 
 @dataclass
 class CacheStats:
@@ -95,12 +97,14 @@ class ExpertCache:
         self._demoted: set[ExpertKey] = set()  # evicted before any other key (a prefetch the router proved wrong)
         self._stats = CacheStats()
         self._deferred_hits: torch.Tensor | None = None  # counted on the device by resident fast paths
+        self._pending_offsets: list[torch.Tensor] = []  # their grouped-GEMM offsets, not yet counted
         self._tables: dict[int, torch.Tensor] = {}  # layer -> slot of each expert, once resident for good
 
     @property
     def stats(self) -> CacheStats:
         """Hits, misses and the rest; reading it folds in the hits that resident fast paths counted on the device
         (one device sync, when statistics are read, instead of one per layer call)."""
+        self._fold_hits()
         if self._deferred_hits is not None:
             self._stats.hits += int(self._deferred_hits.item())
             self._deferred_hits = None
@@ -110,6 +114,7 @@ class ExpertCache:
     def stats(self, value: CacheStats) -> None:
         self._stats = value
         self._deferred_hits = None
+        self._pending_offsets = []
 
     # -- what is resident ------------------------------------------------------------------------------------
     @property
@@ -186,8 +191,21 @@ class ExpertCache:
         self._tables[layer] = table
         return table
 
-    def count_hits(self, hits: torch.Tensor) -> None:
-        """Count requests a resident fast path served (a device scalar: reading it now would sync)."""
+    def count_hits(self, offs: torch.Tensor) -> None:
+        """Count the requests a resident fast path served: one per slot that has rows in `offs` (its grouped GEMM's
+        offsets, int32 [n_slots] on the device; reading them now would sync). Kept as they are and counted
+        `FOLD_HITS_EVERY` calls at a time, so a layer call launches nothing for its statistics."""
+        self._pending_offsets.append(offs)
+        if len(self._pending_offsets) >= FOLD_HITS_EVERY:
+            self._fold_hits()
+
+    def _fold_hits(self) -> None:
+        if not self._pending_offsets:
+            return
+        ends = torch.stack(self._pending_offsets)  # [calls, n_slots]
+        self._pending_offsets = []
+        rows = torch.diff(ends, dim=1, prepend=ends.new_zeros((ends.shape[0], 1)))
+        hits = (rows > 0).sum()
         self._deferred_hits = hits if self._deferred_hits is None else self._deferred_hits + hits
 
     def enter_layer(self, layer: int) -> None:
@@ -297,4 +315,5 @@ class ExpertCache:
     def reset_stats(self) -> None:
         self._stats = CacheStats(peak_resident=len(self._slot_of))
         self._deferred_hits = None
+        self._pending_offsets = []
         self.transfer.reset_stats()

@@ -90,6 +90,7 @@ class OffloadedMoELayer:
         self.stages = stages
         self.quantum = 1
         self._slot_operands: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._route_cache: tuple | None = None  # (table, its constants): see _device_route
         if stages is not None:
             layout = cache.store.layout
             shapes = dict(zip(layout.names, layout.shapes))
@@ -244,34 +245,38 @@ class OffloadedMoELayer:
     def _resident(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                   table: torch.Tensor) -> torch.Tensor:
         """Every expert of this layer sits in the cache for good (`ExpertCache.resident_table`): nothing to fetch,
-        so nothing to learn on the host. Route, permute, run the grouped FFN over the whole pool by device-side
-        offsets (torch's grouped GEMM on CUDA) and un-permute, without a device-to-host sync: the host runs ahead
-        of the GPU as in an unoffloaded model, instead of waiting at every layer for the router's answer. Hits
-        are counted on the device and folded in when the statistics are read."""
-        tokens = hidden.shape[0]
-        n_slots = self.cache.n_slots
-        flat = top_k_index.T.reshape(-1)  # pair position pos * T + token, as in route()
-        valid = (flat >= 0) & (flat < self.num_experts)
-        slot = torch.where(valid, table[flat.clamp(0, self.num_experts - 1)], n_slots)  # no expert: sorts last
-        order = torch.argsort(slot, stable=True)
-        # not torch.bincount: on CUDA it reads the maximum back to the host to size its output (a sync)
-        counts = torch.zeros(n_slots + 1, dtype=torch.int32, device=slot.device)
-        counts.scatter_add_(0, slot, torch.ones_like(slot, dtype=torch.int32))
-        offs = counts[:n_slots].cumsum(0, dtype=torch.int32)
+        so nothing to learn on the host. Route on the device (`kernels.route_on_device`), permute, run the grouped
+        FFN over the whole pool by device-side offsets (torch's grouped GEMM on CUDA) and un-permute, without a
+        device-to-host sync: the host runs ahead of the GPU as in an unoffloaded model, instead of waiting at every
+        layer for the router's answer. At decode sizes this path is bound by the host's launches, so it launches
+        as few kernels as it can: what does not change between calls is made once per table (`_device_route`),
+        and hits are counted later, in batches."""
+        slot_of_id, slot_ends, weights = self._device_route(table)
+        k = top_k_index.shape[1]
         backend = "triton" if self.kernels == "triton" else "torch"
+        order, inverse, offs = _kernels.route_on_device(top_k_index, slot_of_id, slot_ends, backend=backend)
         try:
-            x = _kernels.permute(hidden, order % tokens, backend=backend)
-            y = _kernels.grouped_ffn_by_offsets(self.spec, x, self.cache.pool, offs)
+            x = _kernels.permute(hidden, order, backend=backend, divisor=k)
+            y = _kernels.grouped_ffn_by_offsets(self.spec, x, self.cache.pool, offs, weights)
         except Exception as exc:  # an unsupported stride or dtype in torch's grouped GEMM: keep the synced path
             warnings.warn(f"moeoffload: the resident path of MoE layer {self.layer_idx} failed ({type(exc).__name__}: "
                           f"{exc}); it routes on the host from now on", RuntimeWarning, stacklevel=3)
             self.resident_path = False
             return self._grouped(hidden, top_k_index, top_k_weights)
-        self.cache.count_hits((counts[:n_slots] > 0).sum())  # after the fallback point: never counted twice
-        rows = torch.arange(order.numel(), device=order.device, dtype=torch.int32)
-        inverse = torch.full_like(order, -1, dtype=torch.int32).scatter_(0, order, rows)
-        inverse = torch.where(valid, inverse, -1)  # pairs routed to no expert contribute nothing
-        return _kernels.unpermute(y, inverse, top_k_weights, hidden.dtype, backend=backend)
+        self.cache.count_hits(offs)  # after the fallback point: never counted twice
+        return _kernels.unpermute(y, inverse, top_k_weights, hidden.dtype, backend=backend, token_major=True,
+                                  limit=offs[-1:])
+
+    def _device_route(self, table: torch.Tensor):
+        """The resident path's constants for `table`: each expert's slot with the "no expert" sentinel, the slot
+        bounds its binary search uses, and the pool's weight views. Made again only when the table changes."""
+        cached = self._route_cache
+        if cached is None or cached[0] is not table:
+            n_slots = self.cache.n_slots
+            ends = torch.arange(1, n_slots + 1, dtype=torch.int32, device=table.device)
+            cached = self._route_cache = (table, _kernels.slot_lookup(table, n_slots), ends,
+                                          _kernels.slot_weights(self.spec, self.cache.pool))
+        return cached[1:]
 
     def _grouped(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """Permute once, one grouped FFN per wave over the wave's slots, un-permute once with the gate weights."""
