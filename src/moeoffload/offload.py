@@ -46,6 +46,7 @@ class OffloadStats:
     prefetches: int  # copies issued ahead of a request (included in h2d_copies and h2d_bytes)
     prefetch_hits: int  # requests that a prefetched expert served
     predictor_bytes: int = 0  # what the predictor holds on the device beyond the model's weights (its networks)
+    kernels: str = "loop"  # the MoE layers' kernels: "loop" (bit-exact), "triton" or "grouped-torch" (layer.py)
 
     @property
     def hit_rate(self) -> float:
@@ -79,15 +80,17 @@ class OffloadedModel:
     def stats(self) -> OffloadStats:
         self._require_cache()
         c = self.cache
+        kernels = "+".join(sorted({layer.kernels for layer in self.layers})) or "loop"
         return OffloadStats(
-            policy=self.policy.name, exact=self.policy.exact, device=str(self.device),
+            # an exact policy is exact on the bit-exact loop only: the grouped kernels sum in another order
+            policy=self.policy.name, exact=self.policy.exact and kernels == "loop", device=str(self.device),
             hits=c.stats.hits, misses=c.stats.misses, evictions=c.stats.evictions,
             h2d_copies=c.transfer.stats.copies, h2d_bytes=c.transfer.stats.bytes,
             expert_bytes=self.store.expert_bytes, n_slots=c.n_slots, cache_bytes=c.pool_bytes,
             budget_bytes=self.budget_bytes, total_expert_bytes=self.store.total_bytes,
             dense_bytes=self.dense_bytes, peak_resident_experts=c.stats.peak_resident,
             prefetches=c.stats.prefetches, prefetch_hits=c.stats.prefetch_hits,
-            predictor_bytes=self.predictor_bytes(),
+            predictor_bytes=self.predictor_bytes(), kernels=kernels,
         )
 
     def predictor_bytes(self) -> int:

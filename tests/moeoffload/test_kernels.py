@@ -186,12 +186,15 @@ def test_resident_path_routes_on_the_device_and_matches_the_loop(policy):
         assert sorted(cache._tables) == list(range(len(h.layers)))  # every layer took the resident path
         hits = cache.stats.hits
         assert cache.stats.misses == 0 and hits > 0
+        stats = h.stats()
+        assert (stats.kernels, stats.exact) == ("grouped-torch", False)  # equal within rounding: not exact
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     with moeoffload.offload(model, policy, "all", device="cpu") as h:  # the exact loop counts the same requests
         h.cache.preload(h.store.keys())
         with torch.no_grad():
             model(ids)
         assert h.cache.stats.hits == hits
+        assert (h.stats().kernels, h.stats().exact) == ("loop", True)
     with moeoffload.offload(model, "lru", "25%", device="cpu", kernels="grouped-torch") as h:
         with torch.no_grad():
             model(ids)
