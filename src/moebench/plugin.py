@@ -48,6 +48,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "longest case so far of its kind: one that builds its model, or one that finds it built): "
                          "the rest are skipped with the reason, and the finished ones are reported and stored as "
                          "usual; for a CI job with a wall-time limit")
+    group.addoption("--moebench-kernels", default="torch", choices=("torch", "auto", "triton", "grouped-torch"),
+                    help="the engine's MoE kernels (moeoffload.offload(kernels=...)): torch, the bit-exact per-expert "
+                         "loop (default); auto, the grouped Triton kernels where they run (CUDA), else the loop; "
+                         "triton; grouped-torch, the grouped path in plain torch (tests). Off the loop an exact "
+                         "policy is judged by the accuracy limit, not by identical tokens, and the reference stays "
+                         "on the loop")
     group.addoption("--moebench-inject-delay", default=None, metavar="TIME",
                     help="TEST HOOK: busy-wait before every MoE layer, to fake a slowdown: TIME (e.g. 0.2ms) each "
                          "call, or a percentage (e.g. 5%%: stretch the run by that much, whatever the machine's "
@@ -92,6 +98,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "tier": resolve_tier(config.getoption("moebench_tier"), device),
         "rounds": rounds,
         "policies": selected,
+        "kernels": config.getoption("moebench_kernels"),
         "history": history,
         "sessions": {},  # suite file -> measure.Session
         "serving": None,  # the Session whose model is offloaded now (its handle is kept across its cases)
@@ -141,7 +148,7 @@ class SuiteFile(pytest.File):
             raise self.CollectError(str(exc)) from None
         session = Session(suite, device=state["device"], tier=state["tier"], rounds=state["rounds"],
                           inject_delay_s=state["inject_delay_s"], inject_slowdown=state["inject_slowdown"],
-                          turns=state["turns"])
+                          turns=state["turns"], kernels=state["kernels"])
         from .regression import load_suite_baseline
 
         load_suite_baseline(state, suite.name, self)  # a corrupt baseline is a collection error naming the file
@@ -221,7 +228,8 @@ def pytest_report_header(config: pytest.Config):
     if state is None:
         return None
     return (f"moebench: device {state['device']}, tier {state['tier']}, rounds {state['rounds']}, "
-            f"policies {', '.join(state['policies']) if state['policies'] else 'all registered'}")
+            f"policies {', '.join(state['policies']) if state['policies'] else 'all registered'}"
+            + ("" if state["kernels"] == "torch" else f", kernels {state['kernels']}"))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
@@ -234,7 +242,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
         return
     from .regression import finish_session
 
-    options = {k: state[k] for k in ("device", "tier", "rounds", "policies")}
+    options = {k: state[k] for k in ("device", "tier", "rounds", "policies", "kernels")}
     finish_session(session, state, options, exitstatus)
 
 

@@ -44,6 +44,22 @@ def test_switch_suite_with_lru(pytester, tmp_path):
     assert all(r["passed"] and r["cache_bytes"] <= r["budget_bytes"] for r in run["records"])
 
 
+def test_kernels_option_serves_every_case_but_the_reference_on_those_kernels(pytester, tmp_path):
+    """--moebench-kernels: the grouped path (in plain torch on a CPU) serves every case, resident included, while the
+    reference stays on the exact loop; an exact policy off the loop is judged by the accuracy limit."""
+    hist = tmp_path / "hist"
+    result = pytester.runpytest_subprocess(
+        "--moebench", str(SUITE), "--moebench-policy", "lru", "--moebench-rounds", "1", "-k", "switch-base-8",
+        "--moebench-kernels", "grouped-torch", "--moebench-history", str(hist), "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(["moebench: device cpu*kernels grouped-torch*",
+                                 "model*policy*budget*kernels*tokens/s*", "switch-base-8*resident*all*grouped-torch*"])
+    run = json.loads((hist / "history.jsonl").read_text().splitlines()[0])
+    assert run["options"]["kernels"] == "grouped-torch"
+    assert {(r["kernels"], r["exact"]) for r in run["records"]} == {("grouped-torch", False)}
+    assert all(r["accuracy_drop"] <= 0.01 for r in run["records"])
+
+
 def test_time_limit_starts_no_case_that_would_end_past_it(pytester, tmp_path):
     """A CI job's wall-time limit: cases that would not end in time are skipped with the reason (here all of them:
     the limit has passed before the first case), and the run still exits 0."""

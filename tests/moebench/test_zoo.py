@@ -180,10 +180,10 @@ def test_reference_that_does_not_fit_is_skipped_and_the_rest_runs_unchecked(monk
     session = measure.Session(suite, rounds=1)
     real = measure.Session._measure
 
-    def fake(self, case, ref):
+    def fake(self, case, ref, **kwargs):
         if case.is_reference:
             raise measure.CaseSkipped(f"{case.name}: GPU budget is above the device's memory")
-        return real(self, case, ref)
+        return real(self, case, ref, **kwargs)
 
     monkeypatch.setattr(measure.Session, "_measure", fake)
     with pytest.raises(measure.CaseSkipped, match="above the device's memory"):
