@@ -193,8 +193,8 @@ class ExpertCache:
 
     def count_hits(self, offs: torch.Tensor) -> None:
         """Count the requests a resident fast path served: one per slot that has rows in `offs` (its grouped GEMM's
-        offsets, int32 [n_slots] on the device; reading them now would sync). Kept as they are and counted
-        `FOLD_HITS_EVERY` calls at a time, so a layer call launches nothing for its statistics."""
+        offsets, int32 on the device, one per slot of its window; reading them now would sync). Kept as they are
+        and counted `FOLD_HITS_EVERY` calls at a time, so a layer call launches nothing for its statistics."""
         self._pending_offsets.append(offs)
         if len(self._pending_offsets) >= FOLD_HITS_EVERY:
             self._fold_hits()
@@ -202,11 +202,15 @@ class ExpertCache:
     def _fold_hits(self) -> None:
         if not self._pending_offsets:
             return
-        ends = torch.stack(self._pending_offsets)  # [calls, n_slots]
+        by_width: dict[int, list[torch.Tensor]] = {}  # layers may group over windows of different widths
+        for offs in self._pending_offsets:
+            by_width.setdefault(offs.numel(), []).append(offs)
         self._pending_offsets = []
-        rows = torch.diff(ends, dim=1, prepend=ends.new_zeros((ends.shape[0], 1)))
-        hits = (rows > 0).sum()
-        self._deferred_hits = hits if self._deferred_hits is None else self._deferred_hits + hits
+        for group in by_width.values():
+            ends = torch.stack(group)  # [calls, slots of the window]
+            rows = torch.diff(ends, dim=1, prepend=ends.new_zeros((ends.shape[0], 1)))
+            hits = (rows > 0).sum()
+            self._deferred_hits = hits if self._deferred_hits is None else self._deferred_hits + hits
 
     def enter_layer(self, layer: int) -> None:
         """Tell the eviction rule which MoE layer starts computing (rules that model the layer cycle use it)."""

@@ -90,7 +90,7 @@ class OffloadedMoELayer:
         self.stages = stages
         self.quantum = 1
         self._slot_operands: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._route_cache: tuple | None = None  # (table, its constants): see _device_route
+        self._route_cache: tuple | None = None  # (table, its constants or None): see _device_route
         if stages is not None:
             layout = cache.store.layout
             shapes = dict(zip(layout.names, layout.shapes))
@@ -251,13 +251,17 @@ class OffloadedMoELayer:
         layer for the router's answer. At decode sizes this path is bound by the host's launches, so it launches
         as few kernels as it can: what does not change between calls is made once per table (`_device_route`),
         and hits are counted later, in batches."""
-        slot_of_id, slot_ends, weights = self._device_route(table)
+        route = self._device_route(table)
+        if route is None:  # this layer's experts are spread wider than one grouped GEMM can take
+            self.resident_path = False
+            return self._grouped(hidden, top_k_index, top_k_weights)
+        slot_of_id, slot_ends, window, weights = route
         k = top_k_index.shape[1]
         backend = "triton" if self.kernels == "triton" else "torch"
         order, inverse, offs = _kernels.route_on_device(top_k_index, slot_of_id, slot_ends, backend=backend)
         try:
             x = _kernels.permute(hidden, order, backend=backend, divisor=k)
-            y = _kernels.grouped_ffn_by_offsets(self.spec, x, self.cache.pool, offs, weights)
+            y = _kernels.grouped_ffn_by_offsets(self.spec, x, window, offs, weights)
         except Exception as exc:  # an unsupported stride or dtype in torch's grouped GEMM: keep the synced path
             warnings.warn(f"moeoffload: the resident path of MoE layer {self.layer_idx} failed ({type(exc).__name__}: "
                           f"{exc}); it routes on the host from now on", RuntimeWarning, stacklevel=3)
@@ -268,15 +272,24 @@ class OffloadedMoELayer:
                                   limit=offs[-1:])
 
     def _device_route(self, table: torch.Tensor):
-        """The resident path's constants for `table`: each expert's slot with the "no expert" sentinel, the slot
-        bounds its binary search uses, and the pool's weight views. Made again only when the table changes."""
+        """The resident path's constants for `table`, made again only when the table changes: each expert's slot
+        within the window of slots that holds this layer's experts, with the "no expert" sentinel; the slot bounds
+        of the binary search; the window of the pool and its weight views. The grouped GEMM runs over that window,
+        not the whole pool: torch's grouped GEMM takes at most `GROUPED_MM_MAX_GROUPS` groups (OLMoE's pool alone
+        is 1024 slots), and the window is as wide as the layer has experts when the cache filled in key order.
+        None when it is wider than that limit: then the layer routes on the host."""
         cached = self._route_cache
         if cached is None or cached[0] is not table:
-            n_slots = self.cache.n_slots
-            ends = torch.arange(1, n_slots + 1, dtype=torch.int32, device=table.device)
-            cached = self._route_cache = (table, _kernels.slot_lookup(table, n_slots), ends,
-                                          _kernels.slot_weights(self.spec, self.cache.pool))
-        return cached[1:]
+            slots = table.tolist()  # once per table
+            first, width = min(slots), max(slots) + 1 - min(slots)
+            if width > _kernels.GROUPED_MM_MAX_GROUPS:
+                cached = self._route_cache = (table, None)
+            else:
+                window = self.cache.pool[first : first + width]
+                ends = torch.arange(1, width + 1, dtype=torch.int32, device=table.device)
+                cached = self._route_cache = (table, (_kernels.slot_lookup(table - first, width), ends, window,
+                                                      _kernels.slot_weights(self.spec, window)))
+        return cached[1]
 
     def _grouped(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """Permute once, one grouped FFN per wave over the wave's slots, un-permute once with the gate weights."""

@@ -188,6 +188,9 @@ def test_resident_path_routes_on_the_device_and_matches_the_loop(policy):
         assert cache.stats.misses == 0 and hits > 0
         stats = h.stats()
         assert (stats.kernels, stats.exact) == ("grouped-torch", False)  # equal within rounding: not exact
+        # each layer's grouped GEMM spans its own experts' slots, not the whole pool (torch takes <= 1024 groups)
+        assert cache.n_slots == len(h.layers) * h.store.num_experts
+        assert {layer._route_cache[1][2].shape[0] for layer in h.layers} == {h.store.num_experts}
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     with moeoffload.offload(model, policy, "all", device="cpu") as h:  # the exact loop counts the same requests
         h.cache.preload(h.store.keys())
@@ -199,6 +202,26 @@ def test_resident_path_routes_on_the_device_and_matches_the_loop(policy):
         with torch.no_grad():
             model(ids)
         assert h.cache.resident_table(0, h.store.num_experts) is None  # it could evict: the host must route
+
+
+def test_resident_layer_wider_than_one_grouped_gemm_routes_on_the_host(monkeypatch):
+    """A layer whose experts span more slots than torch's grouped GEMM takes groups falls back to the host-routed
+    grouped path, with the same output."""
+    import moeoffload
+
+    from .models import tiny_mixtral
+
+    model = tiny_mixtral(seed=3, dtype=torch.float32)
+    ids = torch.randint(2, 96, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = model(ids).logits
+    monkeypatch.setattr(kernels, "GROUPED_MM_MAX_GROUPS", 4)  # tiny Mixtral has 8 experts a layer
+    with moeoffload.offload(model, "resident", "all", device="cpu", kernels="grouped-torch") as h:
+        with torch.no_grad():
+            got = model(ids).logits
+        assert not any(layer.resident_path for layer in h.layers)
+        assert h.cache.stats.hits > 0 and h.cache.stats.misses == 0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_kernel_modes_refuse_what_they_cannot_do():

@@ -42,9 +42,16 @@ def use_triton(tensor: torch.Tensor, backend: str) -> bool:
     return runnable and (tensor.is_cuda or backend == "triton")
 
 
-from .grouped_ffn import FFNSpec, grouped_ffn, grouped_ffn_by_offsets, grouped_mm_usable, slot_weights  # noqa: E402
+from .grouped_ffn import (  # noqa: E402
+    GROUPED_MM_MAX_GROUPS,
+    FFNSpec,
+    grouped_ffn,
+    grouped_ffn_by_offsets,
+    grouped_mm_usable,
+    slot_weights,
+)
 from .routing import inverse_order, permute, route_on_device, slot_lookup, sort_by_expert, unpermute  # noqa: E402
 
-__all__ = ["FFN_KINDS", "FFNSpec", "grouped_ffn", "grouped_ffn_by_offsets", "grouped_mm_usable", "inverse_order",
-           "permute", "route_on_device", "slot_lookup", "slot_weights", "sort_by_expert", "triton_importable",
-           "unpermute", "use_triton"]
+__all__ = ["FFN_KINDS", "GROUPED_MM_MAX_GROUPS", "FFNSpec", "grouped_ffn", "grouped_ffn_by_offsets",
+           "grouped_mm_usable", "inverse_order", "permute", "route_on_device", "slot_lookup", "slot_weights",
+           "sort_by_expert", "triton_importable", "unpermute", "use_triton"]
