@@ -246,11 +246,11 @@ class OffloadedMoELayer:
                   table: torch.Tensor) -> torch.Tensor:
         """Every expert of this layer sits in the cache for good (`ExpertCache.resident_table`): nothing to fetch,
         so nothing to learn on the host. Route on the device (`kernels.route_on_device`), permute, run the grouped
-        FFN over the whole pool by device-side offsets (torch's grouped GEMM on CUDA) and un-permute, without a
-        device-to-host sync: the host runs ahead of the GPU as in an unoffloaded model, instead of waiting at every
-        layer for the router's answer. At decode sizes this path is bound by the host's launches, so it launches
-        as few kernels as it can: what does not change between calls is made once per table (`_device_route`),
-        and hits are counted later, in batches."""
+        FFN over the slots of this layer's experts by device-side offsets (torch's grouped GEMM on CUDA) and
+        un-permute, without a device-to-host sync: the host runs ahead of the GPU as in an unoffloaded model,
+        instead of waiting at every layer for the router's answer. At decode sizes this path is bound by the host's
+        launches, so it launches as few kernels as it can: what does not change between calls is made once per
+        table (`_device_route`), and hits are counted later, in batches."""
         route = self._device_route(table)
         if route is None:  # this layer's experts are spread wider than one grouped GEMM can take
             self.resident_path = False

@@ -139,7 +139,8 @@ def slot_weights(spec: FFNSpec, pool: torch.Tensor) -> tuple[torch.Tensor, torch
 def grouped_ffn_by_offsets(spec: FFNSpec, x: torch.Tensor, pool: torch.Tensor, offs: torch.Tensor,
                            weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """FFN of every slot over its rows of `x` (sorted by slot; slot i owns rows offs[i-1]:offs[i], a device
-    tensor), without reading the offsets on the host: torch._grouped_mm over the whole pool, empty slots included.
+    tensor), without reading the offsets on the host: torch._grouped_mm over every slot of `pool`, empty ones
+    included (a layer passes the window of slots its experts occupy; at most GROUPED_MM_MAX_GROUPS).
     Rows past offs[-1] come out undefined. Elsewhere (CPU, tests) the same function by a loop over the groups.
     `weights`: `slot_weights(spec, pool)`, when the caller keeps them (a layer calls this once per token step)."""
     if grouped_mm_usable(x):
