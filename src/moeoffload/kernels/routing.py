@@ -1,8 +1,9 @@
 """Token permutation into expert order and back (un-permutation with the gate weights).
 
-`sort_by_expert` gives the order (the layer computes it once, with its one host sync); `permute` gathers the
-token rows in that order so each expert's rows are contiguous for the grouped FFN; `unpermute` gathers each
-token's k expert outputs back, weights them with the gate and sums them in float32 (one rounding per output).
+`sort_by_expert` gives the order (the layer computes it once, with its one host sync), or `route_on_device` without
+a sync when every expert of the layer is resident (slots, not experts; decode sizes in one launch); `permute`
+gathers the token rows in that order so each expert's rows are contiguous for the grouped FFN; `unpermute` gathers
+each token's k expert outputs back, weights them with the gate and sums them in float32 (one rounding per output).
 On CUDA the gathers are Triton kernels; elsewhere (or with backend="torch") plain torch computes the same thing.
 """
 
