@@ -22,6 +22,7 @@ import platform
 import statistics
 import time
 from contextlib import nullcontext
+from unittest import mock
 
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
@@ -48,15 +49,9 @@ def timed_calls(fn, device: torch.device, calls: int) -> tuple[float, float]:
     return (t1 - t0) / calls * 1e6, (t2 - t0) / calls * 1e6
 
 
-class torch_route:  # noqa: N801 (used as a context manager, like torch.no_grad)
+def torch_route():
     """Within it, the resident path routes with torch's kernels instead of the fused Triton launch."""
-
-    def __enter__(self):
-        self.saved = routing.FUSED_ROUTE_MAX_PAIRS
-        routing.FUSED_ROUTE_MAX_PAIRS = 0
-
-    def __exit__(self, *exc):
-        routing.FUSED_ROUTE_MAX_PAIRS = self.saved
+    return mock.patch.object(routing, "FUSED_ROUTE_MAX_PAIRS", 0)
 
 
 def interleaved(variants: dict, device: torch.device, calls: int, repeats: int) -> dict[str, tuple[float, float]]:
@@ -87,11 +82,11 @@ def layer_variants(hf, our_experts, handle, batch: int, args, device) -> dict:
     with torch.no_grad():
         our_experts(*a)  # builds the resident table
     table = handle.cache.resident_table(0, handle.store.num_experts)
-    slot_of_id, slot_ends, _ = layer._device_route(table)
+    slot_of_id, slot_ends, window, _ = layer._device_route(table)
     route = (slot_of_id, slot_ends)
     order, inverse, offs = kernels.route_on_device(a[1], *route, backend=backend)
     x = kernels.permute(hidden, order, divisor=2, backend=backend)
-    y = kernels.grouped_ffn_by_offsets(layer.spec, x, handle.cache.pool, offs)
+    y = kernels.grouped_ffn_by_offsets(layer.spec, x, window, offs)
 
     def hf_call(impl):
         def call():
@@ -108,7 +103,7 @@ def layer_variants(hf, our_experts, handle, batch: int, args, device) -> dict:
         "  route (torch)": (lambda: kernels.route_on_device(a[1], *route, backend="torch"), nullcontext),
         "  permute": (lambda: kernels.permute(hidden, order, divisor=2, backend=backend), nullcontext),
         "  grouped FFN by offsets": (
-            lambda: kernels.grouped_ffn_by_offsets(layer.spec, x, handle.cache.pool, offs), nullcontext),
+            lambda: kernels.grouped_ffn_by_offsets(layer.spec, x, window, offs), nullcontext),
         "  unpermute": (lambda: kernels.unpermute(y, inverse, a[2], torch.bfloat16, backend=backend,
                                                   token_major=True, limit=offs[-1:]), nullcontext),
     }
