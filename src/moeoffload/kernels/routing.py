@@ -65,8 +65,8 @@ def unpermute(y: torch.Tensor, inverse: torch.Tensor, top_k_weights: torch.Tenso
         if limit is not None:
             valid &= inv < limit
         rows = y.float()[inv.clamp(0, max(y.shape[0] - 1, 0))]  # [T, k, H]
-        w = torch.where(valid, top_k_weights.float(), 0.0)
-        return torch.where(valid[..., None], rows * w[..., None], 0.0).sum(dim=1).to(out_dtype)
+        weighted = rows * top_k_weights.float()[..., None]
+        return torch.where(valid[..., None], weighted, 0.0).sum(dim=1).to(out_dtype)
     from . import triton_kernels as tk
 
     out = torch.empty((tokens, hidden_size), dtype=out_dtype, device=y.device)
