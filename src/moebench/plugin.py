@@ -48,6 +48,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "longest case so far of its kind: one that builds its model, or one that finds it built): "
                          "the rest are skipped with the reason, and the finished ones are reported and stored as "
                          "usual; for a CI job with a wall-time limit")
+    # moeoffload.layer.KERNEL_MODES, spelled out: importing the engine (and torch) here would slow every pytest run
     group.addoption("--moebench-kernels", default="torch", choices=("torch", "auto", "triton", "grouped-torch"),
                     help="the engine's MoE kernels (moeoffload.offload(kernels=...)): torch, the bit-exact per-expert "
                          "loop (default); auto, the grouped Triton kernels where they run (CUDA), else the loop; "

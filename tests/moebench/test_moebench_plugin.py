@@ -1,6 +1,7 @@
 """The plugin end to end, in subprocesses: the real suites/switch with one policy, and the skip without the flag."""
 
 import json
+import re
 from pathlib import Path
 
 pytest_plugins = ["pytester"]  # here, not in tests/moebench/conftest.py: pytest refuses it in a non-root conftest
@@ -42,6 +43,15 @@ def test_switch_suite_with_lru(pytester, tmp_path):
     assert sorted(r["case"] for r in run["records"]) == sorted(
         f"{m}[{c}]" for m in ("switch-base-8", "switch-base-64") for c in ("resident-all", "lru-25%", "lru-50%"))
     assert all(r["passed"] and r["cache_bytes"] <= r["budget_bytes"] for r in run["records"])
+
+
+def test_kernels_option_offers_the_engines_kernel_modes(pytester):
+    from moeoffload.layer import KERNEL_MODES
+
+    result = pytester.runpytest_subprocess("--moebench", str(SUITE), "--moebench-kernels", "nope")
+    assert result.ret == 4
+    offered = result.stderr.str().split("choose from ")[1].split(")")[0]
+    assert sorted(re.findall(r"'([^']+)'", offered)) == sorted(KERNEL_MODES)
 
 
 def test_kernels_option_serves_every_case_but_the_reference_on_those_kernels(pytester, tmp_path):
