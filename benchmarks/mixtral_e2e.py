@@ -36,7 +36,7 @@ from moeoffload import hooks, policies
 from moeoffload.cache import ExpertCache
 from moeoffload.eviction import make_rule
 from moeoffload.layer import OffloadedMoELayer
-from moeoffload.offload import make_prefetcher, plan_slots
+from moeoffload.offload import make_prefetcher, plan_fetch, plan_slots
 from moeoffload.store import ExpertStore
 
 MIXTRAL = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -138,10 +138,11 @@ def build_offloaded_skeleton(cfg, device, seed=0):
     return model, hook, store, timing
 
 
-def engine(model, hook, store, policy_name, budget, device, kernels="auto"):
+def engine(model, hook, store, policy_name, budget, device, kernels="auto", fetch="host"):
     policy = policies.get(policy_name)
     n_slots, budget_bytes = plan_slots(policy, budget, store, device)
-    cache = ExpertCache(store, n_slots, device, make_rule(policy.eviction), retain=policy.retain)
+    fetch = plan_fetch(fetch, policy, kernels, n_slots, store)
+    cache = ExpertCache(store, n_slots, device, make_rule(policy.eviction), retain=policy.retain, fetch=fetch)
     if policy.preload:
         cache.preload(store.keys())
     prefetcher = make_prefetcher(policy, hook, cache)
@@ -151,6 +152,9 @@ def engine(model, hook, store, policy_name, budget, device, kernels="auto"):
                                   ffn=getattr(hook, "ffn", None), kernels=kernels)
         hook.install(module, layer)
         layers.append(layer)
+    if fetch == "device" and layers[0].kernels == "loop":
+        raise ValueError(f"fetch='device' needs the grouped kernels; kernels={kernels!r} gives the loop on {device} "
+                         "(pass --kernels grouped-torch on a CPU)")
     hooks.experts3d.select(model, hooks.experts3d.IMPLEMENTATION)
     return cache, layers
 
@@ -190,17 +194,20 @@ def pinned_bandwidth(store, device) -> float:
     return src.numel() * src.element_size() / sorted(times)[len(times) // 2]
 
 
-def run_engine_case(rec, model, hook, store, policy, budget, batch, args, device, bw, kernels="auto", tag=""):
-    case = f"{tag}{policy}@{budget}" + ("" if kernels == "auto" else f"/{kernels}")
+def run_engine_case(rec, model, hook, store, policy, budget, batch, args, device, bw, kernels="auto", tag="",
+                    fetch="host"):
+    case = f"{tag}{policy}@{budget}" + ("" if kernels == "auto" else f"/{kernels}") + \
+        ("" if fetch == "host" else f"/{fetch}-fetch")
     try:
-        cache, layers = engine(model, hook, store, policy, budget, device, kernels)
+        cache, layers = engine(model, hook, store, policy, budget, device, kernels, fetch)
         times = decode(model, batch, args.steps, args.warm, device, seed=batch, on_timed_start=cache.reset_stats)
         s, n = cache.stats, len(times)
         step = sorted(times)[n // 2]
         misses = s.misses / n
         floor = misses * store.expert_bytes / bw * 1e3 if bw == bw else None
         rec.add({"case": case, "policy": policy, "budget": budget, "layers": store.num_layers, "batch": batch,
-                 "kernels": layers[0].kernels, "steps": n, "ms_per_step": step * 1e3, "mean_ms": sum(times) / n * 1e3,
+                 "kernels": layers[0].kernels, "fetch": fetch, "steps": n, "ms_per_step": step * 1e3,
+                 "mean_ms": sum(times) / n * 1e3,
                  "tokens_per_s": batch / step, "hit_rate": s.hit_rate, "misses_per_step": misses,
                  "prefetches_per_step": s.prefetches / n, "h2d_GB_per_step": cache.transfer.stats.bytes / n / 1e9,
                  "pinned_GBps": bw / 1e9, "io_floor_ms_per_step": floor, "n_slots": cache.n_slots})
@@ -224,7 +231,10 @@ def part_full(args, device, rec):
     for batch in args.batches:
         for budget in args.budgets:
             for policy in args.policies:
-                run_engine_case(rec, model, hook, store, policy, budget, batch, args, device, bw)
+                run_engine_case(rec, model, hook, store, policy, budget, batch, args, device, bw, args.kernels)
+                if policy in args.device_fetch:  # the same policy with the cache directory on the device, beside it
+                    run_engine_case(rec, model, hook, store, policy, budget, batch, args, device, bw, args.kernels,
+                                    fetch="device")
 
 
 def build_peer_model(args, device):
@@ -389,6 +399,9 @@ def main() -> None:
     ap.add_argument("--budgets", nargs="+", default=["25%", "50%", "75%"])
     ap.add_argument("--policies", nargs="+",
                     default=["on-demand", "lru", "next-use", "lookahead", "lookahead-next-use"])
+    ap.add_argument("--device-fetch", nargs="*", default=["lru"],
+                    help="policies also run with fetch='device' (the cache directory on the GPU), beside fetch='host'")
+    ap.add_argument("--kernels", default="auto", help="the engine's kernels in the full part (layer.KERNEL_MODES)")
     ap.add_argument("--steps", type=int, default=8, help="timed decode steps per case")
     ap.add_argument("--warm", type=int, default=2, help="untimed decode steps before them")
     ap.add_argument("--peer-layers", type=int, default=4)

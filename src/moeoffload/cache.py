@@ -14,11 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .eviction import EvictionRule
+from .directory import DeviceDirectory
+from .eviction import LRU, EvictionRule
 from .store import ExpertKey, ExpertStore
 from .transfer import TransferEngine
 
 FOLD_HITS_EVERY = 256  # resident fast-path calls whose hits are counted together (the offsets they keep alive)
+FETCH_MODES = ("host", "device")
 
 
 @dataclass
@@ -74,9 +76,12 @@ class ExpertCache:
         rule: EvictionRule,
         transfer: TransferEngine | None = None,
         retain: bool = True,
+        fetch: str = "host",
     ):
         if n_slots < 1:
             raise ValueError("an expert cache needs at least one slot")
+        if fetch not in FETCH_MODES:
+            raise ValueError(f"fetch={fetch!r} is unknown; use one of {', '.join(FETCH_MODES)}")
         self.store = store
         self.n_slots = n_slots
         self.device = torch.device(device)
@@ -99,11 +104,20 @@ class ExpertCache:
         self._deferred_hits: torch.Tensor | None = None  # counted on the device by resident fast paths
         self._pending_offsets: list[torch.Tensor] = []  # their grouped-GEMM offsets, not yet counted
         self._tables: dict[int, torch.Tensor] = {}  # layer -> slot of each expert, once resident for good
+        # fetch="device": residency kept on the device (moeoffload.directory); `_holder` says whose view is current
+        self.directory: DeviceDirectory | None = None
+        self._holder = "host"
+        self._sources: dict[int, torch.Tensor] = {}  # layer -> its slab as the fill kernel reads it
+        if fetch == "device":
+            self._check_device_fetch(rule, retain)
+            self.directory = DeviceDirectory(store.num_layers, store.num_experts, n_slots, self.device,
+                                             store.layout.numel)
 
     @property
     def stats(self) -> CacheStats:
         """Hits, misses and the rest; reading it folds in the hits that resident fast paths counted on the device
         (one device sync, when statistics are read, instead of one per layer call)."""
+        self.to_host()
         self._fold_hits()
         if self._deferred_hits is not None:
             self._stats.hits += int(self._deferred_hits.item())
@@ -123,12 +137,20 @@ class ExpertCache:
 
     @property
     def resident_bytes(self) -> int:
+        self.to_host()
         return len(self._slot_of) * self.store.expert_bytes
 
     def resident(self) -> set[ExpertKey]:
+        self.to_host()
         return set(self._slot_of)
 
+    def slot_of(self) -> dict[ExpertKey, int]:
+        """Where each resident expert sits (a copy)."""
+        self.to_host()
+        return dict(self._slot_of)
+
     def is_pinned(self, key: ExpertKey) -> bool:
+        self.to_host()
         slot = self._slot_of.get(key)
         return slot is not None and self._pins[slot] > 0
 
@@ -177,6 +199,8 @@ class ExpertCache:
         holds every expert of the model (nothing can ever be evicted) and keeps what it loaded. Then a layer may
         route on the device without asking which experts are needed (no device-to-host sync) and read the weights
         through this table; None otherwise. Built once per layer; the current stream waits for the copies once."""
+        if self.directory is not None:
+            return None  # fetch="device" serves a budget below every expert (see moeoffload.directory)
         table = self._tables.get(layer)
         if table is not None:
             return table
@@ -236,6 +260,7 @@ class ExpertCache:
 
     def preload(self, keys: Iterable[ExpertKey]) -> None:
         """Make `keys` resident without pinning (warm start, `resident` policy). Not counted as requests."""
+        self.to_host()
         for key in keys:
             if key not in self._slot_of:
                 self._load(key)
@@ -246,6 +271,7 @@ class ExpertCache:
         Never evicts a pinned expert or another key of this call; stops when no slot can be freed. On CUDA the
         copies run on the transfer stream, overlapping whatever the compute stream does meanwhile.
         """
+        self.to_host()
         asked = list(dict.fromkeys(keys))
         wanted = [k for k in asked if k not in self._slot_of]
         for key in wanted:
@@ -265,6 +291,7 @@ class ExpertCache:
         """Make resident, unpinned `keys` the first to be evicted, ahead of the eviction rule's order, until they
         are used again (ExpertFlow's correction: an expert prefetched for a layer whose router did not pick it
         gives its slot to the experts that layer does need). Returns how many keys were demoted."""
+        self.to_host()
         keys = [k for k in dict.fromkeys(keys) if k in self._slot_of and not self.is_pinned(k)]
         self._demoted.update(keys)
         return len(keys)
@@ -310,14 +337,107 @@ class ExpertCache:
 
     def free(self) -> None:
         """Give the device pool back (after unload); statistics stay readable, the cache is unusable."""
-        _ = self.stats  # fold in deferred hits while the device still holds them
+        _ = self.stats  # fold in deferred hits (and the device directory's counts) while the device holds them
+        self.directory = None
+        self._sources.clear()
         self._slot_of.clear()
         self._tables.clear()
         self._views = []  # views hold the pool's storage
         self.pool = self.pool.new_empty(0)
 
     def reset_stats(self) -> None:
+        self.to_host()
         self._stats = CacheStats(peak_resident=len(self._slot_of))
         self._deferred_hits = None
         self._pending_offsets = []
         self.transfer.reset_stats()
+
+    # -- fetch="device": the directory on the device -----------------------------------------------------------------
+    def _check_device_fetch(self, rule: EvictionRule, retain: bool) -> None:
+        """Refuse what the device directory cannot do, naming the fix."""
+        if type(rule) is not LRU or not retain:
+            raise ValueError(f"fetch='device' keeps an LRU cache on the device; this cache evicts by "
+                             f"{getattr(rule, 'name', type(rule).__name__)!r}{'' if retain else ' without retaining'}: "
+                             "use fetch='host' or an LRU policy ('lru')")
+        if self.n_slots > _max_device_slots():
+            raise ValueError(f"fetch='device' groups every slot in one grouped GEMM, which takes at most "
+                             f"{_max_device_slots()}; this cache has {self.n_slots}: use fetch='host' or a smaller "
+                             "budget")
+        if self.device.type == "cuda":
+            from .kernels.hostmap import host_pointer_usable
+
+            if not self.store.pinned:
+                raise ValueError("fetch='device' streams experts from page-locked host memory, but this store is "
+                                 "not pinned: build the ExpertStore with pin_memory=True, or use fetch='host'")
+            if not host_pointer_usable(self.device):
+                raise ValueError(f"{self.device} cannot read registered host memory through its own pointers "
+                                 "(cudaDevAttrCanUseHostPointerForRegisteredMem is 0): use fetch='host'")
+
+    def serves_on_device(self, distinct_bound: int) -> bool:
+        """True when a layer call that names at most `distinct_bound` distinct experts can run on the device
+        directory (every one of them fits in the pool at once); the caller takes the host path otherwise."""
+        return self.directory is not None and distinct_bound <= self.n_slots
+
+    def fetch_on_device(self, layer: int, top_k_index: torch.Tensor) -> torch.Tensor:
+        """Launch this call's lookup and its fills without waiting for either; return the layer's row of the table
+        (slot of each expert, then the "no expert" sentinel) for `kernels.route_on_device`."""
+        assert self.directory is not None
+        self.to_device()
+        self.directory.resolve(layer, top_k_index)
+        self.directory.fill(self._source(layer), self.pool)
+        return self.directory.table[layer]
+
+    def _source(self, layer: int) -> torch.Tensor:
+        found = self._sources.get(layer)
+        if found is None:
+            slab = self.store.slab(layer)
+            if self.device.type == "cuda":
+                from .kernels.hostmap import device_view
+
+                slab = device_view(slab, self.device)
+            found = self._sources[layer] = slab
+        return found
+
+    def to_device(self) -> None:
+        """Make the device directory current (a no-op when it already is): the host's residency and LRU order go
+        into it, and the device waits for the host's copies into any slot."""
+        if self.directory is None or self._holder == "device":
+            return
+        if any(self._pins):
+            raise RuntimeError("fetch='device' took over while experts were pinned; release them first")
+        self._wait_for_copies(range(self.n_slots))
+        self.directory.load(self._slot_of, [k for k in self.rule if k in self._slot_of])  # type: ignore[attr-defined]
+        self._holder = "device"
+
+    def to_host(self) -> None:
+        """Make the host's view current (a no-op when it already is): one sync, then the device's residency, LRU
+        order and counts replace the host's. The host's next copy into a slot waits for the kernels queued so far."""
+        if self.directory is None or self._holder == "host":
+            return
+        slot_of, order, (hits, misses, evictions) = self.directory.read()
+        for key in list(self._slot_of):
+            self.rule.on_remove(key)
+        for key in order:
+            self.rule.on_insert(key)
+        self._slot_of = slot_of
+        used = set(slot_of.values())
+        self._free = [s for s in range(self.n_slots - 1, -1, -1) if s not in used]
+        event = None
+        if self._cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+        self._released = [event] * self.n_slots
+        self._ready = [None] * self.n_slots  # the fills ran on the compute stream: ordered before what follows
+        self._stats.hits += hits
+        self._stats.misses += misses
+        self._stats.evictions += evictions
+        self._stats.peak_resident = max(self._stats.peak_resident, len(slot_of))
+        self.transfer.stats.copies += misses
+        self.transfer.stats.bytes += misses * self.store.expert_bytes
+        self._holder = "host"
+
+
+def _max_device_slots() -> int:
+    from .kernels import GROUPED_MM_MAX_GROUPS
+
+    return GROUPED_MM_MAX_GROUPS

@@ -34,6 +34,9 @@ KERNEL_MODES = ("auto", "torch", "triton", "grouped-torch")
 # eight launches per expert but adds about twenty per call (benchmarks/exact_loop.py on the H100: 0.72-0.79x of the
 # loop's speed with 2 to 6 experts, 1.15-1.26x with 8 of OLMoE's and Qwen3's, 1.9-3.6x with 25 or more).
 STAGED_MIN_EXPERTS = 8
+# (token, expert) pairs up to which a call runs on the device directory with fetch="device" (its lookup keeps the
+# pairs of one call in one Triton program's registers); a larger call (a long prefill) takes the host path
+DEVICE_FETCH_MAX_PAIRS = 4096
 
 
 def grouped_spec(ffn, layout) -> _kernels.FFNSpec | None:
@@ -91,6 +94,7 @@ class OffloadedMoELayer:
         self.quantum = 1
         self._slot_operands: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._route_cache: tuple | None = None  # (table, its constants or None): see _device_route
+        self._pool_weights: tuple[torch.Tensor, torch.Tensor] | None = None  # every slot's matrices (fetch="device")
         if stages is not None:
             layout = cache.store.layout
             shapes = dict(zip(layout.names, layout.shapes))
@@ -155,6 +159,8 @@ class OffloadedMoELayer:
         if self.router_tap is not None:
             top_k_index, top_k_weights = self._tap(hidden, top_k_index, top_k_weights)
         self.cache.enter_layer(self.layer_idx)
+        if self.kernels != "loop" and self._fetches_on_device(top_k_index):
+            return self._device_fetched(hidden, top_k_index, top_k_weights)
         if self.kernels != "loop":
             table = self.cache.resident_table(self.layer_idx, self.num_experts) if self.resident_path else None
             if table is not None:
@@ -268,6 +274,31 @@ class OffloadedMoELayer:
             self.resident_path = False
             return self._grouped(hidden, top_k_index, top_k_weights)
         self.cache.count_hits(offs)  # after the fallback point: never counted twice
+        return _kernels.unpermute(y, inverse, top_k_weights, hidden.dtype, backend=backend, token_major=True,
+                                  limit=offs[-1:])
+
+    def _fetches_on_device(self, top_k_index: torch.Tensor) -> bool:
+        """This call runs on the cache's device directory (fetch="device"): nothing to prefetch or replace, few
+        enough pairs for one lookup program, and every expert it may name fits in the pool at once."""
+        pairs = top_k_index.numel()
+        return (self.prefetcher is None and self.router_tap is None and pairs <= DEVICE_FETCH_MAX_PAIRS
+                and self.cache.serves_on_device(min(self.num_experts, pairs)))
+
+    def _device_fetched(self, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                        top_k_weights: torch.Tensor) -> torch.Tensor:
+        """The resident path over the whole pool, after the device itself made the routed experts resident
+        (`ExpertCache.fetch_on_device`: lookup, LRU victims and fills from the mapped host store, launched without
+        a sync). The host never learns which experts this call needed, so it runs ahead of the GPU while a miss
+        streams in, as it does when every expert is resident."""
+        row = self.cache.fetch_on_device(self.layer_idx, top_k_index)
+        directory = self.cache.directory
+        assert directory is not None
+        backend = "triton" if self.kernels == "triton" else "torch"
+        order, inverse, offs = _kernels.route_on_device(top_k_index, row, directory.slot_ends, backend=backend)
+        if self._pool_weights is None:
+            self._pool_weights = _kernels.slot_weights(self.spec, self.cache.pool)
+        x = _kernels.permute(hidden, order, backend=backend, divisor=top_k_index.shape[1])
+        y = _kernels.grouped_ffn_by_offsets(self.spec, x, self.cache.pool, offs, self._pool_weights)
         return _kernels.unpermute(y, inverse, top_k_weights, hidden.dtype, backend=backend, token_major=True,
                                   limit=offs[-1:])
 

@@ -105,7 +105,7 @@ class OffloadedModel:
         self.cache.reset_stats()
 
     def switch(self, policy: str | policies.Policy = "lru", gpu_budget: str | int | None = "all", *, predictor=None,
-               kernels: str = "torch") -> OffloadedModel:
+               kernels: str = "torch", fetch: str = "host") -> OffloadedModel:
         """Serve the same offloaded model with another policy and budget; returns this handle.
 
         The host store stays as it is (no expert crosses the host again: at published size that copy, not the new
@@ -113,7 +113,7 @@ class OffloadedModel:
         engine's layers go first, then a new cache is built for `policy` and statistics start from zero. A budget
         the policy cannot use is refused before anything changes (the old policy keeps serving); if building the new
         cache fails (out of memory), the handle serves nothing until the next `switch`, and `unload()` still restores
-        every expert. `predictor` and `kernels`: as for `offload`."""
+        every expert. `predictor`, `kernels` and `fetch`: as for `offload`."""
         if not self.active:
             raise NotOffloadedError("this model was unloaded, so there is nothing to switch; offload it again with "
                                     "moeoffload.offload(model, policy, gpu_budget)")
@@ -121,16 +121,19 @@ class OffloadedModel:
         check_predictor(policy, predictor)
         require_routers(policy, self.hook)
         n_slots, budget_bytes = plan_slots(policy, gpu_budget, self.store, self.device)
+        fetch = plan_fetch(fetch, policy, kernels, n_slots, self.store)
         self._release_cache()
-        self._serve(policy, n_slots, budget_bytes, predictor, kernels)
+        self._serve(policy, n_slots, budget_bytes, predictor, kernels, fetch)
         return self
 
-    def _serve(self, policy: policies.Policy, n_slots: int, budget_bytes: int, predictor, kernels: str) -> None:
+    def _serve(self, policy: policies.Policy, n_slots: int, budget_bytes: int, predictor, kernels: str,
+               fetch: str = "host") -> None:
         """Build the cache, prefetcher and predictor runtime of `policy` over the store and route every MoE layer to
         them: the one setup that `offload` and `switch` share. On failure, what was built is torn down again."""
         hook = self.hook
         try:
-            cache = ExpertCache(self.store, n_slots, self.device, make_rule(policy.eviction), retain=policy.retain)
+            cache = ExpertCache(self.store, n_slots, self.device, make_rule(policy.eviction), retain=policy.retain,
+                                fetch=fetch)
             self.cache, self.policy, self.budget_bytes, self.serving = cache, policy, budget_bytes, True
             if policy.preload:
                 cache.preload(self.store.keys())
@@ -145,6 +148,10 @@ class OffloadedModel:
                                           ffn=getattr(hook, "ffn", None), kernels=kernels, stages=stages)
                 hook.install(module, layer)
                 self.layers.append(layer)
+            if fetch == "device" and any(layer.kernels == "loop" for layer in self.layers):
+                raise ValueError(f"fetch='device' runs on the grouped kernels, but kernels={kernels!r} gives the exact "
+                                 f"loop on {self.device} for this model: pass kernels='grouped-torch' on a CPU, or "
+                                 "use fetch='host'")
         except BaseException:
             self._release_cache()
             raise
@@ -245,16 +252,38 @@ def plan_slots(
     return int(n_slots), budget_bytes
 
 
+def plan_fetch(fetch: str, policy: policies.Policy, kernels: str, n_slots: int, store: ExpertStore) -> str:
+    """Who fetches a missing expert: "host" (the layer learns its experts with one sync and the copy engine copies
+    them) or "device" (the layer's kernels find and stream them: no sync; `moeoffload.directory`). Refuses a
+    combination "device" cannot serve, before anything moves; a budget that holds every expert needs no fetching,
+    and takes the resident path either way."""
+    if fetch not in ("host", "device"):
+        raise ValueError(f"fetch={fetch!r} is unknown; use 'host' or 'device'")
+    if fetch == "host" or n_slots >= store.num_layers * store.num_experts:
+        return "host"
+    if kernels == "torch":
+        raise ValueError("fetch='device' runs on the grouped kernels (the exact loop must learn on the host which "
+                         "experts it needs): pass kernels='auto'")
+    if policy.prefetch or policy.predictor or policy.eviction != "lru" or not policy.retain:
+        raise ValueError(f"fetch='device' serves an LRU cache without prefetch or predictor; policy "
+                         f"{policy.name!r} needs the host: use fetch='host', or policy 'lru'")
+    return "device"
+
+
 def offload(model: nn.Module, policy: str | policies.Policy = "lru", gpu_budget: str | int | None = "all", *,
             device: str | torch.device | None = None, show_progress: bool | None = None,
-            predictor=None, kernels: str = "torch") -> OffloadedModel:
+            predictor=None, kernels: str = "torch", fetch: str = "host") -> OffloadedModel:
     """Offload `model`'s experts; return the handle. Use as `with offload(model, ...) as handle:` to undo.
 
     `predictor`: what a predictive policy (`policy.predictor` set) runs on: a trained RoutingPredictor, or the
     CallTrace of the exact inputs for the oracle policies; `moeoffload.predictors.prepare()` makes it.
     `kernels`: "torch" (default: the per-expert loop, bit-exact against eager), "auto" (grouped Triton kernels on
     CUDA for expert forms they know, else the loop; faster, equal to eager only within bf16 rounding), "triton"
-    (refuse if unsupported), see layer.py."""
+    (refuse if unsupported), see layer.py.
+    `fetch`: "host" (default: a layer learns which experts it needs with one device->host sync, and the copy engine
+    brings the missing ones) or "device" (the grouped kernels look the experts up in a directory on the device and
+    stream missing ones straight from page-locked host memory: no sync, so the host runs ahead while they arrive;
+    LRU policies, `moeoffload.directory`)."""
     if getattr(model, "_moeoffload", None) is not None:
         raise MoeOffloadError("this model is already offloaded; call moeoffload.unload(model) first")
     policy = policies.get(policy)
@@ -265,6 +294,7 @@ def offload(model: nn.Module, policy: str | policies.Policy = "lru", gpu_budget:
     original_device = next(iter(hook.layers[0].parameters())).device
     store = ExpertStore(hook.layout, len(hook.layers), hook.num_experts, pin_memory=device.type == "cuda")
     n_slots, budget_bytes = plan_slots(policy, gpu_budget, store, device)
+    fetch = plan_fetch(fetch, policy, kernels, n_slots, store)
 
     for i, module in enumerate(progress(hook.layers, desc="moeoffload: storing experts", enable=show_progress)):
         for e in range(hook.num_experts):
@@ -276,7 +306,7 @@ def offload(model: nn.Module, policy: str | policies.Policy = "lru", gpu_budget:
     handle = OffloadedModel(model, hook, store, original_device, device)
     model._moeoffload = handle
     try:
-        handle._serve(policy, n_slots, budget_bytes, predictor, kernels)
+        handle._serve(policy, n_slots, budget_bytes, predictor, kernels, fetch)
     except BaseException:
         handle.unload()  # the experts go back: a failed offload leaves the model as it was
         raise
@@ -284,14 +314,14 @@ def offload(model: nn.Module, policy: str | policies.Policy = "lru", gpu_budget:
 
 
 def switch(model: nn.Module, policy: str | policies.Policy = "lru", gpu_budget: str | int | None = "all", *,
-           predictor=None, kernels: str = "torch") -> OffloadedModel:
+           predictor=None, kernels: str = "torch", fetch: str = "host") -> OffloadedModel:
     """Serve an offloaded model with another policy and budget without moving its experts through the host again
     (`OffloadedModel.switch`)."""
     handle = getattr(model, "_moeoffload", None)
     if handle is None:
         raise NotOffloadedError("this model is not offloaded, so there is no policy to switch; use "
                                 "moeoffload.offload(model, policy, gpu_budget)")
-    return handle.switch(policy, gpu_budget, predictor=predictor, kernels=kernels)
+    return handle.switch(policy, gpu_budget, predictor=predictor, kernels=kernels, fetch=fetch)
 
 
 NO_CACHE_MESSAGE = ("this offloaded model has no expert cache (a switch failed while building it); call "

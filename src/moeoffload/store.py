@@ -151,6 +151,22 @@ class ExpertStore:
             self._check_key(key)
             raise KeyError(f"expert {key} was never stored; call ExpertStore.put first") from None
 
+    def slab(self, layer: int) -> torch.Tensor:
+        """One MoE layer's experts as one 1-D tensor, expert e at offset `e * layout.numel` (what a kernel that
+        fetches experts by index reads). Raises when the layer's buffers are not laid out that way."""
+        slab = self._slabs.get(layer)
+        if slab is not None:
+            return slab
+        first = self.buffer((layer, 0))
+        n = self.layout.numel
+        for e in range(self.num_experts):
+            buf = self.buffer((layer, e))
+            if buf.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or \
+                    buf.storage_offset() != first.storage_offset() + e * n:
+                raise ValueError(f"the experts of MoE layer {layer} are not one contiguous slab in expert order; "
+                                 "fill the store with ExpertStore.put")
+        return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (self.num_experts * n,), (1,))
+
     def views(self, key: ExpertKey) -> dict[str, torch.Tensor]:
         return self.layout.views(self.buffer(key))
 

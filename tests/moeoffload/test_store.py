@@ -223,3 +223,20 @@ def test_registered_slab_is_pinned_and_copies_async_to_cuda():
         assert torch.equal(copies[key].view(256, 1024).cpu(), w)
     store.clear()
     assert store.pinned_bytes == 0
+
+
+def test_slab_is_the_layers_experts_in_order_and_refuses_scattered_buffers():
+
+    layout = ExpertLayout(names=("a",), shapes=((2, 3),), dtype=torch.float32)
+    store = ExpertStore(layout, 2, 3, pin_memory=False)
+    for e in range(3):
+        store.put((1, e), {"a": torch.full((2, 3), float(e))})
+    slab = store.slab(1)
+    assert slab.shape == (3 * 6,) and torch.equal(slab.view(3, 6)[:, 0], torch.tensor([0.0, 1.0, 2.0]))
+    scattered = ExpertStore(layout, 1, 2, pin_memory=False)  # buffers set by hand, not one slab (a benchmark's)
+    scattered._buffers = {(0, 0): torch.zeros(6), (0, 1): torch.ones(6)}
+    with pytest.raises(ValueError, match="not one contiguous slab"):
+        scattered.slab(0)
+    whole = torch.arange(12.0)
+    scattered._buffers = {(0, 0): whole[:6], (0, 1): whole[6:]}
+    assert torch.equal(scattered.slab(0), whole)

@@ -122,3 +122,82 @@ def grouped_linear(x_ptr, pool_ptr, out_ptr, tile_ptr, n_tiles, slot_numel, w_of
         acc = tl.maximum(acc, 0.0)
     out = out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def stream_copy(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
+    """dst[:n] = src[:n], grid-strided: with `src` a device view of page-locked host memory, the SMs' own loads
+    stream it across PCIe (benchmarks/zero_copy.py measures them against the copy engine)."""
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    step = tl.num_programs(0).to(tl.int64) * BLOCK
+    for first in range(start, n, step):
+        offs = first + tl.arange(0, BLOCK)
+        mask = offs < n
+        tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=mask), mask=mask)
+
+
+@triton.jit
+def resolve_experts(ids_ptr, P, table_ptr, owner_ptr, stamp_ptr, clock_ptr, counts_ptr, fill_e_ptr, fill_s_ptr,
+                    fill_n_ptr, layer, n_slots, E: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr):
+    """One MoE layer call's cache lookup on the device (`moeoffload.directory`), one program: hits are stamped
+    first (so none of the call's experts can be chosen as a victim), then each miss, in ascending expert order, takes
+    the slot of least stamp, evicting its owner from the table, and is listed for `fill_slots`. Stamps are
+    tick * E + expert: the order the host's LRU cache would give."""
+    p = tl.arange(0, BLOCK_P)
+    ids = tl.load(ids_ptr + p, mask=p < P, other=-1)
+    s = tl.arange(0, BLOCK_S)
+    live = s < n_slots
+    stamps = tl.load(stamp_ptr + s, mask=live, other=1 << 62)
+    tick = tl.load(clock_ptr) + 1
+    base = tick * E
+    row = table_ptr + layer * (E + 1)  # E is a compile-time constant: one model has one, and its loops unroll
+    hits = tl.zeros((), dtype=tl.int64)
+    for e in range(0, E):
+        needed = tl.sum((ids == e).to(tl.int32), axis=0) > 0
+        slot = tl.load(row + e)
+        if needed & (slot >= 0):
+            stamps = tl.where(s == slot, base + e, stamps)
+            hits += 1
+    misses = tl.zeros((), dtype=tl.int64)
+    evictions = tl.zeros((), dtype=tl.int64)
+    for e in range(0, E):
+        needed = tl.sum((ids == e).to(tl.int32), axis=0) > 0
+        slot = tl.load(row + e)
+        if needed & (slot < 0):
+            candidates = tl.where(stamps >= base, 1 << 62, stamps)
+            victim = tl.argmin(candidates, axis=0)
+            old = tl.load(owner_ptr + victim)
+            if old >= 0:
+                tl.store(table_ptr + (old // E) * (E + 1) + old % E, -1)
+                evictions += 1
+            tl.store(owner_ptr + victim, layer * E + e)
+            tl.store(row + e, victim.to(tl.int32))
+            stamps = tl.where(s == victim, base + e, stamps)
+            tl.store(fill_e_ptr + misses, e)
+            tl.store(fill_s_ptr + misses, victim.to(tl.int32))
+            misses += 1
+    tl.store(stamp_ptr + s, stamps, mask=live)
+    tl.store(clock_ptr, tick)
+    tl.store(fill_n_ptr, misses.to(tl.int32))
+    tl.store(counts_ptr, tl.load(counts_ptr) + hits)
+    tl.store(counts_ptr + 1, tl.load(counts_ptr + 1) + misses)
+    tl.store(counts_ptr + 2, tl.load(counts_ptr + 2) + evictions)
+
+
+@triton.jit
+def fill_slots(src_ptr, pool_ptr, fill_e_ptr, fill_s_ptr, fill_n_ptr, numel: tl.constexpr, MAX_FILLS: tl.constexpr,
+               PROGRAMS: tl.constexpr, BLOCK: tl.constexpr):
+    """pool[slot_j] = src[expert_j] for the fills `resolve_experts` listed (a launch with none returns at once).
+    `src` is the layer's slab: on CUDA a device view of page-locked host memory, so these loads cross PCIe. Program
+    p copies chunks p, p + PROGRAMS, ... of each expert: at any moment the programs read neighbouring memory. Loop
+    bounds are compile-time constants (one model, one launch width; Triton's CPU interpreter needs them too)."""
+    n = tl.load(fill_n_ptr)
+    pid = tl.program_id(0).to(tl.int64)
+    for j in range(0, MAX_FILLS):
+        if j < n:
+            src = src_ptr + tl.load(fill_e_ptr + j).to(tl.int64) * numel
+            dst = pool_ptr + tl.load(fill_s_ptr + j).to(tl.int64) * numel
+            for c in range(0, tl.cdiv(numel, PROGRAMS * BLOCK)):
+                offs = (c * PROGRAMS + pid) * BLOCK + tl.arange(0, BLOCK)
+                mask = offs < numel
+                tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)

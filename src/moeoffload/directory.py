@@ -1,0 +1,164 @@
+"""DeviceDirectory: the expert cache's residency kept on the device, so that an offloaded layer never waits for the
+host (`ExpertCache(fetch="device")`).
+
+Why: a layer must know which experts its router chose before it can fetch the missing ones. With the directory on
+the host, that is one device->host sync per MoE layer, and the host cannot run ahead of the GPU: at batch 1 its
+per-layer launches (about 1.5 ms a Mixtral layer on the lent H100) add to the copies instead of hiding under them.
+Here the layer's own kernels do the host's part:
+
+- `resolve` (one launch): look the routed experts up in the table, count hits, choose an LRU victim for each miss,
+  update the table, and list the (expert, slot) fills;
+- `fill` (one launch): stream each listed expert out of the page-locked host store into its slot with the SMs' own
+  loads (the store's slabs are mapped into the device's address space, `kernels.hostmap`).
+
+The host launches both and moves on; nothing it does depends on what they found. Its own view of the cache
+(`ExpertCache`'s dict and LRU order, its statistics) is brought up to date only when somebody reads it (`pull`, one
+sync) and written back before the host path runs again (`push`).
+
+LRU only: its order is one stamp per slot. A call's experts get `tick * STRIDE + expert`, its hits before any miss
+is placed, so the victims and the order among one call's experts are those of the host's LRU cache (hits touched,
+then misses loaded, in ascending expert order): both make the same choices, slot for slot (tested as a property).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kernels import use_triton
+
+FREE = -1  # the stamp of an empty slot: below every real stamp, so empty slots are filled first, lowest first
+NO_KEY = -1
+BIG = 1 << 62  # stamps of padding and of this call's experts while a victim is chosen
+FILL_BLOCK = 8192  # elements each program of `fill` copies per step
+FILL_PROGRAMS_PER_SM = 4
+
+
+class DeviceDirectory:
+    """Residency of every expert in device tensors (see the module docstring):
+
+    - `table` int32 [layers, experts + 1]: the slot of each expert, -1 when not resident; the last column is
+      `n_slots`, the "no expert" sentinel that `kernels.route_on_device` expects after the experts;
+    - `owner` int32 [slots]: the key `layer * experts + expert` in each slot, -1 when empty;
+    - `stamp` int64 [slots]: LRU order, FREE when empty; `clock` int64 [1]: the last call's tick;
+    - `counts` int64 [3]: hits, misses, evictions since the last pull.
+    """
+
+    def __init__(self, num_layers: int, num_experts: int, n_slots: int, device: torch.device, expert_numel: int,
+                 backend: str = "auto"):
+        self.backend = backend  # "auto": Triton on CUDA; "triton" (also under TRITON_INTERPRET on a CPU); "torch"
+        self.num_layers, self.num_experts, self.n_slots = num_layers, num_experts, n_slots
+        self.device = device
+        self.expert_numel = expert_numel
+        self.stride = num_experts  # stamps of one call: tick * stride + expert, all distinct
+        self.table = torch.full((num_layers, num_experts + 1), -1, dtype=torch.int32, device=device)
+        self.table[:, num_experts] = n_slots
+        self.owner = torch.full((n_slots,), NO_KEY, dtype=torch.int32, device=device)
+        self.stamp = torch.full((n_slots,), FREE, dtype=torch.int64, device=device)
+        self.clock = torch.zeros(1, dtype=torch.int64, device=device)
+        self.counts = torch.zeros(3, dtype=torch.int64, device=device)
+        self.fill_experts = torch.zeros(num_experts, dtype=torch.int32, device=device)
+        self.fill_slots = torch.zeros(num_experts, dtype=torch.int32, device=device)
+        self.fill_count = torch.zeros(1, dtype=torch.int32, device=device)
+        self.slot_ends = torch.arange(1, n_slots + 1, dtype=torch.int32, device=device)  # route_on_device's bounds
+        self.fill_programs = 4
+        if device.type == "cuda":
+            self.fill_programs = torch.cuda.get_device_properties(device).multi_processor_count * FILL_PROGRAMS_PER_SM
+
+    # -- host <-> device -------------------------------------------------------------------------------------------
+    def load(self, slot_of: dict[tuple[int, int], int], lru_order: list[tuple[int, int]]) -> None:
+        """Write the host's view (key -> slot, keys least recently used first) into the device tensors."""
+        e_count = self.num_experts
+        table = torch.full((self.num_layers, e_count + 1), -1, dtype=torch.int32)
+        table[:, e_count] = self.n_slots
+        owner = torch.full((self.n_slots,), NO_KEY, dtype=torch.int32)
+        stamp = torch.full((self.n_slots,), FREE, dtype=torch.int64)
+        for rank, key in enumerate(lru_order):
+            slot = slot_of[key]
+            table[key[0], key[1]] = slot
+            owner[slot] = key[0] * e_count + key[1]
+            stamp[slot] = rank
+        self.table.copy_(table)
+        self.owner.copy_(owner)
+        self.stamp.copy_(stamp)
+        self.clock.fill_(len(lru_order) // self.stride + 1)  # every new stamp above the ranks
+        self.counts.zero_()
+
+    def read(self) -> tuple[dict[tuple[int, int], int], list[tuple[int, int]], list[int]]:
+        """(key -> slot, keys least recently used first, [hits, misses, evictions] since the last read): one sync.
+        The counts restart from zero."""
+        owner, stamp, counts = self.owner.tolist(), self.stamp.tolist(), self.counts.tolist()
+        self.counts.zero_()
+        e_count = self.num_experts
+        resident = sorted((stamp[slot], slot) for slot, key in enumerate(owner) if key != NO_KEY)
+        slot_of = {(owner[slot] // e_count, owner[slot] % e_count): slot for _, slot in resident}
+        order = [(owner[slot] // e_count, owner[slot] % e_count) for _, slot in resident]
+        return slot_of, order, counts
+
+    # -- the hot path: launched by a layer, never waited for --------------------------------------------------------
+    def resolve(self, layer: int, top_k_index: torch.Tensor) -> None:
+        """Make every expert that `top_k_index` names resident in the table (ids outside 0..E-1 name none): hits
+        are touched, misses get the least recently used slot that this call does not use, and are listed for
+        `fill`. The caller guarantees that the call names at most `n_slots` distinct experts."""
+        ids = top_k_index.reshape(-1)
+        if use_triton(ids, self.backend):
+            from .kernels import triton_kernels as tk
+
+            block_p = max(16, 1 << (max(ids.numel(), 1) - 1).bit_length())
+            block_s = max(16, 1 << (self.n_slots - 1).bit_length())
+            tk.resolve_experts[(1,)](ids.contiguous(), ids.numel(), self.table, self.owner, self.stamp, self.clock,
+                                     self.counts, self.fill_experts, self.fill_slots, self.fill_count, layer,
+                                     self.n_slots, E=self.num_experts, BLOCK_P=block_p, BLOCK_S=block_s)
+            return
+        self._resolve_torch(layer, ids)
+
+    def fill(self, source: torch.Tensor, pool: torch.Tensor) -> None:
+        """Copy each expert that `resolve` listed from `source` (the layer's slab: a device view of page-locked host
+        memory on CUDA) into its pool slot. On CUDA the SMs' loads cross PCIe; an empty list costs one launch."""
+        if use_triton(pool, self.backend):
+            from .kernels import triton_kernels as tk
+
+            tk.fill_slots[(self.fill_programs,)](source, pool, self.fill_experts, self.fill_slots, self.fill_count,
+                                       numel=self.expert_numel, MAX_FILLS=self.num_experts,
+                                       PROGRAMS=self.fill_programs, BLOCK=FILL_BLOCK)
+            return
+        n = int(self.fill_count.item())
+        for expert, slot in zip(self.fill_experts[:n].tolist(), self.fill_slots[:n].tolist()):
+            numel = self.expert_numel
+            pool[slot].copy_(source[expert * numel : (expert + 1) * numel])
+
+    def _resolve_torch(self, layer: int, ids: torch.Tensor) -> None:
+        """`resolve` in plain Python over the tensors (CPU; the reference the Triton kernel is tested against)."""
+        e_count = self.num_experts
+        wanted = sorted({i for i in ids.tolist() if 0 <= i < e_count})
+        table, owner, stamp = self.table.tolist(), self.owner.tolist(), self.stamp.tolist()
+        tick = int(self.clock.item()) + 1
+        base = tick * self.stride
+        row = table[layer]
+        hits = misses = evictions = 0
+        for e in wanted:  # hits first: none of this call's experts may become a victim
+            if row[e] >= 0:
+                stamp[row[e]] = base + e
+                hits += 1
+        fills = []
+        for e in wanted:
+            if row[e] >= 0:
+                continue
+            victim = min(range(self.n_slots), key=lambda s: (BIG if stamp[s] >= base else stamp[s], s))
+            old = owner[victim]
+            if old != NO_KEY:
+                table[old // e_count][old % e_count] = -1
+                evictions += 1
+            owner[victim] = layer * e_count + e
+            row[e] = victim
+            stamp[victim] = base + e
+            fills.append((e, victim))
+            misses += 1
+        self.table.copy_(torch.tensor(table, dtype=torch.int32))
+        self.owner.copy_(torch.tensor(owner, dtype=torch.int32))
+        self.stamp.copy_(torch.tensor(stamp, dtype=torch.int64))
+        self.clock.fill_(tick)
+        self.counts += torch.tensor([hits, misses, evictions], dtype=torch.int64, device=self.counts.device)
+        self.fill_count.fill_(len(fills))
+        for j, (e, slot) in enumerate(fills):
+            self.fill_experts[j] = e
+            self.fill_slots[j] = slot

@@ -1,0 +1,158 @@
+"""fetch="device": the cache directory on the device makes the host LRU cache's choices, slot for slot, and a model
+served through it computes what the host path computes.
+
+The directory's Triton kernels run here through Triton's interpreter (a subprocess with TRITON_INTERPRET=1); their
+CUDA run, with experts streamed from mapped host memory, is in test_directory_gpu.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import moeoffload
+from moeoffload.cache import ExpertCache
+from moeoffload.eviction import make_rule
+
+from .models import tiny_mixtral
+from .test_cache_properties import filled_store, tag_of
+
+
+def host_and_device(layers, experts, n_slots, backend="torch"):
+    store = filled_store(layers, experts)
+    host = ExpertCache(store, n_slots, "cpu", make_rule("lru"))
+    device = ExpertCache(store, n_slots, "cpu", make_rule("lru"), fetch="device")
+    device.directory.backend = backend
+    return store, host, device
+
+
+def step(host: ExpertCache, device: ExpertCache, layer: int, ids: list[list[int]], experts: int) -> None:
+    """One layer call on both caches; then the same residency, slot for slot, and the right weights in each slot."""
+    wanted = sorted({i for row in ids for i in row if 0 <= i < experts})
+    keys = [(layer, e) for e in wanted]
+    host.acquire(keys)
+    host.release(keys)
+    row = device.fetch_on_device(layer, torch.tensor(ids, dtype=torch.int64))
+    for e in wanted:  # the layer's table row names a slot for every expert the call needs
+        assert row[e].item() >= 0
+    assert row[experts].item() == device.n_slots  # and ends with the "no expert" sentinel
+    assert device.slot_of() == host.slot_of()
+    for key, slot in device.slot_of().items():
+        assert tag_of(device, slot) == key[0] * 1000 + key[1]
+
+
+routing = st.tuples(st.integers(1, 4), st.integers(2, 9), st.data())
+
+
+@settings(max_examples=120, deadline=None)
+@given(shape=routing)
+def test_device_directory_evicts_as_host_lru(shape):
+    layers, experts, data = shape
+    tokens = data.draw(st.integers(1, 4), label="tokens")
+    top_k = data.draw(st.integers(1, min(3, experts)), label="top_k")
+    # every expert one call may name fits at once (the layer takes the host path otherwise)
+    n_slots = data.draw(st.integers(min(experts, tokens * top_k), layers * experts), label="slots")
+    store, host, device = host_and_device(layers, experts, n_slots)
+    for _ in range(data.draw(st.integers(1, 30), label="calls")):
+        layer = data.draw(st.integers(0, layers - 1))
+        ids = [data.draw(st.lists(st.integers(-1, experts), min_size=top_k, max_size=top_k)) for _ in range(tokens)]
+        step(host, device, layer, ids, experts)
+        if data.draw(st.booleans(), label="host reads in between"):
+            assert device.stats.misses == host.stats.misses
+    d, h = device.stats, host.stats
+    assert (d.hits, d.misses, d.evictions) == (h.hits, h.misses, h.evictions)
+    assert device.transfer.stats.bytes == host.transfer.stats.bytes == h.misses * store.expert_bytes
+
+
+def test_host_path_in_between_keeps_both_views():
+    """A call too large for the device path runs on the host (pull), the next device call pushes the host's view."""
+    store, host, device = host_and_device(3, 4, 5)
+    step(host, device, 0, [[0, 1]], 4)
+    for cache in (host, device):  # a host-path call: acquire and release directly
+        cache.acquire([(1, 0), (1, 1), (1, 2)])
+        cache.release([(1, 0), (1, 1), (1, 2)])
+    assert device.slot_of() == host.slot_of()
+    step(host, device, 2, [[3, 0], [1, 1]], 4)
+    step(host, device, 0, [[0, 2]], 4)
+    assert device.stats.misses == host.stats.misses
+
+
+def test_fetch_device_refuses_what_it_cannot_serve():
+    store = filled_store(2, 4)
+    with pytest.raises(ValueError, match="LRU"):
+        ExpertCache(store, 4, "cpu", make_rule("lfu"), fetch="device")
+    with pytest.raises(ValueError, match="fetch='nowhere' is unknown"):
+        ExpertCache(store, 4, "cpu", make_rule("lru"), fetch="nowhere")
+
+
+def test_offload_fetch_device_refusals():
+    model = tiny_mixtral()
+    with pytest.raises(ValueError, match="kernels='auto'"):
+        moeoffload.offload(model, "lru", "50%", device="cpu", fetch="device")
+    with pytest.raises(ValueError, match="policy 'next-use'"):
+        moeoffload.offload(model, "next-use", "50%", device="cpu", kernels="grouped-torch", fetch="device")
+    with pytest.raises(ValueError, match="kernels='grouped-torch'"):
+        moeoffload.offload(model, "lru", "50%", device="cpu", kernels="auto", fetch="device")
+    assert getattr(model, "_moeoffload", None) is None  # every refusal left the model as it was
+
+
+@pytest.mark.parametrize("budget", ["one per layer", "25%", "50%", "75%"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_model_through_device_fetch_matches_the_host_path(budget, batch):
+    """Greedy tokens through fetch="device" equal the host path's on the same grouped kernels, and the caches end in
+    the same state with the same counts. (The prompt's prefill may run on either path: batch 3 x 6 tokens x top-2
+    names every expert of a layer, more than one slot per layer holds, so it takes the host path there.)"""
+    model = tiny_mixtral()
+    ids = torch.randint(0, model.config.vocab_size, (batch, 6), generator=torch.Generator().manual_seed(batch))
+    if budget == "one per layer":
+        budget = model.config.num_hidden_layers * moeoffload.hooks.discover(model).layout.nbytes
+    outs = {}
+    for fetch in ("host", "device"):
+        handle = moeoffload.offload(model, "lru", budget, device="cpu", kernels="grouped-torch", fetch=fetch)
+        with torch.no_grad():
+            tokens = model.generate(ids, max_new_tokens=5, do_sample=False)
+        outs[fetch] = (tokens, handle.stats(), handle.cache.slot_of())
+        handle.unload()
+    (t_h, s_h, r_h), (t_d, s_d, r_d) = outs["host"], outs["device"]
+    assert torch.equal(t_h, t_d)
+    assert (s_h.hits, s_h.misses, s_h.evictions, s_h.h2d_bytes) == (s_d.hits, s_d.misses, s_d.evictions, s_d.h2d_bytes)
+    assert r_h == r_d
+
+
+INTERPRETED = r"""
+import torch
+from hypothesis import given, settings, strategies as st
+from moeoffload.cache import ExpertCache
+from moeoffload.eviction import make_rule
+from tests.moeoffload.test_directory import host_and_device, step
+
+@settings(max_examples=25, deadline=None)
+@given(layers=st.integers(1, 3), experts=st.integers(2, 6), data=st.data())
+def check(layers, experts, data):
+    tokens, top_k = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 2))
+    n_slots = data.draw(st.integers(min(experts, tokens * top_k), layers * experts))
+    store, host, device = host_and_device(layers, experts, n_slots, backend="triton")
+    for _ in range(data.draw(st.integers(1, 12))):
+        ids = [data.draw(st.lists(st.integers(-1, experts), min_size=top_k, max_size=top_k)) for _ in range(tokens)]
+        step(host, device, data.draw(st.integers(0, layers - 1)), ids, experts)
+    assert (device.stats.hits, device.stats.misses) == (host.stats.hits, host.stats.misses)
+
+check()
+print("interpreted directory ok")
+"""
+
+
+def test_triton_directory_kernels_under_the_interpreter():
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([root, os.path.join(root, "src")])}
+    done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=root)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "interpreted directory ok" in done.stdout
