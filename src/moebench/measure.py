@@ -90,6 +90,7 @@ class Session:
     inject_slowdown: float = 0.0  # test hook only: stretch every round by this fraction (`Stretch`)
     turns: Any = None  # moebench.turns.Turns in an interleaved A/B run: the floor is given up before every round
     kernels: str = "torch"  # the engine's kernels for every case but the reference, which runs the exact loop
+    fetch: str = "host"  # "device": the LRU cases fetch on the device (moeoffload.directory); the others on the host
     _models: dict[str, tuple[Any, str]] = field(default_factory=dict)
     _refs: dict[str, Reference] = field(default_factory=dict)
     _predictors: dict[tuple[str, str | None], Any] = field(default_factory=dict)  # (model, predictor kind) -> trained
@@ -121,13 +122,15 @@ class Session:
         the kept handle untouched. The old cache's pool is freed before the new one is allocated, so a case's GPU
         figures hold its own cache only."""
         import moeoffload
+        from moeoffload.offload import device_fetch_serves
 
+        fetch = "device" if self.fetch == "device" and kernels != "torch" and device_fetch_serves(policy) else "host"
         handle = self._handle
         if handle is not None and handle.active and handle.model is model:
-            return handle.switch(policy, budget, predictor=predictor, kernels=kernels)
+            return handle.switch(policy, budget, predictor=predictor, kernels=kernels, fetch=fetch)
         self.close()
         self._handle = moeoffload.offload(model, policy, budget, device=self.device, show_progress=False,
-                                          predictor=predictor, kernels=kernels)
+                                          predictor=predictor, kernels=kernels, fetch=fetch)
         return self._handle
 
     def close(self) -> None:
@@ -443,6 +446,7 @@ class Session:
             "policy_version": moeoffload.get_policy(case.policy).version,
             "exact": stats.exact,
             "kernels": stats.kernels,
+            "fetch": stats.fetch,
             "budget": case.budget,
             "tier": self.tier,
             "device": str(dev),

@@ -55,6 +55,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "triton; grouped-torch, the grouped path in plain torch (tests). Off the loop an exact "
                          "policy is judged by the accuracy limit, not by identical tokens, and the reference stays "
                          "on the loop")
+    group.addoption("--moebench-fetch", default="host", choices=("host", "device"),
+                    help="who fetches a missing expert in the LRU cases (moeoffload.offload(fetch=...)): host "
+                         "(default), a sync per MoE layer and the copy engine; device, the grouped kernels look "
+                         "experts up in a directory on the GPU and stream missing ones from page-locked host memory "
+                         "(needs --moebench-kernels other than torch; other policies keep fetching on the host)")
     group.addoption("--moebench-inject-delay", default=None, metavar="TIME",
                     help="TEST HOOK: busy-wait before every MoE layer, to fake a slowdown: TIME (e.g. 0.2ms) each "
                          "call, or a percentage (e.g. 5%%: stretch the run by that much, whatever the machine's "
@@ -71,6 +76,9 @@ def pytest_configure(config: pytest.Config) -> None:
     time_limit = config.getoption("moebench_time_limit")
     if time_limit is not None and time_limit <= 0:
         raise pytest.UsageError(f"--moebench-time-limit must be a positive number of seconds, got {time_limit:g}")
+    if config.getoption("moebench_fetch") == "device" and config.getoption("moebench_kernels") == "torch":
+        raise pytest.UsageError("--moebench-fetch device runs on the grouped kernels; add --moebench-kernels auto "
+                                "(grouped-torch on a CPU)")
     selected = config.getoption("moebench_policy")
     if selected:
         import moeoffload
@@ -100,6 +108,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "rounds": rounds,
         "policies": selected,
         "kernels": config.getoption("moebench_kernels"),
+        "fetch": config.getoption("moebench_fetch"),
         "history": history,
         "sessions": {},  # suite file -> measure.Session
         "serving": None,  # the Session whose model is offloaded now (its handle is kept across its cases)
@@ -149,7 +158,7 @@ class SuiteFile(pytest.File):
             raise self.CollectError(str(exc)) from None
         session = Session(suite, device=state["device"], tier=state["tier"], rounds=state["rounds"],
                           inject_delay_s=state["inject_delay_s"], inject_slowdown=state["inject_slowdown"],
-                          turns=state["turns"], kernels=state["kernels"])
+                          turns=state["turns"], kernels=state["kernels"], fetch=state["fetch"])
         from .regression import load_suite_baseline
 
         load_suite_baseline(state, suite.name, self)  # a corrupt baseline is a collection error naming the file
@@ -230,7 +239,8 @@ def pytest_report_header(config: pytest.Config):
         return None
     return (f"moebench: device {state['device']}, tier {state['tier']}, rounds {state['rounds']}, "
             f"policies {', '.join(state['policies']) if state['policies'] else 'all registered'}"
-            + ("" if state["kernels"] == "torch" else f", kernels {state['kernels']}"))
+            + ("" if state["kernels"] == "torch" else f", kernels {state['kernels']}")
+            + ("" if state["fetch"] == "host" else f", fetch {state['fetch']}"))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
@@ -243,7 +253,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
         return
     from .regression import finish_session
 
-    options = {k: state[k] for k in ("device", "tier", "rounds", "policies", "kernels")}
+    options = {k: state[k] for k in ("device", "tier", "rounds", "policies", "kernels", "fetch")}
     finish_session(session, state, options, exitstatus)
 
 

@@ -38,7 +38,7 @@ def rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
     if any((r.get("kernels") or "loop") != "loop" for r in records):  # --moebench-kernels: which path served it
         headers.insert(3, "kernels")
         for row, r in zip(out, records):
-            row.insert(3, r.get("kernels") or "loop")
+            row.insert(3, (r.get("kernels") or "loop") + (", device fetch" if r.get("fetch") == "device" else ""))
     if any(r.get("experts_per_batch_scheduled") is not None for r in records):  # a token-scheduling policy ran
         headers += ["experts/batch first-come", "scheduled", "agree first-come"]
         for row, r in zip(out, records):

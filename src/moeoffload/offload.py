@@ -47,6 +47,7 @@ class OffloadStats:
     prefetch_hits: int  # requests that a prefetched expert served
     predictor_bytes: int = 0  # what the predictor holds on the device beyond the model's weights (its networks)
     kernels: str = "loop"  # the MoE layers' kernels: "loop" (bit-exact), "triton" or "grouped-torch" (layer.py)
+    fetch: str = "host"  # who fetches a missing expert: "host" (a sync per layer, the copy engine) or "device"
 
     @property
     def hit_rate(self) -> float:
@@ -91,6 +92,7 @@ class OffloadedModel:
             dense_bytes=self.dense_bytes, peak_resident_experts=c.stats.peak_resident,
             prefetches=c.stats.prefetches, prefetch_hits=c.stats.prefetch_hits,
             predictor_bytes=self.predictor_bytes(), kernels=kernels,
+            fetch="device" if c.directory is not None else "host",
         )
 
     def predictor_bytes(self) -> int:
@@ -252,6 +254,12 @@ def plan_slots(
     return int(n_slots), budget_bytes
 
 
+def device_fetch_serves(policy: str | policies.Policy) -> bool:
+    """True when `policy` can run with fetch="device": an LRU cache without prefetch or predictor."""
+    policy = policies.get(policy)
+    return not (policy.prefetch or policy.predictor or policy.eviction != "lru" or not policy.retain)
+
+
 def plan_fetch(fetch: str, policy: policies.Policy, kernels: str, n_slots: int, store: ExpertStore) -> str:
     """Who fetches a missing expert: "host" (the layer learns its experts with one sync and the copy engine copies
     them) or "device" (the layer's kernels find and stream them: no sync; `moeoffload.directory`). Refuses a
@@ -264,7 +272,7 @@ def plan_fetch(fetch: str, policy: policies.Policy, kernels: str, n_slots: int, 
     if kernels == "torch":
         raise ValueError("fetch='device' runs on the grouped kernels (the exact loop must learn on the host which "
                          "experts it needs): pass kernels='auto'")
-    if policy.prefetch or policy.predictor or policy.eviction != "lru" or not policy.retain:
+    if not device_fetch_serves(policy):
         raise ValueError(f"fetch='device' serves an LRU cache without prefetch or predictor; policy "
                          f"{policy.name!r} needs the host: use fetch='host', or policy 'lru'")
     return "device"

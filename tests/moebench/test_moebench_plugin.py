@@ -70,6 +70,32 @@ def test_kernels_option_serves_every_case_but_the_reference_on_those_kernels(pyt
     assert all(r["accuracy_drop"] <= 0.01 for r in run["records"])
 
 
+def test_fetch_device_serves_the_lru_cases_and_matches_the_host_fetch(pytester, tmp_path):
+    """--moebench-fetch device: the LRU cases keep their cache directory on the device (resident, which holds every
+    expert, has nothing to fetch); they copy the same bytes as the host fetch, and their records say how they ran."""
+    runs = {}
+    for fetch in ("host", "device"):
+        hist = tmp_path / fetch
+        result = pytester.runpytest_subprocess(
+            "--moebench", str(SUITE), "--moebench-policy", "lru", "--moebench-rounds", "1", "-k", "switch-base-8",
+            "--moebench-kernels", "grouped-torch", "--moebench-fetch", fetch, "--moebench-history", str(hist),
+            "-p", "no:cacheprovider")
+        result.assert_outcomes(passed=3)
+        runs[fetch] = json.loads((hist / "history.jsonl").read_text().splitlines()[0])
+    assert runs["device"]["options"]["fetch"] == "device"
+    by_case = {f: {r["case"]: r for r in run["records"]} for f, run in runs.items()}
+    for case, record in by_case["device"].items():
+        assert record["fetch"] == ("host" if "resident" in case else "device")
+        assert record["h2d_bytes_per_round"] == by_case["host"][case]["h2d_bytes_per_round"]
+        assert record["hit_rate"] == by_case["host"][case]["hit_rate"]
+
+
+def test_fetch_device_needs_the_grouped_kernels(pytester):
+    result = pytester.runpytest_subprocess("--moebench", str(SUITE), "--moebench-fetch", "device")
+    assert result.ret == 4
+    assert "--moebench-kernels auto" in result.stderr.str()
+
+
 def test_time_limit_starts_no_case_that_would_end_past_it(pytester, tmp_path):
     """A CI job's wall-time limit: cases that would not end in time are skipped with the reason (here all of them:
     the limit has passed before the first case), and the run still exits 0."""
