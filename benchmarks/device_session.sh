@@ -5,7 +5,7 @@
 #
 #   OUT=/some/dir STEPS="gpu_tests expertflow predictors" bash benchmarks/device_session.sh
 #
-# Steps: gpu_tests, gpu_exact, gpu_staged, exact_loop (benchmarks/exact_loop.py), mixtral (benchmarks/mixtral_e2e.py,
+# Steps: gpu_tests, gpu_exact, gpu_staged, zero_copy, gpu_fetch (fetch="device" and the kernels), exact_loop (benchmarks/exact_loop.py), mixtral (benchmarks/mixtral_e2e.py,
 # peers and full size), expertflow, predictors, stats (benchmarks/stats_device.sh), nightly_switch (ci/nightly.sh on
 # switch-base-8 with the policies of baselines/h100/switch.json), full_<suite> (that suite's full tier), machine
 # (CPU quota and throttling), ab_same / ab_slow (moebench ab: A/A, and B stretched by AB_SLOW; AB_N runs each;
@@ -79,6 +79,11 @@ for step in $STEPS; do
         "suites/$suite" --moebench --moebench-tier full --moebench-rounds "$rounds" \
         --moebench-history "$work/history_$suite" --moebench-time-limit $(( limit - 40 )) -v "${kexpr[@]}" \
         ${FULL_ARGS:-} ;;
+    zero_copy)  # the SMs' own loads from page-locked host memory against the copy engine (benchmarks/zero_copy.py)
+      run_step zero_copy "${ZERO_COPY_LIMIT_S:-120}" -- python3 benchmarks/zero_copy.py --out "$work/zero_copy" ;;
+    gpu_fetch)  # fetch="device" on CUDA (the directory's kernels, mapped host memory) and the grouped kernels
+      run_step gpu_fetch "${GPU_FETCH_LIMIT_S:-200}" -- python3 -m pytest -p moebench.plugin -p no:cacheprovider -m gpu \
+        -q -rs tests/moeoffload/test_directory_gpu.py tests/moeoffload/test_kernels.py ;;
     store)  # pinned bytes and copy rate of the per-layer registered slabs (benchmarks/store_pinning.py)
       run_step store "${STORE_LIMIT_S:-150}" -- python3 benchmarks/store_pinning.py --out "$work/store" ;;
     machine)  # CPU quota and throttling of this VM (a guess at the two speeds of the fifth set)

@@ -301,9 +301,11 @@ def part_peer(args, device, rec):
 def part_cost(args, device, rec):
     """The engine's own cost on a model that fits, by interleaved repeats (the lent machine drifts, so variants
     measured minutes apart are not comparable): per repeat, transformers' own forward (eager, grouped_mm), then the
-    engine with every expert resident (policy `resident`), then `lru` with a budget of every expert, its cache
-    filled before timing (otherwise the first visits of cold experts are misses, which is I/O, not engine cost).
-    Each variant: --steps timed decode steps per batch; the row keeps the median over the repeats."""
+    engine with every expert resident (policy `resident`) and `lru` with a budget of every expert, its cache filled
+    before timing (otherwise the first visits of cold experts are misses, which is I/O, not engine cost), in
+    alternating order. The engine's cost is judged per repeat, lru@all against the resident run next to it, and the
+    row keeps the median of those paired ratios with their spread: a median over separate medians would compare
+    runs minutes apart. Each variant: --steps timed decode steps per batch."""
     cfg, model = build_peer_model(args, device)
     import moeoffload
 
@@ -313,39 +315,53 @@ def part_cost(args, device, rec):
         t = decode(model, batch, args.steps, args.warm, device, seed=batch)
         times.setdefault((name, batch), []).append(sorted(t)[len(t) // 2])
 
-    for _ in range(args.repeats):
+    def engine_runs(policy, kernels):
+        handle = moeoffload.offload(model, policy, "all", device=device, kernels=kernels)
+        try:
+            handle.cache.preload(handle.store.keys())
+            for batch in args.batches:
+                timed(f"engine {policy}@all" + ("" if kernels == "auto" else "/torch"), batch)
+            if handle.cache.stats.misses:  # filled before timing: any miss would be I/O counted as engine cost
+                print(f"WARNING: {policy}@all had {handle.cache.stats.misses} misses", flush=True)
+        finally:
+            handle.unload()
+
+    for repeat in range(args.repeats):
         for impl in ("eager", "grouped_mm"):
             hooks.experts3d.select(model, impl)
             for batch in args.batches:
                 timed(f"transformers {impl}", batch)
-        for policy, kernels in (("resident", "auto"), ("lru", "auto"), ("resident", "torch"), ("lru", "torch")):
-            handle = moeoffload.offload(model, policy, "all", device=device, kernels=kernels)
-            try:
-                handle.cache.preload(handle.store.keys())
-                for batch in args.batches:
-                    timed(f"engine {policy}@all" + ("" if kernels == "auto" else "/torch"), batch)
-                if handle.cache.stats.misses:  # filled before timing: any miss would be I/O counted as engine cost
-                    print(f"WARNING: {policy}@all had {handle.cache.stats.misses} misses", flush=True)
-            finally:
-                handle.unload()
+        for kernels in ("auto", "torch"):
+            pair = ("resident", "lru") if repeat % 2 == 0 else ("lru", "resident")  # drift cancels over pairs
+            for policy in pair:
+                engine_runs(policy, kernels)
     for (name, batch), meds in times.items():
         step = sorted(meds)[len(meds) // 2]
         rec.add({"case": name, "layers": cfg.num_hidden_layers, "batch": batch, "ms_per_step": step * 1e3,
                  "tokens_per_s": batch / step, "repeats_ms": [m * 1e3 for m in meds]})
     for batch in args.batches:
-        def ms(name, batch=batch):
-            meds = times.get((name, batch))
-            return sorted(meds)[len(meds) // 2] * 1e3 if meds else float("nan")
+        def meds(name, batch=batch):
+            return times.get((name, batch), [])
 
-        best_hf = min(ms("transformers eager"), ms("transformers grouped_mm"))
+        def median(values):
+            return sorted(values)[len(values) // 2] if values else float("nan")
+
+        best_hf = min(median(meds("transformers eager")), median(meds("transformers grouped_mm")))
         for kernels in ("", "/torch"):
-            res, lru = ms(f"engine resident@all{kernels}"), ms(f"engine lru@all{kernels}")
+            res, lru = meds(f"engine resident@all{kernels}"), meds(f"engine lru@all{kernels}")
+            ratios = sorted(b / a for a, b in zip(res, lru))  # per repeat: lru@all over the resident run beside it
+            hf_ratios = sorted(min(e, g) / r for e, g, r in zip(meds("transformers eager"),
+                                                                 meds("transformers grouped_mm"), res))
+            cost = median(ratios) - 1
             rec.meta.setdefault("cost", []).append(
-                {"batch": batch, "kernels": kernels.strip("/") or "auto", "resident_ms": res, "lru_all_ms": lru,
-                 "engine_cost": lru / res - 1, "resident_vs_best_transformers": best_hf / res})
-            print(f"b{batch}{kernels}: lru@all {lru:.2f} ms vs resident {res:.2f} ms per step: engine cost "
-                  f"{lru / res - 1:+.1%}; resident {best_hf / res:.2f}x the best transformers forward "
-                  f"({best_hf:.2f} ms)", flush=True)
+                {"batch": batch, "kernels": kernels.strip("/") or "auto", "resident_ms": median(res) * 1e3,
+                 "lru_all_ms": median(lru) * 1e3, "engine_cost": cost,
+                 "engine_cost_per_repeat": [r - 1 for r in ratios],
+                 "resident_vs_best_transformers": median(hf_ratios), "resident_vs_best_per_repeat": hf_ratios})
+            print(f"b{batch}{kernels}: engine cost (lru@all / resident, paired per repeat) median {cost:+.1%}, "
+                  f"range {ratios[0] - 1:+.1%}..{ratios[-1] - 1:+.1%} over {len(ratios)} repeats; resident "
+                  f"{median(hf_ratios):.2f}x the best transformers forward (range {hf_ratios[0]:.2f}.."
+                  f"{hf_ratios[-1]:.2f}; {best_hf * 1e3:.2f} ms)", flush=True)
 
 
 def run_engine_case_handle(rec, handle, model, batch, args, device, bw, policy, budget, kernels):
