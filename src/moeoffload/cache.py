@@ -364,14 +364,14 @@ class ExpertCache:
                              f"{_max_device_slots()}; this cache has {self.n_slots}: use fetch='host' or a smaller "
                              "budget")
         if self.device.type == "cuda":
-            from .kernels.hostmap import host_pointer_usable
-
             if not self.store.pinned:
                 raise ValueError("fetch='device' streams experts from page-locked host memory, but this store is "
                                  "not pinned: build the ExpertStore with pin_memory=True, or use fetch='host'")
-            if not host_pointer_usable(self.device):
-                raise ValueError(f"{self.device} cannot read registered host memory through its own pointers "
-                                 "(cudaDevAttrCanUseHostPointerForRegisteredMem is 0): use fetch='host'")
+            try:
+                self._source(0)  # the device address of a registered slab: refused here, not in the first forward
+            except (RuntimeError, ValueError) as exc:
+                raise ValueError(f"fetch='device' cannot map the host store into {self.device} ({exc}); use "
+                                 "fetch='host'") from None
 
     def serves_on_device(self, distinct_bound: int) -> bool:
         """True when a layer call that names at most `distinct_bound` distinct experts can run on the device
