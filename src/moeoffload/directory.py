@@ -12,10 +12,11 @@ Here the layer's own kernels do the host's part:
   loads (the store's slabs are mapped into the device's address space, `kernels.hostmap`).
 
 The host launches both and moves on; nothing it does depends on what they found. Its own view of the cache
-(`ExpertCache`'s dict and LRU order, its statistics) is brought up to date only when somebody reads it (`pull`, one
-sync) and written back before the host path runs again (`push`).
+(`ExpertCache`'s dict and LRU order, its statistics) is brought up to date only when somebody reads it
+(`ExpertCache.to_host` through `read`: one sync) and written back before the device path runs again after the host
+path did (`ExpertCache.to_device` through `load`).
 
-LRU only: its order is one stamp per slot. A call's experts get `tick * STRIDE + expert`, its hits before any miss
+LRU only: its order is one stamp per slot. A call's experts get `tick * experts + expert`, its hits before any miss
 is placed, so the victims and the order among one call's experts are those of the host's LRU cache (hits touched,
 then misses loaded, in ascending expert order): both make the same choices, slot for slot (tested as a property).
 """
