@@ -55,6 +55,10 @@ class Recorder:
     def add(self, row: dict) -> None:
         self.rows.append(row)
         print(json.dumps(row), flush=True)
+        self.save()
+
+    def save(self) -> None:
+        """Write the JSON and the table now (after every row, and after a summary added to `meta`)."""
         with open(os.path.join(self.out_dir, f"mixtral_e2e_{self.meta['tag']}.json"), "w") as f:
             json.dump({**self.meta, "rows": self.rows}, f, indent=2)
         with open(os.path.join(self.out_dir, f"mixtral_e2e_{self.meta['tag']}.txt"), "w") as f:
@@ -362,6 +366,7 @@ def part_cost(args, device, rec):
                   f"range {ratios[0] - 1:+.1%}..{ratios[-1] - 1:+.1%} over {len(ratios)} repeats; resident "
                   f"{median(hf_ratios):.2f}x the best transformers forward (range {hf_ratios[0]:.2f}.."
                   f"{hf_ratios[-1]:.2f}; {best_hf * 1e3:.2f} ms)", flush=True)
+    rec.save()  # the summaries above live in meta, which no row write has saved yet
 
 
 def run_engine_case_handle(rec, handle, model, batch, args, device, bw, policy, budget, kernels):
