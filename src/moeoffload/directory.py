@@ -16,6 +16,11 @@ The host launches both and moves on; nothing it does depends on what they found.
 (`ExpertCache.to_host` through `read`: one sync) and written back before the device path runs again after the host
 path did (`ExpertCache.to_device` through `load`).
 
+Measured on the lent H100 (`benchmarks/zero_copy.py`, RESULTS.md thirteenth set), the SMs' loads from host memory
+reach 28.6 GB/s, 52% of the copy engine, so there this path fetches at half the rate and loses to fetch="host"
+(0.48-0.54x at batch 1). It is the right path where GPU-initiated reads reach the link's rate. On a PCIe machine
+like this one, the copies would have to stay on the copy engine, with only the decision moved to the device.
+
 LRU only: its order is one stamp per slot. A call's experts get `tick * experts + expert`, its hits before any miss
 is placed, so the victims and the order among one call's experts are those of the host's LRU cache (hits touched,
 then misses loaded, in ascending expert order): both make the same choices, slot for slot (tested as a property).
