@@ -280,6 +280,8 @@ class OffloadedMoELayer:
     def _fetches_on_device(self, top_k_index: torch.Tensor) -> bool:
         """This call runs on the cache's device directory (fetch="device"): nothing to prefetch or replace, few
         enough pairs for one lookup program, and every expert it may name fits in the pool at once."""
+        if self.cache.directory is None:  # the common case first: this runs on every layer call
+            return False
         pairs = top_k_index.numel()
         return (self.prefetcher is None and self.router_tap is None and pairs <= DEVICE_FETCH_MAX_PAIRS
                 and self.cache.serves_on_device(min(self.num_experts, pairs)))
