@@ -12,7 +12,9 @@ weights generated on the GPU in chunks and copied into per-layer host slabs that
 cudaHostRegister (torch's pinned allocator rounds each block up to a power of two: 336 MiB experts would take
 512 MiB each, 128 GiB in all) and used as the engine's ExpertStore buffers. Then for each budget (25/50/75% of
 the experts) x policy (on-demand, lru, lookahead): decode steps after a prefill, with the I/O floor of the
-case = misses x expert bytes / pinned bandwidth (measured in this run) per step.
+case = misses x expert bytes / pinned bandwidth (measured in this run) per step. The policies named by
+`--device-fetch` (default: lru) run a second time beside themselves with the cache's directory on the GPU
+(`fetch="device"`, moeoffload.directory), rows marked `/device-fetch`.
 `peer`: a 4-layer model of the same width that fits: accelerate's cpu_offload, the engine at 25/50%, the engine
 with every expert resident (kernels triton and torch), and transformers' own forward (eager, grouped_mm).
 `cost`: the same 4-layer model, interleaved repeats of transformers' forward, the engine's resident path and `lru`
