@@ -14,7 +14,8 @@ cudaHostRegister (torch's pinned allocator rounds each block up to a power of tw
 the experts) x policy (on-demand, lru, lookahead): decode steps after a prefill, with the I/O floor of the
 case = misses x expert bytes / pinned bandwidth (measured in this run) per step. The policies named by
 `--device-fetch` (default: lru) run a second time beside themselves with the cache's directory on the GPU
-(`fetch="device"`, moeoffload.directory), rows marked `/device-fetch`.
+(`fetch="device"`, moeoffload.directory; its fills on the copy engine through moeoffload.courier where the driver
+has stream memory operations, else by the SMs' loads: the row's "mover"), rows marked `/device-fetch`.
 `peer`: a 4-layer model of the same width that fits: accelerate's cpu_offload, the engine at 25/50%, the engine
 with every expert resident (kernels triton and torch), and transformers' own forward (eager, grouped_mm).
 `cost`: the same 4-layer model, interleaved repeats of transformers' forward, the engine's resident path and `lru`
@@ -204,6 +205,7 @@ def run_engine_case(rec, model, hook, store, policy, budget, batch, args, device
                     fetch="host"):
     case = f"{tag}{policy}@{budget}" + ("" if kernels == "auto" else f"/{kernels}") + \
         ("" if fetch == "host" else f"/{fetch}-fetch")
+    cache = layers = None
     try:
         cache, layers = engine(model, hook, store, policy, budget, device, kernels, fetch)
         times = decode(model, batch, args.steps, args.warm, device, seed=batch, on_timed_start=cache.reset_stats)
@@ -212,7 +214,8 @@ def run_engine_case(rec, model, hook, store, policy, budget, batch, args, device
         misses = s.misses / n
         floor = misses * store.expert_bytes / bw * 1e3 if bw == bw else None
         rec.add({"case": case, "policy": policy, "budget": budget, "layers": store.num_layers, "batch": batch,
-                 "kernels": layers[0].kernels, "fetch": fetch, "steps": n, "ms_per_step": step * 1e3,
+                 "kernels": layers[0].kernels, "fetch": fetch, "mover": cache.mover if fetch == "device" else None,
+                 "steps": n, "ms_per_step": step * 1e3,
                  "mean_ms": sum(times) / n * 1e3,
                  "tokens_per_s": batch / step, "hit_rate": s.hit_rate, "misses_per_step": misses,
                  "prefetches_per_step": s.prefetches / n, "h2d_GB_per_step": cache.transfer.stats.bytes / n / 1e9,
@@ -222,6 +225,8 @@ def run_engine_case(rec, model, hook, store, policy, budget, batch, args, device
     finally:
         for module in hook.layers:  # the modules hold the layers, the layers the pool: drop it before the next case
             module.__dict__.pop("_moeoffload_layer", None)
+        if cache is not None:
+            cache.free()  # also stops a fetch="device" courier thread, which holds the pool
         cache = layers = None
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .courier import Courier
 from .directory import DeviceDirectory
 from .eviction import LRU, EvictionRule
+from .kernels import streamops
 from .store import ExpertKey, ExpertStore
 from .transfer import TransferEngine
 
@@ -108,7 +110,13 @@ class ExpertCache:
         self.directory: DeviceDirectory | None = None
         self._holder = "host"
         self._sources: dict[int, torch.Tensor] = {}  # layer -> its slab as the fill kernel reads it
+        # how fetch="device" moves bytes: "copy-engine" (a Courier thread queues the copies), "sm-loads" (the fill
+        # kernel reads the mapped host store) or "torch" (the CPU fallback). Chosen here; tests may set it.
+        self.mover = "torch"
+        self._courier: Courier | None = None
         if fetch == "device":
+            if self.device.type == "cuda":
+                self.mover = "copy-engine" if streamops.available(self.device) else "sm-loads"
             self._check_device_fetch(rule, retain)
             self.directory = DeviceDirectory(store.num_layers, store.num_experts, n_slots, self.device,
                                              store.layout.numel)
@@ -338,6 +346,9 @@ class ExpertCache:
     def free(self) -> None:
         """Give the device pool back (after unload); statistics stay readable, the cache is unusable."""
         _ = self.stats  # fold in deferred hits (and the device directory's counts) while the device holds them
+        if self._courier is not None:
+            self._courier.close()
+            self._courier = None
         self.directory = None
         self._sources.clear()
         self._slot_of.clear()
@@ -367,6 +378,8 @@ class ExpertCache:
             if not self.store.pinned:
                 raise ValueError("fetch='device' streams experts from page-locked host memory, but this store is "
                                  "not pinned: build the ExpertStore with pin_memory=True, or use fetch='host'")
+            if self.mover == "copy-engine":
+                return
             try:
                 self._source(0)  # the device address of a registered slab: refused here, not in the first forward
             except (RuntimeError, ValueError) as exc:
@@ -383,8 +396,13 @@ class ExpertCache:
         (slot of each expert, then the "no expert" sentinel) for `kernels.route_on_device`."""
         assert self.directory is not None
         self.to_device()
-        self.directory.resolve(layer, top_k_index)
-        self.directory.fill(self._source(layer), self.pool)
+        if self.mover == "copy-engine":
+            if self._courier is None:
+                self._courier = Courier(self.directory, self.pool, self.store.slab)
+            self._courier.fetch(layer, top_k_index)
+        else:
+            self.directory.resolve(layer, top_k_index)
+            self.directory.fill(self._source(layer), self.pool)
         return self.directory.table[layer]
 
     def _source(self, layer: int) -> torch.Tensor:

@@ -8,18 +8,20 @@ Here the layer's own kernels do the host's part:
 
 - `resolve` (one launch): look the routed experts up in the table, count hits, choose an LRU victim for each miss,
   update the table, and list the (expert, slot) fills;
-- `fill` (one launch): stream each listed expert out of the page-locked host store into its slot with the SMs' own
-  loads (the store's slabs are mapped into the device's address space, `kernels.hostmap`).
+- the fills: the courier (`moeoffload.courier`) learns each call's short list from a pinned copy and queues the
+  copies on the copy engine, while the compute stream waits on a flag that the copy stream sets after them (or
+  that `resolve` sets itself when nothing is missing). Where the driver lacks stream memory operations, `fill`
+  (one launch) streams each missing expert out of the page-locked host store with the SMs' own loads (the store's
+  slabs are mapped into the device's address space, `kernels.hostmap`).
 
-The host launches both and moves on; nothing it does depends on what they found. Its own view of the cache
+The host launches them and moves on; nothing it does depends on what they found. Its own view of the cache
 (`ExpertCache`'s dict and LRU order, its statistics) is brought up to date only when somebody reads it
 (`ExpertCache.to_host` through `read`: one sync) and written back before the device path runs again after the host
 path did (`ExpertCache.to_device` through `load`).
 
 Measured on the lent H100 (`benchmarks/zero_copy.py`, RESULTS.md thirteenth set), the SMs' loads from host memory
-reach 28.6 GB/s, 52% of the copy engine, so there this path fetches at half the rate and loses to fetch="host"
-(0.48-0.54x at batch 1). It is the right path where GPU-initiated reads reach the link's rate. On a PCIe machine
-like this one, the copies would have to stay on the copy engine, with only the decision moved to the device.
+reach 28.6 GB/s, 52% of the copy engine: `fill` fetched at half the rate and lost to fetch="host" (0.48-0.54x at
+batch 1). Hence the courier, which keeps the copy engine's rate.
 
 LRU only: its order is one stamp per slot. A call's experts get `tick * experts + expert`, its hits before any miss
 is placed, so the victims and the order among one call's experts are those of the host's LRU cache (hits touched,
@@ -62,9 +64,12 @@ class DeviceDirectory:
         self.stamp = torch.full((n_slots,), FREE, dtype=torch.int64, device=device)
         self.clock = torch.zeros(1, dtype=torch.int64, device=device)
         self.counts = torch.zeros(3, dtype=torch.int64, device=device)
-        self.fill_experts = torch.zeros(num_experts, dtype=torch.int32, device=device)
-        self.fill_slots = torch.zeros(num_experts, dtype=torch.int32, device=device)
-        self.fill_count = torch.zeros(1, dtype=torch.int32, device=device)
+        # the last call's fills, packed so that one copy hands them to the host: [count, experts..., slots...]
+        self.fills = torch.zeros(1 + 2 * num_experts, dtype=torch.int32, device=device)
+        self.fill_count = self.fills[:1]
+        self.fill_experts = self.fills[1 : 1 + num_experts]
+        self.fill_slots = self.fills[1 + num_experts :]
+        self.flag = torch.zeros(1, dtype=torch.int32, device=device)  # the courier's sequence flag (see resolve)
         self.slot_ends = torch.arange(1, n_slots + 1, dtype=torch.int32, device=device)  # route_on_device's bounds
         self.fill_programs = 4
         if device.type == "cuda":
@@ -101,21 +106,24 @@ class DeviceDirectory:
         return slot_of, order, counts
 
     # -- the hot path: launched by a layer, never waited for --------------------------------------------------------
-    def resolve(self, layer: int, top_k_index: torch.Tensor) -> None:
+    def resolve(self, layer: int, top_k_index: torch.Tensor, seq: int | None = None) -> None:
         """Make every expert that `top_k_index` names resident in the table (ids outside 0..E-1 name none): hits
-        are touched, misses get the least recently used slot that this call does not use, and are listed for
-        `fill`. The caller guarantees that the call names at most `n_slots` distinct experts."""
+        are touched, misses get the least recently used slot that this call does not use, and are listed in
+        `fills`. The caller guarantees that the call names at most `n_slots` distinct experts. With `seq` (the
+        courier's), a call without a miss also sets `flag` to `seq`: nothing to copy, so nobody else will."""
         ids = top_k_index.reshape(-1)
         if use_triton(ids, self.backend):
             from .kernels import triton_kernels as tk
+            from .kernels.streamops import as_int32
 
             block_p = max(16, 1 << (max(ids.numel(), 1) - 1).bit_length())
             block_s = max(16, 1 << (self.n_slots - 1).bit_length())
             tk.resolve_experts[(1,)](ids.contiguous(), ids.numel(), self.table, self.owner, self.stamp, self.clock,
                                      self.counts, self.fill_experts, self.fill_slots, self.fill_count, layer,
-                                     self.n_slots, E=self.num_experts, BLOCK_P=block_p, BLOCK_S=block_s)
+                                     self.n_slots, self.flag, as_int32(seq or 0), E=self.num_experts,
+                                     BLOCK_P=block_p, BLOCK_S=block_s, SIGNAL=seq is not None)
             return
-        self._resolve_torch(layer, ids)
+        self._resolve_torch(layer, ids, seq)
 
     def fill(self, source: torch.Tensor, pool: torch.Tensor) -> None:
         """Copy each expert that `resolve` listed from `source` (the layer's slab: a device view of page-locked host
@@ -132,7 +140,7 @@ class DeviceDirectory:
             numel = self.expert_numel
             pool[slot].copy_(source[expert * numel : (expert + 1) * numel])
 
-    def _resolve_torch(self, layer: int, ids: torch.Tensor) -> None:
+    def _resolve_torch(self, layer: int, ids: torch.Tensor, seq: int | None = None) -> None:
         """`resolve` in plain Python over the tensors (CPU; the reference the Triton kernel is tested against)."""
         e_count = self.num_experts
         wanted = sorted({i for i in ids.tolist() if 0 <= i < e_count})
@@ -168,3 +176,7 @@ class DeviceDirectory:
         for j, (e, slot) in enumerate(fills):
             self.fill_experts[j] = e
             self.fill_slots[j] = slot
+        if seq is not None and not fills:
+            from .kernels.streamops import as_int32
+
+            self.flag.fill_(as_int32(seq))

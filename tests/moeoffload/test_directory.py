@@ -24,11 +24,14 @@ from .models import tiny_mixtral
 from .test_cache_properties import filled_store, tag_of
 
 
-def host_and_device(layers, experts, n_slots, backend="torch"):
+def host_and_device(layers, experts, n_slots, backend="torch", mover="torch"):
+    """Two caches over one store: the host LRU, and fetch="device" whose bytes move in place ("torch") or through a
+    Courier thread ("copy-engine": the CUDA protocol, with a condition variable for the flag)."""
     store = filled_store(layers, experts)
     host = ExpertCache(store, n_slots, "cpu", make_rule("lru"))
     device = ExpertCache(store, n_slots, "cpu", make_rule("lru"), fetch="device")
     device.directory.backend = backend
+    device.mover = mover
     return store, host, device
 
 
@@ -50,15 +53,16 @@ def step(host: ExpertCache, device: ExpertCache, layer: int, ids: list[list[int]
 routing = st.tuples(st.integers(1, 4), st.integers(2, 9), st.data())
 
 
+@pytest.mark.parametrize("mover", ["torch", "copy-engine"])
 @settings(max_examples=120, deadline=None)
 @given(shape=routing)
-def test_device_directory_evicts_as_host_lru(shape):
+def test_device_directory_evicts_as_host_lru(mover, shape):
     layers, experts, data = shape
     tokens = data.draw(st.integers(1, 4), label="tokens")
     top_k = data.draw(st.integers(1, min(3, experts)), label="top_k")
     # every expert one call may name fits at once (the layer takes the host path otherwise)
     n_slots = data.draw(st.integers(min(experts, tokens * top_k), layers * experts), label="slots")
-    store, host, device = host_and_device(layers, experts, n_slots)
+    store, host, device = host_and_device(layers, experts, n_slots, mover=mover)
     for _ in range(data.draw(st.integers(1, 30), label="calls")):
         layer = data.draw(st.integers(0, layers - 1))
         ids = [data.draw(st.lists(st.integers(-1, experts), min_size=top_k, max_size=top_k)) for _ in range(tokens)]
@@ -68,6 +72,10 @@ def test_device_directory_evicts_as_host_lru(shape):
     d, h = device.stats, host.stats
     assert (d.hits, d.misses, d.evictions) == (h.hits, h.misses, h.evictions)
     assert device.transfer.stats.bytes == host.transfer.stats.bytes == h.misses * store.expert_bytes
+    courier = device._courier
+    device.free()
+    if mover == "copy-engine" and courier is not None:
+        assert courier.copies == h.misses and not courier._thread.is_alive()
 
 
 def test_host_path_in_between_keeps_both_views():
@@ -102,9 +110,44 @@ def test_offload_fetch_device_refusals():
     assert getattr(model, "_moeoffload", None) is None  # every refusal left the model as it was
 
 
+def test_courier_sequence_numbers_wrap_around():
+    """The flag is 32 bits; the wait compares (int32)(flag - seq) >= 0, so a long run wraps without a false pass."""
+    from moeoffload.kernels.streamops import as_int32, reached
+
+    assert reached(5, 5) and reached(6, 5) and not reached(4, 5)
+    assert reached(as_int32(2), (1 << 32) - 1) and not reached(as_int32((1 << 32) - 1), 2)
+    store, host, device = host_and_device(2, 4, 3, mover="copy-engine")
+    step(host, device, 0, [[0, 1]], 4)
+    device._courier._seq = (1 << 32) - 3
+    for i in range(8):  # through the wrap, hits and misses mixed
+        step(host, device, i % 2, [[i % 4, (i + 1) % 4]], 4)
+    assert device._courier._seq == 5
+    assert device.stats.misses == host.stats.misses
+    device.free()
+
+
+def test_courier_failure_is_raised_and_never_hangs():
+    """A failure in the courier thread (here: the store cannot give a slab) still releases the compute stream's
+    wait, and the next call raises it with the fix named."""
+    store, host, device = host_and_device(2, 4, 3, mover="copy-engine")
+
+    def broken_slab(layer):
+        raise OSError("slab gone")
+
+    device.fetch_on_device(0, torch.tensor([[0, 1]]))  # starts the courier
+    device._courier._slab = broken_slab
+    device._courier._slabs.clear()
+    device.fetch_on_device(1, torch.tensor([[2, 3]]))  # misses: the courier fails, the wait still returns
+    with pytest.raises(RuntimeError, match="courier .* failed .*slab gone.* fetch='host'"):
+        device.fetch_on_device(1, torch.tensor([[0, 1]]))
+    device._courier.close()
+    assert not device._courier._thread.is_alive()
+
+
 @pytest.mark.parametrize("budget", ["one per layer", "25%", "50%", "75%"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_model_through_device_fetch_matches_the_host_path(budget, batch):
+@pytest.mark.parametrize("mover", ["torch", "copy-engine"])
+def test_model_through_device_fetch_matches_the_host_path(budget, batch, mover):
     """Greedy tokens through fetch="device" equal the host path's on the same grouped kernels, and the caches end in
     the same state with the same counts. (The prompt's prefill may run on either path: batch 3 x 6 tokens x top-2
     names every expert of a layer, more than one slot per layer holds, so it takes the host path there.)"""
@@ -115,6 +158,8 @@ def test_model_through_device_fetch_matches_the_host_path(budget, batch):
     outs = {}
     for fetch in ("host", "device"):
         handle = moeoffload.offload(model, "lru", budget, device="cpu", kernels="grouped-torch", fetch=fetch)
+        if fetch == "device":
+            handle.cache.mover = mover
         with torch.no_grad():
             tokens = model.generate(ids, max_new_tokens=5, do_sample=False)
         outs[fetch] = (tokens, handle.stats(), handle.cache.slot_of())
@@ -137,11 +182,13 @@ from tests.moeoffload.test_directory import host_and_device, step
 def check(layers, experts, data):
     tokens, top_k = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 2))
     n_slots = data.draw(st.integers(min(experts, tokens * top_k), layers * experts))
-    store, host, device = host_and_device(layers, experts, n_slots, backend="triton")
+    mover = data.draw(st.sampled_from(["torch", "copy-engine"]))  # the lookup kernel signals the courier or not
+    store, host, device = host_and_device(layers, experts, n_slots, backend="triton", mover=mover)
     for _ in range(data.draw(st.integers(1, 12))):
         ids = [data.draw(st.lists(st.integers(-1, experts), min_size=top_k, max_size=top_k)) for _ in range(tokens)]
         step(host, device, data.draw(st.integers(0, layers - 1)), ids, experts)
     assert (device.stats.hits, device.stats.misses) == (host.stats.hits, host.stats.misses)
+    device.free()
 
 check()
 print("interpreted directory ok")

@@ -1,11 +1,13 @@
-"""fetch="device" on CUDA: the Triton lookup, the fills streamed from mapped host memory, and the grouped kernels
-give what the host path gives (the same grouped kernels, copies by the copy engine), run after run."""
+"""fetch="device" on CUDA: the Triton lookup, the fills (queued on the copy engine by the courier, or streamed from
+mapped host memory by the SMs), and the grouped kernels give what the resident path gives, run after run."""
+
+import time
 
 import pytest
 import torch
 
 import moeoffload
-from moeoffload.kernels import hostmap
+from moeoffload.kernels import hostmap, streamops
 
 from .models import tiny_mixtral
 
@@ -26,8 +28,33 @@ def test_device_view_reads_and_writes_host_memory():
         torch.cuda.cudart().cudaHostUnregister(host.data_ptr())
 
 
+def test_stream_wait_holds_work_until_another_stream_writes_the_flag():
+    """The courier's primitive: work queued after a wait on the flag does not run before the copy stream's write,
+    however long the host takes to queue it."""
+    device = torch.device("cuda")
+    assert streamops.available(device)
+    flag = torch.zeros(1, dtype=torch.int32, device=device)
+    x = torch.zeros(1 << 20, device=device)
+    compute, copy = torch.cuda.Stream(), torch.cuda.Stream()
+    done = torch.cuda.Event()
+    with torch.cuda.stream(compute):
+        streamops.wait_value(compute, flag, 3)
+        x.fill_(1.0)
+        done.record(compute)
+    streamops.write_value(copy, flag, 2)  # below the wait's value: still held
+    time.sleep(0.05)
+    assert not done.query() and x.sum().item() == 0
+    streamops.write_value(copy, flag, 3)
+    deadline = time.monotonic() + 10
+    while not done.query():  # poll: a broken write must fail this test, not hang the run
+        assert time.monotonic() < deadline, "the compute stream still waits after the flag was written"
+        time.sleep(0.001)
+    assert x.sum().item() == x.numel()
+
+
+@pytest.mark.parametrize("mover", ["copy-engine", "sm-loads"])
 @pytest.mark.parametrize("budget", ["25%", "50%", "75%"])
-def test_cuda_device_fetch_computes_what_the_resident_path_computes(budget):
+def test_cuda_device_fetch_computes_what_the_resident_path_computes(budget, mover):
     """fetch="device" runs the resident path's kernels (torch's grouped GEMM by device-side offsets) over slots the
     device filled itself: its logits equal those of every expert resident on the same kernels, within bf16 rounding,
     run after run with the same bits (a race would move them), and its counts add up."""
@@ -42,12 +69,14 @@ def test_cuda_device_fetch_computes_what_the_resident_path_computes(budget):
     with moeoffload.offload(model, "resident", "all", device="cuda", kernels="auto"):
         want = logits()
     with moeoffload.offload(model, "lru", budget, device="cuda", kernels="auto", fetch="device") as h:
+        assert h.cache.mover == "copy-engine"  # chosen where stream memory operations work
+        h.cache.mover = mover
         runs = [logits() for _ in range(3)]
         s = h.stats()
         assert s.fetch == "device" and s.misses > 0 and s.cache_bytes <= s.budget_bytes
         assert s.h2d_bytes == s.misses * s.expert_bytes and s.h2d_copies == s.misses
     for run in runs:
         for got, ref, first in zip(run, want, runs[0]):
-            assert torch.equal(got, first), f"fetch='device' at {budget}: logits moved between runs"
+            assert torch.equal(got, first), f"fetch='device' ({mover}) at {budget}: logits moved"
             err = ((got - ref).norm() / ref.norm()).item()
-            assert err < 2e-2, f"fetch='device' at {budget}: relative error {err:.2e} against resident"
+            assert err < 2e-2, f"fetch='device' ({mover}) at {budget}: relative error {err:.2e} against resident"

@@ -136,13 +136,15 @@ def stream_copy(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
         tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=mask), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq"])
 def resolve_experts(ids_ptr, P, table_ptr, owner_ptr, stamp_ptr, clock_ptr, counts_ptr, fill_e_ptr, fill_s_ptr,
-                    fill_n_ptr, layer, n_slots, E: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr):
+                    fill_n_ptr, layer, n_slots, flag_ptr, seq, E: tl.constexpr, BLOCK_P: tl.constexpr,
+                    BLOCK_S: tl.constexpr, SIGNAL: tl.constexpr):
     """One MoE layer call's cache lookup on the device (`moeoffload.directory`), one program: hits are stamped
     first (so none of the call's experts can be chosen as a victim), then each miss, in ascending expert order, takes
-    the slot of least stamp, evicting its owner from the table, and is listed for `fill_slots`. Stamps are
-    tick * E + expert: the order the host's LRU cache would give."""
+    the slot of least stamp, evicting its owner from the table, and is listed for the fills. Stamps are
+    tick * E + expert: the order the host's LRU cache would give. With SIGNAL, a call without a miss sets the
+    courier's flag to `seq` itself (`moeoffload.courier`): the compute stream need not wait for the host."""
     p = tl.arange(0, BLOCK_P)
     ids = tl.load(ids_ptr + p, mask=p < P, other=-1)
     s = tl.arange(0, BLOCK_S)
@@ -179,6 +181,9 @@ def resolve_experts(ids_ptr, P, table_ptr, owner_ptr, stamp_ptr, clock_ptr, coun
     tl.store(stamp_ptr + s, stamps, mask=live)
     tl.store(clock_ptr, tick)
     tl.store(fill_n_ptr, misses.to(tl.int32))
+    if SIGNAL:
+        if misses == 0:
+            tl.store(flag_ptr, seq)
     tl.store(counts_ptr, tl.load(counts_ptr) + hits)
     tl.store(counts_ptr + 1, tl.load(counts_ptr + 1) + misses)
     tl.store(counts_ptr + 2, tl.load(counts_ptr + 2) + evictions)

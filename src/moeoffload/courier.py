@@ -1,0 +1,174 @@
+"""Courier: a host thread that carries the device directory's fills to the copy engine.
+
+Why: with the cache's directory on the device (`moeoffload.directory`) a layer never syncs with the host, so the
+host runs ahead of the GPU; but the SMs' own loads from host memory reach only 52% of the link on the lent H100
+(`benchmarks/zero_copy.py`). Here the decision stays on the device and the bytes move on the copy engine:
+
+    main thread (compute stream)              courier thread (copy stream)
+    resolve(layer, ids, seq)  -> fills, and flag = seq if there is no miss
+    fills -> pinned ring[i]; event[i]
+    wait until flag >= seq  ------------.     event[i].synchronize(); read ring[i]
+    the layer's grouped FFN             |     copy each missing expert into its slot
+                                        '---  flag = seq (after the copies: a memory fence first)
+
+The main thread never waits for the GPU: it queues the wait (`kernels.streamops`) and goes on launching. The GPU
+stalls only for what it must: a missing expert's bytes, plus the courier's wake-up. A layer without a miss never
+waits for the host at all, since its own lookup kernel sets the flag.
+
+Safety: the flag is written even when the courier fails, and after a failure it is set far ahead so no queued wait
+can hang the GPU; the main thread raises the failure at its next call. The ring's `depth` bounds how far the host
+runs ahead (a full ring makes it wait for the courier, never for the GPU directly). On a CPU the same protocol runs
+with a condition variable for the flag (the tests' way to exercise it); there every op is synchronous.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+
+from .directory import DeviceDirectory
+from .kernels import streamops
+
+RING_DEPTH = 64  # layer calls the host may queue ahead of the courier: two decode steps of Mixtral's 32 layers
+HOST_WAIT_S = 60.0  # on a CPU a lost signal raises instead of hanging (a CUDA stream cannot time out)
+FAIL_OPEN = 1 << 30  # added to the flag after a failure: every wait of the next 2**30 calls passes
+
+
+class _DeviceFlag:
+    """The flag in device memory, waited on and written by stream memory operations."""
+
+    def __init__(self, flag: torch.Tensor):
+        self.flag = flag
+
+    def wait(self, stream, seq: int) -> None:
+        streamops.wait_value(stream, self.flag, seq)
+
+    def write(self, stream, seq: int) -> None:
+        streamops.write_value(stream, self.flag, seq)
+
+
+class _HostFlag:
+    """The same protocol on a CPU tensor: a wait blocks the caller until the flag reaches `seq`."""
+
+    def __init__(self, flag: torch.Tensor):
+        self.flag = flag
+        self._changed = threading.Condition()
+
+    def wait(self, stream, seq: int) -> None:
+        with self._changed:
+            if not self._changed.wait_for(lambda: streamops.reached(int(self.flag.item()), seq), HOST_WAIT_S):
+                raise RuntimeError(f"moeoffload: the courier did not signal call {seq} within {HOST_WAIT_S} s")
+
+    def write(self, stream, seq: int) -> None:
+        with self._changed:
+            self.flag.fill_(streamops.as_int32(seq))
+            self._changed.notify_all()
+
+
+class Courier:
+    """Runs a directory's lookups and carries their fills into `pool` on a copy stream (module docstring).
+    `slab(layer)` gives the layer's page-locked host slab; expert e is its e-th run of `directory.expert_numel`
+    elements. One courier per cache; `close` stops its thread."""
+
+    def __init__(self, directory: DeviceDirectory, pool: torch.Tensor, slab: Callable[[int], torch.Tensor],
+                 depth: int = RING_DEPTH):
+        self.directory, self.pool, self._slab = directory, pool, slab
+        self.device = pool.device
+        self._cuda = self.device.type == "cuda"
+        self._ring = torch.zeros((depth, directory.fills.numel()), dtype=torch.int32, pin_memory=self._cuda)
+        self._events = [torch.cuda.Event() if self._cuda else None for _ in range(depth)]
+        self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._flag = _DeviceFlag(directory.flag) if self._cuda else _HostFlag(directory.flag)
+        directory.flag.zero_()  # on the compute stream: after every wait queued before this courier
+        self._seq = 0
+        self._next = 0
+        self._room = threading.Semaphore(depth)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._slabs: dict[int, torch.Tensor] = {}  # read by the courier thread only
+        self.error: BaseException | None = None
+        self.copies = 0  # experts carried, counted by the courier thread
+        self._thread = threading.Thread(target=self._run, name="moeoffload-courier", daemon=True)
+        self._thread.start()
+
+    def fetch(self, layer: int, top_k_index: torch.Tensor) -> None:
+        """Queue this call's lookup, hand its fills to the courier, and make the compute stream wait for them."""
+        if self.error is not None:
+            raise RuntimeError(f"moeoffload: the courier of fetch='device' failed ({type(self.error).__name__}: "
+                               f"{self.error}); outputs since then are not valid. Use fetch='host'") from self.error
+        if not self._thread.is_alive():
+            raise RuntimeError("moeoffload: this courier is closed (the cache was freed)")
+        self._seq = streamops.as_uint32(self._seq + 1)
+        seq = self._seq
+        self.directory.resolve(layer, top_k_index, seq)
+        self._room.acquire()  # the ring entry's last reader is done with it
+        i = self._next
+        self._next = (i + 1) % len(self._events)
+        self._ring[i].copy_(self.directory.fills, non_blocking=True)
+        stream = torch.cuda.current_stream(self.device) if self._cuda else None
+        event = self._events[i]
+        if event is not None:
+            event.record(stream)
+        self._queue.put((i, layer, seq))
+        self._flag.wait(stream, seq)
+
+    def close(self) -> None:
+        """Stop the thread once it has carried everything queued (idempotent)."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    # -- the courier thread --------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        if self._cuda:
+            torch.cuda.set_device(self.device)
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            i, layer, seq = item
+            fills: list[tuple[int, int]] = []
+            try:
+                if self.error is None:
+                    fills = self._read(i)
+            except BaseException as exc:  # noqa: BLE001 (reported to the main thread at its next call)
+                self.error = exc
+            finally:
+                self._room.release()
+            if self.error is None and not fills:
+                continue  # the lookup kernel set the flag itself
+            try:
+                if self.error is None:
+                    self._carry(layer, fills)
+            except BaseException as exc:  # noqa: BLE001
+                self.error = exc
+            finally:
+                self._signal(seq + FAIL_OPEN if self.error is not None else seq)
+
+    def _read(self, i: int) -> list[tuple[int, int]]:
+        event = self._events[i]
+        if event is not None:
+            event.synchronize()
+        row = self._ring[i].tolist()
+        n, e_count = row[0], self.directory.num_experts
+        return list(zip(row[1 : 1 + n], row[1 + e_count : 1 + e_count + n]))
+
+    def _carry(self, layer: int, fills: list[tuple[int, int]]) -> None:
+        slab = self._slabs.get(layer)
+        if slab is None:
+            slab = self._slabs[layer] = self._slab(layer)
+        numel = self.directory.expert_numel
+        with torch.cuda.stream(self._copy_stream) if self._copy_stream is not None else nullcontext():
+            for expert, slot in fills:
+                self.pool[slot].copy_(slab[expert * numel : (expert + 1) * numel], non_blocking=True)
+        self.copies += len(fills)
+
+    def _signal(self, seq: int) -> None:
+        try:
+            self._flag.write(self._copy_stream, seq)
+        except BaseException as exc:  # noqa: BLE001
+            if self.error is None:
+                self.error = exc

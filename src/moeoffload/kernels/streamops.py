@@ -1,0 +1,104 @@
+"""CUDA stream memory operations (cuStreamWaitValue32, cuStreamWriteValue32) through the driver library.
+
+Why: with the cache's directory on the device (`moeoffload.directory`), a layer's fills are known only on the GPU,
+yet they should move on the copy engine at the link's rate, not through the SMs' loads (52% of it on the lent H100).
+A host thread learns each layer's fills and queues the copies (`moeoffload.courier`); the compute stream must wait
+for copies that were not queued yet when the host launched the layer. An event cannot express that (waiting on an
+event not yet recorded is a no-op); a stream wait on a 32-bit flag in device memory can: the copy stream writes the
+flag after its copies, the compute stream waits until it reaches the layer's sequence number. torch exposes neither
+operation, so they come from libcuda through ctypes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+WAIT_GEQ = 0x0  # CU_STREAM_WAIT_VALUE_GEQ: wait until (int32_t)(*addr - value) >= 0, safe across wrap-around
+WRITE_DEFAULT = 0x0  # CU_STREAM_WRITE_VALUE_DEFAULT: a memory fence before the write, so the copies are visible
+
+
+@functools.cache
+def _driver() -> tuple[ctypes.CDLL, object, object] | None:
+    """(libcuda, wait, write), or None where the driver or the functions are missing."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    found = []
+    for name in ("cuStreamWaitValue32", "cuStreamWriteValue32"):
+        fn = None
+        for symbol in (f"{name}_v2", name):  # CUDA 12+ names the current ABI _v2; the plain one is the old API
+            fn = getattr(lib, symbol, None)
+            if fn is not None:
+                break
+        if fn is None:
+            return None
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+        found.append(fn)
+    return lib, found[0], found[1]
+
+
+def available(device: torch.device) -> bool:
+    """True when stream memory operations work on `device`: tried once, on a scratch flag."""
+    if device.type != "cuda" or _driver() is None:
+        return False
+    return _probe(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _probe(index: int) -> bool:
+    device = torch.device("cuda", index)
+    flag = torch.zeros(1, dtype=torch.int32, device=device)
+    stream = torch.cuda.current_stream(device)
+    try:
+        write_value(stream, flag, 7)
+        wait_value(stream, flag, 7)
+        stream.synchronize()
+    except RuntimeError:
+        return False
+    return int(flag.item()) == 7
+
+
+def as_uint32(seq: int) -> int:
+    return seq & 0xFFFFFFFF
+
+
+def as_int32(seq: int) -> int:
+    """The int32 that holds `seq` modulo 2**32 (the value a kernel stores in the flag)."""
+    seq = as_uint32(seq)
+    return seq - (1 << 32) if seq >= 1 << 31 else seq
+
+
+def reached(flag_value: int, seq: int) -> bool:
+    """The wait's own test: (int32)(flag - seq) >= 0, so sequence numbers may wrap around."""
+    return as_int32(flag_value - seq) >= 0
+
+
+def _call(fn, stream: torch.cuda.Stream, flag: torch.Tensor, seq: int, flags: int, what: str) -> None:
+    driver = _driver()
+    assert driver is not None
+    code = fn(ctypes.c_void_p(stream.cuda_stream), ctypes.c_uint64(flag.data_ptr()), ctypes.c_uint32(as_uint32(seq)),
+              ctypes.c_uint(flags))
+    if code != 0:
+        name = ctypes.c_char_p()
+        driver[0].cuGetErrorName(code, ctypes.byref(name))
+        raise RuntimeError(f"{what} failed ({(name.value or b'?').decode()}, CUresult {code}); the driver does not "
+                           "support stream memory operations here: use fetch='host'")
+
+
+def wait_value(stream: torch.cuda.Stream, flag: torch.Tensor, seq: int) -> None:
+    """Work queued on `stream` after this starts once the int32 `flag` (device memory) has reached `seq`."""
+    driver = _driver()
+    assert driver is not None, "stream memory operations need libcuda: check available() first"
+    _call(driver[1], stream, flag, seq, WAIT_GEQ, "cuStreamWaitValue32")
+
+
+def write_value(stream: torch.cuda.Stream, flag: torch.Tensor, seq: int) -> None:
+    """Once the work queued on `stream` so far is done, set the int32 `flag` to `seq` (after a memory fence)."""
+    driver = _driver()
+    assert driver is not None, "stream memory operations need libcuda: check available() first"
+    _call(driver[2], stream, flag, seq, WRITE_DEFAULT, "cuStreamWriteValue32")
