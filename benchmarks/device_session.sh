@@ -5,7 +5,8 @@
 #
 #   OUT=/some/dir STEPS="gpu_tests expertflow predictors" bash benchmarks/device_session.sh
 #
-# Steps: gpu_tests, gpu_exact, gpu_staged, zero_copy, gpu_fetch (fetch="device" and the kernels), exact_loop (benchmarks/exact_loop.py), mixtral (benchmarks/mixtral_e2e.py,
+# Steps: gpu_tests, gpu_exact, gpu_staged, zero_copy, gpu_fetch (fetch="device" and the kernels), plugin_fetch
+# (a suite with --moebench-fetch host, then device), exact_loop (benchmarks/exact_loop.py), mixtral (benchmarks/mixtral_e2e.py,
 # peers and full size), expertflow, predictors, stats (benchmarks/stats_device.sh), nightly_switch (ci/nightly.sh on
 # switch-base-8 with the policies of baselines/h100/switch.json), full_<suite> (that suite's full tier), machine
 # (CPU quota and throttling), ab_same / ab_slow (moebench ab: A/A, and B stretched by AB_SLOW; AB_N runs each;
@@ -84,6 +85,13 @@ for step in $STEPS; do
     gpu_fetch)  # fetch="device" on CUDA (the directory's kernels, mapped host memory) and the grouped kernels
       run_step gpu_fetch "${GPU_FETCH_LIMIT_S:-200}" -- python3 -m pytest -p moebench.plugin -p no:cacheprovider -m gpu \
         -q -rs tests/moeoffload/test_directory_gpu.py tests/moeoffload/test_kernels.py ;;
+    plugin_fetch)  # the suites through fetch="device" beside fetch="host" (--moebench-fetch), the same cases
+      for f in host device; do
+        run_step "plugin_fetch_$f" "${PLUGIN_FETCH_LIMIT_S:-150}" -- python3 -m pytest -p moebench.plugin \
+          -p no:cacheprovider "suites/${PLUGIN_FETCH_SUITE:-olmoe}" --moebench --moebench-tier full --moebench-rounds 2 \
+          --moebench-kernels auto --moebench-fetch "$f" --moebench-history "$work/history_fetch_$f" \
+          --moebench-time-limit $(( ${PLUGIN_FETCH_LIMIT_S:-150} - 30 )) -v -k "${PLUGIN_FETCH_K:-lru-25 or lru-50}"
+      done ;;
     store)  # pinned bytes and copy rate of the per-layer registered slabs (benchmarks/store_pinning.py)
       run_step store "${STORE_LIMIT_S:-150}" -- python3 benchmarks/store_pinning.py --out "$work/store" ;;
     machine)  # CPU quota and throttling of this VM (a guess at the two speeds of the fifth set)
