@@ -77,8 +77,9 @@ class Courier:
     def __init__(self, directory: DeviceDirectory, pool: torch.Tensor, slab: Callable[[int], torch.Tensor],
                  depth: int = RING_DEPTH):
         self.directory, self.pool, self._slab = directory, pool, slab
-        self.device = pool.device
-        self._cuda = self.device.type == "cuda"
+        self._cuda = pool.device.type == "cuda"
+        self.device = torch.device("cuda", pool.device.index if pool.device.index is not None
+                                   else torch.cuda.current_device()) if self._cuda else pool.device
         self._ring = torch.zeros((depth, directory.fills.numel()), dtype=torch.int32, pin_memory=self._cuda)
         self._events = [torch.cuda.Event() if self._cuda else None for _ in range(depth)]
         self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
@@ -123,8 +124,12 @@ class Courier:
 
     # -- the courier thread --------------------------------------------------------------------------------------
     def _run(self) -> None:
-        if self._cuda:
-            torch.cuda.set_device(self.device)
+        try:
+            if self._cuda:
+                streamops.bind_context(self.device.index)
+                torch.cuda.set_device(self.device)
+        except BaseException as exc:  # noqa: BLE001 (every call then fails open, and the main thread raises)
+            self.error = exc
         while True:
             item = self._queue.get()
             if item is None:

@@ -290,8 +290,8 @@ class OffloadedMoELayer:
                         top_k_weights: torch.Tensor) -> torch.Tensor:
         """The resident path over the whole pool, after the device itself made the routed experts resident
         (`ExpertCache.fetch_on_device`: lookup and LRU victims on the device, fills queued by the courier thread on
-        the copy engine, all launched without a sync). The host never learns which experts this call needed, so it runs ahead of the GPU while a miss
-        streams in, as it does when every expert is resident."""
+        the copy engine, all launched without a sync). The host never learns which experts this call needed, so it
+        runs ahead of the GPU while a miss streams in, as it does when every expert is resident."""
         row = self.cache.fetch_on_device(self.layer_idx, top_k_index)
         directory = self.cache.directory
         assert directory is not None

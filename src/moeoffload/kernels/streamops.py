@@ -90,6 +90,23 @@ def _call(fn, stream: torch.cuda.Stream, flag: torch.Tensor, seq: int, flags: in
                            "support stream memory operations here: use fetch='host'")
 
 
+def bind_context(index: int) -> None:
+    """Make device `index`'s primary context (torch's) current on the calling thread, if none is: a new thread has
+    none until its first runtime call, and the driver's stream operations need one."""
+    driver = _driver()
+    assert driver is not None, "stream memory operations need libcuda: check available() first"
+    lib = driver[0]
+    ctx = ctypes.c_void_p()
+    if lib.cuCtxGetCurrent(ctypes.byref(ctx)) == 0 and ctx.value:
+        return
+    dev = ctypes.c_int()
+    codes = [lib.cuDeviceGet(ctypes.byref(dev), index)]
+    codes.append(lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev))  # torch holds it too: it outlives the thread
+    codes.append(lib.cuCtxSetCurrent(ctx))
+    if any(codes):
+        raise RuntimeError(f"could not make device {index}'s context current on this thread (CUresult {codes})")
+
+
 def wait_value(stream: torch.cuda.Stream, flag: torch.Tensor, seq: int) -> None:
     """Work queued on `stream` after this starts once the int32 `flag` (device memory) has reached `seq`."""
     driver = _driver()
