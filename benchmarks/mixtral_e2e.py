@@ -210,6 +210,10 @@ def run_engine_case(rec, model, hook, store, policy, budget, batch, args, device
         cache, layers = engine(model, hook, store, policy, budget, device, kernels, fetch)
         times = decode(model, batch, args.steps, args.warm, device, seed=batch, on_timed_start=cache.reset_stats)
         s, n = cache.stats, len(times)
+        courier = cache._courier
+        courier_row = {} if courier is None or not courier.carried_calls else {
+            "courier_issue_ms_mean": courier.issue_s / courier.carried_calls * 1e3,
+            "courier_issue_ms_max": courier.issue_max_s * 1e3, "courier_calls": courier.carried_calls}
         step = sorted(times)[n // 2]
         misses = s.misses / n
         floor = misses * store.expert_bytes / bw * 1e3 if bw == bw else None
@@ -219,7 +223,7 @@ def run_engine_case(rec, model, hook, store, policy, budget, batch, args, device
                  "mean_ms": sum(times) / n * 1e3,
                  "tokens_per_s": batch / step, "hit_rate": s.hit_rate, "misses_per_step": misses,
                  "prefetches_per_step": s.prefetches / n, "h2d_GB_per_step": cache.transfer.stats.bytes / n / 1e9,
-                 "pinned_GBps": bw / 1e9, "io_floor_ms_per_step": floor, "n_slots": cache.n_slots})
+                 "pinned_GBps": bw / 1e9, "io_floor_ms_per_step": floor, "n_slots": cache.n_slots, **courier_row})
     except Exception as exc:
         rec.add({"case": case, "error": f"{type(exc).__name__}: {exc}"})
     finally:

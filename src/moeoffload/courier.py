@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -92,6 +93,9 @@ class Courier:
         self._slabs: dict[int, torch.Tensor] = {}  # read by the courier thread only
         self.error: BaseException | None = None
         self.copies = 0  # experts carried, counted by the courier thread
+        # calls with fills, and the host time from seeing their list to queueing the flag's write (the GPU's wait
+        # beyond the copies themselves; it includes waiting for the GIL): sum and worst, in seconds
+        self.carried_calls, self.issue_s, self.issue_max_s = 0, 0.0, 0.0
         self._thread = threading.Thread(target=self._run, name="moeoffload-courier", daemon=True)
         self._thread.start()
 
@@ -145,6 +149,7 @@ class Courier:
                 self._room.release()
             if self.error is None and not fills:
                 continue  # the lookup kernel set the flag itself
+            start = time.perf_counter()
             try:
                 if self.error is None:
                     self._carry(layer, fills)
@@ -152,6 +157,10 @@ class Courier:
                 self.error = exc
             finally:
                 self._signal(seq + FAIL_OPEN if self.error is not None else seq)
+            took = time.perf_counter() - start
+            self.carried_calls += 1
+            self.issue_s += took
+            self.issue_max_s = max(self.issue_max_s, took)
 
     def _read(self, i: int) -> list[tuple[int, int]]:
         event = self._events[i]
