@@ -37,6 +37,7 @@ def test_stream_wait_holds_work_until_another_stream_writes_the_flag():
     x = torch.zeros(1 << 20, device=device)
     compute, copy = torch.cuda.Stream(), torch.cuda.Stream()
     done = torch.cuda.Event()
+    torch.cuda.synchronize()  # the zeros are written before the other streams look
     with torch.cuda.stream(compute):
         streamops.wait_value(compute, flag, 3)
         x.fill_(1.0)
