@@ -44,7 +44,9 @@ def test_stream_wait_holds_work_until_another_stream_writes_the_flag():
         done.record(compute)
     streamops.write_value(copy, flag, 2)  # below the wait's value: still held
     time.sleep(0.05)
-    assert not done.query() and x.sum().item() == 0
+    # nothing but queries while the stream is held: a kernel's first launch may wait for the whole context
+    # (CUDA's lazy loading), which here would wait for the write below
+    assert not done.query()
     streamops.write_value(copy, flag, 3)
     deadline = time.monotonic() + 10
     while not done.query():  # poll: a broken write must fail this test, not hang the run
