@@ -15,6 +15,12 @@ The main thread never waits for the GPU: it queues the wait (`kernels.streamops`
 stalls only for what it must: a missing expert's bytes, plus the courier's wake-up. A layer without a miss never
 waits for the host at all, since its own lookup kernel sets the flag.
 
+Lazy loading: CUDA loads a kernel at its first launch, and that load may wait for the whole context to go idle. A
+kernel launched for the first time while the compute stream waits on the flag would then wait for the courier, and
+anything that holds the courier up (the GIL, the driver's lock) deadlocks. So the first call of each (layer,
+routed pairs) shape waits on the host until its flag is passed: the layer's kernels, and those of the model around
+it for that shape, are loaded before the host runs ahead. In the timed steps after it, no such wait remains.
+
 Safety: the flag is written even when the courier fails, and after a failure it is set far ahead so no queued wait
 can hang the GPU; the main thread raises the failure at its next call. The ring's `depth` bounds how far the host
 runs ahead (a full ring makes it wait for the courier, never for the GPU directly). On a CPU the same protocol runs
@@ -91,6 +97,7 @@ class Courier:
         self._room = threading.Semaphore(depth)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._slabs: dict[int, torch.Tensor] = {}  # read by the courier thread only
+        self._seen: set[tuple[int, int]] = set()  # (layer, routed pairs) served once: their kernels are loaded
         self.error: BaseException | None = None
         self.copies = 0  # experts carried, counted by the courier thread
         # calls with fills, and the host time from seeing their list to queueing the flag's write (the GPU's wait
@@ -119,6 +126,11 @@ class Courier:
             event.record(stream)
         self._queue.put((i, layer, seq))
         self._flag.wait(stream, seq)
+        shape = (layer, top_k_index.numel())
+        if shape not in self._seen:  # see "Lazy loading" above: the first call of a shape waits on the host
+            self._seen.add(shape)
+            if stream is not None:
+                stream.synchronize()
 
     def close(self) -> None:
         """Stop the thread once it has carried everything queued (idempotent)."""
