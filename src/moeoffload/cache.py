@@ -405,6 +405,12 @@ class ExpertCache:
             self.directory.fill(self._source(layer), self.pool)
         return self.directory.table[layer]
 
+    def settle_device(self) -> None:
+        """Wait (on the host) until the courier has issued every queued fill and flag (`Courier.drain`): after it a
+        blocking CUDA call cannot deadlock with the compute stream's waits. A no-op without a courier."""
+        if self._courier is not None:
+            self._courier.drain()
+
     def _source(self, layer: int) -> torch.Tensor:
         found = self._sources.get(layer)
         if found is None:
@@ -432,6 +438,7 @@ class ExpertCache:
         order and counts replace the host's. The host's next copy into a slot waits for the kernels queued so far."""
         if self.directory is None or self._holder == "host":
             return
+        self.settle_device()
         slot_of, order, (hits, misses, evictions) = self.directory.read()
         for key in list(self._slot_of):
             self.rule.on_remove(key)

@@ -21,6 +21,12 @@ anything that holds the courier up (the GIL, the driver's lock) deadlocks. So th
 routed pairs) shape waits on the host until its flag is passed: the layer's kernels, and those of the model around
 it for that shape, are loaded before the host runs ahead. In the timed steps after it, no such wait remains.
 
+Blocking calls: while the compute stream waits on the flag, a host call that blocks in the driver (a copy to
+pageable memory, `.cpu()` or `.item()`) can hold the courier's own `cudaMemcpyAsync` up: on the lent H100 a suite's
+`logits.cpu()` and the courier's copy each waited for the other (RESULTS.md, fourteenth set). So the host drains
+the courier (`drain`: every queued call's copies and flag issued) after a model's last MoE layer and before the
+cache's host view is read; between MoE layers a forward should not block. Kernel launches never block.
+
 Safety: the flag is written even when the courier fails, and after a failure it is set far ahead so no queued wait
 can hang the GPU; the main thread raises the failure at its next call. The ring's `depth` bounds how far the host
 runs ahead (a full ring makes it wait for the courier, never for the GPU directly). On a CPU the same protocol runs
@@ -98,6 +104,8 @@ class Courier:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._slabs: dict[int, torch.Tensor] = {}  # read by the courier thread only
         self._seen: set[tuple[int, int]] = set()  # (layer, routed pairs) served once: their kernels are loaded
+        self._queued = self._handled = 0  # calls handed to the thread, calls it has finished with (see drain)
+        self._handled_changed = threading.Condition()
         self.error: BaseException | None = None
         self.copies = 0  # experts carried, counted by the courier thread
         # calls with fills, and the host time from seeing their list to queueing the flag's write (the GPU's wait
@@ -125,12 +133,20 @@ class Courier:
         if event is not None:
             event.record(stream)
         self._queue.put((i, layer, seq))
+        self._queued += 1
         self._flag.wait(stream, seq)
         shape = (layer, top_k_index.numel())
         if shape not in self._seen:  # see "Lazy loading" above: the first call of a shape waits on the host
             self._seen.add(shape)
             if stream is not None:
                 stream.synchronize()
+
+    def drain(self) -> None:
+        """Return once the thread has queued the copies and the flag of every call handed to it: from then on the GPU
+        finishes all queued work without this host's help, so a blocking CUDA call cannot deadlock with it (see
+        "Blocking calls" above). It waits until the GPU reaches the last call's lookup, not for the copies."""
+        with self._handled_changed:
+            self._handled_changed.wait_for(lambda: self._handled >= self._queued or not self._thread.is_alive())
 
     def close(self) -> None:
         """Stop the thread once it has carried everything queued (idempotent)."""
@@ -160,6 +176,7 @@ class Courier:
             finally:
                 self._room.release()
             if self.error is None and not fills:
+                self._finished()
                 continue  # the lookup kernel set the flag itself
             start = time.perf_counter()
             try:
@@ -173,6 +190,12 @@ class Courier:
             self.carried_calls += 1
             self.issue_s += took
             self.issue_max_s = max(self.issue_max_s, took)
+            self._finished()
+
+    def _finished(self) -> None:
+        with self._handled_changed:
+            self._handled += 1
+            self._handled_changed.notify_all()
 
     def _read(self, i: int) -> list[tuple[int, int]]:
         event = self._events[i]

@@ -301,8 +301,11 @@ class OffloadedMoELayer:
             self._pool_weights = _kernels.slot_weights(self.spec, self.cache.pool)
         x = _kernels.permute(hidden, order, backend=backend, divisor=top_k_index.shape[1])
         y = _kernels.grouped_ffn_by_offsets(self.spec, x, self.cache.pool, offs, self._pool_weights)
-        return _kernels.unpermute(y, inverse, top_k_weights, hidden.dtype, backend=backend, token_major=True,
-                                  limit=offs[-1:])
+        out = _kernels.unpermute(y, inverse, top_k_weights, hidden.dtype, backend=backend, token_major=True,
+                                 limit=offs[-1:])
+        if self.layer_idx == self.cache.store.num_layers - 1:
+            self.cache.settle_device()  # the model's last MoE layer: what follows may block (`Courier.drain`)
+        return out
 
     def _device_route(self, table: torch.Tensor):
         """The resident path's constants for `table`, made again only when the table changes: each expert's slot

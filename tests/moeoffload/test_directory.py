@@ -126,6 +126,20 @@ def test_courier_sequence_numbers_wrap_around():
     device.free()
 
 
+def test_courier_drain_returns_once_every_call_is_handled():
+    """`drain` (after a model's last MoE layer, before the host view is read) returns only when the thread has
+    handled every call queued so far, those without a fill included."""
+    store, host, device = host_and_device(2, 4, 3, mover="copy-engine")
+    for i in range(12):
+        step(host, device, i % 2, [[i % 4, 0]], 4)
+    courier = device._courier
+    device.settle_device()
+    assert courier._handled == courier._queued == 12
+    assert device.stats.misses == host.stats.misses  # to_host drains first, then reads
+    device.free()
+    assert not courier._thread.is_alive()
+
+
 def test_courier_failure_is_raised_and_never_hangs():
     """A failure in the courier thread (here: the store cannot give a slab) still releases the compute stream's
     wait, and the next call raises it with the fix named."""
