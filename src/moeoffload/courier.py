@@ -15,11 +15,11 @@ The main thread never waits for the GPU: it queues the wait (`kernels.streamops`
 stalls only for what it must: a missing expert's bytes, plus the courier's wake-up. A layer without a miss never
 waits for the host at all, since its own lookup kernel sets the flag.
 
-Lazy loading: CUDA loads a kernel at its first launch, and that load may wait for the whole context to go idle. A
-kernel launched for the first time while the compute stream waits on the flag would then wait for the courier, and
-anything that holds the courier up (the GIL, the driver's lock) deadlocks. So the first call of each (layer,
-routed pairs) shape waits on the host until its flag is passed: the layer's kernels, and those of the model around
-it for that shape, are loaded before the host runs ahead. In the timed steps after it, no such wait remains.
+Lazy loading: CUDA loads a kernel at its first launch, and that load may wait for the whole context to go idle,
+so a kernel first launched while the compute stream waits on the flag waits for the courier too (a GPU test that
+launched one from the thread that was to write the flag hung). So the first call of each (layer, routed pairs)
+shape waits on the host until its flag is passed: the kernels of that shape load while no wait is pending. Later
+calls of the shape run ahead.
 
 Blocking calls: while the compute stream waits on the flag, a host call that blocks in the driver (a copy to
 pageable memory, `.cpu()` or `.item()`) can hold the courier's own `cudaMemcpyAsync` up: on the lent H100 a suite's
