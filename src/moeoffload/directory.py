@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from .kernels import use_triton
+from .kernels.streamops import as_int32
 
 FREE = -1  # the stamp of an empty slot: below every real stamp, so empty slots are filled first, lowest first
 NO_KEY = -1
@@ -114,7 +115,6 @@ class DeviceDirectory:
         ids = top_k_index.reshape(-1)
         if use_triton(ids, self.backend):
             from .kernels import triton_kernels as tk
-            from .kernels.streamops import as_int32
 
             block_p = max(16, 1 << (max(ids.numel(), 1) - 1).bit_length())
             block_s = max(16, 1 << (self.n_slots - 1).bit_length())
@@ -177,6 +177,4 @@ class DeviceDirectory:
             self.fill_experts[j] = e
             self.fill_slots[j] = slot
         if seq is not None and not fills:
-            from .kernels.streamops import as_int32
-
             self.flag.fill_(as_int32(seq))

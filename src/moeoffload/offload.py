@@ -289,10 +289,9 @@ def offload(model: nn.Module, policy: str | policies.Policy = "lru", gpu_budget:
     CUDA for expert forms they know, else the loop; faster, equal to eager only within bf16 rounding), "triton"
     (refuse if unsupported), see layer.py.
     `fetch`: "host" (default: a layer learns which experts it needs with one device->host sync, and the copy engine
-    brings the missing ones) or "device" (the grouped kernels look the experts up in a directory on the device and
-    stream missing ones straight from page-locked host memory: no sync, so the host runs ahead while they arrive;
-    LRU policies, `moeoffload.directory`; half the host fetch's speed on the lent H100, where those loads reach 52%
-    of the copy engine)."""
+    brings the missing ones) or "device" (experimental: the grouped kernels look the experts up in a directory on
+    the device and a host thread queues the missing ones on the copy engine while the GPU waits on a flag: no sync,
+    so the host runs ahead while they arrive; LRU policies, `moeoffload.directory`, `moeoffload.courier`)."""
     if getattr(model, "_moeoffload", None) is not None:
         raise MoeOffloadError("this model is already offloaded; call moeoffload.unload(model) first")
     policy = policies.get(policy)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -20,9 +22,15 @@ WAIT_GEQ = 0x0  # CU_STREAM_WAIT_VALUE_GEQ: wait until (int32_t)(*addr - value) 
 WRITE_DEFAULT = 0x0  # CU_STREAM_WRITE_VALUE_DEFAULT: a memory fence before the write, so the copies are visible
 
 
+class _Driver(NamedTuple):
+    lib: ctypes.CDLL
+    wait: Callable[..., int]
+    write: Callable[..., int]
+
+
 @functools.cache
-def _driver() -> tuple[ctypes.CDLL, object, object] | None:
-    """(libcuda, wait, write), or None where the driver or the functions are missing."""
+def _driver() -> _Driver | None:
+    """libcuda and its two stream operations, or None where the driver or the functions are missing."""
     try:
         lib = ctypes.CDLL("libcuda.so.1")
     except OSError:
@@ -39,7 +47,7 @@ def _driver() -> tuple[ctypes.CDLL, object, object] | None:
         fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
         fn.restype = ctypes.c_int
         found.append(fn)
-    return lib, found[0], found[1]
+    return _Driver(lib, found[0], found[1])
 
 
 def available(device: torch.device) -> bool:
@@ -78,14 +86,20 @@ def reached(flag_value: int, seq: int) -> bool:
     return as_int32(flag_value - seq) >= 0
 
 
-def _call(fn, stream: torch.cuda.Stream, flag: torch.Tensor, seq: int, flags: int, what: str) -> None:
+def _require() -> _Driver:
     driver = _driver()
-    assert driver is not None
+    assert driver is not None, "stream memory operations need libcuda: check available() first"
+    return driver
+
+
+def _call(fn: Callable[..., int], stream: torch.cuda.Stream, flag: torch.Tensor, seq: int, flags: int,
+          what: str) -> None:
+    """Call a stream operation on `flag`, raising with the driver's error name."""
     code = fn(ctypes.c_void_p(stream.cuda_stream), ctypes.c_uint64(flag.data_ptr()), ctypes.c_uint32(as_uint32(seq)),
               ctypes.c_uint(flags))
     if code != 0:
         name = ctypes.c_char_p()
-        driver[0].cuGetErrorName(code, ctypes.byref(name))
+        _require().lib.cuGetErrorName(code, ctypes.byref(name))
         raise RuntimeError(f"{what} failed ({(name.value or b'?').decode()}, CUresult {code}); the driver does not "
                            "support stream memory operations here: use fetch='host'")
 
@@ -93,9 +107,7 @@ def _call(fn, stream: torch.cuda.Stream, flag: torch.Tensor, seq: int, flags: in
 def bind_context(index: int) -> None:
     """Make device `index`'s primary context (torch's) current on the calling thread, if none is: a new thread has
     none until its first runtime call, and the driver's stream operations need one."""
-    driver = _driver()
-    assert driver is not None, "stream memory operations need libcuda: check available() first"
-    lib = driver[0]
+    lib = _require().lib
     ctx = ctypes.c_void_p()
     if lib.cuCtxGetCurrent(ctypes.byref(ctx)) == 0 and ctx.value:
         return
@@ -109,13 +121,9 @@ def bind_context(index: int) -> None:
 
 def wait_value(stream: torch.cuda.Stream, flag: torch.Tensor, seq: int) -> None:
     """Work queued on `stream` after this starts once the int32 `flag` (device memory) has reached `seq`."""
-    driver = _driver()
-    assert driver is not None, "stream memory operations need libcuda: check available() first"
-    _call(driver[1], stream, flag, seq, WAIT_GEQ, "cuStreamWaitValue32")
+    _call(_require().wait, stream, flag, seq, WAIT_GEQ, "cuStreamWaitValue32")
 
 
 def write_value(stream: torch.cuda.Stream, flag: torch.Tensor, seq: int) -> None:
     """Once the work queued on `stream` so far is done, set the int32 `flag` to `seq` (after a memory fence)."""
-    driver = _driver()
-    assert driver is not None, "stream memory operations need libcuda: check available() first"
-    _call(driver[2], stream, flag, seq, WRITE_DEFAULT, "cuStreamWriteValue32")
+    _call(_require().write, stream, flag, seq, WRITE_DEFAULT, "cuStreamWriteValue32")
