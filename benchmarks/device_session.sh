@@ -55,7 +55,7 @@ for step in $STEPS; do
         tests/moeoffload/test_gpu.py tests/moeoffload/test_prefetch_races_gpu.py ;;
     mixtral)  # peers (4 layers: transformers, accelerate, engine resident) and full-size Mixtral-8x7B, one command
       run_step mixtral "${MIXTRAL_LIMIT_S:-420}" -- python3 benchmarks/mixtral_e2e.py \
-        ${MIXTRAL_ARGS:---part peer --part full --batches 1 16} --steps 5 --warm 2 \
+        ${MIXTRAL_ARGS:---part peer --part full --batches 1 16} --steps "${MIXTRAL_STEPS:-5}" --warm "${MIXTRAL_WARM:-2}" \
         --policies ${MIXTRAL_POLICIES:-on-demand lru next-use lookahead-next-use} --out "$work/mixtral" ;;
     expertflow)
       run_step expertflow "${EXPERTFLOW_LIMIT_S:-200}" -- env OUT="$work" \
@@ -90,7 +90,8 @@ for step in $STEPS; do
         run_step "plugin_fetch_$f" "${PLUGIN_FETCH_LIMIT_S:-150}" -- python3 -m pytest -p moebench.plugin \
           -p no:cacheprovider "suites/${PLUGIN_FETCH_SUITE:-olmoe}" --moebench --moebench-tier full --moebench-rounds 2 \
           --moebench-kernels auto --moebench-fetch "$f" --moebench-history "$work/history_fetch_$f" \
-          --moebench-time-limit $(( ${PLUGIN_FETCH_LIMIT_S:-150} - 30 )) -v -k "${PLUGIN_FETCH_K:-lru-25 or lru-50}"
+          --moebench-time-limit $(( ${PLUGIN_FETCH_LIMIT_S:-150} - 30 )) -v -k "${PLUGIN_FETCH_K:-lru-25 or lru-50}" \
+          -o faulthandler_timeout="${PLUGIN_FETCH_FAULT_S:-90}"
       done ;;
     store)  # pinned bytes and copy rate of the per-layer registered slabs (benchmarks/store_pinning.py)
       run_step store "${STORE_LIMIT_S:-150}" -- python3 benchmarks/store_pinning.py --out "$work/store" ;;
