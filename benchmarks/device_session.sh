@@ -86,7 +86,7 @@ for step in $STEPS; do
       run_step gpu_fetch "${GPU_FETCH_LIMIT_S:-200}" -- python3 -m pytest -p moebench.plugin -p no:cacheprovider -m gpu \
         -q -rs tests/moeoffload/test_directory_gpu.py tests/moeoffload/test_kernels.py ;;
     plugin_fetch)  # the suites through fetch="device" beside fetch="host" (--moebench-fetch), the same cases
-      for f in host device; do
+      for f in ${PLUGIN_FETCH_MODES:-host device}; do
         run_step "plugin_fetch_$f" "${PLUGIN_FETCH_LIMIT_S:-150}" -- python3 -m pytest -p moebench.plugin \
           -p no:cacheprovider "suites/${PLUGIN_FETCH_SUITE:-olmoe}" --moebench --moebench-tier full --moebench-rounds 2 \
           --moebench-kernels auto --moebench-fetch "$f" --moebench-history "$work/history_fetch_$f" \

@@ -30,11 +30,13 @@ import gc
 import json
 import os
 import platform
+import sys
 import time
 
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
+from moeoffload import courier as courier_module
 from moeoffload import hooks, policies
 from moeoffload.cache import ExpertCache
 from moeoffload.eviction import make_rule
@@ -69,7 +71,7 @@ class Recorder:
 
     def table(self) -> str:
         head = (f"{'case':<34} {'layers':>6} {'batch':>5} {'tok/s':>8} {'ms/step':>9} {'ms/layer':>8} "
-                f"{'hit%':>5} {'miss/step':>9} {'floor ms':>8} {'x floor':>7}")
+                f"{'hit%':>5} {'miss/step':>9} {'floor ms':>8} {'x floor':>7} {'host ms':>7}")
         lines = [head]
         for r in self.rows:
             if "error" in r:
@@ -80,7 +82,8 @@ class Recorder:
                          f"{r['ms_per_step']:9.1f} {r['ms_per_step'] / r['layers']:8.2f} "
                          f"{r.get('hit_rate', float('nan')) * 100:5.1f} {r.get('misses_per_step', 0):9.1f} "
                          f"{floor if floor is not None else float('nan'):8.1f} "
-                         f"{r['ms_per_step'] / floor if floor else float('nan'):7.2f}")
+                         f"{r['ms_per_step'] / floor if floor else float('nan'):7.2f} "
+                         f"{r.get('host_ms_per_step', float('nan')):7.1f}")
         return "\n".join(lines)
 
 
@@ -166,10 +169,12 @@ def engine(model, hook, store, policy_name, budget, device, kernels="auto", fetc
     return cache, layers
 
 
-def decode(model, batch, steps, warm, device, seed, on_timed_start=None) -> list[float]:
+def decode(model, batch, steps, warm, device, seed, on_timed_start=None, host_times=None) -> list[float]:
+    """Per-step wall times of `steps` greedy decode steps after `warm` untimed ones; `host_times` (a list) also gets
+    each timed step's host time, from its start until the host has launched the step (before the sync)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, model.config.vocab_size, (batch, 8), generator=g).to(device)
-    times = []
+    times, launched = [], []
     with torch.no_grad():
         out = model(ids, use_cache=True)
         past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
@@ -180,8 +185,11 @@ def decode(model, batch, steps, warm, device, seed, on_timed_start=None) -> list
             t = time.perf_counter()
             out = model(nxt, past_key_values=past, use_cache=True)
             past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            launched.append(time.perf_counter() - t)
             sync(device)
             times.append(time.perf_counter() - t)
+    if host_times is not None:
+        host_times.extend(launched[warm:])
     return times[warm:]
 
 
@@ -202,31 +210,40 @@ def pinned_bandwidth(store, device) -> float:
 
 
 def run_engine_case(rec, model, hook, store, policy, budget, batch, args, device, bw, kernels="auto", tag="",
-                    fetch="host"):
+                    fetch="host", switch_interval="courier"):
+    """One row. `switch_interval`: "courier" leaves the courier's GIL hand-over as shipped (courier.SWITCH_INTERVAL_S);
+    None runs it at Python's own interval (the A/B of --gil-ab)."""
     case = f"{tag}{policy}@{budget}" + ("" if kernels == "auto" else f"/{kernels}") + \
-        ("" if fetch == "host" else f"/{fetch}-fetch")
+        ("" if fetch == "host" else f"/{fetch}-fetch") + ("" if switch_interval == "courier" else "/python-gil")
     cache = layers = None
+    shipped = courier_module.SWITCH_INTERVAL_S
     try:
+        if switch_interval != "courier":
+            courier_module.SWITCH_INTERVAL_S = switch_interval
         cache, layers = engine(model, hook, store, policy, budget, device, kernels, fetch)
-        times = decode(model, batch, args.steps, args.warm, device, seed=batch, on_timed_start=cache.reset_stats)
+        host_times: list[float] = []
+        times = decode(model, batch, args.steps, args.warm, device, seed=batch, on_timed_start=cache.reset_stats,
+                       host_times=host_times)
+        courier_row = {"switch_interval_s": sys.getswitchinterval()} if fetch == "device" else {}
         s, n = cache.stats, len(times)
         courier = cache._courier
-        courier_row = {} if courier is None or not courier.carried_calls else {
+        courier_row.update({} if courier is None or not courier.carried_calls else {
             "courier_issue_ms_mean": courier.issue_s / courier.carried_calls * 1e3,
-            "courier_issue_ms_max": courier.issue_max_s * 1e3, "courier_calls": courier.carried_calls}
+            "courier_issue_ms_max": courier.issue_max_s * 1e3, "courier_calls": courier.carried_calls})
         step = sorted(times)[n // 2]
         misses = s.misses / n
         floor = misses * store.expert_bytes / bw * 1e3 if bw == bw else None
         rec.add({"case": case, "policy": policy, "budget": budget, "layers": store.num_layers, "batch": batch,
                  "kernels": layers[0].kernels, "fetch": fetch, "mover": cache.mover if fetch == "device" else None,
                  "steps": n, "ms_per_step": step * 1e3,
-                 "mean_ms": sum(times) / n * 1e3,
+                 "mean_ms": sum(times) / n * 1e3, "host_ms_per_step": sorted(host_times)[n // 2] * 1e3,
                  "tokens_per_s": batch / step, "hit_rate": s.hit_rate, "misses_per_step": misses,
                  "prefetches_per_step": s.prefetches / n, "h2d_GB_per_step": cache.transfer.stats.bytes / n / 1e9,
                  "pinned_GBps": bw / 1e9, "io_floor_ms_per_step": floor, "n_slots": cache.n_slots, **courier_row})
     except Exception as exc:
         rec.add({"case": case, "error": f"{type(exc).__name__}: {exc}"})
     finally:
+        courier_module.SWITCH_INTERVAL_S = shipped
         for module in hook.layers:  # the modules hold the layers, the layers the pool: drop it before the next case
             module.__dict__.pop("_moeoffload_layer", None)
         if cache is not None:
@@ -250,6 +267,9 @@ def part_full(args, device, rec):
                 if policy in args.device_fetch:  # the same policy with the cache directory on the device, beside it
                     run_engine_case(rec, model, hook, store, policy, budget, batch, args, device, bw, args.kernels,
                                     fetch="device")
+                    if args.gil_ab:
+                        run_engine_case(rec, model, hook, store, policy, budget, batch, args, device, bw,
+                                        args.kernels, fetch="device", switch_interval=None)
 
 
 def build_peer_model(args, device):
@@ -433,6 +453,8 @@ def main() -> None:
                     default=["on-demand", "lru", "next-use", "lookahead", "lookahead-next-use"])
     ap.add_argument("--device-fetch", nargs="*", default=["lru"],
                     help="policies also run with fetch='device' (the cache directory on the GPU), beside fetch='host'")
+    ap.add_argument("--gil-ab", action="store_true",
+                    help="device-fetch cases also run at Python's own GIL switch interval (courier.SWITCH_INTERVAL_S)")
     ap.add_argument("--kernels", default="auto", help="the engine's kernels in the full part (layer.KERNEL_MODES)")
     ap.add_argument("--steps", type=int, default=8, help="timed decode steps per case")
     ap.add_argument("--warm", type=int, default=2, help="untimed decode steps before them")

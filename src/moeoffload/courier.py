@@ -27,6 +27,12 @@ pageable memory, `.cpu()` or `.item()`) can hold the courier's own `cudaMemcpyAs
 the courier (`drain`: every queued call's copies and flag issued) after a model's last MoE layer and before the
 cache's host view is read; between MoE layers a forward should not block. Kernel launches never block.
 
+The GIL: the courier is Python, so after each wake-up (its event's wait releases the GIL) it needs the GIL back
+while the main thread is busy launching the next layers. CPython hands the GIL over only every switch interval,
+5 ms by default, and a layer's miss would wait that long on top of its copies (measured here on a CPU: a waking
+thread got the GIL back 5.3 ms late at the default, 0.3 ms late at 0.1 ms). So while a courier runs, the process's
+switch interval is at most `SWITCH_INTERVAL_S` (restored when the last courier closes, unless changed meanwhile).
+
 Safety: the flag is written even when the courier fails, and after a failure it is set far ahead so no queued wait
 can hang the GPU; the main thread raises the failure at its next call. The ring's `depth` bounds how far the host
 runs ahead (a full ring makes it wait for the courier, never for the GPU directly). On a CPU the same protocol runs
@@ -36,6 +42,7 @@ with a condition variable for the flag (the tests' way to exercise it); there ev
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -49,6 +56,40 @@ from .kernels import streamops
 RING_DEPTH = 64  # layer calls the host may queue ahead of the courier: two decode steps of Mixtral's 32 layers
 HOST_WAIT_S = 60.0  # on a CPU a lost signal raises instead of hanging (a CUDA stream cannot time out)
 FAIL_OPEN = 1 << 30  # added to the flag after a failure: every wait of the next 2**30 calls passes
+SWITCH_INTERVAL_S = 1e-4  # the GIL hand-over while a courier runs (module docstring, "The GIL"); None leaves it
+
+
+class _SwitchInterval:
+    """Lowers `sys.setswitchinterval` while at least one courier holds it and puts the old value back after the
+    last one lets go, unless somebody else changed it in between."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._saved: float | None = None
+        self._ours: float | None = None
+
+    def hold(self, interval: float | None) -> bool:
+        if interval is None:
+            return False
+        with self._lock:
+            if self._holders == 0:
+                self._saved = sys.getswitchinterval()
+                sys.setswitchinterval(min(self._saved, interval))
+                self._ours = sys.getswitchinterval()  # as CPython stores it (whole microseconds)
+            self._holders += 1
+        return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            if self._holders == 0 and self._saved is not None:
+                if sys.getswitchinterval() == self._ours:
+                    sys.setswitchinterval(self._saved)
+                self._saved = self._ours = None
+
+
+_switch_interval = _SwitchInterval()
 
 
 class _DeviceFlag:
@@ -111,6 +152,7 @@ class Courier:
         # calls with fills, and the host time from seeing their list to queueing the flag's write (the GPU's wait
         # beyond the copies themselves; it includes waiting for the GIL): sum and worst, in seconds
         self.carried_calls, self.issue_s, self.issue_max_s = 0, 0.0, 0.0
+        self._holds_switch = _switch_interval.hold(SWITCH_INTERVAL_S)
         self._thread = threading.Thread(target=self._run, name="moeoffload-courier", daemon=True)
         self._thread.start()
 
@@ -153,6 +195,9 @@ class Courier:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
+        if self._holds_switch:
+            self._holds_switch = False
+            _switch_interval.release()
 
     # -- the courier thread --------------------------------------------------------------------------------------
     def _run(self) -> None:

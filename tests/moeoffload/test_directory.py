@@ -158,6 +158,37 @@ def test_courier_failure_is_raised_and_never_hangs():
     assert not device._courier._thread.is_alive()
 
 
+def test_courier_lowers_the_switch_interval_while_it_runs():
+    """A courier takes the GIL back after each wake-up: while any courier runs the switch interval is at most
+    SWITCH_INTERVAL_S; the last holder to let go restores the caller's value, or leaves one set meanwhile."""
+    import sys
+
+    from moeoffload import courier as courier_module
+
+    before = sys.getswitchinterval()
+    try:
+        _, _, device = host_and_device(2, 4, 3, mover="copy-engine")
+        device.fetch_on_device(0, torch.tensor([[0, 1]]))
+        assert sys.getswitchinterval() <= courier_module.SWITCH_INTERVAL_S * 1.01
+        device.free()
+
+        switch = courier_module._SwitchInterval()  # its own count: couriers other tests leaked hold the module's
+        sys.setswitchinterval(0.004)
+        assert switch.hold(1e-4) and switch.hold(1e-4)
+        assert sys.getswitchinterval() == pytest.approx(1e-4)
+        switch.release()
+        assert sys.getswitchinterval() == pytest.approx(1e-4)  # one holder is left
+        switch.release()
+        assert sys.getswitchinterval() == pytest.approx(0.004)
+        assert not switch.hold(None)  # SWITCH_INTERVAL_S = None: leave it alone
+        switch.hold(1e-4)
+        sys.setswitchinterval(0.002)  # the caller's own choice while a courier runs survives its close
+        switch.release()
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+    finally:
+        sys.setswitchinterval(before)
+
+
 @pytest.mark.parametrize("budget", ["one per layer", "25%", "50%", "75%"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("mover", ["torch", "copy-engine"])
