@@ -226,7 +226,7 @@ def run_engine_case(rec, model, hook, store, policy, budget, batch, args, device
                        host_times=host_times)
         courier_row = {"switch_interval_s": sys.getswitchinterval()} if fetch == "device" else {}
         s, n = cache.stats, len(times)
-        courier = cache._courier
+        courier = cache.courier
         courier_row.update({} if courier is None or not courier.carried_calls else {
             "courier_issue_ms_mean": courier.issue_s / courier.carried_calls * 1e3,
             "courier_issue_ms_max": courier.issue_max_s * 1e3, "courier_calls": courier.carried_calls})

@@ -362,6 +362,14 @@ class ExpertCache:
         self._deferred_hits = None
         self._pending_offsets = []
         self.transfer.reset_stats()
+        if self._courier is not None:
+            self._courier.reset_stats()
+
+    @property
+    def courier(self) -> Courier | None:
+        """The thread carrying fetch="device"'s fills on the copy engine (its counters: copies, carried_calls,
+        issue_s, issue_max_s), once the first device fetch started it; None otherwise."""
+        return self._courier
 
     # -- fetch="device": the directory on the device -----------------------------------------------------------------
     def _check_device_fetch(self, rule: EvictionRule, retain: bool) -> None:

@@ -190,6 +190,12 @@ class Courier:
         with self._handled_changed:
             self._handled_changed.wait_for(lambda: self._handled >= self._queued or not self._thread.is_alive())
 
+    def reset_stats(self) -> None:
+        """Zero the counters (`ExpertCache.reset_stats`, which drains first, so the thread is not counting)."""
+        self.drain()
+        self.copies = self.carried_calls = 0
+        self.issue_s = self.issue_max_s = 0.0
+
     def close(self) -> None:
         """Stop the thread once it has carried everything queued (idempotent)."""
         if self._thread.is_alive():

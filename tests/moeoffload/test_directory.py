@@ -132,10 +132,13 @@ def test_courier_drain_returns_once_every_call_is_handled():
     store, host, device = host_and_device(2, 4, 3, mover="copy-engine")
     for i in range(12):
         step(host, device, i % 2, [[i % 4, 0]], 4)
-    courier = device._courier
+    courier = device.courier
     device.settle_device()
     assert courier._handled == courier._queued == 12
     assert device.stats.misses == host.stats.misses  # to_host drains first, then reads
+    assert courier.copies == device.stats.misses > 0 and courier.carried_calls > 0
+    device.reset_stats()  # the courier's counters restart with the cache's
+    assert courier.copies == courier.carried_calls == 0 and courier.issue_s == 0.0
     device.free()
     assert not courier._thread.is_alive()
 
