@@ -29,9 +29,10 @@ cache's host view is read; between MoE layers a forward should not block. Kernel
 
 The GIL: the courier is Python, so after each wake-up (its event's wait releases the GIL) it needs the GIL back
 while the main thread is busy launching the next layers. CPython hands the GIL over only every switch interval,
-5 ms by default, and a layer's miss would wait that long on top of its copies (measured here on a CPU: a waking
-thread got the GIL back 5.3 ms late at the default, 0.3 ms late at 0.1 ms). So while a courier runs, the process's
-switch interval is at most `SWITCH_INTERVAL_S` (restored when the last courier closes, unless changed meanwhile).
+5 ms by default, and a layer's miss would wait that long on top of its copies (`benchmarks/gil_handover.py` on a
+CPU: a waking thread got the GIL back 5.3 ms late at the default, 0.3 ms late at 0.1 ms). So while a courier runs,
+the process's switch interval is at most `SWITCH_INTERVAL_S` (restored when the last courier closes, unless changed
+meanwhile). Its effect on the GPU's step time is not measured yet (`mixtral_e2e.py --gil-ab` is the A/B).
 
 Safety: the flag is written even when the courier fails, and after a failure it is set far ahead so no queued wait
 can hang the GPU; the main thread raises the failure at its next call. The ring's `depth` bounds how far the host
