@@ -224,12 +224,12 @@ def run_engine_case(rec, model, hook, store, policy, budget, batch, args, device
         host_times: list[float] = []
         times = decode(model, batch, args.steps, args.warm, device, seed=batch, on_timed_start=cache.reset_stats,
                        host_times=host_times)
-        courier_row = {"switch_interval_s": sys.getswitchinterval()} if fetch == "device" else {}
         s, n = cache.stats, len(times)
+        courier_row = {"switch_interval_s": sys.getswitchinterval()} if fetch == "device" else {}
         courier = cache.courier
-        courier_row.update({} if courier is None or not courier.carried_calls else {
-            "courier_issue_ms_mean": courier.issue_s / courier.carried_calls * 1e3,
-            "courier_issue_ms_max": courier.issue_max_s * 1e3, "courier_calls": courier.carried_calls})
+        if courier is not None and courier.carried_calls:
+            courier_row.update(courier_issue_ms_mean=courier.issue_s / courier.carried_calls * 1e3,
+                               courier_issue_ms_max=courier.issue_max_s * 1e3, courier_calls=courier.carried_calls)
         step = sorted(times)[n // 2]
         misses = s.misses / n
         floor = misses * store.expert_bytes / bw * 1e3 if bw == bw else None
