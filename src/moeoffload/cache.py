@@ -9,6 +9,7 @@ Nobody else moves experts in or out: hits, misses and bytes are counted here and
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -114,6 +115,7 @@ class ExpertCache:
         # kernel reads the mapped host store) or "torch" (the CPU fallback). Chosen here; tests may set it.
         self.mover = "torch"
         self._courier: Courier | None = None
+        self._courier_closer: weakref.finalize | None = None  # closes the courier if the cache is dropped unfreed
         if fetch == "device":
             if self.device.type == "cuda":
                 self.mover = "copy-engine" if streamops.available(self.device) else "sm-loads"
@@ -346,9 +348,9 @@ class ExpertCache:
     def free(self) -> None:
         """Give the device pool back (after unload); statistics stay readable, the cache is unusable."""
         _ = self.stats  # fold in deferred hits (and the device directory's counts) while the device holds them
-        if self._courier is not None:
-            self._courier.close()
-            self._courier = None
+        if self._courier_closer is not None:
+            self._courier_closer()  # closes the courier once, here or when the cache is collected
+            self._courier = self._courier_closer = None
         self.directory = None
         self._sources.clear()
         self._slot_of.clear()
@@ -407,6 +409,10 @@ class ExpertCache:
         if self.mover == "copy-engine":
             if self._courier is None:
                 self._courier = Courier(self.directory, self.pool, self.store.slab)
+                # the courier's thread keeps the courier alive, so a cache dropped without free() would leave the
+                # thread and the lowered switch interval behind; the courier holds no reference back to the cache
+                self._courier_closer = weakref.finalize(self, self._courier.close)
+                self._courier_closer.atexit = False  # at exit the daemon thread just stops
             self._courier.fetch(layer, top_k_index)
         else:
             self.directory.resolve(layer, top_k_index)

@@ -161,6 +161,20 @@ def test_courier_failure_is_raised_and_never_hangs():
     assert not device._courier._thread.is_alive()
 
 
+def test_a_cache_dropped_without_free_stops_its_courier():
+    """The courier's thread keeps the courier alive, so only the cache's finaliser can stop it when the cache is
+    dropped unfreed: the thread must end, or every dropped cache would leave one behind (and the lowered interval)."""
+    import gc
+
+    _, _, device = host_and_device(2, 4, 3, mover="copy-engine")
+    device.fetch_on_device(0, torch.tensor([[0, 1]]))
+    courier = device.courier
+    assert courier is not None and courier._thread.is_alive()
+    del device
+    gc.collect()
+    assert not courier._thread.is_alive() and not courier._holds_switch
+
+
 def test_courier_lowers_the_switch_interval_while_it_runs():
     """A courier takes the GIL back after each wake-up: while any courier runs the switch interval is at most
     SWITCH_INTERVAL_S; the last holder to let go restores the caller's value, or leaves one set meanwhile."""
