@@ -5,7 +5,7 @@
 #
 #   OUT=/some/dir STEPS="gpu_tests expertflow predictors" bash benchmarks/device_session.sh
 #
-# Steps: gpu_tests, gpu_exact, gpu_staged, zero_copy, gpu_fetch (fetch="device" and the kernels), plugin_fetch
+# Steps: gpu_tests, gpu_exact, grouped_width, gpu_staged, zero_copy, gpu_fetch (fetch="device" and the kernels), plugin_fetch
 # (a suite with --moebench-fetch host, then device), exact_loop (benchmarks/exact_loop.py), mixtral (benchmarks/mixtral_e2e.py,
 # peers and full size), expertflow, predictors, stats (benchmarks/stats_device.sh), nightly_switch (ci/nightly.sh on
 # switch-base-8 with the policies of baselines/h100/switch.json), full_<suite> (that suite's full tier), machine
@@ -93,6 +93,8 @@ for step in $STEPS; do
           --moebench-time-limit $(( ${PLUGIN_FETCH_LIMIT_S:-150} - 30 )) -v -k "${PLUGIN_FETCH_K:-lru-25 or lru-50}" \
           -o faulthandler_timeout="${PLUGIN_FETCH_FAULT_S:-90}"
       done ;;
+    grouped_width)  # fetch="device"'s grouped GEMM over pools of several widths (benchmarks/grouped_width.py)
+      run_step grouped_width "${GROUPED_WIDTH_LIMIT_S:-90}" -- python3 benchmarks/grouped_width.py --out "$work/grouped_width" ;;
     store)  # pinned bytes and copy rate of the per-layer registered slabs (benchmarks/store_pinning.py)
       run_step store "${STORE_LIMIT_S:-150}" -- python3 benchmarks/store_pinning.py --out "$work/store" ;;
     machine)  # CPU quota and throttling of this VM (a guess at the two speeds of the fifth set)

@@ -1,0 +1,100 @@
+"""What does fetch="device"'s grouped GEMM over the whole pool cost, against one over the layer's own slots?
+
+fetch="device" never tells the host which slots a layer's experts sit in, so `layer._device_fetched` runs torch's
+grouped GEMM over every slot of the pool, empty groups included: at a 75% budget of Mixtral-8x7B that is 192
+groups for the 2 (batch 1) to 16 that have rows. This times `kernels.grouped_ffn_by_offsets` at Mixtral's expert
+size over pools of several widths with the same routed rows, beside the host path's Triton kernel over the named
+groups only (`kernels.grouped_ffn`), and the HBM floor (the active experts' bytes over a device-to-device copy's
+rate measured in the same run). If the width costs, a per-layer window (or a kernel over the routed pairs) pays.
+
+    PYTHONPATH=src python benchmarks/grouped_width.py --out $OUT/grouped_width
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from moeoffload import kernels
+from moeoffload.layout import ExpertLayout
+
+H, I, K = 4096, 14336, 2  # Mixtral-8x7B
+
+
+def timed(reps: int, fn, *fn_args, **fn_kwargs) -> float:
+    """Median ms of `reps` runs of fn(*fn_args, **fn_kwargs), each between two events (after one warm-up)."""
+    fn(*fn_args, **fn_kwargs)
+    torch.cuda.synchronize()
+    ms = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn(*fn_args, **fn_kwargs)
+        b.record()
+        b.synchronize()
+        ms.append(a.elapsed_time(b))
+    return sorted(ms)[len(ms) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--widths", type=int, nargs="+", default=[8, 32, 64, 128, 192])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    torch.manual_seed(0)
+    layout = ExpertLayout(("w13", "w2"), ((2 * I, H), (H, I)), torch.bfloat16)
+    spec = kernels.FFNSpec.from_layout("gated-silu", layout)
+    pool = torch.empty((max(args.widths), layout.numel), dtype=torch.bfloat16, device="cuda")
+    pool.normal_(std=0.02)  # 352 MB a slot; weights only need to be finite
+    src = torch.empty(2**28, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    copy_ms = timed(args.reps, dst.copy_, src)
+    hbm = 2 * src.numel() * 2 / (copy_ms / 1e3)  # read + write, bytes/s
+    del src, dst
+    rows, lines = [], []
+    header = (f"{'batch':>5} {'width':>5} {'active':>6} {'by-offsets ms':>13} {'triton groups ms':>16} "
+              f"{'HBM floor ms':>12}")
+    for batch in args.batches:
+        pairs = batch * K
+        # the routed slots: `active` distinct slots inside the smallest width, so every width sees the same rows
+        active = min(pairs, min(args.widths))
+        slots = torch.randperm(min(args.widths))[:active].sort().values
+        counts = torch.full((active,), pairs // active, dtype=torch.int64)
+        counts[: pairs % active] += 1
+        x = torch.randn(pairs, H, dtype=torch.bfloat16, device="cuda")
+        groups, start = [], 0
+        for s, c in zip(slots.tolist(), counts.tolist()):
+            groups.append((start, start + c, s))
+            start += c
+        floor_ms = active * layout.numel * 2 / hbm * 1e3
+        y = torch.empty_like(x)
+        triton_ms = timed(args.reps, kernels.grouped_ffn, spec, x, pool, groups, y, backend="triton")
+        for width in args.widths:
+            window = pool[:width]
+            per_slot = torch.zeros(width, dtype=torch.int32)
+            per_slot[slots] = counts.to(torch.int32)
+            offs = per_slot.cumsum(0).to(torch.int32).cuda()
+            weights = kernels.slot_weights(spec, window)
+            ms = timed(args.reps, kernels.grouped_ffn_by_offsets, spec, x, window, offs, weights)
+            rows.append(dict(batch=batch, width=width, active=active, by_offsets_ms=ms, triton_groups_ms=triton_ms,
+                             hbm_floor_ms=floor_ms))
+            lines.append(f"{batch:>5} {width:>5} {active:>6} {ms:>13.3f} {triton_ms:>16.3f} {floor_ms:>12.3f}")
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, hbm_copy_gbs=hbm / 1e9,
+                  reps=args.reps, rows=rows)
+    with open(os.path.join(args.out, "grouped_width.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    text = "\n".join([f"{result['device']}, torch {torch.__version__}, device copy {hbm / 1e9:.0f} GB/s",
+                      header, *lines])
+    with open(os.path.join(args.out, "grouped_width.txt"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
