@@ -59,7 +59,7 @@ def main() -> None:
     del src, dst
     rows, lines = [], []
     header = (f"{'batch':>5} {'width':>5} {'active':>6} {'by-offsets ms':>13} {'triton groups ms':>16} "
-              f"{'HBM floor ms':>12}")
+              f"{'HBM floor ms':>12} {'rel diff':>8}")
     for batch in args.batches:
         pairs = batch * K
         # the routed slots: `active` distinct slots inside the smallest width, so every width sees the same rows
@@ -82,9 +82,12 @@ def main() -> None:
             offs = per_slot.cumsum(0).to(torch.int32).cuda()
             weights = kernels.slot_weights(spec, window)
             ms = timed(args.reps, kernels.grouped_ffn_by_offsets, spec, x, window, offs, weights)
+            got = kernels.grouped_ffn_by_offsets(spec, x, window, offs, weights)  # the same rows as the groups'
+            rel = float((got.float() - y.float()).abs().max() / y.float().abs().max())
             rows.append(dict(batch=batch, width=width, active=active, by_offsets_ms=ms, triton_groups_ms=triton_ms,
-                             hbm_floor_ms=floor_ms))
-            lines.append(f"{batch:>5} {width:>5} {active:>6} {ms:>13.3f} {triton_ms:>16.3f} {floor_ms:>12.3f}")
+                             hbm_floor_ms=floor_ms, rel_diff=rel))
+            lines.append(f"{batch:>5} {width:>5} {active:>6} {ms:>13.3f} {triton_ms:>16.3f} {floor_ms:>12.3f} "
+                         f"{rel:>8.1e}")
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, hbm_copy_gbs=hbm / 1e9,
                   reps=args.reps, rows=rows)
     with open(os.path.join(args.out, "grouped_width.json"), "w") as f:
