@@ -7,6 +7,8 @@
                                                                                  # the peers of this same run
     python benchmarks/mixtral_e2e.py --tiny --part full --part peer             # CPU smoke run of the logic
 
+`--profile` adds one profiled step per case (its trace, and the gpu_* fields of `benchmarks/gpu_timeline.py`:
+the step's GPU span split into copies, kernels, both at once and idle).
 `full`: seeded bf16 weights built without a second copy: non-expert weights generated on the GPU; expert
 weights generated on the GPU in chunks and copied into per-layer host slabs that are page-locked with
 cudaHostRegister (torch's pinned allocator rounds each block up to a power of two: 336 MiB experts would take
@@ -26,6 +28,7 @@ JSON and a table go to $OUT after every case, so a timeout keeps what finished.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -33,6 +36,7 @@ import platform
 import sys
 import time
 
+import gpu_timeline  # benchmarks/gpu_timeline.py, beside this script
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
@@ -72,6 +76,9 @@ class Recorder:
     def table(self) -> str:
         head = (f"{'case':<34} {'layers':>6} {'batch':>5} {'tok/s':>8} {'ms/step':>9} {'ms/layer':>8} "
                 f"{'hit%':>5} {'miss/step':>9} {'floor ms':>8} {'x floor':>7} {'host ms':>7}")
+        profiled = any("gpu_span_ms" in r for r in self.rows)
+        if profiled:  # the profiled step's GPU span and its parts (benchmarks/gpu_timeline.py)
+            head += f" {'span':>6} {'copy':>6} {'kern':>6} {'both':>6} {'idle':>6}"
         lines = [head]
         for r in self.rows:
             if "error" in r:
@@ -84,6 +91,9 @@ class Recorder:
                          f"{floor if floor is not None else float('nan'):8.1f} "
                          f"{r['ms_per_step'] / floor if floor else float('nan'):7.2f} "
                          f"{r.get('host_ms_per_step', float('nan')):7.1f}")
+            if profiled:
+                lines[-1] += "".join(f" {r.get(f'gpu_{k}_ms', float('nan')):6.1f}"
+                                     for k in ("span", "copy", "kernel", "overlap", "idle"))
         return "\n".join(lines)
 
 
@@ -193,6 +203,23 @@ def decode(model, batch, steps, warm, device, seed, on_timed_start=None, host_ti
     return times[warm:]
 
 
+def profiled_step(model, batch, device, seed, trace_path) -> dict:
+    """One more decode step after a prefill and one untimed step, under the profiler: where its GPU time went
+    (`gpu_timeline.summarize`: copies, kernels, both, idle). On a CPU: nothing."""
+    if device.type != "cuda":
+        return {}
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, model.config.vocab_size, (batch, 8), generator=g).to(device)
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        out = model(nxt, past_key_values=past, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        sync(device)
+        summary = gpu_timeline.profile_step(lambda: model(nxt, past_key_values=past, use_cache=True), trace_path)
+    return {f"gpu_{k}": v for k, v in summary.items()}
+
+
 def pinned_bandwidth(store, device) -> float:
     if device.type != "cuda":
         return float("nan")
@@ -224,7 +251,7 @@ def run_engine_case(rec, model, hook, store, policy, budget, batch, args, device
         host_times: list[float] = []
         times = decode(model, batch, args.steps, args.warm, device, seed=batch, on_timed_start=cache.reset_stats,
                        host_times=host_times)
-        s, n = cache.stats, len(times)
+        s, n = dataclasses.replace(cache.stats), len(times)  # a copy: the profiled step below adds to the stats
         courier_row = {"switch_interval_s": sys.getswitchinterval()} if fetch == "device" else {}
         courier = cache.courier
         if courier is not None and courier.carried_calls:
@@ -233,13 +260,20 @@ def run_engine_case(rec, model, hook, store, policy, budget, batch, args, device
         step = sorted(times)[n // 2]
         misses = s.misses / n
         floor = misses * store.expert_bytes / bw * 1e3 if bw == bw else None
+        h2d_gb = cache.transfer.stats.bytes / n / 1e9
+        profiled = {}  # after the counters above were read: the profiled step adds to them
+        if args.profile:
+            name = case.replace("@", "_").replace("/", "_").replace("%", "pct")
+            profiled = profiled_step(model, batch, device, seed=batch,
+                                     trace_path=os.path.join(args.out, f"trace_{name}_b{batch}.json.gz"))
         rec.add({"case": case, "policy": policy, "budget": budget, "layers": store.num_layers, "batch": batch,
                  "kernels": layers[0].kernels, "fetch": fetch, "mover": cache.mover if fetch == "device" else None,
                  "steps": n, "ms_per_step": step * 1e3,
                  "mean_ms": sum(times) / n * 1e3, "host_ms_per_step": sorted(host_times)[n // 2] * 1e3,
                  "tokens_per_s": batch / step, "hit_rate": s.hit_rate, "misses_per_step": misses,
-                 "prefetches_per_step": s.prefetches / n, "h2d_GB_per_step": cache.transfer.stats.bytes / n / 1e9,
-                 "pinned_GBps": bw / 1e9, "io_floor_ms_per_step": floor, "n_slots": cache.n_slots, **courier_row})
+                 "prefetches_per_step": s.prefetches / n, "h2d_GB_per_step": h2d_gb,
+                 "pinned_GBps": bw / 1e9, "io_floor_ms_per_step": floor, "n_slots": cache.n_slots, **courier_row,
+                 **profiled})
     except Exception as exc:
         rec.add({"case": case, "error": f"{type(exc).__name__}: {exc}"})
     finally:
@@ -455,6 +489,9 @@ def main() -> None:
                     help="policies also run with fetch='device' (the cache directory on the GPU), beside fetch='host'")
     ap.add_argument("--gil-ab", action="store_true",
                     help="device-fetch cases also run at Python's own GIL switch interval (courier.SWITCH_INTERVAL_S)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after each case's timed steps, one more under torch.profiler: its trace, and where the "
+                         "step's GPU time went (gpu_* fields: benchmarks/gpu_timeline.py)")
     ap.add_argument("--kernels", default="auto", help="the engine's kernels in the full part (layer.KERNEL_MODES)")
     ap.add_argument("--steps", type=int, default=8, help="timed decode steps per case")
     ap.add_argument("--warm", type=int, default=2, help="untimed decode steps before them")

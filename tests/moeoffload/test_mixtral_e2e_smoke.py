@@ -10,7 +10,7 @@ def test_mixtral_e2e_tiny_smoke(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     cmd = [sys.executable, "benchmarks/mixtral_e2e.py", "--tiny", "--part", "full", "--batches", "2",
            "--budgets", "50%", "--policies", "lookahead", "lru", "--steps", "2", "--warm", "0",
-           "--kernels", "grouped-torch", "--gil-ab", "--out", str(tmp_path)]
+           "--kernels", "grouped-torch", "--gil-ab", "--profile", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": os.path.join(root, "src")})
     assert proc.returncode == 0, proc.stderr[-3000:]
