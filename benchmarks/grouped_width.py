@@ -4,7 +4,8 @@ fetch="device" never tells the host which slots a layer's experts sit in, so `la
 grouped GEMM over every slot of the pool, empty groups included: at a 75% budget of Mixtral-8x7B that is 192
 groups for the 2 (batch 1) to 16 that have rows. This times `kernels.grouped_ffn_by_offsets` at Mixtral's expert
 size over pools of several widths with the same routed rows, beside the host path's Triton kernel over the named
-groups only (`kernels.grouped_ffn`), and the HBM floor (the active experts' bytes over a device-to-device copy's
+groups only (`kernels.grouped_ffn`), fetch="device"'s "tiles" FFN (`kernels.grouped_ffn_by_tiles`, over a tile table
+the routing kernel builds on the device), and the HBM floor (the active experts' bytes over a device-to-device copy's
 rate measured in the same run). If the width costs, a per-layer window (or a kernel over the routed pairs) pays.
 
     PYTHONPATH=src python benchmarks/grouped_width.py --out $OUT/grouped_width
@@ -59,7 +60,7 @@ def main() -> None:
     del src, dst
     rows, lines = [], []
     header = (f"{'batch':>5} {'width':>5} {'active':>6} {'by-offsets ms':>13} {'triton groups ms':>16} "
-              f"{'HBM floor ms':>12} {'rel diff':>8}")
+              f"{'tiles ms':>9} {'HBM floor ms':>12} {'rel diff':>8}")
     for batch in args.batches:
         pairs = batch * K
         # the routed slots: `active` distinct slots inside the smallest width, so every width sees the same rows
@@ -74,6 +75,9 @@ def main() -> None:
             start += c
         floor_ms = active * layout.numel * 2 / hbm * 1e3
         y = torch.empty_like(x)
+        # the rows as routed pairs: pair r names the r-th row's expert (ids = a slot's index in `slot_list`)
+        slot_list = slots.tolist()
+        ids = torch.repeat_interleave(torch.arange(active), counts).view(-1, 1).cuda()
         triton_ms = timed(args.reps, kernels.grouped_ffn, spec, x, pool, groups, y, backend="triton")
         for width in args.widths:
             window = pool[:width]
@@ -84,10 +88,20 @@ def main() -> None:
             ms = timed(args.reps, kernels.grouped_ffn_by_offsets, spec, x, window, offs, weights)
             got = kernels.grouped_ffn_by_offsets(spec, x, window, offs, weights)  # the same rows as the groups'
             rel = float((got.float() - y.float()).abs().max() / y.float().abs().max())
+            # fetch="device" with DEVICE_FETCH_FFN="tiles": the routing kernel's tile table (built once here, as
+            # by-offsets' offsets are), then the Triton FFN over the routed slots only
+            slot_of_id = kernels.slot_lookup(torch.tensor(slot_list, dtype=torch.int32, device="cuda"), width)
+            ends = torch.arange(1, width + 1, dtype=torch.int32, device="cuda")
+            max_rows = int(counts.max())
+            order, _, _, tiles = kernels.route_tiles_on_device(ids, slot_of_id, ends, kernels.tile_rows(max_rows))
+            assert order.tolist() == list(range(pairs)), "the benchmark's rows are already in slot order"
+            tiles_ms = timed(args.reps, kernels.grouped_ffn_by_tiles, spec, x, window, tiles, max_rows)
+            got = kernels.grouped_ffn_by_tiles(spec, x, window, tiles, max_rows)
+            rel = max(rel, float((got.float() - y.float()).abs().max() / y.float().abs().max()))
             rows.append(dict(batch=batch, width=width, active=active, by_offsets_ms=ms, triton_groups_ms=triton_ms,
-                             hbm_floor_ms=floor_ms, rel_diff=rel))
-            lines.append(f"{batch:>5} {width:>5} {active:>6} {ms:>13.3f} {triton_ms:>16.3f} {floor_ms:>12.3f} "
-                         f"{rel:>8.1e}")
+                             tiles_ms=tiles_ms, hbm_floor_ms=floor_ms, rel_diff=rel))
+            lines.append(f"{batch:>5} {width:>5} {active:>6} {ms:>13.3f} {triton_ms:>16.3f} {tiles_ms:>9.3f} "
+                         f"{floor_ms:>12.3f} {rel:>8.1e}")
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, hbm_copy_gbs=hbm / 1e9,
                   reps=args.reps, rows=rows)
     with open(os.path.join(args.out, "grouped_width.json"), "w") as f:

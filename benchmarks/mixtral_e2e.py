@@ -42,6 +42,7 @@ from transformers import MixtralConfig, MixtralForCausalLM
 
 from moeoffload import courier as courier_module
 from moeoffload import hooks, policies
+from moeoffload import layer as layer_module
 from moeoffload.cache import ExpertCache
 from moeoffload.eviction import make_rule
 from moeoffload.layer import OffloadedMoELayer
@@ -74,7 +75,7 @@ class Recorder:
             f.write(self.table() + "\n")
 
     def table(self) -> str:
-        head = (f"{'case':<34} {'layers':>6} {'batch':>5} {'tok/s':>8} {'ms/step':>9} {'ms/layer':>8} "
+        head = (f"{'case':<44} {'layers':>6} {'batch':>5} {'tok/s':>8} {'ms/step':>9} {'ms/layer':>8} "
                 f"{'hit%':>5} {'miss/step':>9} {'floor ms':>8} {'x floor':>7} {'host ms':>7}")
         profiled = any("gpu_span_ms" in r for r in self.rows)
         if profiled:  # the profiled step's GPU span and its parts (benchmarks/gpu_timeline.py)
@@ -82,10 +83,10 @@ class Recorder:
         lines = [head]
         for r in self.rows:
             if "error" in r:
-                lines.append(f"{r['case']:<34} error: {r['error'][:80]}")
+                lines.append(f"{r['case']:<44} error: {r['error'][:80]}")
                 continue
             floor = r.get("io_floor_ms_per_step")
-            lines.append(f"{r['case']:<34} {r['layers']:>6} {r['batch']:>5} {r['tokens_per_s']:8.2f} "
+            lines.append(f"{r['case']:<44} {r['layers']:>6} {r['batch']:>5} {r['tokens_per_s']:8.2f} "
                          f"{r['ms_per_step']:9.1f} {r['ms_per_step'] / r['layers']:8.2f} "
                          f"{r.get('hit_rate', float('nan')) * 100:5.1f} {r.get('misses_per_step', 0):9.1f} "
                          f"{floor if floor is not None else float('nan'):8.1f} "
@@ -237,16 +238,20 @@ def pinned_bandwidth(store, device) -> float:
 
 
 def run_engine_case(rec, model, hook, store, policy, budget, batch, args, device, bw, kernels="auto", tag="",
-                    fetch="host", switch_interval="courier"):
+                    fetch="host", switch_interval="courier", device_ffn=None):
     """One row. `switch_interval`: "courier" leaves the courier's GIL hand-over as shipped (courier.SWITCH_INTERVAL_S);
-    None runs it at Python's own interval (the A/B of --gil-ab)."""
+    None runs it at Python's own interval (the A/B of --gil-ab). `device_ffn`: fetch="device"'s FFN
+    (layer.DEVICE_FETCH_FFN) for this case, None as shipped (the A/B of --ffn-ab)."""
     case = f"{tag}{policy}@{budget}" + ("" if kernels == "auto" else f"/{kernels}") + \
-        ("" if fetch == "host" else f"/{fetch}-fetch") + ("" if switch_interval == "courier" else "/python-gil")
+        ("" if fetch == "host" else f"/{fetch}-fetch") + ("" if switch_interval == "courier" else "/python-gil") + \
+        ("" if device_ffn is None else f"/{device_ffn}")
     cache = layers = None
-    shipped = courier_module.SWITCH_INTERVAL_S
+    shipped, shipped_ffn = courier_module.SWITCH_INTERVAL_S, layer_module.DEVICE_FETCH_FFN
     try:
         if switch_interval != "courier":
             courier_module.SWITCH_INTERVAL_S = switch_interval
+        if device_ffn is not None:
+            layer_module.DEVICE_FETCH_FFN = device_ffn
         cache, layers = engine(model, hook, store, policy, budget, device, kernels, fetch)
         host_times: list[float] = []
         times = decode(model, batch, args.steps, args.warm, device, seed=batch, on_timed_start=cache.reset_stats,
@@ -268,6 +273,7 @@ def run_engine_case(rec, model, hook, store, policy, budget, batch, args, device
                                      trace_path=os.path.join(args.out, f"trace_{name}_b{batch}.json.gz"))
         rec.add({"case": case, "policy": policy, "budget": budget, "layers": store.num_layers, "batch": batch,
                  "kernels": layers[0].kernels, "fetch": fetch, "mover": cache.mover if fetch == "device" else None,
+                 "device_ffn": layer_module.DEVICE_FETCH_FFN if fetch == "device" else None,
                  "steps": n, "ms_per_step": step * 1e3,
                  "mean_ms": sum(times) / n * 1e3, "host_ms_per_step": sorted(host_times)[n // 2] * 1e3,
                  "tokens_per_s": batch / step, "hit_rate": s.hit_rate, "misses_per_step": misses,
@@ -277,7 +283,7 @@ def run_engine_case(rec, model, hook, store, policy, budget, batch, args, device
     except Exception as exc:
         rec.add({"case": case, "error": f"{type(exc).__name__}: {exc}"})
     finally:
-        courier_module.SWITCH_INTERVAL_S = shipped
+        courier_module.SWITCH_INTERVAL_S, layer_module.DEVICE_FETCH_FFN = shipped, shipped_ffn
         for module in hook.layers:  # the modules hold the layers, the layers the pool: drop it before the next case
             module.__dict__.pop("_moeoffload_layer", None)
         if cache is not None:
@@ -304,6 +310,9 @@ def part_full(args, device, rec):
                     if args.gil_ab:
                         run_engine_case(rec, model, hook, store, policy, budget, batch, args, device, bw,
                                         args.kernels, fetch="device", switch_interval=None)
+                    for ffn in args.ffn_ab:
+                        run_engine_case(rec, model, hook, store, policy, budget, batch, args, device, bw,
+                                        args.kernels, fetch="device", device_ffn=ffn)
 
 
 def build_peer_model(args, device):
@@ -489,6 +498,8 @@ def main() -> None:
                     help="policies also run with fetch='device' (the cache directory on the GPU), beside fetch='host'")
     ap.add_argument("--gil-ab", action="store_true",
                     help="device-fetch cases also run at Python's own GIL switch interval (courier.SWITCH_INTERVAL_S)")
+    ap.add_argument("--ffn-ab", nargs="*", default=[], choices=layer_module.DEVICE_FETCH_FFNS,
+                    help="device-fetch cases also run with each of these FFNs (layer.DEVICE_FETCH_FFN), rows /<ffn>")
     ap.add_argument("--profile", action="store_true",
                     help="after each case's timed steps, one more under torch.profiler: its trace, and where the "
                          "step's GPU time went (gpu_* fields: benchmarks/gpu_timeline.py)")

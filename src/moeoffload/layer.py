@@ -37,6 +37,12 @@ STAGED_MIN_EXPERTS = 8
 # (token, expert) pairs up to which a call runs on the device directory with fetch="device" (its lookup keeps the
 # pairs of one call in one Triton program's registers); a larger call (a long prefill) takes the host path
 DEVICE_FETCH_MAX_PAIRS = 4096
+# fetch="device"'s FFN at decode sizes (pairs up to kernels.routing.FUSED_ROUTE_MAX_PAIRS): "grouped-mm", torch's
+# grouped GEMM with every slot of the pool as a group (192 at a 75% budget of Mixtral-8x7B), or "tiles", the Triton
+# grouped kernel over a tile table the routing kernel builds on the device (the routed slots only;
+# benchmarks/grouped_width.py and mixtral_e2e.py --ffn-ab time both). Larger calls always take "grouped-mm".
+DEVICE_FETCH_FFN = "grouped-mm"
+DEVICE_FETCH_FFNS = ("grouped-mm", "tiles")
 
 
 def grouped_spec(ffn, layout) -> _kernels.FFNSpec | None:
@@ -288,19 +294,27 @@ class OffloadedMoELayer:
 
     def _device_fetched(self, hidden: torch.Tensor, top_k_index: torch.Tensor,
                         top_k_weights: torch.Tensor) -> torch.Tensor:
-        """The resident path over the whole pool, after the device itself made the routed experts resident
-        (`ExpertCache.fetch_on_device`: lookup and LRU victims on the device, fills queued by the courier thread on
-        the copy engine, all launched without a sync). The host never learns which experts this call needed, so it
-        runs ahead of the GPU while a miss streams in, as it does when every expert is resident."""
+        """The resident path over the pool (its FFN: `DEVICE_FETCH_FFN`), after the device itself made the routed
+        experts resident (`ExpertCache.fetch_on_device`: lookup and LRU victims on the device, fills queued by the
+        courier thread on the copy engine, all launched without a sync). The host never learns which experts this
+        call needed, so it runs ahead of the GPU while a miss streams in, as it does when every expert is resident."""
         row = self.cache.fetch_on_device(self.layer_idx, top_k_index)
         directory = self.cache.directory
         assert directory is not None
         backend = "triton" if self.kernels == "triton" else "torch"
-        order, inverse, offs = _kernels.route_on_device(top_k_index, row, directory.slot_ends, backend=backend)
-        if self._pool_weights is None:
-            self._pool_weights = _kernels.slot_weights(self.spec, self.cache.pool)
-        x = _kernels.permute(hidden, order, backend=backend, divisor=top_k_index.shape[1])
-        y = _kernels.grouped_ffn_by_offsets(self.spec, x, self.cache.pool, offs, self._pool_weights)
+        pairs, k = top_k_index.numel(), top_k_index.shape[1]
+        if DEVICE_FETCH_FFN == "tiles" and pairs <= _kernels.routing.FUSED_ROUTE_MAX_PAIRS:
+            max_rows = pairs // k  # a slot's rows: at most one per token
+            order, inverse, offs, tiles = _kernels.route_tiles_on_device(
+                top_k_index, row, directory.slot_ends, _kernels.tile_rows(max_rows), backend=backend)
+            x = _kernels.permute(hidden, order, backend=backend, divisor=k)
+            y = _kernels.grouped_ffn_by_tiles(self.spec, x, self.cache.pool, tiles, max_rows, backend=backend)
+        else:
+            order, inverse, offs = _kernels.route_on_device(top_k_index, row, directory.slot_ends, backend=backend)
+            if self._pool_weights is None:
+                self._pool_weights = _kernels.slot_weights(self.spec, self.cache.pool)
+            x = _kernels.permute(hidden, order, backend=backend, divisor=k)
+            y = _kernels.grouped_ffn_by_offsets(self.spec, x, self.cache.pool, offs, self._pool_weights)
         out = _kernels.unpermute(y, inverse, top_k_weights, hidden.dtype, backend=backend, token_major=True,
                                  limit=offs[-1:])
         if self.layer_idx == self.cache.store.num_layers - 1:

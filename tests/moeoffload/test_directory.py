@@ -17,8 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moeoffload
+from moeoffload import layer as layer_module
 from moeoffload.cache import ExpertCache
 from moeoffload.eviction import make_rule
+from moeoffload.layer import DEVICE_FETCH_FFNS
 
 from .models import tiny_mixtral
 from .test_cache_properties import filled_store, tag_of
@@ -209,10 +211,13 @@ def test_courier_lowers_the_switch_interval_while_it_runs():
 @pytest.mark.parametrize("budget", ["one per layer", "25%", "50%", "75%"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("mover", ["torch", "copy-engine"])
-def test_model_through_device_fetch_matches_the_host_path(budget, batch, mover):
+@pytest.mark.parametrize("ffn", DEVICE_FETCH_FFNS)
+def test_model_through_device_fetch_matches_the_host_path(budget, batch, mover, ffn, monkeypatch):
     """Greedy tokens through fetch="device" equal the host path's on the same grouped kernels, and the caches end in
-    the same state with the same counts. (The prompt's prefill may run on either path: batch 3 x 6 tokens x top-2
-    names every expert of a layer, more than one slot per layer holds, so it takes the host path there.)"""
+    the same state with the same counts, with either FFN of the device path. (The prompt's prefill may run on
+    either path: batch 3 x 6 tokens x top-2 names every expert of a layer, more than one slot per layer holds, so
+    it takes the host path there.)"""
+    monkeypatch.setattr(layer_module, "DEVICE_FETCH_FFN", ffn)
     model = tiny_mixtral()
     ids = torch.randint(0, model.config.vocab_size, (batch, 6), generator=torch.Generator().manual_seed(batch))
     if budget == "one per layer":
@@ -236,7 +241,9 @@ INTERPRETED = r"""
 import torch
 from hypothesis import given, settings, strategies as st
 from moeoffload.cache import ExpertCache
+from moeoffload import layer as layer_module
 from moeoffload.eviction import make_rule
+from moeoffload.layer import DEVICE_FETCH_FFNS
 from tests.moeoffload.test_directory import host_and_device, step
 
 @settings(max_examples=25, deadline=None)

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import moeoffload
+from moeoffload import layer as layer_module
 from moeoffload.kernels import hostmap, streamops
+from moeoffload.layer import DEVICE_FETCH_FFNS
 
 from .models import tiny_mixtral
 
@@ -55,12 +57,15 @@ def test_stream_wait_holds_work_until_another_stream_writes_the_flag():
     assert x.sum().item() == x.numel()
 
 
+@pytest.mark.parametrize("ffn", DEVICE_FETCH_FFNS)
 @pytest.mark.parametrize("mover", ["copy-engine", "sm-loads"])
 @pytest.mark.parametrize("budget", ["25%", "50%", "75%"])
-def test_cuda_device_fetch_computes_what_the_resident_path_computes(budget, mover):
-    """fetch="device" runs the resident path's kernels (torch's grouped GEMM by device-side offsets) over slots the
-    device filled itself: its logits equal those of every expert resident on the same kernels, within bf16 rounding,
-    run after run with the same bits (a race would move them), and its counts add up."""
+def test_cuda_device_fetch_computes_what_the_resident_path_computes(budget, mover, ffn, monkeypatch):
+    """fetch="device" runs the resident path's kernels (torch's grouped GEMM by device-side offsets, or with "tiles"
+    the Triton grouped kernel over a tile table built on the device, up to 128 pairs) over slots the device filled
+    itself: its logits equal those of every expert resident, within bf16 rounding, run after run with the same bits
+    (a race would move them), and its counts add up."""
+    monkeypatch.setattr(layer_module, "DEVICE_FETCH_FFN", ffn)
     model = tiny_mixtral(seed=5, dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(2, 96, (b, 9), generator=g).cuda() for b in (1, 4, 16)]
@@ -80,6 +85,6 @@ def test_cuda_device_fetch_computes_what_the_resident_path_computes(budget, move
         assert s.h2d_bytes == s.misses * s.expert_bytes and s.h2d_copies == s.misses
     for run in runs:
         for got, ref, first in zip(run, want, runs[0]):
-            assert torch.equal(got, first), f"fetch='device' ({mover}) at {budget}: logits moved"
+            assert torch.equal(got, first), f"fetch='device' ({mover}, {ffn}) at {budget}: logits moved"
             err = ((got - ref).norm() / ref.norm()).item()
-            assert err < 2e-2, f"fetch='device' ({mover}) at {budget}: relative error {err:.2e} against resident"
+            assert err < 2e-2, f"fetch='device' ({mover}, {ffn}) at {budget}: relative error {err:.2e} against resident"

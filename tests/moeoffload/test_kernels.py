@@ -89,6 +89,19 @@ def run_case(kind, tokens, hidden_size, inter, n_experts, top_k, dtype, device, 
     assert not torch.isnan(out).any()
     err_device = ((out.double() - ref).norm() / ref.norm()).item()
     assert err_device < TOLERANCE[dtype], f"device route: rel err {err_device:.2e}"
+
+    # fetch="device"'s tiles: the same route, and the FFN over the routed slots only (a tile table built on the device)
+    tile_m = kernels.tile_rows(tokens)
+    order_t, inverse_t, offs_t, tiles = kernels.route_tiles_on_device(top_k_index, slot_of_id, slot_ends, tile_m,
+                                                                      backend=backend)
+    assert order_t.tolist() == order.tolist() and inverse_t.tolist() == inverse.tolist()
+    assert offs_t.tolist() == offs.tolist()
+    y = torch.full_like(x, float("nan"))
+    kernels.grouped_ffn_by_tiles(spec, x, pool, tiles, tokens, backend=backend, out=y)
+    assert not torch.isnan(y[:n_valid]).any(), "a routed row of the tiled FFN was not written"
+    out = kernels.unpermute(y, inverse, top_k_weights, dtype, backend=backend, token_major=True, limit=offs[-1:])
+    err_tiles = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err_tiles < TOLERANCE[dtype], f"device tiles: rel err {err_tiles:.2e}"
     return err
 
 
@@ -117,6 +130,17 @@ def check_route(pairs: int, top_k: int, n_experts: int, n_slots: int, device: st
     assert order.tolist() == want
     assert [want.index(p) for p in range(len(slot))] == inverse.tolist()
     assert offs.tolist() == [sum(s <= i for s in slot) for i in range(n_slots)]
+    for tile_m in (1, 2, 16):  # the tile table: a run of tile_m rows of one slot per tile, empty tiles elsewhere
+        *route, tiles = kernels.route_tiles_on_device(ids.to(device), slot_of_id, slot_ends, tile_m, backend=backend)
+        assert [t.tolist() for t in route] == [order.tolist(), inverse.tolist(), offs.tolist()]
+        ordered = sorted(slot)
+        want_tiles = [[], [], []]
+        for row, s in enumerate(ordered):
+            starts = s < n_slots and (row - ordered.index(s)) % tile_m == 0
+            end = len(ordered) - ordered[::-1].index(s)
+            for column, value in enumerate((row, end if starts else row, s if starts else 0)):
+                want_tiles[column].append(value)
+        assert tiles.tolist() == want_tiles, f"tile_m={tile_m}"
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 4, 5), (16, 2, 8, 9), (64, 8, 64, 200), (130, 2, 8, 9)])

@@ -47,11 +47,22 @@ from .grouped_ffn import (  # noqa: E402
     FFNSpec,
     grouped_ffn,
     grouped_ffn_by_offsets,
+    grouped_ffn_by_tiles,
     grouped_mm_usable,
     slot_weights,
+    tile_rows,
 )
-from .routing import inverse_order, permute, route_on_device, slot_lookup, sort_by_expert, unpermute  # noqa: E402
+from .routing import (  # noqa: E402
+    inverse_order,
+    permute,
+    route_on_device,
+    route_tiles_on_device,
+    slot_lookup,
+    sort_by_expert,
+    unpermute,
+)
 
 __all__ = ["FFN_KINDS", "GROUPED_MM_MAX_GROUPS", "FFNSpec", "grouped_ffn", "grouped_ffn_by_offsets",
-           "grouped_mm_usable", "inverse_order", "permute", "route_on_device", "slot_lookup", "slot_weights",
-           "sort_by_expert", "triton_importable", "unpermute", "use_triton"]
+           "grouped_ffn_by_tiles", "grouped_mm_usable", "inverse_order", "permute", "route_on_device",
+           "route_tiles_on_device", "slot_lookup", "slot_weights", "sort_by_expert", "tile_rows", "triton_importable",
+           "unpermute", "use_triton"]

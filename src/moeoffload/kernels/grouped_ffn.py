@@ -73,6 +73,34 @@ def grouped_ffn(spec: FFNSpec, x: torch.Tensor, pool: torch.Tensor, groups: Sequ
     max_rows = max_rows or max(end - first for first, end, _ in groups)
     if not use_triton(x, backend):
         return _grouped_ffn_torch(spec, x, pool, groups, out)
+    return _grouped_linears(spec, x, pool, _tiles(groups, tile_rows(max_rows), x.device), max_rows, out)
+
+
+def tile_rows(max_rows: int) -> int:
+    """Rows per tile of the grouped kernels when no group has more than `max_rows` (`block_config`'s BLOCK_M)."""
+    return block_config(max_rows, 1, 1, False)["BLOCK_M"]
+
+
+def grouped_ffn_by_tiles(spec: FFNSpec, x: torch.Tensor, pool: torch.Tensor, tiles: torch.Tensor, max_rows: int,
+                         backend: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
+    """FFN of the rows each tile names, with `tiles` built on the device (`routing.route_tiles_on_device` with
+    tile_m = `tile_rows(max_rows)`; `max_rows` bounds the rows of any one slot, e.g. the tokens): no host sync,
+    and the launch covers the routed slots only, however many the pool has. Rows no tile covers come out
+    undefined (`out`'s, when given). Elsewhere (CPU, tests) the same function by a loop over the tiles (which reads
+    them: one sync)."""
+    if out is None:
+        out = torch.empty((x.shape[0], spec.hidden), dtype=x.dtype, device=x.device)
+    if not use_triton(x, backend):
+        tile_m = tile_rows(max_rows)
+        firsts, ends, slots = tiles.tolist()
+        groups = [(a, min(b, a + tile_m), s) for a, b, s in zip(firsts, ends, slots) if b > a]
+        return _grouped_ffn_torch(spec, x, pool, groups, out)
+    return _grouped_linears(spec, x, pool, tiles, max_rows, out)
+
+
+def _grouped_linears(spec: FFNSpec, x: torch.Tensor, pool: torch.Tensor, tiles: torch.Tensor, max_rows: int,
+                     out: torch.Tensor) -> torch.Tensor:
+    """The two Triton launches of the FFN (up with the activation, then down) over a device tile table."""
     from . import triton_kernels as tk
 
     x = x.contiguous()
@@ -82,10 +110,9 @@ def grouped_ffn(spec: FFNSpec, x: torch.Tensor, pool: torch.Tensor, groups: Sequ
         (x, hidden_act, spec.w1_offset, spec.intermediate, spec.hidden, tk.GATED_SILU if gated else tk.DENSE_RELU),
         (hidden_act, out, spec.w2_offset, spec.hidden, spec.intermediate, tk.NO_ACT),
     )
+    n_tiles = tiles.shape[1]
     for src, dst, offset, n, k, act in stages:
         cfg = block_config(max_rows, n, k, act == tk.GATED_SILU)
-        tiles = _tiles(groups, cfg["BLOCK_M"], x.device)
-        n_tiles = tiles.shape[1]
         grid = (n_tiles, -(-n // cfg["BLOCK_N"]))
         tk.grouped_linear[grid](src, pool, dst, tiles, n_tiles, spec.slot_numel, offset, n, k, ACT=act, **cfg)
     return out

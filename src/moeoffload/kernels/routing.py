@@ -92,23 +92,48 @@ def route_on_device(top_k_index: torch.Tensor, slot_of_id: torch.Tensor, slot_en
     of each slot's rows (torch's grouped GEMM offsets). `slot_of_id` from `slot_lookup`; `slot_ends`: int32
     1..n_slots. At decode sizes one Triton launch does it all (the host's launches bound a decode step); else six
     torch kernels: clamp, lookup, sort, binary search, and a scatter of a range for the inverse."""
+    order, inverse, offs, _ = _route(top_k_index, slot_of_id, slot_ends, None, backend)
+    return order, inverse, offs
+
+
+def route_tiles_on_device(top_k_index: torch.Tensor, slot_of_id: torch.Tensor, slot_ends: torch.Tensor, tile_m: int,
+                          backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`route_on_device`'s three, and `tiles` int32 [3, pairs] for `grouped_ffn_by_tiles`, also without a sync: one
+    entry per sorted row; a row that starts a run of `tile_m` rows of one slot holds (row, the slot's end row,
+    slot), every other row (row, row, 0), an empty tile. The FFN then runs over the routed slots only: its launch
+    does not grow with the pool, as torch's grouped GEMM over `offs` does (every slot is a group)."""
+    return _route(top_k_index, slot_of_id, slot_ends, tile_m, backend)
+
+
+def _route(top_k_index, slot_of_id, slot_ends, tile_m, backend):
     pairs = top_k_index.numel()
     n_slots = slot_ends.numel()
+    device = top_k_index.device
     if use_triton(top_k_index, backend) and pairs <= FUSED_ROUTE_MAX_PAIRS:
         from . import triton_kernels as tk
 
-        order = torch.empty(pairs, dtype=torch.int32, device=top_k_index.device)
+        order = torch.empty(pairs, dtype=torch.int32, device=device)
         inverse = torch.empty_like(order)
-        offs = torch.empty(n_slots, dtype=torch.int32, device=top_k_index.device)
+        offs = torch.empty(n_slots, dtype=torch.int32, device=device)
+        tiles = torch.empty((3, pairs), dtype=torch.int32, device=device) if tile_m else None
         block_s = max(16, 1 << (pairs - 1).bit_length())
         tk.route_pairs[(triton_cdiv(n_slots, ROUTE_BLOCK_SLOTS),)](
-            top_k_index.contiguous(), slot_of_id, order, inverse, offs, pairs, slot_of_id.numel(), n_slots,
-            BLOCK_S=block_s, BLOCK_SLOTS=ROUTE_BLOCK_SLOTS)
-        return order, inverse, offs
+            top_k_index.contiguous(), slot_of_id, order, inverse, offs, tiles if tiles is not None else order, pairs,
+            slot_of_id.numel(), n_slots, BLOCK_S=block_s, BLOCK_SLOTS=ROUTE_BLOCK_SLOTS, TILE_M=tile_m or 1,
+            TILES=tiles is not None)
+        return order, inverse, offs, tiles
     ids = top_k_index.reshape(-1).clamp(-1, slot_of_id.numel() - 1)
     slots, order = torch.sort(slot_of_id[ids], stable=True)
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(pairs, device=order.device))
-    return order, inverse, torch.searchsorted(slots, slot_ends, out_int32=True)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(pairs, device=device))
+    offs = torch.searchsorted(slots, slot_ends, out_int32=True)
+    tiles = None
+    if tile_m:
+        rows = torch.arange(pairs, dtype=torch.int32, device=device)
+        first = torch.searchsorted(slots, slots, out_int32=True)
+        end = torch.searchsorted(slots, slots, right=True, out_int32=True)
+        starts = ((rows - first) % tile_m == 0) & (slots >= 0) & (slots < n_slots)
+        tiles = torch.stack([rows, torch.where(starts, end, rows), torch.where(starts, slots, 0)]).to(torch.int32)
+    return order, inverse, offs, tiles
 
 
 def triton_cdiv(a: int, b: int) -> int:

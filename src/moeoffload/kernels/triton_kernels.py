@@ -30,13 +30,15 @@ def gather_rows(src_ptr, index_ptr, dst_ptr, H, DIVISOR, BLOCK_H: tl.constexpr):
 
 
 @triton.jit
-def route_pairs(ids_ptr, slot_of_id_ptr, order_ptr, inverse_ptr, offs_ptr, S, n_ids, n_slots,
-                BLOCK_S: tl.constexpr, BLOCK_SLOTS: tl.constexpr):
+def route_pairs(ids_ptr, slot_of_id_ptr, order_ptr, inverse_ptr, offs_ptr, tiles_ptr, S, n_ids, n_slots,
+                BLOCK_S: tl.constexpr, BLOCK_SLOTS: tl.constexpr, TILE_M: tl.constexpr, TILES: tl.constexpr):
     """The routing of a few pairs in one launch (`routing.route_on_device`): pair p = t * K + k goes to slot
     slot_of_id[clamp(id, -1, E)] (-1 and E: the "no expert" sentinel, n_slots). Its row in a stable sort by slot
     is the number of pairs before it, `inverse[p]`, and `order[row] = p`; `offs[i]` counts the pairs in slots
     <= i. Every program writes its BLOCK_SLOTS offsets; the first also ranks the pairs, all against all, so
-    BLOCK_S stays small (decode sizes)."""
+    BLOCK_S stays small (decode sizes). With TILES it also writes `grouped_linear`'s tile table, one entry per
+    sorted row: a row that starts a run of TILE_M rows of one slot gets (row, the slot's end row, slot), every
+    other row an empty tile (row, row, 0), so the FFN runs over the routed slots only, whatever the pool's size."""
     pid = tl.program_id(0)
     p = tl.arange(0, BLOCK_S)
     live = p < S
@@ -53,6 +55,13 @@ def route_pairs(ids_ptr, slot_of_id_ptr, order_ptr, inverse_ptr, offs_ptr, S, n_
         row = tl.sum((ahead & live[None, :]).to(tl.int32), axis=1)
         tl.store(inverse_ptr + p, row, mask=live)
         tl.store(order_ptr + row, p, mask=live)
+        if TILES:
+            first = tl.sum(((slot[None, :] < slot[:, None]) & live[None, :]).to(tl.int32), axis=1)
+            end = tl.sum(((slot[None, :] <= slot[:, None]) & live[None, :]).to(tl.int32), axis=1)
+            starts = ((row - first) % TILE_M == 0) & (slot >= 0) & (slot < n_slots)
+            tl.store(tiles_ptr + row, row, mask=live)
+            tl.store(tiles_ptr + S + row, tl.where(starts, end, row), mask=live)
+            tl.store(tiles_ptr + 2 * S + row, tl.where(starts, slot, 0), mask=live)
 
 
 @triton.jit
@@ -88,7 +97,8 @@ def grouped_linear(x_ptr, pool_ptr, out_ptr, tile_ptr, n_tiles, slot_numel, w_of
                    ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[rows, n] = act(x[rows] @ W_slot[n]^T) for every tile of rows, W_slot = pool[slot, w_offset:] as [N', K].
 
-    `tile_ptr` holds three int32 rows of length n_tiles: first row, end row (exclusive) and slot of each tile.
+    `tile_ptr` holds three int32 rows of length n_tiles: first row, end row (exclusive) and slot of each tile; a
+    tile covers rows first..min(end, first + BLOCK_M), and one with first >= end returns at once.
     With ACT == GATED_SILU the weight has 2N rows (gate then up) and both products share the loads of x.
     K is a compile-time constant: one model has two values of it, and a constant loop bound unrolls and pipelines
     (it also keeps Triton's CPU interpreter working with numpy 2).
@@ -97,6 +107,8 @@ def grouped_linear(x_ptr, pool_ptr, out_ptr, tile_ptr, n_tiles, slot_numel, w_of
     block_n = tl.program_id(1)
     row0 = tl.load(tile_ptr + tile)
     row_end = tl.load(tile_ptr + n_tiles + tile)
+    if row0 >= row_end:  # an empty tile of a table built on the device (`route_pairs` with TILES): no rows
+        return
     slot = tl.load(tile_ptr + 2 * n_tiles + tile).to(tl.int64)
     rows = row0 + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
