@@ -237,13 +237,22 @@ def pinned_bandwidth(store, device) -> float:
     return src.numel() * src.element_size() / sorted(times)[len(times) // 2]
 
 
+GIL_AB_INTERVAL_S = 1e-4  # --gil-ab's lowered switch interval when the courier ships Python's own
+
+
+def gil_suffix(switch_interval) -> str:
+    if switch_interval == "courier":
+        return ""
+    return "/python-gil" if switch_interval is None else f"/switch-{switch_interval * 1e3:g}ms"
+
+
 def run_engine_case(rec, model, hook, store, policy, budget, batch, args, device, bw, kernels="auto", tag="",
                     fetch="host", switch_interval="courier", device_ffn=None):
     """One row. `switch_interval`: "courier" leaves the courier's GIL hand-over as shipped (courier.SWITCH_INTERVAL_S);
-    None runs it at Python's own interval (the A/B of --gil-ab). `device_ffn`: fetch="device"'s FFN
-    (layer.DEVICE_FETCH_FFN) for this case, None as shipped (the A/B of --ffn-ab)."""
+    else the courier's setting for this case (the A/B of --gil-ab: None is Python's own interval). `device_ffn`:
+    fetch="device"'s FFN (layer.DEVICE_FETCH_FFN) for this case, None as shipped (the A/B of --ffn-ab)."""
     case = f"{tag}{policy}@{budget}" + ("" if kernels == "auto" else f"/{kernels}") + \
-        ("" if fetch == "host" else f"/{fetch}-fetch") + ("" if switch_interval == "courier" else "/python-gil") + \
+        ("" if fetch == "host" else f"/{fetch}-fetch") + gil_suffix(switch_interval) + \
         ("" if device_ffn is None else f"/{device_ffn}")
     cache = layers = None
     shipped, shipped_ffn = courier_module.SWITCH_INTERVAL_S, layer_module.DEVICE_FETCH_FFN
@@ -307,9 +316,10 @@ def part_full(args, device, rec):
                 if policy in args.device_fetch:  # the same policy with the cache directory on the device, beside it
                     run_engine_case(rec, model, hook, store, policy, budget, batch, args, device, bw, args.kernels,
                                     fetch="device")
-                    if args.gil_ab:
+                    if args.gil_ab:  # the other setting of the courier's switch interval
+                        other = GIL_AB_INTERVAL_S if courier_module.SWITCH_INTERVAL_S is None else None
                         run_engine_case(rec, model, hook, store, policy, budget, batch, args, device, bw,
-                                        args.kernels, fetch="device", switch_interval=None)
+                                        args.kernels, fetch="device", switch_interval=other)
                     for ffn in args.ffn_ab:
                         run_engine_case(rec, model, hook, store, policy, budget, batch, args, device, bw,
                                         args.kernels, fetch="device", device_ffn=ffn)
@@ -497,7 +507,8 @@ def main() -> None:
     ap.add_argument("--device-fetch", nargs="*", default=["lru"],
                     help="policies also run with fetch='device' (the cache directory on the GPU), beside fetch='host'")
     ap.add_argument("--gil-ab", action="store_true",
-                    help="device-fetch cases also run at Python's own GIL switch interval (courier.SWITCH_INTERVAL_S)")
+                    help="device-fetch cases also run with the courier's other GIL switch interval: 0.1 ms when "
+                         "courier.SWITCH_INTERVAL_S is None (as shipped), else Python's own")
     ap.add_argument("--ffn-ab", nargs="*", default=[], choices=layer_module.DEVICE_FETCH_FFNS,
                     help="device-fetch cases also run with each of these FFNs (layer.DEVICE_FETCH_FFN), rows /<ffn>")
     ap.add_argument("--profile", action="store_true",

@@ -28,11 +28,15 @@ the courier (`drain`: every queued call's copies and flag issued) after a model'
 cache's host view is read; between MoE layers a forward should not block. Kernel launches never block.
 
 The GIL: the courier is Python, so after each wake-up (its event's wait releases the GIL) it needs the GIL back
-while the main thread is busy launching the next layers. CPython hands the GIL over only every switch interval,
-5 ms by default, and a layer's miss would wait that long on top of its copies (`benchmarks/gil_handover.py` on a
-CPU: a waking thread got the GIL back 5.3 ms late at the default, 0.3 ms late at 0.1 ms). So while a courier runs,
-the process's switch interval is at most `SWITCH_INTERVAL_S` (restored when the last courier closes, unless changed
-meanwhile). Its effect on the GPU's step time is not measured yet (`mixtral_e2e.py --gil-ab` is the A/B).
+while the main thread may be busy launching the next layers. CPython hands the GIL over only every switch interval,
+5 ms by default (`benchmarks/gil_handover.py` on a CPU: a waking thread got the GIL back 5.3 ms late at the default,
+0.3 ms late at 0.1 ms). On the lent H100 that did not cost a full-size decode step anything: with the interval at
+0.1 ms while a courier ran, Mixtral-8x7B's batch-1 step was 122.7 ms against 116.3 at Python's own interval (75%
+budget; 324.0 against 320.8 at 25%; RESULTS.md, fifteenth set), and the profiled step's GPU waited about 0.1 ms from
+a fill list's copy to its first expert copy. The main thread spends a step mostly blocked (in the courier's ring or
+the end-of-step drain), with the GIL free. So `SWITCH_INTERVAL_S` is None: the process's interval is left alone. A
+number lowers it to at most that while any courier runs (restored when the last one closes, unless changed
+meanwhile), for a host busier than this benchmark's (`mixtral_e2e.py --gil-ab` measures both).
 
 Safety: the flag is written even when the courier fails, and after a failure it is set far ahead so no queued wait
 can hang the GPU; the main thread raises the failure at its next call. The ring's `depth` bounds how far the host
@@ -57,7 +61,7 @@ from .kernels import streamops
 RING_DEPTH = 64  # layer calls the host may queue ahead of the courier: two decode steps of Mixtral's 32 layers
 HOST_WAIT_S = 60.0  # on a CPU a lost signal raises instead of hanging (a CUDA stream cannot time out)
 FAIL_OPEN = 1 << 30  # added to the flag after a failure: every wait of the next 2**30 calls passes
-SWITCH_INTERVAL_S = 1e-4  # the GIL hand-over while a courier runs (module docstring, "The GIL"); None leaves it
+SWITCH_INTERVAL_S: float | None = None  # the GIL hand-over while a courier runs (module docstring, "The GIL")
 
 
 class _SwitchInterval:

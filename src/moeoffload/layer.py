@@ -37,11 +37,13 @@ STAGED_MIN_EXPERTS = 8
 # (token, expert) pairs up to which a call runs on the device directory with fetch="device" (its lookup keeps the
 # pairs of one call in one Triton program's registers); a larger call (a long prefill) takes the host path
 DEVICE_FETCH_MAX_PAIRS = 4096
-# fetch="device"'s FFN at decode sizes (pairs up to kernels.routing.FUSED_ROUTE_MAX_PAIRS): "grouped-mm", torch's
-# grouped GEMM with every slot of the pool as a group (192 at a 75% budget of Mixtral-8x7B), or "tiles", the Triton
-# grouped kernel over a tile table the routing kernel builds on the device (the routed slots only;
-# benchmarks/grouped_width.py and mixtral_e2e.py --ffn-ab time both). Larger calls always take "grouped-mm".
-DEVICE_FETCH_FFN = "grouped-mm"
+# fetch="device"'s FFN at decode sizes (pairs up to kernels.routing.FUSED_ROUTE_MAX_PAIRS): "tiles", the Triton
+# grouped kernel over a tile table that the routing kernel builds on the device (the routed slots only), or
+# "grouped-mm", torch's grouped GEMM with every slot of the pool as a group (192 at a 75% budget of Mixtral-8x7B).
+# On the lent H100 (RESULTS.md, fifteenth set) "tiles" took 0.27-0.32 ms for Mixtral's two experts of a batch-1 token
+# against 0.36-0.42 (benchmarks/grouped_width.py), and 12.0 against 13.8 ms of kernels in a full-size decode step.
+# Larger calls always take "grouped-mm".
+DEVICE_FETCH_FFN = "tiles"
 DEVICE_FETCH_FFNS = ("grouped-mm", "tiles")
 
 
@@ -303,7 +305,10 @@ class OffloadedMoELayer:
         assert directory is not None
         backend = "triton" if self.kernels == "triton" else "torch"
         pairs, k = top_k_index.numel(), top_k_index.shape[1]
-        if DEVICE_FETCH_FFN == "tiles" and pairs <= _kernels.routing.FUSED_ROUTE_MAX_PAIRS:
+        # "tiles" in plain torch reads the table on the host: fine on a CPU, a blocking call on CUDA (see
+        # courier.py, "Blocking calls"), where only the Triton backend takes it
+        if (DEVICE_FETCH_FFN == "tiles" and pairs <= _kernels.routing.FUSED_ROUTE_MAX_PAIRS
+                and (backend == "triton" or not hidden.is_cuda)):
             max_rows = pairs // k  # a slot's rows: at most one per token
             order, inverse, offs, tiles = _kernels.route_tiles_on_device(
                 top_k_index, row, directory.slot_ends, _kernels.tile_rows(max_rows), backend=backend)

@@ -10,7 +10,7 @@ def test_mixtral_e2e_tiny_smoke(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     cmd = [sys.executable, "benchmarks/mixtral_e2e.py", "--tiny", "--part", "full", "--batches", "2",
            "--budgets", "50%", "--policies", "lookahead", "lru", "--steps", "2", "--warm", "0",
-           "--kernels", "grouped-torch", "--gil-ab", "--ffn-ab", "tiles", "--profile", "--out", str(tmp_path)]
+           "--kernels", "grouped-torch", "--gil-ab", "--ffn-ab", "grouped-mm", "--profile", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": os.path.join(root, "src")})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -18,11 +18,11 @@ def test_mixtral_e2e_tiny_smoke(tmp_path):
     rows = result["rows"]
     assert [(r["policy"], r["fetch"]) for r in rows] == [("lookahead", "host"), ("lru", "host"), ("lru", "device"),
                                                          ("lru", "device"), ("lru", "device")]
-    lru_host, lru_device, lru_python_gil, lru_tiles = rows[1:]  # the directory on the device makes the host's choices
-    assert lru_host["misses_per_step"] == lru_device["misses_per_step"] == lru_python_gil["misses_per_step"]
-    assert lru_tiles["misses_per_step"] == lru_host["misses_per_step"]
-    assert (lru_device["device_ffn"], lru_tiles["device_ffn"]) == ("grouped-mm", "tiles")
-    assert lru_tiles["case"].endswith("/tiles") and lru_python_gil["case"].endswith("/python-gil")
+    lru_host, lru_device, lru_gil_ab, lru_ffn_ab = rows[1:]  # the directory on the device makes the host's choices
+    assert lru_host["misses_per_step"] == lru_device["misses_per_step"] == lru_gil_ab["misses_per_step"]
+    assert lru_ffn_ab["misses_per_step"] == lru_host["misses_per_step"]
+    assert (lru_device["device_ffn"], lru_ffn_ab["device_ffn"]) == ("tiles", "grouped-mm")
+    assert lru_ffn_ab["case"].endswith("/grouped-mm") and lru_gil_ab["case"].endswith("/switch-0.1ms")
     assert rows[0]["host_ms_per_step"] > 0
     assert all("error" not in r and r["steps"] == 2 and r["misses_per_step"] > 0 for r in rows)
     assert "x floor" in proc.stdout.splitlines()[-3] or "x floor" in proc.stdout
