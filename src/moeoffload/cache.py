@@ -410,7 +410,7 @@ class ExpertCache:
             if self._courier is None:
                 self._courier = Courier(self.directory, self.pool, self.store.slab)
                 # the courier's thread keeps the courier alive, so a cache dropped without free() would leave the
-                # thread and the lowered switch interval behind; the courier holds no reference back to the cache
+                # thread (and a lowered switch interval, if set) behind; the courier holds no reference to the cache
                 self._courier_closer = weakref.finalize(self, self._courier.close)
                 self._courier_closer.atexit = False  # at exit the daemon thread just stops
             self._courier.fetch(layer, top_k_index)

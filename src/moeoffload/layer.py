@@ -309,7 +309,8 @@ class OffloadedMoELayer:
         # courier.py, "Blocking calls"), where only the Triton backend takes it
         if (DEVICE_FETCH_FFN == "tiles" and pairs <= _kernels.routing.FUSED_ROUTE_MAX_PAIRS
                 and (backend == "triton" or not hidden.is_cuda)):
-            max_rows = pairs // k  # a slot's rows: at most one per token
+            max_rows = pairs // k  # picks the tile size (a router names an expert once per token); a slot with
+            # more rows would get more tiles, so the size matters for speed only
             order, inverse, offs, tiles = _kernels.route_tiles_on_device(
                 top_k_index, row, directory.slot_ends, _kernels.tile_rows(max_rows), backend=backend)
             x = _kernels.permute(hidden, order, backend=backend, divisor=k)

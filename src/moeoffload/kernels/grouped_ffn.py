@@ -84,7 +84,8 @@ def tile_rows(max_rows: int) -> int:
 def grouped_ffn_by_tiles(spec: FFNSpec, x: torch.Tensor, pool: torch.Tensor, tiles: torch.Tensor, max_rows: int,
                          backend: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
     """FFN of the rows each tile names, with `tiles` built on the device (`routing.route_tiles_on_device` with
-    tile_m = `tile_rows(max_rows)`; `max_rows` bounds the rows of any one slot, e.g. the tokens): no host sync,
+    tile_m = `tile_rows(max_rows)`; `max_rows`, the most rows one slot is expected to have, picks the tiles' size
+    and blocks, and must be the same number in both calls): no host sync,
     and the launch covers the routed slots only, however many the pool has. Rows no tile covers come out
     undefined (`out`'s, when given). Elsewhere (CPU, tests) the same function by a loop over the tiles (which reads
     them: one sync)."""
