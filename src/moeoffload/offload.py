@@ -77,6 +77,7 @@ class OffloadedModel:
         self.layers: list[OffloadedMoELayer] = []
         self.budget_bytes = 0
         self.runahead = None
+        self._drain_hooks: list = []  # fetch="device": forward hooks that drain the courier (see `_serve`)
 
     def stats(self) -> OffloadStats:
         self._require_cache()
@@ -154,6 +155,14 @@ class OffloadedModel:
                 raise ValueError(f"fetch='device' runs on the grouped kernels, but kernels={kernels!r} gives the exact "
                                  f"loop on {self.device} for this model: pass kernels='grouped-torch' on a CPU, or "
                                  "use fetch='host'")
+            if fetch == "device":
+                # the layers drain the courier after the model's last MoE layer; an encoder-decoder's encoder ends
+                # before that, and what runs between (generate's bookkeeping) may block in the driver (courier.py,
+                # "Blocking calls"), so its encoder drains too
+                config = getattr(self.model, "config", None)
+                if getattr(config, "is_encoder_decoder", False) and hasattr(self.model, "get_encoder"):
+                    encoder = self.model.get_encoder()
+                    self._drain_hooks.append(encoder.register_forward_hook(lambda *_: cache.settle_device()))
         except BaseException:
             self._release_cache()
             raise
@@ -167,6 +176,9 @@ class OffloadedModel:
         if self.runahead is not None:
             self.runahead.detach()
             self.runahead = None
+        for handle in self._drain_hooks:
+            handle.remove()
+        self._drain_hooks = []
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # copies and kernels still in flight read the pool
         for module in self.hook.layers:

@@ -280,3 +280,33 @@ def test_triton_directory_kernels_under_the_interpreter():
                           cwd=root)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "interpreted directory ok" in done.stdout
+
+
+def test_an_encoder_decoder_drains_the_courier_after_its_encoder(monkeypatch):
+    """The layers drain the courier after the model's last MoE layer, a decoder layer in Switch; the encoder ends
+    earlier, and what generate runs before the decoder may block in the driver, so the encoder drains too. Greedy
+    tokens still equal the host path's, and the hook goes with the cache."""
+    from .models import tiny_switch
+
+    model = tiny_switch(seed=3)
+    ids = torch.randint(2, 96, (2, 7), generator=torch.Generator().manual_seed(5))
+    with moeoffload.offload(model, "lru", "50%", device="cpu", kernels="grouped-torch") as h:
+        with torch.no_grad():
+            want = model.generate(ids, max_new_tokens=4, do_sample=False)
+    drains = []
+    with moeoffload.offload(model, "lru", "50%", device="cpu", kernels="grouped-torch", fetch="device") as h:
+        assert h.stats().fetch == "device"
+        real = h.cache.settle_device
+        monkeypatch.setattr(h.cache, "settle_device", lambda: (drains.append(1), real())[1])
+        with torch.no_grad():
+            model.get_encoder()(input_ids=ids)
+        assert len(drains) == 1  # the encoder's own forward drained; no decoder layer ran
+        with torch.no_grad():
+            got = model.generate(ids, max_new_tokens=4, do_sample=False)
+        assert len(drains) >= 2  # generate drained after its encoder, and the decoder layers after their last
+        h.switch("lru", "50%", kernels="grouped-torch")  # fetch="host": the old cache's hook is gone
+        seen = len(drains)  # (freeing the old cache read its statistics, which drains too)
+        with torch.no_grad():
+            model.get_encoder()(input_ids=ids)
+        assert len(drains) == seen
+    assert torch.equal(got, want)
