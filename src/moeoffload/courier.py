@@ -25,7 +25,8 @@ Blocking calls: while the compute stream waits on the flag, a host call that blo
 pageable memory, `.cpu()` or `.item()`) can hold the courier's own `cudaMemcpyAsync` up: on the lent H100 a suite's
 `logits.cpu()` and the courier's copy each waited for the other (RESULTS.md, fourteenth set). So the host drains
 the courier (`drain`: every queued call's copies and flag issued) after a model's last MoE layer, after an
-encoder-decoder's encoder, and before the cache's host view is read; between MoE layers a forward should not block. Kernel launches never block.
+encoder-decoder's encoder, and before the cache's host view is read; between MoE layers a forward should not
+block. Kernel launches never block.
 
 The GIL: the courier is Python, so after each wake-up (its event's wait releases the GIL) it needs the GIL back
 while the main thread may be busy launching the next layers. CPython hands the GIL over only every switch interval,
