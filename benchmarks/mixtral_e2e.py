@@ -76,7 +76,7 @@ class Recorder:
 
     def table(self) -> str:
         head = (f"{'case':<44} {'layers':>6} {'batch':>5} {'tok/s':>8} {'ms/step':>9} {'ms/layer':>8} "
-                f"{'hit%':>5} {'miss/step':>9} {'floor ms':>8} {'x floor':>7} {'host ms':>7}")
+                f"{'hit%':>5} {'miss/step':>9} {'floor ms':>8} {'x floor':>7} {'mean x':>6} {'host ms':>7}")
         profiled = any("gpu_span_ms" in r for r in self.rows)
         if profiled:  # the profiled step's GPU span and its parts (benchmarks/gpu_timeline.py)
             head += f" {'span':>6} {'copy':>6} {'kern':>6} {'both':>6} {'idle':>6}"
@@ -91,6 +91,7 @@ class Recorder:
                          f"{r.get('hit_rate', float('nan')) * 100:5.1f} {r.get('misses_per_step', 0):9.1f} "
                          f"{floor if floor is not None else float('nan'):8.1f} "
                          f"{r['ms_per_step'] / floor if floor else float('nan'):7.2f} "
+                         f"{r.get('mean_x_floor') or float('nan'):6.2f} "
                          f"{r.get('host_ms_per_step', float('nan')):7.1f}")
             if profiled:
                 lines[-1] += "".join(f" {r.get(f'gpu_{k}_ms', float('nan')):6.1f}"
@@ -287,7 +288,11 @@ def run_engine_case(rec, model, hook, store, policy, budget, batch, args, device
                  "mean_ms": sum(times) / n * 1e3, "host_ms_per_step": sorted(host_times)[n // 2] * 1e3,
                  "tokens_per_s": batch / step, "hit_rate": s.hit_rate, "misses_per_step": misses,
                  "prefetches_per_step": s.prefetches / n, "h2d_GB_per_step": h2d_gb,
-                 "pinned_GBps": bw / 1e9, "io_floor_ms_per_step": floor, "n_slots": cache.n_slots, **courier_row,
+                 "pinned_GBps": bw / 1e9, "io_floor_ms_per_step": floor,
+                 # the floor counts the mean misses of a step: the mean step over it is the ratio of totals, beside
+                 # the table's median step over it
+                 "mean_x_floor": sum(times) / n * 1e3 / floor if floor else None, "n_slots": cache.n_slots,
+                 **courier_row,
                  **profiled})
     except Exception as exc:
         rec.add({"case": case, "error": f"{type(exc).__name__}: {exc}"})
