@@ -1,12 +1,14 @@
-"""What does fetch="device"'s grouped GEMM over the whole pool cost, against one over the layer's own slots?
+"""What did fetch="device"'s grouped GEMM over the whole pool cost, against a launch over the routed slots only?
 
-fetch="device" never tells the host which slots a layer's experts sit in, so `layer._device_fetched` runs torch's
-grouped GEMM over every slot of the pool, empty groups included: at a 75% budget of Mixtral-8x7B that is 192
-groups for the 2 (batch 1) to 16 that have rows. This times `kernels.grouped_ffn_by_offsets` at Mixtral's expert
-size over pools of several widths with the same routed rows, beside the host path's Triton kernel over the named
-groups only (`kernels.grouped_ffn`), fetch="device"'s "tiles" FFN (`kernels.grouped_ffn_by_tiles`, over a tile table
-the routing kernel builds on the device), and the HBM floor (the active experts' bytes over a device-to-device copy's
-rate measured in the same run). If the width costs, a per-layer window (or a kernel over the routed pairs) pays.
+fetch="device" never tells the host which slots a layer's experts sit in. Its first FFN ("grouped-mm",
+`layer.DEVICE_FETCH_FFNS`) ran torch's grouped GEMM over every slot of the pool, empty groups included: at a 75% budget
+of Mixtral-8x7B that is 192 groups for the 2 (batch 1) to 16 that have rows. This times
+`kernels.grouped_ffn_by_offsets` at Mixtral's expert size over pools of several widths with the same routed rows,
+beside the host path's Triton kernel over host-made groups (`kernels.grouped_ffn`), the "tiles" FFN
+(`kernels.grouped_ffn_by_tiles`, the same kernel over a tile table the routing kernel builds on the device) and the
+HBM floor (the active experts' bytes over a device-to-device copy's rate measured in the same run). On the lent H100
+the width cost torch's GEMM little, and "tiles" was the fastest at every width (RESULTS.md, fifteenth set), so it is
+now fetch="device"'s FFN.
 
     PYTHONPATH=src python benchmarks/grouped_width.py --out $OUT/grouped_width
 """

@@ -249,9 +249,7 @@ INTERPRETED = r"""
 import torch
 from hypothesis import given, settings, strategies as st
 from moeoffload.cache import ExpertCache
-from moeoffload import layer as layer_module
 from moeoffload.eviction import make_rule
-from moeoffload.layer import DEVICE_FETCH_FFNS
 from tests.moeoffload.test_directory import host_and_device, step
 
 @settings(max_examples=25, deadline=None)
