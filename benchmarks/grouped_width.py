@@ -16,9 +16,11 @@ now fetch="device"'s FFN.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 
+import bandwidth  # benchmarks/bandwidth.py, beside this script: its event timer
 import torch
 
 from moeoffload import kernels
@@ -28,18 +30,10 @@ H, I, K = 4096, 14336, 2  # Mixtral-8x7B
 
 
 def timed(reps: int, fn, *fn_args, **fn_kwargs) -> float:
-    """Median ms of `reps` runs of fn(*fn_args, **fn_kwargs), each between two events (after one warm-up)."""
-    fn(*fn_args, **fn_kwargs)
-    torch.cuda.synchronize()
-    ms = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn(*fn_args, **fn_kwargs)
-        b.record()
-        b.synchronize()
-        ms.append(a.elapsed_time(b))
-    return sorted(ms)[len(ms) // 2]
+    """Median ms of `reps` event-timed runs of fn(*fn_args, **fn_kwargs) (`bandwidth.timed`), after one warm-up."""
+    run = functools.partial(fn, *fn_args, **fn_kwargs)
+    run()
+    return sorted(bandwidth.timed(run, reps))[reps // 2] * 1e3
 
 
 def main() -> None:

@@ -181,15 +181,20 @@ def engine(model, hook, store, policy_name, budget, device, kernels="auto", fetc
     return cache, layers
 
 
+def prefill(model, batch, device, seed):
+    """(past, next token) after a seeded prompt of 8 tokens per sequence (under the caller's no_grad)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, model.config.vocab_size, (batch, 8), generator=g).to(device)
+    out = model(ids, use_cache=True)
+    return out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+
+
 def decode(model, batch, steps, warm, device, seed, on_timed_start=None, host_times=None) -> list[float]:
     """Per-step wall times of `steps` greedy decode steps after `warm` untimed ones; `host_times` (a list) also gets
     each timed step's host time, from its start until the host has launched the step (before the sync)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, model.config.vocab_size, (batch, 8), generator=g).to(device)
     times, launched = [], []
     with torch.no_grad():
-        out = model(ids, use_cache=True)
-        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        past, nxt = prefill(model, batch, device, seed)
         for i in range(warm + steps):
             if i == warm and on_timed_start is not None:
                 on_timed_start()
@@ -210,11 +215,8 @@ def profiled_step(model, batch, device, seed, trace_path) -> dict:
     (`gpu_timeline.summarize`: copies, kernels, both, idle). On a CPU: nothing."""
     if device.type != "cuda":
         return {}
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, model.config.vocab_size, (batch, 8), generator=g).to(device)
     with torch.no_grad():
-        out = model(ids, use_cache=True)
-        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        past, nxt = prefill(model, batch, device, seed)
         out = model(nxt, past_key_values=past, use_cache=True)
         past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
         sync(device)

@@ -313,13 +313,15 @@ class OffloadedMoELayer:
             # more rows would get more tiles, so the size matters for speed only
             order, inverse, offs, tiles = _kernels.route_tiles_on_device(
                 top_k_index, row, directory.slot_ends, _kernels.tile_rows(max_rows), backend=backend)
-            x = _kernels.permute(hidden, order, backend=backend, divisor=k)
-            y = _kernels.grouped_ffn_by_tiles(self.spec, x, self.cache.pool, tiles, max_rows, backend=backend)
         else:
             order, inverse, offs = _kernels.route_on_device(top_k_index, row, directory.slot_ends, backend=backend)
+            tiles = None
+        x = _kernels.permute(hidden, order, backend=backend, divisor=k)
+        if tiles is not None:
+            y = _kernels.grouped_ffn_by_tiles(self.spec, x, self.cache.pool, tiles, max_rows, backend=backend)
+        else:
             if self._pool_weights is None:
                 self._pool_weights = _kernels.slot_weights(self.spec, self.cache.pool)
-            x = _kernels.permute(hidden, order, backend=backend, divisor=k)
             y = _kernels.grouped_ffn_by_offsets(self.spec, x, self.cache.pool, offs, self._pool_weights)
         out = _kernels.unpermute(y, inverse, top_k_weights, hidden.dtype, backend=backend, token_major=True,
                                  limit=offs[-1:])

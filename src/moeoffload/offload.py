@@ -77,7 +77,7 @@ class OffloadedModel:
         self.layers: list[OffloadedMoELayer] = []
         self.budget_bytes = 0
         self.runahead = None
-        self._drain_hooks: list = []  # fetch="device": forward hooks that drain the courier (see `_serve`)
+        self._encoder_drain = None  # fetch="device": the encoder's forward hook that drains the courier (`_serve`)
 
     def stats(self) -> OffloadStats:
         self._require_cache()
@@ -162,7 +162,7 @@ class OffloadedModel:
                 config = getattr(self.model, "config", None)
                 if getattr(config, "is_encoder_decoder", False) and hasattr(self.model, "get_encoder"):
                     encoder = self.model.get_encoder()
-                    self._drain_hooks.append(encoder.register_forward_hook(lambda *_: cache.settle_device()))
+                    self._encoder_drain = encoder.register_forward_hook(lambda *_: cache.settle_device())
         except BaseException:
             self._release_cache()
             raise
@@ -176,9 +176,9 @@ class OffloadedModel:
         if self.runahead is not None:
             self.runahead.detach()
             self.runahead = None
-        for handle in self._drain_hooks:
-            handle.remove()
-        self._drain_hooks = []
+        if self._encoder_drain is not None:
+            self._encoder_drain.remove()
+            self._encoder_drain = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # copies and kernels still in flight read the pool
         for module in self.hook.layers:
