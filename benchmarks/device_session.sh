@@ -84,7 +84,7 @@ for step in $STEPS; do
       run_step zero_copy "${ZERO_COPY_LIMIT_S:-120}" -- python3 benchmarks/zero_copy.py --out "$work/zero_copy" ;;
     gpu_fetch)  # fetch="device" on CUDA (the directory's kernels, mapped host memory) and the grouped kernels
       run_step gpu_fetch "${GPU_FETCH_LIMIT_S:-200}" -- python3 -m pytest -p moebench.plugin -p no:cacheprovider -m gpu \
-        -q -rs tests/moeoffload/test_directory_gpu.py tests/moeoffload/test_kernels.py ;;
+        -q -rs ${GPU_FETCH_FILES:-tests/moeoffload/test_directory_gpu.py tests/moeoffload/test_kernels.py} ;;
     plugin_fetch)  # the suites through fetch="device" beside fetch="host" (--moebench-fetch), the same cases
       for f in ${PLUGIN_FETCH_MODES:-host device}; do
         run_step "plugin_fetch_$f" "${PLUGIN_FETCH_LIMIT_S:-150}" -- python3 -m pytest -p moebench.plugin \

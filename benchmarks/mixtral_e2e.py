@@ -14,7 +14,9 @@ weights generated on the GPU in chunks and copied into per-layer host slabs that
 cudaHostRegister (torch's pinned allocator rounds each block up to a power of two: 336 MiB experts would take
 512 MiB each, 128 GiB in all) and used as the engine's ExpertStore buffers. Then for each budget (25/50/75% of
 the experts) x policy (on-demand, lru, lookahead): decode steps after a prefill, with the I/O floor of the
-case = misses x expert bytes / pinned bandwidth (measured in this run) per step. The policies named by
+case = misses x expert bytes / pinned bandwidth (measured in this run) per step, and beside it "x moved": the step
+over the time of every copy at that rate, prefetches included (a prefetching policy also moves its wrong guesses;
+for the others it is "x floor"). The policies named by
 `--device-fetch` (default: lru) run a second time beside themselves with the cache's directory on the GPU
 (`fetch="device"`, moeoffload.directory; its fills on the copy engine through moeoffload.courier where the driver
 has stream memory operations, else by the SMs' loads: the row's "mover"), rows marked `/device-fetch`.
@@ -76,7 +78,8 @@ class Recorder:
 
     def table(self) -> str:
         head = (f"{'case':<44} {'layers':>6} {'batch':>5} {'tok/s':>8} {'ms/step':>9} {'ms/layer':>8} "
-                f"{'hit%':>5} {'miss/step':>9} {'floor ms':>8} {'x floor':>7} {'mean x':>6} {'host ms':>7}")
+                f"{'hit%':>5} {'miss/step':>9} {'floor ms':>8} {'x floor':>7} {'mean x':>6} {'pf/step':>7} "
+                f"{'x moved':>7} {'host ms':>7}")
         profiled = any("gpu_span_ms" in r for r in self.rows)
         if profiled:  # the profiled step's GPU span and its parts (benchmarks/gpu_timeline.py)
             head += f" {'span':>6} {'copy':>6} {'kern':>6} {'both':>6} {'idle':>6}"
@@ -92,6 +95,7 @@ class Recorder:
                          f"{floor if floor is not None else float('nan'):8.1f} "
                          f"{r['ms_per_step'] / floor if floor else float('nan'):7.2f} "
                          f"{r.get('mean_x_floor') or float('nan'):6.2f} "
+                         f"{r.get('prefetches_per_step', 0):7.1f} {r.get('x_moved') or float('nan'):7.2f} "
                          f"{r.get('host_ms_per_step', float('nan')):7.1f}")
             if profiled:
                 lines[-1] += "".join(f" {r.get(f'gpu_{k}_ms', float('nan')):6.1f}"
@@ -278,6 +282,7 @@ def run_engine_case(rec, model, hook, store, policy, budget, batch, args, device
         misses = s.misses / n
         floor = misses * store.expert_bytes / bw * 1e3 if bw == bw else None
         h2d_gb = cache.transfer.stats.bytes / n / 1e9
+        moved = cache.transfer.stats.bytes / n / bw * 1e3 if bw == bw else None  # misses and prefetches
         profiled = {}  # after the counters above were read: the profiled step adds to them
         if args.profile:
             name = case.replace("@", "_").replace("/", "_").replace("%", "pct")
@@ -291,6 +296,8 @@ def run_engine_case(rec, model, hook, store, policy, budget, batch, args, device
                  "tokens_per_s": batch / step, "hit_rate": s.hit_rate, "misses_per_step": misses,
                  "prefetches_per_step": s.prefetches / n, "h2d_GB_per_step": h2d_gb,
                  "pinned_GBps": bw / 1e9, "io_floor_ms_per_step": floor,
+                 # every copy's time at the pinned rate (a prefetching policy also moves what it guessed wrong)
+                 "io_moved_ms_per_step": moved, "x_moved": step * 1e3 / moved if moved else None,
                  # the floor counts the mean misses of a step: the mean step over it is the ratio of totals, beside
                  # the table's median step over it
                  "mean_x_floor": sum(times) / n * 1e3 / floor if floor else None, "n_slots": cache.n_slots,

@@ -10,7 +10,7 @@ Nobody else moves experts in or out: hits, misses and bytes are counted here and
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -401,9 +401,11 @@ class ExpertCache:
         directory (every one of them fits in the pool at once); the caller takes the host path otherwise."""
         return self.directory is not None and distinct_bound <= self.n_slots
 
-    def fetch_on_device(self, layer: int, top_k_index: torch.Tensor) -> torch.Tensor:
+    def fetch_on_device(self, layer: int, top_k_index: torch.Tensor,
+                        ahead: Callable[[], tuple[int, torch.Tensor] | None] | None = None) -> torch.Tensor:
         """Launch this call's lookup and its fills without waiting for either; return the layer's row of the table
-        (slot of each expert, then the "no expert" sentinel) for `kernels.route_on_device`."""
+        (slot of each expert, then the "no expert" sentinel) for `kernels.route_on_device`. `ahead` gives a prefetch
+        to queue right after (next layer, its guessed ids on the device), or None: `prefetch` on the device."""
         assert self.directory is not None
         self.to_device()
         if self.mover == "copy-engine":
@@ -413,10 +415,14 @@ class ExpertCache:
                 # thread (and a lowered switch interval, if set) behind; the courier holds no reference to the cache
                 self._courier_closer = weakref.finalize(self, self._courier.close)
                 self._courier_closer.atexit = False  # at exit the daemon thread just stops
-            self._courier.fetch(layer, top_k_index)
+            self._courier.fetch(layer, top_k_index, ahead)
         else:
             self.directory.resolve(layer, top_k_index)
             self.directory.fill(self._source(layer), self.pool)
+            guess = ahead() if ahead is not None else None
+            if guess is not None:  # after this call's fills, in stream order: no copy runs under the compute here
+                self.directory.resolve(guess[0], guess[1], prefetch=True)
+                self.directory.fill(self._source(guess[0]), self.pool)
         return self.directory.table[layer]
 
     def settle_device(self) -> None:
@@ -444,7 +450,8 @@ class ExpertCache:
         if any(self._pins):
             raise RuntimeError("fetch='device' took over while experts were pinned; release them first")
         self._wait_for_copies(range(self.n_slots))
-        self.directory.load(self._slot_of, [k for k in self.rule if k in self._slot_of])  # type: ignore[attr-defined]
+        order = [k for k in self.rule if k in self._slot_of]  # type: ignore[attr-defined]
+        self.directory.load(self._slot_of, order, self._prefetched)
         self._holder = "device"
 
     def to_host(self) -> None:
@@ -453,7 +460,9 @@ class ExpertCache:
         if self.directory is None or self._holder == "host":
             return
         self.settle_device()
-        slot_of, order, (hits, misses, evictions) = self.directory.read()
+        if self._courier is not None:
+            self._courier.fence()  # a prefetch's copies are waited for by the call that reads them, not their own
+        slot_of, order, counts, unasked = self.directory.read()
         for key in list(self._slot_of):
             self.rule.on_remove(key)
         for key in order:
@@ -466,13 +475,14 @@ class ExpertCache:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.device))
         self._released = [event] * self.n_slots
-        self._ready = [None] * self.n_slots  # the fills ran on the compute stream: ordered before what follows
-        self._stats.hits += hits
-        self._stats.misses += misses
-        self._stats.evictions += evictions
+        self._ready = [None] * self.n_slots  # every fill is ordered before the compute stream's next work
+        self._prefetched = unasked
+        for name, count in counts.items():
+            setattr(self._stats, name, getattr(self._stats, name) + count)
         self._stats.peak_resident = max(self._stats.peak_resident, len(slot_of))
-        self.transfer.stats.copies += misses
-        self.transfer.stats.bytes += misses * self.store.expert_bytes
+        copies = counts["misses"] + counts["prefetches"]
+        self.transfer.stats.copies += copies
+        self.transfer.stats.bytes += copies * self.store.expert_bytes
         self._holder = "host"
 
 

@@ -5,15 +5,19 @@ host runs ahead of the GPU; but the SMs' own loads from host memory reach only 5
 (`benchmarks/zero_copy.py`). Here the decision stays on the device and the bytes move on the copy engine:
 
     main thread (compute stream)              courier thread (copy stream)
-    resolve(layer, ids, seq)  -> fills, and flag = seq if there is no miss
+    resolve(layer, ids, seq)  -> fills, and flag = seq if nothing is to copy or in flight
     fills -> pinned ring[i]; event[i]
+    [resolve(next layer, guess, seq + 1, prefetch=True); its fills -> ring[i + 1]; event[i + 1]]
     wait until flag >= seq  ------------.     event[i].synchronize(); read ring[i]
     the layer's grouped FFN             |     copy each missing expert into its slot
                                         '---  flag = seq (after the copies: a memory fence first)
+                                              then ring[i + 1]: the prefetch's copies, under the FFN
 
 The main thread never waits for the GPU: it queues the wait (`kernels.streamops`) and goes on launching. The GPU
 stalls only for what it must: a missing expert's bytes, plus the courier's wake-up. A layer without a miss never
-waits for the host at all, since its own lookup kernel sets the flag.
+waits for the host at all, since its own lookup kernel sets the flag, unless a copy the courier owes (a prefetch's,
+into a slot this call may read) is still in flight: then the courier writes the flag after it. The flag only grows:
+the kernel writes it only when the courier owes nothing, and the courier writes in call order.
 
 Lazy loading: CUDA loads a kernel at its first launch, and that load may wait for the whole context to go idle,
 so a kernel first launched while the compute stream waits on the flag waits for the courier too (a GPU test that
@@ -145,49 +149,65 @@ class Courier:
         self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
         self._flag = _DeviceFlag(directory.flag) if self._cuda else _HostFlag(directory.flag)
         directory.flag.zero_()  # on the compute stream: after every wait queued before this courier
+        directory.owed.zero_()
         self._seq = 0
         self._next = 0
         self._room = threading.Semaphore(depth)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._slabs: dict[int, torch.Tensor] = {}  # read by the courier thread only
-        self._seen: set[tuple[int, int]] = set()  # (layer, routed pairs) served once: their kernels are loaded
+        self._seen: set[tuple[int, int, bool]] = set()  # (layer, routed pairs, prefetch) served once: kernels loaded
         self._queued = self._handled = 0  # calls handed to the thread, calls it has finished with (see drain)
         self._handled_changed = threading.Condition()
         self.error: BaseException | None = None
         self.copies = 0  # experts carried, counted by the courier thread
-        # calls with fills, and the host time from seeing their list to queueing the flag's write (the GPU's wait
-        # beyond the copies themselves; it includes waiting for the GIL): sum and worst, in seconds
+        # calls this thread signalled (with fills, or owed: see resolve), and the host time from seeing their list
+        # to queueing the flag's write (the GPU's wait beyond the copies themselves; it includes waiting for the
+        # GIL): sum and worst, in seconds
         self.carried_calls, self.issue_s, self.issue_max_s = 0, 0.0, 0.0
         self._holds_switch = _switch_interval.hold(SWITCH_INTERVAL_S)
         self._thread = threading.Thread(target=self._run, name="moeoffload-courier", daemon=True)
         self._thread.start()
 
-    def fetch(self, layer: int, top_k_index: torch.Tensor) -> None:
-        """Queue this call's lookup, hand its fills to the courier, and make the compute stream wait for them."""
+    def fetch(self, layer: int, top_k_index: torch.Tensor,
+              ahead: Callable[[], tuple[int, torch.Tensor] | None] | None = None) -> None:
+        """Queue this call's lookup, hand its fills to the courier, and make the compute stream wait for them.
+        `ahead` gives a prefetch, (next layer, its guessed ids [T, k] on the device) or None: its lookup and copies
+        are queued right after this call's, before the wait, so they run while this layer computes."""
         if self.error is not None:
             raise RuntimeError(f"moeoffload: the courier of fetch='device' failed ({type(self.error).__name__}: "
                                f"{self.error}); outputs since then are not valid. Use fetch='host'") from self.error
         if not self._thread.is_alive():
             raise RuntimeError("moeoffload: this courier is closed (the cache was freed)")
+        stream = torch.cuda.current_stream(self.device) if self._cuda else None
+        shape = (layer, top_k_index.numel(), ahead is not None)
+        first = shape not in self._seen  # see "Lazy loading" above: kernels load while no wait is pending
+        if first and stream is not None:
+            stream.synchronize()
+        seq = self._lookup(layer, top_k_index, stream)
+        guess = ahead() if ahead is not None else None
+        if guess is not None:
+            self._lookup(guess[0], guess[1], stream, prefetch=True)
+        self._flag.wait(stream, seq)
+        if first:
+            self._seen.add(shape)
+            if stream is not None:
+                stream.synchronize()
+
+    def _lookup(self, layer: int, top_k_index: torch.Tensor, stream, prefetch: bool = False) -> int:
+        """Launch one lookup and pass its fill list to the thread through the ring; its sequence number."""
         self._seq = streamops.as_uint32(self._seq + 1)
         seq = self._seq
-        self.directory.resolve(layer, top_k_index, seq)
+        self.directory.resolve(layer, top_k_index, seq, prefetch=prefetch)
         self._room.acquire()  # the ring entry's last reader is done with it
         i = self._next
         self._next = (i + 1) % len(self._events)
         self._ring[i].copy_(self.directory.fills, non_blocking=True)
-        stream = torch.cuda.current_stream(self.device) if self._cuda else None
         event = self._events[i]
         if event is not None:
             event.record(stream)
         self._queue.put((i, layer, seq))
         self._queued += 1
-        self._flag.wait(stream, seq)
-        shape = (layer, top_k_index.numel())
-        if shape not in self._seen:  # see "Lazy loading" above: the first call of a shape waits on the host
-            self._seen.add(shape)
-            if stream is not None:
-                stream.synchronize()
+        return seq
 
     def drain(self) -> None:
         """Return once the thread has queued the copies and the flag of every call handed to it: from then on the GPU
@@ -195,6 +215,12 @@ class Courier:
         "Blocking calls" above). It waits until the GPU reaches the last call's lookup, not for the copies."""
         with self._handled_changed:
             self._handled_changed.wait_for(lambda: self._handled >= self._queued or not self._thread.is_alive())
+
+    def fence(self) -> None:
+        """Make the compute stream wait until every queued call's copies have landed (the last call's flag). After
+        `drain`; the flag only grows, so its last value covers every copy before it, prefetches included."""
+        if self._queued:
+            self._flag.wait(torch.cuda.current_stream(self.device) if self._cuda else None, self._seq)
 
     def reset_stats(self) -> None:
         """Zero the counters (`ExpertCache.reset_stats`, which drains first, so the thread is not counting)."""
@@ -225,19 +251,20 @@ class Courier:
                 return
             i, layer, seq = item
             fills: list[tuple[int, int]] = []
+            signal = True
             try:
                 if self.error is None:
-                    fills = self._read(i)
+                    fills, signal = self._read(i)
             except BaseException as exc:  # noqa: BLE001 (reported to the main thread at its next call)
                 self.error = exc
             finally:
                 self._room.release()
-            if self.error is None and not fills:
+            if self.error is None and not signal:
                 self._finished()
                 continue  # the lookup kernel set the flag itself
             start = time.perf_counter()
             try:
-                if self.error is None:
+                if self.error is None and fills:
                     self._carry(layer, fills)
             except BaseException as exc:  # noqa: BLE001
                 self.error = exc
@@ -254,13 +281,14 @@ class Courier:
             self._handled += 1
             self._handled_changed.notify_all()
 
-    def _read(self, i: int) -> list[tuple[int, int]]:
+    def _read(self, i: int) -> tuple[list[tuple[int, int]], bool]:
+        """Ring entry i: its (expert, slot) fills, and whether this thread must write the call's flag."""
         event = self._events[i]
         if event is not None:
             event.synchronize()
         row = self._ring[i].tolist()
         n, e_count = row[0], self.directory.num_experts
-        return list(zip(row[1 : 1 + n], row[1 + e_count : 1 + e_count + n]))
+        return list(zip(row[1 : 1 + n], row[1 + e_count : 1 + e_count + n])), bool(row[1 + 2 * e_count])
 
     def _carry(self, layer: int, fills: list[tuple[int, int]]) -> None:
         slab = self._slabs.get(layer)

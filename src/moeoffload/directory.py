@@ -23,6 +23,11 @@ Measured on the lent H100 (`benchmarks/zero_copy.py`, RESULTS.md thirteenth set)
 reach 28.6 GB/s, 52% of the copy engine: `fill` fetched at half the rate and lost to fetch="host" (0.48-0.54x at
 batch 1). Hence the courier, which keeps the copy engine's rate.
 
+Prefetch (`resolve(..., prefetch=True)`, a lookahead gate's guess at the next layer queued right after a call's own
+lookup): the host cache's `prefetch`, on the device. Its copies run while the layer computes; a later call that hits
+a slot still being filled must wait for that copy, so a call may set the courier's flag itself only once every copy
+the courier owes has landed (`owed`; `kernels.triton_kernels.resolve_experts`).
+
 LRU only: its order is one stamp per slot. A call's experts get `tick * experts + expert`, its hits before any miss
 is placed, so the victims and the order among one call's experts are those of the host's LRU cache (hits touched,
 then misses loaded, in ascending expert order): both make the same choices, slot for slot (tested as a property).
@@ -33,11 +38,12 @@ from __future__ import annotations
 import torch
 
 from .kernels import use_triton
-from .kernels.streamops import as_int32
+from .kernels.streamops import as_int32, reached
 
 FREE = -1  # the stamp of an empty slot: below every real stamp, so empty slots are filled first, lowest first
 NO_KEY = -1
 BIG = 1 << 62  # stamps of padding and of this call's experts while a victim is chosen
+COUNTS = ("hits", "misses", "evictions", "prefetches", "prefetch_hits")  # `counts`, in order
 FILL_BLOCK = 8192  # elements each program of `fill` copies per step
 FILL_PROGRAMS_PER_SM = 4
 
@@ -49,7 +55,9 @@ class DeviceDirectory:
       `n_slots`, the "no expert" sentinel that `kernels.route_on_device` expects after the experts;
     - `owner` int32 [slots]: the key `layer * experts + expert` in each slot, -1 when empty;
     - `stamp` int64 [slots]: LRU order, FREE when empty; `clock` int64 [1]: the last call's tick;
-    - `counts` int64 [3]: hits, misses, evictions since the last pull.
+    - `fresh` int32 [slots]: 1 where a prefetch brought the expert and no call has asked for it yet;
+    - `counts` int64 [5]: hits, misses, evictions, prefetches, prefetch hits since the last pull;
+    - `flag` and `owed` int32 [1]: the last call whose copies have landed, and the last one the courier must signal.
     """
 
     def __init__(self, num_layers: int, num_experts: int, n_slots: int, device: torch.device, expert_numel: int,
@@ -64,66 +72,84 @@ class DeviceDirectory:
         self.owner = torch.full((n_slots,), NO_KEY, dtype=torch.int32, device=device)
         self.stamp = torch.full((n_slots,), FREE, dtype=torch.int64, device=device)
         self.clock = torch.zeros(1, dtype=torch.int64, device=device)
-        self.counts = torch.zeros(3, dtype=torch.int64, device=device)
-        # the last call's fills, packed so that one copy hands them to the host: [count, experts..., slots...]
-        self.fills = torch.zeros(1 + 2 * num_experts, dtype=torch.int32, device=device)
+        self.fresh = torch.zeros(n_slots, dtype=torch.int32, device=device)
+        self.counts = torch.zeros(len(COUNTS), dtype=torch.int64, device=device)
+        # the last call's fills, packed so that one copy hands them to the host: [count, experts..., slots..., signal]
+        # (signal: the courier must write the flag for this call, even with nothing to copy)
+        self.fills = torch.zeros(2 + 2 * num_experts, dtype=torch.int32, device=device)
         self.fill_count = self.fills[:1]
         self.fill_experts = self.fills[1 : 1 + num_experts]
-        self.fill_slots = self.fills[1 + num_experts :]
+        self.fill_slots = self.fills[1 + num_experts : 1 + 2 * num_experts]
+        self.fill_signal = self.fills[1 + 2 * num_experts :]
+        self.wanted = torch.zeros(1, dtype=torch.int32, device=device)  # distinct experts of the last own lookup
         self.flag = torch.zeros(1, dtype=torch.int32, device=device)  # the courier's sequence flag (see resolve)
+        self.owed = torch.zeros(1, dtype=torch.int32, device=device)
         self.slot_ends = torch.arange(1, n_slots + 1, dtype=torch.int32, device=device)  # route_on_device's bounds
         self.fill_programs = 4
         if device.type == "cuda":
             self.fill_programs = torch.cuda.get_device_properties(device).multi_processor_count * FILL_PROGRAMS_PER_SM
 
     # -- host <-> device -------------------------------------------------------------------------------------------
-    def load(self, slot_of: dict[tuple[int, int], int], lru_order: list[tuple[int, int]]) -> None:
-        """Write the host's view (key -> slot, keys least recently used first) into the device tensors."""
+    def load(self, slot_of: dict[tuple[int, int], int], lru_order: list[tuple[int, int]],
+             fresh: set[tuple[int, int]] | frozenset = frozenset()) -> None:
+        """Write the host's view (key -> slot, keys least recently used first, keys prefetched and not yet asked
+        for) into the device tensors."""
         e_count = self.num_experts
         table = torch.full((self.num_layers, e_count + 1), -1, dtype=torch.int32)
         table[:, e_count] = self.n_slots
         owner = torch.full((self.n_slots,), NO_KEY, dtype=torch.int32)
         stamp = torch.full((self.n_slots,), FREE, dtype=torch.int64)
+        unasked = torch.zeros(self.n_slots, dtype=torch.int32)
         for rank, key in enumerate(lru_order):
             slot = slot_of[key]
             table[key[0], key[1]] = slot
             owner[slot] = key[0] * e_count + key[1]
             stamp[slot] = rank
+            unasked[slot] = int(key in fresh)
         self.table.copy_(table)
         self.owner.copy_(owner)
         self.stamp.copy_(stamp)
+        self.fresh.copy_(unasked)
         self.clock.fill_(len(lru_order) // self.stride + 1)  # every new stamp above the ranks
         self.counts.zero_()
 
-    def read(self) -> tuple[dict[tuple[int, int], int], list[tuple[int, int]], list[int]]:
-        """(key -> slot, keys least recently used first, [hits, misses, evictions] since the last read): one sync.
-        The counts restart from zero."""
+    def read(self) -> tuple[dict[tuple[int, int], int], list[tuple[int, int]], dict[str, int], set[tuple[int, int]]]:
+        """(key -> slot, keys least recently used first, counts since the last read by name (`COUNTS`), keys
+        prefetched and not yet asked for): one sync. The counts restart from zero."""
         owner, stamp, counts = self.owner.tolist(), self.stamp.tolist(), self.counts.tolist()
+        fresh = self.fresh.tolist()
         self.counts.zero_()
         e_count = self.num_experts
         resident = sorted((stamp[slot], slot) for slot, key in enumerate(owner) if key != NO_KEY)
         slot_of = {(owner[slot] // e_count, owner[slot] % e_count): slot for _, slot in resident}
         order = [(owner[slot] // e_count, owner[slot] % e_count) for _, slot in resident]
-        return slot_of, order, counts
+        unasked = {key for key, slot in slot_of.items() if fresh[slot]}
+        return slot_of, order, dict(zip(COUNTS, counts)), unasked
 
     # -- the hot path: launched by a layer, never waited for --------------------------------------------------------
-    def resolve(self, layer: int, top_k_index: torch.Tensor, seq: int | None = None) -> None:
+    def resolve(self, layer: int, top_k_index: torch.Tensor, seq: int | None = None, prefetch: bool = False) -> None:
         """Make every expert that `top_k_index` names resident in the table (ids outside 0..E-1 name none): hits
         are touched, misses get the least recently used slot that this call does not use, and are listed in
-        `fills`. The caller guarantees that the call names at most `n_slots` distinct experts. With `seq` (the
-        courier's), a call without a miss also sets `flag` to `seq`: nothing to copy, so nobody else will."""
+        `fills`. The caller guarantees that the call names at most `n_slots` distinct experts.
+
+        `prefetch`: the next layer's guessed experts, right after a call's own lookup (the host cache's `prefetch`):
+        hits are left as they are, misses are inserted as most recent without evicting the previous call's experts,
+        and a miss that no slot can take ends the prefetch. With `seq` (the courier's), a call with nothing to copy
+        sets `flag` to `seq` itself when no copy the courier owes is still in flight, else marks `fill_signal`
+        (`kernels.triton_kernels.resolve_experts`)."""
         ids = top_k_index.reshape(-1)
         if use_triton(ids, self.backend):
             from .kernels import triton_kernels as tk
 
             block_p = max(16, 1 << (max(ids.numel(), 1) - 1).bit_length())
             block_s = max(16, 1 << (self.n_slots - 1).bit_length())
-            tk.resolve_experts[(1,)](ids.contiguous(), ids.numel(), self.table, self.owner, self.stamp, self.clock,
-                                     self.counts, self.fill_experts, self.fill_slots, self.fill_count, layer,
-                                     self.n_slots, self.flag, as_int32(seq or 0), E=self.num_experts,
-                                     BLOCK_P=block_p, BLOCK_S=block_s, SIGNAL=seq is not None)
+            tk.resolve_experts[(1,)](ids.contiguous(), ids.numel(), self.table, self.owner, self.stamp, self.fresh,
+                                     self.clock, self.counts, self.fill_experts, self.fill_slots, self.fill_count,
+                                     self.fill_signal, self.wanted, layer, self.n_slots, self.flag, self.owed,
+                                     as_int32(seq or 0), E=self.num_experts, BLOCK_P=block_p, BLOCK_S=block_s,
+                                     SIGNAL=seq is not None, PREFETCH=prefetch, PREFETCH_MARK=int(prefetch))
             return
-        self._resolve_torch(layer, ids, seq)
+        self._resolve_torch(layer, ids, seq, prefetch)
 
     def fill(self, source: torch.Tensor, pool: torch.Tensor) -> None:
         """Copy each expert that `resolve` listed from `source` (the layer's slab: a device view of page-locked host
@@ -140,41 +166,61 @@ class DeviceDirectory:
             numel = self.expert_numel
             pool[slot].copy_(source[expert * numel : (expert + 1) * numel])
 
-    def _resolve_torch(self, layer: int, ids: torch.Tensor, seq: int | None = None) -> None:
+    def _resolve_torch(self, layer: int, ids: torch.Tensor, seq: int | None = None, prefetch: bool = False) -> None:
         """`resolve` in plain Python over the tensors (CPU; the reference the Triton kernel is tested against)."""
         e_count = self.num_experts
         wanted = sorted({i for i in ids.tolist() if 0 <= i < e_count})
-        table, owner, stamp = self.table.tolist(), self.owner.tolist(), self.stamp.tolist()
+        table, owner, stamp, fresh = self.table.tolist(), self.owner.tolist(), self.stamp.tolist(), self.fresh.tolist()
         tick = int(self.clock.item()) + 1
         base = tick * self.stride
+        protect = base - self.stride if prefetch else base  # stamps from here up are not victims
         row = table[layer]
-        hits = misses = evictions = 0
+        counts = dict.fromkeys(COUNTS, 0)
+        kept = set()  # a prefetch's resident experts: not victims, not touched
         for e in wanted:  # hits first: none of this call's experts may become a victim
-            if row[e] >= 0:
-                stamp[row[e]] = base + e
-                hits += 1
-        fills = []
-        for e in wanted:
-            if row[e] >= 0:
+            slot = row[e]
+            if slot < 0:
                 continue
-            victim = min(range(self.n_slots), key=lambda s: (BIG if stamp[s] >= base else stamp[s], s))
-            old = owner[victim]
-            if old != NO_KEY:
-                table[old // e_count][old % e_count] = -1
-                evictions += 1
-            owner[victim] = layer * e_count + e
-            row[e] = victim
-            stamp[victim] = base + e
-            fills.append((e, victim))
-            misses += 1
+            if prefetch:
+                kept.add(slot)
+            else:
+                stamp[slot] = base + e
+                counts["hits"] += 1
+                counts["prefetch_hits"] += fresh[slot]
+                fresh[slot] = 0
+        fills = []
+        if not prefetch or int(self.wanted.item()) > 0:
+            for e in (e for e in wanted if row[e] < 0):
+                victim = min(range(self.n_slots), key=lambda s: (BIG if stamp[s] >= protect or s in kept
+                                                                 else stamp[s], s))
+                if stamp[victim] >= protect or victim in kept:
+                    break  # only a prefetch can find every slot taken
+                old = owner[victim]
+                if old != NO_KEY:
+                    table[old // e_count][old % e_count] = -1
+                    counts["evictions"] += 1
+                owner[victim] = layer * e_count + e
+                row[e] = victim
+                stamp[victim] = base + e
+                fresh[victim] = int(prefetch)
+                fills.append((e, victim))
+                counts["prefetches" if prefetch else "misses"] += 1
         self.table.copy_(torch.tensor(table, dtype=torch.int32))
         self.owner.copy_(torch.tensor(owner, dtype=torch.int32))
         self.stamp.copy_(torch.tensor(stamp, dtype=torch.int64))
+        self.fresh.copy_(torch.tensor(fresh, dtype=torch.int32))
         self.clock.fill_(tick)
-        self.counts += torch.tensor([hits, misses, evictions], dtype=torch.int64, device=self.counts.device)
+        self.counts += torch.tensor([counts[name] for name in COUNTS], dtype=torch.int64, device=self.counts.device)
         self.fill_count.fill_(len(fills))
         for j, (e, slot) in enumerate(fills):
             self.fill_experts[j] = e
             self.fill_slots[j] = slot
-        if seq is not None and not fills:
-            self.flag.fill_(as_int32(seq))
+        if not prefetch:
+            self.wanted.fill_(len(wanted))
+        if seq is not None:
+            if not fills and reached(int(self.flag.item()), int(self.owed.item())):
+                self.flag.fill_(as_int32(seq))
+                self.fill_signal.fill_(0)
+            else:
+                self.owed.fill_(as_int32(seq))
+                self.fill_signal.fill_(1)

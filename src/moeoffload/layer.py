@@ -286,21 +286,43 @@ class OffloadedMoELayer:
                                   limit=offs[-1:])
 
     def _fetches_on_device(self, top_k_index: torch.Tensor) -> bool:
-        """This call runs on the cache's device directory (fetch="device"): nothing to prefetch or replace, few
-        enough pairs for one lookup program, and every expert it may name fits in the pool at once."""
+        """This call runs on the cache's device directory (fetch="device"): no prefetcher or one that guesses on the
+        device, no routing to replace, few enough pairs for one lookup program, and every expert it may name fits
+        in the pool at once."""
         if self.cache.directory is None:  # the common case first: this runs on every layer call
             return False
         pairs = top_k_index.numel()
-        return (self.prefetcher is None and self.router_tap is None and pairs <= DEVICE_FETCH_MAX_PAIRS
+        return ((self.prefetcher is None or hasattr(self.prefetcher, "predict_on_device"))
+                and self.router_tap is None and pairs <= DEVICE_FETCH_MAX_PAIRS
                 and self.cache.serves_on_device(min(self.num_experts, pairs)))
+
+    def _ahead(self, hidden: torch.Tensor):
+        """fetch="device"'s prefetch: a callable giving the prefetcher's (next layer, guessed ids on the device), or
+        None without a prefetcher. A guess that fails is dropped as in `_prefetch`: a warning, then on demand."""
+        prefetcher = self.prefetcher
+        if prefetcher is None:
+            return None
+
+        def guess():
+            try:
+                return prefetcher.predict_on_device(self.layer_idx, hidden)
+            except Exception as exc:
+                warnings.warn(f"moeoffload: prefetcher of MoE layer {self.layer_idx} failed ({type(exc).__name__}: "
+                              f"{exc}); this layer now fetches experts on demand", RuntimeWarning, stacklevel=5)
+                self.prefetcher = None
+                return None
+
+        return guess
 
     def _device_fetched(self, hidden: torch.Tensor, top_k_index: torch.Tensor,
                         top_k_weights: torch.Tensor) -> torch.Tensor:
         """The resident path over the pool (its FFN: `DEVICE_FETCH_FFN`), after the device itself made the routed
         experts resident (`ExpertCache.fetch_on_device`: lookup and LRU victims on the device, fills queued by the
         courier thread on the copy engine, all launched without a sync). The host never learns which experts this
-        call needed, so it runs ahead of the GPU while a miss streams in, as it does when every expert is resident."""
-        row = self.cache.fetch_on_device(self.layer_idx, top_k_index)
+        call needed, so it runs ahead of the GPU while a miss streams in, as it does when every expert is resident.
+        A prefetcher that guesses on the device (the lookahead gate) queues the next layer's copies right behind
+        this call's, so they run while this layer computes."""
+        row = self.cache.fetch_on_device(self.layer_idx, top_k_index, self._ahead(hidden))
         directory = self.cache.directory
         assert directory is not None
         backend = "triton" if self.kernels == "triton" else "torch"

@@ -267,9 +267,13 @@ def plan_slots(
 
 
 def device_fetch_serves(policy: str | policies.Policy) -> bool:
-    """True when `policy` can run with fetch="device": an LRU cache without prefetch or predictor."""
+    """True when `policy` can run with fetch="device": an LRU cache without a predictor, and a prefetcher, if
+    any, that guesses on the device (`predict_on_device`: the lookahead gate)."""
+    from .predictors import PREFETCHERS
+
     policy = policies.get(policy)
-    return not (policy.prefetch or policy.predictor or policy.eviction != "lru" or not policy.retain)
+    on_device = policy.prefetch is None or hasattr(PREFETCHERS[policy.prefetch], "predict_on_device")
+    return on_device and not (policy.predictor or policy.eviction != "lru" or not policy.retain)
 
 
 def plan_fetch(fetch: str, policy: policies.Policy, kernels: str, n_slots: int, store: ExpertStore) -> str:
@@ -285,8 +289,9 @@ def plan_fetch(fetch: str, policy: policies.Policy, kernels: str, n_slots: int, 
         raise ValueError("fetch='device' runs on the grouped kernels (the exact loop must learn on the host which "
                          "experts it needs): pass kernels='auto'")
     if not device_fetch_serves(policy):
-        raise ValueError(f"fetch='device' serves an LRU cache without prefetch or predictor; policy "
-                         f"{policy.name!r} needs the host: use fetch='host', or policy 'lru'")
+        raise ValueError(f"fetch='device' serves an LRU cache, without a predictor, and prefetching only by the "
+                         f"lookahead gate; policy {policy.name!r} needs the host: use fetch='host', or policy 'lru' "
+                         "or 'lookahead'")
     return "device"
 
 

@@ -37,13 +37,19 @@ def host_and_device(layers, experts, n_slots, backend="torch", mover="torch"):
     return store, host, device
 
 
-def step(host: ExpertCache, device: ExpertCache, layer: int, ids: list[list[int]], experts: int) -> None:
-    """One layer call on both caches; then the same residency, slot for slot, and the right weights in each slot."""
+def step(host: ExpertCache, device: ExpertCache, layer: int, ids: list[list[int]], experts: int,
+         guess: tuple[int, list[list[int]]] | None = None) -> None:
+    """One layer call on both caches, with a prefetch of `guess` (next layer, guessed ids) as the layers make it
+    (the host's after the call's acquire, when it needs any expert); then the same residency, slot for slot, and
+    the right weights in each slot."""
     wanted = sorted({i for row in ids for i in row if 0 <= i < experts})
     keys = [(layer, e) for e in wanted]
     host.acquire(keys)
+    if guess is not None and wanted:
+        host.prefetch([(guess[0], e) for e in sorted({i for row in guess[1] for i in row})])
     host.release(keys)
-    row = device.fetch_on_device(layer, torch.tensor(ids, dtype=torch.int64))
+    ahead = None if guess is None else (lambda: (guess[0], torch.tensor(guess[1], dtype=torch.int64)))
+    row = device.fetch_on_device(layer, torch.tensor(ids, dtype=torch.int64), ahead)
     for e in wanted:  # the layer's table row names a slot for every expert the call needs
         assert row[e].item() >= 0
     assert row[experts].item() == device.n_slots  # and ends with the "no expert" sentinel
@@ -65,19 +71,54 @@ def test_device_directory_evicts_as_host_lru(mover, shape):
     # every expert one call may name fits at once (the layer takes the host path otherwise)
     n_slots = data.draw(st.integers(min(experts, tokens * top_k), layers * experts), label="slots")
     store, host, device = host_and_device(layers, experts, n_slots, mover=mover)
+    prefetching = data.draw(st.booleans(), label="prefetch")
     for _ in range(data.draw(st.integers(1, 30), label="calls")):
         layer = data.draw(st.integers(0, layers - 1))
         ids = [data.draw(st.lists(st.integers(-1, experts), min_size=top_k, max_size=top_k)) for _ in range(tokens)]
-        step(host, device, layer, ids, experts)
+        guess = draw_guess(data, layers, experts, tokens, top_k) if prefetching else None
+        step(host, device, layer, ids, experts, guess)
         if data.draw(st.booleans(), label="host reads in between"):
             assert device.stats.misses == host.stats.misses
     d, h = device.stats, host.stats
-    assert (d.hits, d.misses, d.evictions) == (h.hits, h.misses, h.evictions)
-    assert device.transfer.stats.bytes == host.transfer.stats.bytes == h.misses * store.expert_bytes
+    assert counts(d) == counts(h)
+    moved = (h.misses + h.prefetches) * store.expert_bytes
+    assert device.transfer.stats.bytes == host.transfer.stats.bytes == moved
     courier = device._courier
     device.free()
     if mover == "copy-engine" and courier is not None:
-        assert courier.copies == h.misses and not courier._thread.is_alive()
+        assert courier.copies == h.misses + h.prefetches and not courier._thread.is_alive()
+
+
+def counts(stats) -> tuple[int, ...]:
+    return stats.hits, stats.misses, stats.evictions, stats.prefetches, stats.prefetch_hits
+
+
+def draw_guess(data, layers: int, experts: int, tokens: int, top_k: int) -> tuple[int, list[list[int]]]:
+    """A lookahead gate's guess: a layer (any: the directory does not assume which comes next) and top-k ids."""
+    layer = data.draw(st.integers(0, layers - 1), label="guessed layer")
+    ids = [data.draw(st.lists(st.integers(0, experts - 1), min_size=top_k, max_size=top_k, unique=True))
+           for _ in range(tokens)]
+    return layer, ids
+
+
+def test_a_hit_on_a_slot_a_prefetch_is_still_filling_waits_for_its_copy():
+    """A call whose experts are all resident would set the flag itself, but a prefetch may still be copying into
+    one of its slots: then the courier must write the flag after that copy (`owed`). Here the prefetch's copy is
+    slow, and the next call reads the slots with no host sync in between."""
+    import time
+
+    store, host, device = host_and_device(2, 4, 4, mover="copy-engine")
+    device.fetch_on_device(0, torch.tensor([[0, 1]]))  # starts the courier
+    courier = device.courier
+    carry = courier._carry
+    courier._carry = lambda layer, fills: (time.sleep(0.3), carry(layer, fills))
+    device.fetch_on_device(0, torch.tensor([[0, 1]]), lambda: (1, torch.tensor([[2, 3]])))  # hits; prefetch 2, 3
+    device.fetch_on_device(1, torch.tensor([[3, 2]]))  # hits on both prefetched slots: waits for their copies
+    for e in (2, 3):
+        assert tag_of(device, int(device.directory.table[1, e])) == 1000 + e
+    d = device.stats
+    assert (d.hits, d.misses, d.prefetches, d.prefetch_hits) == (4, 2, 2, 2)
+    device.free()
 
 
 def test_host_path_in_between_keeps_both_views():
@@ -220,11 +261,12 @@ def test_courier_lowers_the_switch_interval_only_when_asked(monkeypatch):
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("mover", ["torch", "copy-engine"])
 @pytest.mark.parametrize("ffn", DEVICE_FETCH_FFNS)
-def test_model_through_device_fetch_matches_the_host_path(budget, batch, mover, ffn, monkeypatch):
+@pytest.mark.parametrize("policy", ["lru", "lookahead"])
+def test_model_through_device_fetch_matches_the_host_path(policy, budget, batch, mover, ffn, monkeypatch):
     """Greedy tokens through fetch="device" equal the host path's on the same grouped kernels, and the caches end in
-    the same state with the same counts, with either FFN of the device path. (The prompt's prefill may run on
-    either path: batch 3 x 6 tokens x top-2 names every expert of a layer, more than one slot per layer holds, so
-    it takes the host path there.)"""
+    the same state with the same counts, with either FFN of the device path, with and without the lookahead
+    gate's prefetch. (The prompt's prefill may run on either path: batch 3 x 6 tokens x top-2 names every expert
+    of a layer, more than one slot per layer holds, so it takes the host path there.)"""
     monkeypatch.setattr(layer_module, "DEVICE_FETCH_FFN", ffn)
     model = tiny_mixtral()
     ids = torch.randint(0, model.config.vocab_size, (batch, 6), generator=torch.Generator().manual_seed(batch))
@@ -232,7 +274,7 @@ def test_model_through_device_fetch_matches_the_host_path(budget, batch, mover, 
         budget = model.config.num_hidden_layers * moeoffload.hooks.discover(model).layout.nbytes
     outs = {}
     for fetch in ("host", "device"):
-        handle = moeoffload.offload(model, "lru", budget, device="cpu", kernels="grouped-torch", fetch=fetch)
+        handle = moeoffload.offload(model, policy, budget, device="cpu", kernels="grouped-torch", fetch=fetch)
         if fetch == "device":
             handle.cache.mover = mover
         with torch.no_grad():
@@ -241,8 +283,10 @@ def test_model_through_device_fetch_matches_the_host_path(budget, batch, mover, 
         handle.unload()
     (t_h, s_h, r_h), (t_d, s_d, r_d) = outs["host"], outs["device"]
     assert torch.equal(t_h, t_d)
-    assert (s_h.hits, s_h.misses, s_h.evictions, s_h.h2d_bytes) == (s_d.hits, s_d.misses, s_d.evictions, s_d.h2d_bytes)
+    assert counts(s_h) + (s_h.h2d_bytes,) == counts(s_d) + (s_d.h2d_bytes,)
     assert r_h == r_d
+    if policy == "lookahead" and budget in ("25%", "50%") and batch == 1:  # else no slot is left to prefetch into
+        assert s_d.prefetches > 0
 
 
 INTERPRETED = r"""
@@ -250,7 +294,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from moeoffload.cache import ExpertCache
 from moeoffload.eviction import make_rule
-from tests.moeoffload.test_directory import host_and_device, step
+from tests.moeoffload.test_directory import counts, draw_guess, host_and_device, step
 
 @settings(max_examples=25, deadline=None)
 @given(layers=st.integers(1, 3), experts=st.integers(2, 6), data=st.data())
@@ -259,10 +303,12 @@ def check(layers, experts, data):
     n_slots = data.draw(st.integers(min(experts, tokens * top_k), layers * experts))
     mover = data.draw(st.sampled_from(["torch", "copy-engine"]))  # the lookup kernel signals the courier or not
     store, host, device = host_and_device(layers, experts, n_slots, backend="triton", mover=mover)
+    prefetching = data.draw(st.booleans())
     for _ in range(data.draw(st.integers(1, 12))):
         ids = [data.draw(st.lists(st.integers(-1, experts), min_size=top_k, max_size=top_k)) for _ in range(tokens)]
-        step(host, device, data.draw(st.integers(0, layers - 1)), ids, experts)
-    assert (device.stats.hits, device.stats.misses) == (host.stats.hits, host.stats.misses)
+        guess = draw_guess(data, layers, experts, tokens, top_k) if prefetching else None
+        step(host, device, data.draw(st.integers(0, layers - 1)), ids, experts, guess)
+    assert counts(device.stats) == counts(host.stats)
     device.free()
 
 check()

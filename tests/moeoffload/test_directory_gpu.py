@@ -88,3 +88,36 @@ def test_cuda_device_fetch_computes_what_the_resident_path_computes(budget, move
             assert torch.equal(got, first), f"fetch='device' ({mover}, {ffn}) at {budget}: logits moved"
             err = ((got - ref).norm() / ref.norm()).item()
             assert err < 2e-2, f"fetch='device' ({mover}, {ffn}) at {budget}: relative error {err:.2e} against resident"
+
+
+@pytest.mark.parametrize("budget", ["25%", "50%", "75%"])
+def test_cuda_device_prefetch_changes_what_moves_not_what_is_computed(budget):
+    """The lookahead gate through fetch="device": the next layer's guessed experts are copied while this layer
+    computes, and a later call may hit a slot whose copy is still in flight (it must wait for it: `owed`). Fed one
+    token at a time (decode-sized calls), its logits equal the resident path's within bf16 rounding, with the same
+    bits run after run, and every copy is a miss or a prefetch."""
+    model = tiny_mixtral(seed=5, dtype=torch.bfloat16)
+    tokens = torch.randint(2, 96, (1, 12), generator=torch.Generator().manual_seed(2)).cuda()
+
+    def logits():
+        out, past = [], None
+        with torch.no_grad():
+            for i in range(tokens.shape[1]):
+                step = model(tokens[:, i : i + 1], past_key_values=past, use_cache=True)
+                out.append(step.logits.float())
+                past = step.past_key_values
+        return torch.cat(out, dim=1)
+
+    with moeoffload.offload(model, "resident", "all", device="cuda", kernels="auto"):
+        want = logits()
+    with moeoffload.offload(model, "lookahead", budget, device="cuda", kernels="auto", fetch="device") as h:
+        assert h.cache.mover == "copy-engine"
+        runs = [logits() for _ in range(3)]
+        s = h.stats()
+        assert s.fetch == "device" and s.prefetches > 0 and s.cache_bytes <= s.budget_bytes
+        assert s.h2d_copies == s.misses + s.prefetches and s.h2d_bytes == s.h2d_copies * s.expert_bytes
+        assert s.prefetch_hits <= s.prefetches
+    for run in runs:
+        assert torch.equal(run, runs[0]), f"lookahead through fetch='device' at {budget}: logits moved"
+        err = ((run - want).norm() / want.norm()).item()
+        assert err < 2e-2, f"lookahead through fetch='device' at {budget}: relative error {err:.2e} against resident"

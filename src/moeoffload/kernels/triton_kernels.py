@@ -149,55 +149,100 @@ def stream_copy(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["seq"])
-def resolve_experts(ids_ptr, P, table_ptr, owner_ptr, stamp_ptr, clock_ptr, counts_ptr, fill_e_ptr, fill_s_ptr,
-                    fill_n_ptr, layer, n_slots, flag_ptr, seq, E: tl.constexpr, BLOCK_P: tl.constexpr,
-                    BLOCK_S: tl.constexpr, SIGNAL: tl.constexpr):
+def resolve_experts(ids_ptr, P, table_ptr, owner_ptr, stamp_ptr, fresh_ptr, clock_ptr, counts_ptr, fill_e_ptr,
+                    fill_s_ptr, fill_n_ptr, fill_sig_ptr, wanted_ptr, layer, n_slots, flag_ptr, owed_ptr, seq,
+                    E: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, SIGNAL: tl.constexpr,
+                    PREFETCH: tl.constexpr, PREFETCH_MARK: tl.constexpr):
     """One MoE layer call's cache lookup on the device (`moeoffload.directory`), one program: hits are stamped
     first (so none of the call's experts can be chosen as a victim), then each miss, in ascending expert order, takes
     the slot of least stamp, evicting its owner from the table, and is listed for the fills. Stamps are
-    tick * E + expert: the order the host's LRU cache would give. With SIGNAL, a call without a miss sets the
-    courier's flag to `seq` itself (`moeoffload.courier`): the compute stream need not wait for the host."""
+    tick * E + expert: the order the host's LRU cache would give.
+
+    PREFETCH (PREFETCH_MARK: 1 with it, else 0): the lookup of a prefetch for the next layer, queued right after a
+    call's own lookup (the host cache's `prefetch`): resident experts are neither touched nor counted, only kept
+    from eviction; missing ones are listed and inserted as most recent; the previous call's experts (the layer
+    about to compute) are never victims; it stops at the first expert no slot can take, and does nothing after a
+    call that named no expert.
+
+    SIGNAL: the courier's flag (`moeoffload.courier`). A call with nothing to copy sets the flag to `seq` itself,
+    so the compute stream need not wait for the host, but only when every copy the courier owes has landed
+    (flag >= owed: a hit may be on a slot that an earlier prefetch is still filling). Otherwise the call becomes
+    what the courier owes, and `fill_sig` tells the courier to write the flag after the copies queued so far."""
     p = tl.arange(0, BLOCK_P)
     ids = tl.load(ids_ptr + p, mask=p < P, other=-1)
     s = tl.arange(0, BLOCK_S)
     live = s < n_slots
     stamps = tl.load(stamp_ptr + s, mask=live, other=1 << 62)
+    fresh = tl.load(fresh_ptr + s, mask=live, other=0)
+    kept = tl.zeros([BLOCK_S], dtype=tl.int32)  # a prefetch's resident experts: not victims, not touched
     tick = tl.load(clock_ptr) + 1
     base = tick * E
+    if PREFETCH:  # stamps from here up are not victims
+        protect = base - E
+        active = tl.load(wanted_ptr) > 0
+    else:
+        protect = base
+        active = tl.load(wanted_ptr) >= 0  # always
     row = table_ptr + layer * (E + 1)  # E is a compile-time constant: one model has one, and its loops unroll
     hits = tl.zeros((), dtype=tl.int64)
+    prefetch_hits = tl.zeros((), dtype=tl.int64)
+    wanted = tl.zeros((), dtype=tl.int32)
     for e in range(0, E):
         needed = tl.sum((ids == e).to(tl.int32), axis=0) > 0
         slot = tl.load(row + e)
         if needed & (slot >= 0):
-            stamps = tl.where(s == slot, base + e, stamps)
-            hits += 1
+            if PREFETCH:
+                kept = tl.where(s == slot, 1, kept)
+            else:
+                stamps = tl.where(s == slot, base + e, stamps)
+                hits += 1
+                prefetch_hits += tl.sum(tl.where(s == slot, fresh, 0), axis=0).to(tl.int64)
+                fresh = tl.where(s == slot, 0, fresh)
+        wanted += needed.to(tl.int32)
     misses = tl.zeros((), dtype=tl.int64)
     evictions = tl.zeros((), dtype=tl.int64)
+    stopped = tl.zeros((), dtype=tl.int32)
     for e in range(0, E):
         needed = tl.sum((ids == e).to(tl.int32), axis=0) > 0
         slot = tl.load(row + e)
-        if needed & (slot < 0):
-            candidates = tl.where(stamps >= base, 1 << 62, stamps)
-            victim = tl.argmin(candidates, axis=0)
-            old = tl.load(owner_ptr + victim)
-            if old >= 0:
-                tl.store(table_ptr + (old // E) * (E + 1) + old % E, -1)
-                evictions += 1
-            tl.store(owner_ptr + victim, layer * E + e)
-            tl.store(row + e, victim.to(tl.int32))
-            stamps = tl.where(s == victim, base + e, stamps)
-            tl.store(fill_e_ptr + misses, e)
-            tl.store(fill_s_ptr + misses, victim.to(tl.int32))
-            misses += 1
+        if needed & (slot < 0) & active & (stopped == 0):
+            candidates = tl.where((stamps >= protect) | (kept > 0), 1 << 62, stamps)
+            if tl.min(candidates, axis=0) >= (1 << 62):
+                stopped += 1  # only a prefetch can find every slot taken (a call's own experts always fit)
+            else:
+                victim = tl.argmin(candidates, axis=0)
+                old = tl.load(owner_ptr + victim)
+                if old >= 0:
+                    tl.store(table_ptr + (old // E) * (E + 1) + old % E, -1)
+                    evictions += 1
+                tl.store(owner_ptr + victim, layer * E + e)
+                tl.store(row + e, victim.to(tl.int32))
+                stamps = tl.where(s == victim, base + e, stamps)
+                fresh = tl.where(s == victim, PREFETCH_MARK, fresh)
+                tl.store(fill_e_ptr + misses, e)
+                tl.store(fill_s_ptr + misses, victim.to(tl.int32))
+                misses += 1
     tl.store(stamp_ptr + s, stamps, mask=live)
+    tl.store(fresh_ptr + s, fresh, mask=live)
     tl.store(clock_ptr, tick)
     tl.store(fill_n_ptr, misses.to(tl.int32))
+    if not PREFETCH:
+        tl.store(wanted_ptr, wanted)
     if SIGNAL:
-        if misses == 0:
+        owed = tl.load(owed_ptr)
+        landed = tl.load(flag_ptr, volatile=True)  # written by the copy stream: a stale value only defers
+        if (misses == 0) & ((landed - owed) >= 0):  # int32 difference: sequence numbers wrap around
             tl.store(flag_ptr, seq)
-    tl.store(counts_ptr, tl.load(counts_ptr) + hits)
-    tl.store(counts_ptr + 1, tl.load(counts_ptr + 1) + misses)
+            tl.store(fill_sig_ptr, 0)
+        else:
+            tl.store(owed_ptr, seq)
+            tl.store(fill_sig_ptr, 1)
+    if PREFETCH:
+        tl.store(counts_ptr + 3, tl.load(counts_ptr + 3) + misses)
+    else:
+        tl.store(counts_ptr, tl.load(counts_ptr) + hits)
+        tl.store(counts_ptr + 1, tl.load(counts_ptr + 1) + misses)
+        tl.store(counts_ptr + 4, tl.load(counts_ptr + 4) + prefetch_hits)
     tl.store(counts_ptr + 2, tl.load(counts_ptr + 2) + evictions)
 
 

@@ -28,10 +28,22 @@ class LookaheadGate:
 
     def predict(self, next_idx: int, hidden: torch.Tensor) -> list[int]:
         """Experts that layer `next_idx`'s router picks for `hidden`, the input of the layer before it."""
+        return torch.unique(self._guess(next_idx, hidden)).tolist()
+
+    def _guess(self, next_idx: int, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.router_weight(next_idx)
         bias = self.router_bias(next_idx) if self.router_bias is not None else None
         logits = F.linear(hidden.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
-        return torch.unique(logits.topk(self.top_k, dim=-1).indices).tolist()
+        return logits.topk(self.top_k, dim=-1).indices
+
+    def predict_on_device(self, layer_idx: int, hidden: torch.Tensor) -> tuple[int, torch.Tensor] | None:
+        """(next layer, its guessed ids [T, k], still on the device) or None after the last layer: what
+        fetch="device" queues as a prefetch without the host learning which experts they are."""
+        next_idx = self.next_layer[layer_idx]
+        if next_idx is None:
+            return None
+        with torch.no_grad():
+            return next_idx, self._guess(next_idx, hidden)
 
     def __call__(self, layer_idx: int, hidden: torch.Tensor) -> None:
         next_idx = self.next_layer[layer_idx]
