@@ -254,16 +254,21 @@ def gil_suffix(switch_interval) -> str:
 
 
 def run_engine_case(rec, model, hook, store, policy, budget, batch, args, device, bw, kernels="auto", tag="",
-                    fetch="host", switch_interval="courier", device_ffn=None):
+                    fetch="host", switch_interval="courier", device_ffn=None, split=None):
     """One row. `switch_interval`: "courier" leaves the courier's GIL hand-over as shipped (courier.SWITCH_INTERVAL_S);
     else the courier's setting for this case (the A/B of --gil-ab: None is Python's own interval). `device_ffn`:
-    fetch="device"'s FFN (layer.DEVICE_FETCH_FFN) for this case, None as shipped (the A/B of --ffn-ab)."""
+    fetch="device"'s FFN (layer.DEVICE_FETCH_FFN) for this case, None as shipped (the A/B of --ffn-ab). `split`:
+    layer.DEVICE_FETCH_SPLIT for this case, None as shipped (the A/B of --split-ab)."""
     case = f"{tag}{policy}@{budget}" + ("" if kernels == "auto" else f"/{kernels}") + \
         ("" if fetch == "host" else f"/{fetch}-fetch") + gil_suffix(switch_interval) + \
-        ("" if device_ffn is None else f"/{device_ffn}")
+        ("" if device_ffn is None else f"/{device_ffn}") + \
+        ("" if split is None else ("/split" if split else "/no-split"))
     cache = layers = None
     shipped, shipped_ffn = courier_module.SWITCH_INTERVAL_S, layer_module.DEVICE_FETCH_FFN
+    shipped_split = layer_module.DEVICE_FETCH_SPLIT
     try:
+        if split is not None:
+            layer_module.DEVICE_FETCH_SPLIT = split
         if switch_interval != "courier":
             courier_module.SWITCH_INTERVAL_S = switch_interval
         if device_ffn is not None:
@@ -307,6 +312,7 @@ def run_engine_case(rec, model, hook, store, policy, budget, batch, args, device
         rec.add({"case": case, "error": f"{type(exc).__name__}: {exc}"})
     finally:
         courier_module.SWITCH_INTERVAL_S, layer_module.DEVICE_FETCH_FFN = shipped, shipped_ffn
+        layer_module.DEVICE_FETCH_SPLIT = shipped_split
         for module in hook.layers:  # the modules hold the layers, the layers the pool: drop it before the next case
             module.__dict__.pop("_moeoffload_layer", None)
         if cache is not None:
@@ -326,7 +332,8 @@ def part_full(args, device, rec):
     for batch in args.batches:
         for budget in args.budgets:
             for policy in args.policies:
-                run_engine_case(rec, model, hook, store, policy, budget, batch, args, device, bw, args.kernels)
+                if not (args.no_host and policy in args.device_fetch):
+                    run_engine_case(rec, model, hook, store, policy, budget, batch, args, device, bw, args.kernels)
                 if policy in args.device_fetch:  # the same policy with the cache directory on the device, beside it
                     run_engine_case(rec, model, hook, store, policy, budget, batch, args, device, bw, args.kernels,
                                     fetch="device")
@@ -337,6 +344,9 @@ def part_full(args, device, rec):
                     for ffn in args.ffn_ab:
                         run_engine_case(rec, model, hook, store, policy, budget, batch, args, device, bw,
                                         args.kernels, fetch="device", device_ffn=ffn)
+                    if args.split_ab:  # the other setting of layer.DEVICE_FETCH_SPLIT
+                        run_engine_case(rec, model, hook, store, policy, budget, batch, args, device, bw,
+                                        args.kernels, fetch="device", split=not layer_module.DEVICE_FETCH_SPLIT)
 
 
 def build_peer_model(args, device):
@@ -525,6 +535,11 @@ def main() -> None:
                          "courier.SWITCH_INTERVAL_S is None (as shipped), else Python's own")
     ap.add_argument("--ffn-ab", nargs="*", default=[], choices=layer_module.DEVICE_FETCH_FFNS,
                     help="device-fetch cases also run with each of these FFNs (layer.DEVICE_FETCH_FFN), rows /<ffn>")
+    ap.add_argument("--no-host", action="store_true",
+                    help="the policies of --device-fetch run with fetch='device' only (no fetch='host' row)")
+    ap.add_argument("--split-ab", action="store_true",
+                    help="device-fetch cases also run with the other layer.DEVICE_FETCH_SPLIT (resident slots' "
+                         "tiles before the wait for copies, or one FFN after it)")
     ap.add_argument("--profile", action="store_true",
                     help="after each case's timed steps, one more under torch.profiler: its trace, and where the "
                          "step's GPU time went (gpu_* fields: benchmarks/gpu_timeline.py)")

@@ -402,10 +402,13 @@ class ExpertCache:
         return self.directory is not None and distinct_bound <= self.n_slots
 
     def fetch_on_device(self, layer: int, top_k_index: torch.Tensor,
-                        ahead: Callable[[], tuple[int, torch.Tensor] | None] | None = None) -> torch.Tensor:
+                        ahead: Callable[[], tuple[int, torch.Tensor] | None] | None = None,
+                        wait: bool = True) -> torch.Tensor:
         """Launch this call's lookup and its fills without waiting for either; return the layer's row of the table
         (slot of each expert, then the "no expert" sentinel) for `kernels.route_on_device`. `ahead` gives a prefetch
-        to queue right after (next layer, its guessed ids on the device), or None: `prefetch` on the device."""
+        to queue right after (next layer, its guessed ids on the device), or None: `prefetch` on the device.
+        `wait=False`: the compute stream waits for the copies only at `finish_fetch`, so that the caller can first
+        run what reads no slot being filled (`landing_view`)."""
         assert self.directory is not None
         self.to_device()
         if self.mover == "copy-engine":
@@ -415,7 +418,7 @@ class ExpertCache:
                 # thread (and a lowered switch interval, if set) behind; the courier holds no reference to the cache
                 self._courier_closer = weakref.finalize(self, self._courier.close)
                 self._courier_closer.atexit = False  # at exit the daemon thread just stops
-            self._courier.fetch(layer, top_k_index, ahead)
+            self._courier.fetch(layer, top_k_index, ahead, wait)
         else:
             self.directory.resolve(layer, top_k_index)
             self.directory.fill(self._source(layer), self.pool)
@@ -424,6 +427,19 @@ class ExpertCache:
                 self.directory.resolve(guess[0], guess[1], prefetch=True)
                 self.directory.fill(self._source(guess[0]), self.pool)
         return self.directory.table[layer]
+
+    def finish_fetch(self) -> None:
+        """The compute stream waits for the last `fetch_on_device(..., wait=False)`'s copies (a no-op otherwise)."""
+        if self._courier is not None:
+            self._courier.wait()
+
+    def landing_view(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(landing, flag) of the device directory, when copies may still be in flight after a lookup (the copy
+        engine's courier): a slot's copy has landed once the flag reaches its landing sequence number. None when
+        every fill is done in stream order before the next kernel (the SMs' loads, the CPU's in-place copies)."""
+        if self.directory is None or self.mover != "copy-engine":
+            return None
+        return self.directory.landing, self.directory.flag
 
     def settle_device(self) -> None:
         """Wait (on the host) until the courier has issued every queued fill and flag (`Courier.drain`): after it a

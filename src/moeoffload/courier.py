@@ -21,9 +21,13 @@ the kernel writes it only when the courier owes nothing, and the courier writes 
 
 Lazy loading: CUDA loads a kernel at its first launch, and that load may wait for the whole context to go idle,
 so a kernel first launched while the compute stream waits on the flag waits for the courier too (a GPU test that
-launched one from the thread that was to write the flag hung). So the first call of each (layer, routed pairs)
-shape waits on the host until its flag is passed: the kernels of that shape load while no wait is pending. Later
-calls of the shape run ahead.
+launched one from the thread that was to write the flag hung). So the first call of each (layer, routed pairs,
+prefetch or not) shape waits on the host before its lookups and again once its flag is passed: the kernels of that
+shape load while no wait is pending. Later calls of the shape run ahead.
+
+Work before the wait: `fetch(..., wait=False)` leaves the wait to the caller (`wait`), which first runs what reads
+no slot still being filled: the layer's FFN over the slots whose copy has landed (`DeviceDirectory.landing`), under
+the copies of the others.
 
 Blocking calls: while the compute stream waits on the flag, a host call that blocks in the driver (a copy to
 pageable memory, `.cpu()` or `.item()`) can hold the courier's own `cudaMemcpyAsync` up: on the lent H100 a suite's
@@ -150,6 +154,8 @@ class Courier:
         self._flag = _DeviceFlag(directory.flag) if self._cuda else _HostFlag(directory.flag)
         directory.flag.zero_()  # on the compute stream: after every wait queued before this courier
         directory.owed.zero_()
+        directory.landing.zero_()
+        self._unwaited: tuple[int, tuple[int, int, bool] | None] | None = None  # (seq, first shape) of `wait`
         self._seq = 0
         self._next = 0
         self._room = threading.Semaphore(depth)
@@ -169,10 +175,11 @@ class Courier:
         self._thread.start()
 
     def fetch(self, layer: int, top_k_index: torch.Tensor,
-              ahead: Callable[[], tuple[int, torch.Tensor] | None] | None = None) -> None:
+              ahead: Callable[[], tuple[int, torch.Tensor] | None] | None = None, wait: bool = True) -> None:
         """Queue this call's lookup, hand its fills to the courier, and make the compute stream wait for them.
         `ahead` gives a prefetch, (next layer, its guessed ids [T, k] on the device) or None: its lookup and copies
-        are queued right after this call's, before the wait, so they run while this layer computes."""
+        are queued right after this call's, before the wait, so they run while this layer computes. With
+        `wait=False` the caller queues the wait itself (`wait`), after the work that reads no slot being filled."""
         if self.error is not None:
             raise RuntimeError(f"moeoffload: the courier of fetch='device' failed ({type(self.error).__name__}: "
                                f"{self.error}); outputs since then are not valid. Use fetch='host'") from self.error
@@ -187,9 +194,21 @@ class Courier:
         guess = ahead() if ahead is not None else None
         if guess is not None:
             self._lookup(guess[0], guess[1], stream, prefetch=True)
+        self._unwaited = (seq, shape if first else None)
+        if wait:
+            self.wait()
+
+    def wait(self) -> None:
+        """Make the compute stream wait for the copies of the last `fetch` (and of every call before it). The first
+        call of a shape then waits on the host too, so that the kernels launched after it load with no wait
+        pending ("Lazy loading")."""
+        if self._unwaited is None:
+            return
+        (seq, first), self._unwaited = self._unwaited, None
+        stream = torch.cuda.current_stream(self.device) if self._cuda else None
         self._flag.wait(stream, seq)
-        if first:
-            self._seen.add(shape)
+        if first is not None:
+            self._seen.add(first)
             if stream is not None:
                 stream.synchronize()
 

@@ -57,7 +57,8 @@ class DeviceDirectory:
     - `stamp` int64 [slots]: LRU order, FREE when empty; `clock` int64 [1]: the last call's tick;
     - `fresh` int32 [slots]: 1 where a prefetch brought the expert and no call has asked for it yet;
     - `counts` int64 [5]: hits, misses, evictions, prefetches, prefetch hits since the last pull;
-    - `flag` and `owed` int32 [1]: the last call whose copies have landed, and the last one the courier must signal.
+    - `flag` and `owed` int32 [1]: the last call whose copies have landed, and the last one the courier must signal;
+    - `landing` int32 [slots]: the call whose copy fills each slot (landed once `flag` reaches it).
     """
 
     def __init__(self, num_layers: int, num_experts: int, n_slots: int, device: torch.device, expert_numel: int,
@@ -84,6 +85,7 @@ class DeviceDirectory:
         self.wanted = torch.zeros(1, dtype=torch.int32, device=device)  # distinct experts of the last own lookup
         self.flag = torch.zeros(1, dtype=torch.int32, device=device)  # the courier's sequence flag (see resolve)
         self.owed = torch.zeros(1, dtype=torch.int32, device=device)
+        self.landing = torch.zeros(n_slots, dtype=torch.int32, device=device)
         self.slot_ends = torch.arange(1, n_slots + 1, dtype=torch.int32, device=device)  # route_on_device's bounds
         self.fill_programs = 4
         if device.type == "cuda":
@@ -110,6 +112,7 @@ class DeviceDirectory:
         self.owner.copy_(owner)
         self.stamp.copy_(stamp)
         self.fresh.copy_(unasked)
+        self.landing.copy_(self.flag.expand(self.n_slots))  # the host's copies have landed (`ExpertCache.to_device`)
         self.clock.fill_(len(lru_order) // self.stride + 1)  # every new stamp above the ranks
         self.counts.zero_()
 
@@ -144,10 +147,11 @@ class DeviceDirectory:
             block_p = max(16, 1 << (max(ids.numel(), 1) - 1).bit_length())
             block_s = max(16, 1 << (self.n_slots - 1).bit_length())
             tk.resolve_experts[(1,)](ids.contiguous(), ids.numel(), self.table, self.owner, self.stamp, self.fresh,
-                                     self.clock, self.counts, self.fill_experts, self.fill_slots, self.fill_count,
-                                     self.fill_signal, self.wanted, layer, self.n_slots, self.flag, self.owed,
-                                     as_int32(seq or 0), E=self.num_experts, BLOCK_P=block_p, BLOCK_S=block_s,
-                                     SIGNAL=seq is not None, PREFETCH=prefetch, PREFETCH_MARK=int(prefetch))
+                                     self.landing, self.clock, self.counts, self.fill_experts, self.fill_slots,
+                                     self.fill_count, self.fill_signal, self.wanted, layer, self.n_slots, self.flag,
+                                     self.owed, as_int32(seq or 0), E=self.num_experts, BLOCK_P=block_p,
+                                     BLOCK_S=block_s, SIGNAL=seq is not None, PREFETCH=prefetch,
+                                     PREFETCH_MARK=int(prefetch))
             return
         self._resolve_torch(layer, ids, seq, prefetch)
 
@@ -215,6 +219,8 @@ class DeviceDirectory:
         for j, (e, slot) in enumerate(fills):
             self.fill_experts[j] = e
             self.fill_slots[j] = slot
+            if seq is not None:
+                self.landing[slot] = as_int32(seq)
         if not prefetch:
             self.wanted.fill_(len(wanted))
         if seq is not None:

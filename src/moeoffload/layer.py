@@ -45,6 +45,9 @@ DEVICE_FETCH_MAX_PAIRS = 4096
 # Larger calls always take "grouped-mm".
 DEVICE_FETCH_FFN = "tiles"
 DEVICE_FETCH_FFNS = ("grouped-mm", "tiles")
+# With the courier's copies in flight after a lookup, "tiles" runs the tiles of slots whose copy has landed before
+# the layer waits for its copies, and the rest after (two launches more a layer). False: one FFN after the wait.
+DEVICE_FETCH_SPLIT = True
 
 
 def grouped_spec(ffn, layout) -> _kernels.FFNSpec | None:
@@ -322,25 +325,34 @@ class OffloadedMoELayer:
         call needed, so it runs ahead of the GPU while a miss streams in, as it does when every expert is resident.
         A prefetcher that guesses on the device (the lookahead gate) queues the next layer's copies right behind
         this call's, so they run while this layer computes."""
-        row = self.cache.fetch_on_device(self.layer_idx, top_k_index, self._ahead(hidden))
-        directory = self.cache.directory
-        assert directory is not None
         backend = "triton" if self.kernels == "triton" else "torch"
         pairs, k = top_k_index.numel(), top_k_index.shape[1]
         # "tiles" in plain torch reads the table on the host: fine on a CPU, a blocking call on CUDA (see
         # courier.py, "Blocking calls"), where only the Triton backend takes it
-        if (DEVICE_FETCH_FFN == "tiles" and pairs <= _kernels.routing.FUSED_ROUTE_MAX_PAIRS
-                and (backend == "triton" or not hidden.is_cuda)):
+        tiled = (DEVICE_FETCH_FFN == "tiles" and pairs <= _kernels.routing.FUSED_ROUTE_MAX_PAIRS
+                 and (backend == "triton" or not hidden.is_cuda))
+        # with copies in flight after the lookup, the tiles of slots already resident run first, under the copies,
+        # and the compute stream waits only before the tiles of slots still being filled
+        landing = self.cache.landing_view() if tiled and DEVICE_FETCH_SPLIT else None
+        row = self.cache.fetch_on_device(self.layer_idx, top_k_index, self._ahead(hidden), wait=landing is None)
+        directory = self.cache.directory
+        assert directory is not None
+        if tiled:
             max_rows = pairs // k  # picks the tile size (a router names an expert once per token); a slot with
             # more rows would get more tiles, so the size matters for speed only
             order, inverse, offs, tiles = _kernels.route_tiles_on_device(
-                top_k_index, row, directory.slot_ends, _kernels.tile_rows(max_rows), backend=backend)
+                top_k_index, row, directory.slot_ends, _kernels.tile_rows(max_rows), backend=backend,
+                landing=None if landing is None else landing[0], flag=None if landing is None else landing[1])
         else:
             order, inverse, offs = _kernels.route_on_device(top_k_index, row, directory.slot_ends, backend=backend)
             tiles = None
         x = _kernels.permute(hidden, order, backend=backend, divisor=k)
         if tiles is not None:
-            y = _kernels.grouped_ffn_by_tiles(self.spec, x, self.cache.pool, tiles, max_rows, backend=backend)
+            pool = self.cache.pool
+            y = _kernels.grouped_ffn_by_tiles(self.spec, x, pool, tiles[:3], max_rows, backend=backend)
+            if landing is not None:
+                self.cache.finish_fetch()
+                _kernels.grouped_ffn_by_tiles(self.spec, x, pool, tiles[3:], max_rows, backend=backend, out=y)
         else:
             if self._pool_weights is None:
                 self._pool_weights = _kernels.slot_weights(self.spec, self.cache.pool)

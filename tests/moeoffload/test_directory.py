@@ -289,6 +289,49 @@ def test_model_through_device_fetch_matches_the_host_path(policy, budget, batch,
         assert s_d.prefetches > 0
 
 
+def test_resident_experts_compute_before_the_wait_for_a_copy(monkeypatch):
+    """With copies in flight (the courier, here slowed down), a layer runs the tiles of its resident slots before
+    it waits, and those of slots being filled after: some call must have had both, and the tokens are the host
+    path's."""
+    import time
+
+    from moeoffload import kernels
+
+    monkeypatch.setattr(layer_module, "DEVICE_FETCH_FFN", "tiles")
+    model = tiny_mixtral()
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(4))
+    with moeoffload.offload(model, "lru", "50%", device="cpu", kernels="grouped-torch") as handle:
+        with torch.no_grad():
+            want = model.generate(ids, max_new_tokens=6, do_sample=False)
+    calls = []
+    real_ffn = kernels.grouped_ffn_by_tiles
+
+    def spy(spec, x, pool, tiles, max_rows, **kw):
+        calls.append(bool((tiles[1] > tiles[0]).any()))  # this table has a tile
+        return real_ffn(spec, x, pool, tiles, max_rows, **kw)
+
+    monkeypatch.setattr(kernels, "grouped_ffn_by_tiles", spy)
+    with moeoffload.offload(model, "lru", "50%", device="cpu", kernels="grouped-torch", fetch="device") as handle:
+        handle.cache.mover = "copy-engine"
+        real_fetch = handle.cache.fetch_on_device
+
+        def fetch_then_slow_courier(*args, **kwargs):
+            row = real_fetch(*args, **kwargs)
+            courier = handle.cache.courier
+            if not getattr(courier, "slowed", False):
+                carry = courier._carry
+                courier._carry = lambda layer, fills: (time.sleep(0.02), carry(layer, fills))
+                courier.slowed = True
+            return row
+
+        handle.cache.fetch_on_device = fetch_then_slow_courier
+        with torch.no_grad():
+            got = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, want)
+    pairs = list(zip(calls[::2], calls[1::2]))  # (resident slots' table, slots being filled) of each call
+    assert any(now and later for now, later in pairs), "no call computed a resident expert before its wait"
+
+
 INTERPRETED = r"""
 import torch
 from hypothesis import given, settings, strategies as st

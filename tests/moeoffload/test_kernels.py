@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from moeoffload import kernels
+from moeoffload.kernels.streamops import as_int32
 from moeoffload.layout import ExpertLayout
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
@@ -141,6 +142,21 @@ def check_route(pairs: int, top_k: int, n_experts: int, n_slots: int, device: st
             for column, value in enumerate((row, end if starts else row, s if starts else 0)):
                 want_tiles[column].append(value)
         assert tiles.tolist() == want_tiles, f"tile_m={tile_m}"
+        # split by landing: tiles of slots whose copy has landed (landing <= flag, int32 wrap), then the others
+        flag_value = (1 << 31) - 3  # near the wrap: sequence numbers past it are negative as int32
+        landing_seq = [flag_value + int(d) for d in torch.randint(-3, 4, (n_slots,), generator=g)]
+        landing = torch.tensor([as_int32(v) for v in landing_seq], dtype=torch.int32, device=device)
+        flag = torch.tensor([flag_value], dtype=torch.int32, device=device)
+        *route, split = kernels.route_tiles_on_device(ids.to(device), slot_of_id, slot_ends, tile_m,
+                                                      backend=backend, landing=landing, flag=flag)
+        assert [t.tolist() for t in route] == [order.tolist(), inverse.tolist(), offs.tolist()]
+        for half, part in enumerate((split[:3], split[3:])):
+            want_part = [list(column) for column in want_tiles]
+            for i, (row, end, s) in enumerate(zip(*want_tiles)):
+                landed = landing_seq[s] <= flag_value
+                if end > row and landed != (half == 0):
+                    want_part[1][i], want_part[2][i] = row, 0
+            assert part.tolist() == want_part, f"tile_m={tile_m}, {'later' if half else 'now'}"
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 4, 5), (16, 2, 8, 9), (64, 8, 64, 200), (130, 2, 8, 9)])
@@ -270,6 +286,13 @@ def test_triton_matches_float64_on_gpu(shape):
     run_case("gated-silu", *shape, torch.bfloat16, "cuda", "triton", seed=shape[0])
     if shape[1] <= 1024:
         run_case("dense-relu", *shape, torch.bfloat16, "cuda", "triton", seed=shape[0] + 1)
+
+
+@pytest.mark.gpu
+def test_device_route_matches_its_definition_on_gpu():
+    """The routing kernel on CUDA (its tile table, split by landed copies too) against the definition."""
+    for i, shape in enumerate([(1, 1, 4, 5), (16, 2, 8, 9), (64, 8, 64, 200), (128, 4, 16, 17), (130, 2, 8, 9)]):
+        check_route(*shape, "cuda", "triton", seed=i)
 
 
 @pytest.mark.gpu

@@ -97,15 +97,21 @@ def route_on_device(top_k_index: torch.Tensor, slot_of_id: torch.Tensor, slot_en
 
 
 def route_tiles_on_device(top_k_index: torch.Tensor, slot_of_id: torch.Tensor, slot_ends: torch.Tensor, tile_m: int,
-                          backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                          backend: str = "auto", landing: torch.Tensor | None = None, flag: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`route_on_device`'s three, and `tiles` int32 [3, pairs] for `grouped_ffn_by_tiles`, also without a sync: one
     entry per sorted row; a row that starts a run of `tile_m` rows of one slot holds (row, the slot's end row,
     slot), every other row (row, row, 0), an empty tile. The FFN then runs over the routed slots only: its launch
-    does not grow with the pool, as torch's grouped GEMM over `offs` does (every slot is a group)."""
-    return _route(top_k_index, slot_of_id, slot_ends, tile_m, backend)
+    does not grow with the pool, as torch's grouped GEMM over `offs` does (every slot is a group).
+
+    With `landing` (int32 [n_slots]: the sequence number of the copy into each slot) and `flag` (int32 [1]: the
+    last sequence number whose copies have landed), `tiles` is [6, pairs]: rows 0-2 the tiles of slots whose copy
+    has landed, rows 3-5 the others, so that the FFN of the first can run before the wait for the copies. (Its torch
+    form reads `flag` on the host: a sync on CUDA.)"""
+    return _route(top_k_index, slot_of_id, slot_ends, tile_m, backend, landing, flag)
 
 
-def _route(top_k_index, slot_of_id, slot_ends, tile_m, backend):
+def _route(top_k_index, slot_of_id, slot_ends, tile_m, backend, landing=None, flag=None):
     pairs = top_k_index.numel()
     n_slots = slot_ends.numel()
     device = top_k_index.device
@@ -115,12 +121,13 @@ def _route(top_k_index, slot_of_id, slot_ends, tile_m, backend):
         order = torch.empty(pairs, dtype=torch.int32, device=device)
         inverse = torch.empty_like(order)
         offs = torch.empty(n_slots, dtype=torch.int32, device=device)
-        tiles = torch.empty((3, pairs), dtype=torch.int32, device=device) if tile_m else None
+        split = landing is not None
+        tiles = torch.empty((6 if split else 3, pairs), dtype=torch.int32, device=device) if tile_m else None
         block_s = max(16, 1 << (pairs - 1).bit_length())
         tk.route_pairs[(triton_cdiv(n_slots, ROUTE_BLOCK_SLOTS),)](
-            top_k_index.contiguous(), slot_of_id, order, inverse, offs, tiles if tiles is not None else order, pairs,
-            slot_of_id.numel(), n_slots, BLOCK_S=block_s, BLOCK_SLOTS=ROUTE_BLOCK_SLOTS, TILE_M=tile_m or 1,
-            TILES=tiles is not None)
+            top_k_index.contiguous(), slot_of_id, order, inverse, offs, tiles if tiles is not None else order,
+            landing if split else order, flag if split else order, pairs, slot_of_id.numel(), n_slots,
+            BLOCK_S=block_s, BLOCK_SLOTS=ROUTE_BLOCK_SLOTS, TILE_M=tile_m or 1, TILES=tiles is not None, SPLIT=split)
         return order, inverse, offs, tiles
     ids = top_k_index.reshape(-1).clamp(-1, slot_of_id.numel() - 1)
     slots, order = torch.sort(slot_of_id[ids], stable=True)
@@ -132,7 +139,13 @@ def _route(top_k_index, slot_of_id, slot_ends, tile_m, backend):
         first = torch.searchsorted(slots, slots, out_int32=True)
         end = torch.searchsorted(slots, slots, right=True, out_int32=True)
         starts = ((rows - first) % tile_m == 0) & (slots >= 0) & (slots < n_slots)
-        tiles = torch.stack([rows, torch.where(starts, end, rows), torch.where(starts, slots, 0)]).to(torch.int32)
+        parts = [starts]
+        if landing is not None:
+            lands = landing[slots.clamp(0, n_slots - 1)].to(torch.int64)
+            ready = ((int(flag.item()) - lands + (1 << 31)) % (1 << 32) - (1 << 31)) >= 0  # int32 difference
+            parts = [starts & ready, starts & ~ready]
+        tiles = torch.cat([torch.stack([rows, torch.where(part, end, rows), torch.where(part, slots, 0)])
+                           for part in parts]).to(torch.int32)
     return order, inverse, offs, tiles
 
 

@@ -30,15 +30,19 @@ def gather_rows(src_ptr, index_ptr, dst_ptr, H, DIVISOR, BLOCK_H: tl.constexpr):
 
 
 @triton.jit
-def route_pairs(ids_ptr, slot_of_id_ptr, order_ptr, inverse_ptr, offs_ptr, tiles_ptr, S, n_ids, n_slots,
-                BLOCK_S: tl.constexpr, BLOCK_SLOTS: tl.constexpr, TILE_M: tl.constexpr, TILES: tl.constexpr):
+def route_pairs(ids_ptr, slot_of_id_ptr, order_ptr, inverse_ptr, offs_ptr, tiles_ptr, landing_ptr, flag_ptr, S, n_ids,
+                n_slots, BLOCK_S: tl.constexpr, BLOCK_SLOTS: tl.constexpr, TILE_M: tl.constexpr, TILES: tl.constexpr,
+                SPLIT: tl.constexpr):
     """The routing of a few pairs in one launch (`routing.route_on_device`): pair p = t * K + k goes to slot
     slot_of_id[clamp(id, -1, E)] (-1 and E: the "no expert" sentinel, n_slots). Its row in a stable sort by slot
     is the number of pairs before it, `inverse[p]`, and `order[row] = p`; `offs[i]` counts the pairs in slots
     <= i. Every program writes its BLOCK_SLOTS offsets; the first also ranks the pairs, all against all, so
     BLOCK_S stays small (decode sizes). With TILES it also writes `grouped_linear`'s tile table, one entry per
     sorted row: a row that starts a run of TILE_M rows of one slot gets (row, the slot's end row, slot), every
-    other row an empty tile (row, row, 0), so the FFN runs over the routed slots only, whatever the pool's size."""
+    other row an empty tile (row, row, 0), so the FFN runs over the routed slots only, whatever the pool's size.
+    With SPLIT two tables follow each other: the tiles of slots whose copy has landed (landing[slot], the call
+    that fills it, reached by the courier's flag), and those of slots still being filled: the FFN of the first
+    runs before the layer waits for its copies (`directory.DeviceDirectory.landing`)."""
     pid = tl.program_id(0)
     p = tl.arange(0, BLOCK_S)
     live = p < S
@@ -59,9 +63,21 @@ def route_pairs(ids_ptr, slot_of_id_ptr, order_ptr, inverse_ptr, offs_ptr, tiles
             first = tl.sum(((slot[None, :] < slot[:, None]) & live[None, :]).to(tl.int32), axis=1)
             end = tl.sum(((slot[None, :] <= slot[:, None]) & live[None, :]).to(tl.int32), axis=1)
             starts = ((row - first) % TILE_M == 0) & (slot >= 0) & (slot < n_slots)
-            tl.store(tiles_ptr + row, row, mask=live)
-            tl.store(tiles_ptr + S + row, tl.where(starts, end, row), mask=live)
-            tl.store(tiles_ptr + 2 * S + row, tl.where(starts, slot, 0), mask=live)
+            if SPLIT:
+                landing = tl.load(landing_ptr + tl.where(starts, slot, 0), mask=live, other=0)
+                landed = tl.load(flag_ptr, volatile=True)  # written by the copy stream: a stale value only defers
+                ready = (landed - landing) >= 0  # int32 difference: sequence numbers wrap around
+                now, later = starts & ready, starts & (ready == 0)
+                tl.store(tiles_ptr + row, row, mask=live)
+                tl.store(tiles_ptr + S + row, tl.where(now, end, row), mask=live)
+                tl.store(tiles_ptr + 2 * S + row, tl.where(now, slot, 0), mask=live)
+                tl.store(tiles_ptr + 3 * S + row, row, mask=live)
+                tl.store(tiles_ptr + 4 * S + row, tl.where(later, end, row), mask=live)
+                tl.store(tiles_ptr + 5 * S + row, tl.where(later, slot, 0), mask=live)
+            else:
+                tl.store(tiles_ptr + row, row, mask=live)
+                tl.store(tiles_ptr + S + row, tl.where(starts, end, row), mask=live)
+                tl.store(tiles_ptr + 2 * S + row, tl.where(starts, slot, 0), mask=live)
 
 
 @triton.jit
@@ -149,9 +165,9 @@ def stream_copy(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["seq"])
-def resolve_experts(ids_ptr, P, table_ptr, owner_ptr, stamp_ptr, fresh_ptr, clock_ptr, counts_ptr, fill_e_ptr,
-                    fill_s_ptr, fill_n_ptr, fill_sig_ptr, wanted_ptr, layer, n_slots, flag_ptr, owed_ptr, seq,
-                    E: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, SIGNAL: tl.constexpr,
+def resolve_experts(ids_ptr, P, table_ptr, owner_ptr, stamp_ptr, fresh_ptr, landing_ptr, clock_ptr, counts_ptr,
+                    fill_e_ptr, fill_s_ptr, fill_n_ptr, fill_sig_ptr, wanted_ptr, layer, n_slots, flag_ptr, owed_ptr,
+                    seq, E: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, SIGNAL: tl.constexpr,
                     PREFETCH: tl.constexpr, PREFETCH_MARK: tl.constexpr):
     """One MoE layer call's cache lookup on the device (`moeoffload.directory`), one program: hits are stamped
     first (so none of the call's experts can be chosen as a victim), then each miss, in ascending expert order, takes
@@ -167,7 +183,8 @@ def resolve_experts(ids_ptr, P, table_ptr, owner_ptr, stamp_ptr, fresh_ptr, cloc
     SIGNAL: the courier's flag (`moeoffload.courier`). A call with nothing to copy sets the flag to `seq` itself,
     so the compute stream need not wait for the host, but only when every copy the courier owes has landed
     (flag >= owed: a hit may be on a slot that an earlier prefetch is still filling). Otherwise the call becomes
-    what the courier owes, and `fill_sig` tells the courier to write the flag after the copies queued so far."""
+    what the courier owes, and `fill_sig` tells the courier to write the flag after the copies queued so far. Each
+    slot it lists gets `seq` in `landing`: the layer's FFN runs the slots whose copy has landed before its wait."""
     p = tl.arange(0, BLOCK_P)
     ids = tl.load(ids_ptr + p, mask=p < P, other=-1)
     s = tl.arange(0, BLOCK_S)
@@ -221,6 +238,8 @@ def resolve_experts(ids_ptr, P, table_ptr, owner_ptr, stamp_ptr, fresh_ptr, cloc
                 fresh = tl.where(s == victim, PREFETCH_MARK, fresh)
                 tl.store(fill_e_ptr + misses, e)
                 tl.store(fill_s_ptr + misses, victim.to(tl.int32))
+                if SIGNAL:
+                    tl.store(landing_ptr + victim, seq)
                 misses += 1
     tl.store(stamp_ptr + s, stamps, mask=live)
     tl.store(fresh_ptr + s, fresh, mask=live)
