@@ -10,19 +10,23 @@ def test_mixtral_e2e_tiny_smoke(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     cmd = [sys.executable, "benchmarks/mixtral_e2e.py", "--tiny", "--part", "full", "--batches", "2",
            "--budgets", "50%", "--policies", "lookahead", "lru", "--steps", "2", "--warm", "0",
-           "--kernels", "grouped-torch", "--gil-ab", "--ffn-ab", "grouped-mm", "--profile", "--out", str(tmp_path)]
+           "--kernels", "grouped-torch", "--gil-ab", "--ffn-ab", "grouped-mm", "--split-ab", "--profile",
+           "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": os.path.join(root, "src")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "mixtral_e2e_full_b2_tiny.json").read_text())
-    rows = result["rows"]
+    burn_in, *rows = result["rows"]
+    assert burn_in["case"].startswith("burn-in/lookahead@50%")
     assert [(r["policy"], r["fetch"]) for r in rows] == [("lookahead", "host"), ("lru", "host"), ("lru", "device"),
-                                                         ("lru", "device"), ("lru", "device")]
-    lru_host, lru_device, lru_gil_ab, lru_ffn_ab = rows[1:]  # the directory on the device makes the host's choices
+                                                         ("lru", "device"), ("lru", "device"), ("lru", "device")]
+    lru_host, lru_device, lru_gil_ab, lru_ffn_ab, lru_split_ab = rows[1:]  # the device makes the host's choices
+    assert lru_split_ab["case"].endswith("/no-split") and lru_split_ab["misses_per_step"] == lru_host["misses_per_step"]
     assert lru_host["misses_per_step"] == lru_device["misses_per_step"] == lru_gil_ab["misses_per_step"]
     assert lru_ffn_ab["misses_per_step"] == lru_host["misses_per_step"]
     assert (lru_device["device_ffn"], lru_ffn_ab["device_ffn"]) == ("tiles", "grouped-mm")
     assert lru_ffn_ab["case"].endswith("/grouped-mm") and lru_gil_ab["case"].endswith("/switch-0.1ms")
     assert rows[0]["host_ms_per_step"] > 0
-    assert all("error" not in r and r["steps"] == 2 and r["misses_per_step"] > 0 for r in rows)
+    assert all("error" not in r and r["steps"] == 2 == len(r["step_ms"]) and r["misses_per_step"] > 0 for r in rows)
+    assert not any("burn-in" in name for name in os.listdir(tmp_path))  # the burn-in row is not profiled
     assert "x floor" in proc.stdout.splitlines()[-3] or "x floor" in proc.stdout
