@@ -56,11 +56,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "policy is judged by the accuracy limit, not by identical tokens, and the reference stays "
                          "on the loop")
     group.addoption("--moebench-fetch", default="host", choices=("host", "device"),
-                    help="who fetches a missing expert in the LRU cases (moeoffload.offload(fetch=...)): host "
-                         "(default), a sync per MoE layer and the copy engine; device (experimental), the grouped "
-                         "kernels look experts up in a directory on the GPU and a host thread queues the missing "
-                         "ones on the copy engine (needs --moebench-kernels other than torch; other policies keep "
-                         "fetching on the host)")
+                    help="who fetches a missing expert in the LRU cases, lookahead included "
+                         "(moeoffload.offload(fetch=...)): host (default), a sync per MoE layer and the copy engine; "
+                         "device (experimental), the grouped kernels look experts up in a directory on the GPU and a "
+                         "host thread queues the missing ones on the copy engine (needs --moebench-kernels other than "
+                         "torch; other policies keep fetching on the host)")
     group.addoption("--moebench-inject-delay", default=None, metavar="TIME",
                     help="TEST HOOK: busy-wait before every MoE layer, to fake a slowdown: TIME (e.g. 0.2ms) each "
                          "call, or a percentage (e.g. 5%%: stretch the run by that much, whatever the machine's "

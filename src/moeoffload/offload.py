@@ -308,7 +308,8 @@ def offload(model: nn.Module, policy: str | policies.Policy = "lru", gpu_budget:
     `fetch`: "host" (default: a layer learns which experts it needs with one device->host sync, and the copy engine
     brings the missing ones) or "device" (experimental: the grouped kernels look the experts up in a directory on
     the device and a host thread queues the missing ones on the copy engine while the GPU waits on a flag: no sync,
-    so the host runs ahead while they arrive; LRU policies, `moeoffload.directory`, `moeoffload.courier`)."""
+    so the host runs ahead while they arrive; LRU policies, `lookahead`'s prefetch included, `moeoffload.directory`,
+    `moeoffload.courier`)."""
     if getattr(model, "_moeoffload", None) is not None:
         raise MoeOffloadError("this model is already offloaded; call moeoffload.unload(model) first")
     policy = policies.get(policy)
