@@ -502,6 +502,16 @@ def run_engine_case_handle(rec, handle, model, batch, args, device, bw, policy, 
              "io_floor_ms_per_step": misses * handle.store.expert_bytes / bw * 1e3 if bw == bw else None})
 
 
+def read_rows(path: str) -> list[dict]:
+    with open(path) as f:
+        return json.load(f)["rows"]
+
+
+def measured(rows: list[dict]) -> list[dict]:
+    """The rows of measured cases: without the burn-in row."""
+    return [r for r in rows if not r.get("case", "").startswith("burn-in/")]
+
+
 def against_peers(full_rows: list[dict], peer_rows: list[dict]) -> str:
     """Each full-size case per layer against accelerate's cpu_offload (per layer, on the peer model) and against
     its two floors: the I/O floor (its misses x expert bytes / pinned bandwidth) and a compute floor (the engine
@@ -565,7 +575,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the cost part")
     ap.add_argument("--tiny", action="store_true", help="a tiny config (CPU smoke run of the logic)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    ap.add_argument("--against-peers", nargs=2, metavar=("FULL_JSON", "PEER_JSON"),
+                    help="measure nothing: print the against-peers table of a full and a peer JSON written earlier "
+                         "(two invocations of one device call)")
     args = ap.parse_args()
+    if args.against_peers:
+        full, peer = (read_rows(path) for path in args.against_peers)
+        print(against_peers(measured(full), peer))
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     import transformers
 
@@ -581,7 +598,7 @@ def main() -> None:
         {"full": part_full, "peer": part_peer, "cost": part_cost}[part](args, device, rec)
         print(f"\n== {part} ({meta['device']}) ==\n" + rec.table(), flush=True)
     if "full" in recs and "peer" in recs:
-        text = against_peers(recs["full"].rows, recs["peer"].rows)
+        text = against_peers(measured(recs["full"].rows), recs["peer"].rows)
         with open(os.path.join(args.out, "mixtral_e2e_against_peers.txt"), "w") as f:
             f.write(text + "\n")
         print("\n== full size against the peers measured in this same command ==\n" + text, flush=True)
