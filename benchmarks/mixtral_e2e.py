@@ -6,6 +6,7 @@
     PYTHONPATH=src python benchmarks/mixtral_e2e.py --part peer --part full      # both, and the one table against
                                                                                  # the peers of this same run
     python benchmarks/mixtral_e2e.py --tiny --part full --part peer             # CPU smoke run of the logic
+    PYTHONPATH=src python benchmarks/mixtral_e2e.py --against-peers FULL.json PEER.json  # that table, from two runs
 
 `--profile` adds one profiled step per case (its trace, and the gpu_* fields of `benchmarks/gpu_timeline.py`:
 the step's GPU span split into copies, kernels, both at once and idle).
