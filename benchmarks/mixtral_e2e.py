@@ -265,15 +265,13 @@ def run_engine_case(rec, model, hook, store, policy, budget, batch, args, device
         ("" if device_ffn is None else f"/{device_ffn}") + \
         ("" if split is None else ("/split" if split else "/no-split"))
     cache = layers = None
-    shipped, shipped_ffn = courier_module.SWITCH_INTERVAL_S, layer_module.DEVICE_FETCH_FFN
-    shipped_split = layer_module.DEVICE_FETCH_SPLIT
+    knobs = ([(courier_module, "SWITCH_INTERVAL_S", switch_interval)] if switch_interval != "courier" else []) + \
+        ([(layer_module, "DEVICE_FETCH_FFN", device_ffn)] if device_ffn is not None else []) + \
+        ([(layer_module, "DEVICE_FETCH_SPLIT", split)] if split is not None else [])
+    shipped = [(module, name, getattr(module, name)) for module, name, _ in knobs]
     try:
-        if split is not None:
-            layer_module.DEVICE_FETCH_SPLIT = split
-        if switch_interval != "courier":
-            courier_module.SWITCH_INTERVAL_S = switch_interval
-        if device_ffn is not None:
-            layer_module.DEVICE_FETCH_FFN = device_ffn
+        for module, name, value in knobs:  # this case's A/B settings; the shipped ones come back in `finally`
+            setattr(module, name, value)
         cache, layers = engine(model, hook, store, policy, budget, device, kernels, fetch)
         host_times: list[float] = []
         times = decode(model, batch, args.steps, args.warm, device, seed=batch, on_timed_start=cache.reset_stats,
@@ -312,8 +310,8 @@ def run_engine_case(rec, model, hook, store, policy, budget, batch, args, device
     except Exception as exc:
         rec.add({"case": case, "error": f"{type(exc).__name__}: {exc}"})
     finally:
-        courier_module.SWITCH_INTERVAL_S, layer_module.DEVICE_FETCH_FFN = shipped, shipped_ffn
-        layer_module.DEVICE_FETCH_SPLIT = shipped_split
+        for module, name, value in shipped:
+            setattr(module, name, value)
         for module in hook.layers:  # the modules hold the layers, the layers the pool: drop it before the next case
             module.__dict__.pop("_moeoffload_layer", None)
         if cache is not None:

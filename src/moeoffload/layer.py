@@ -121,9 +121,12 @@ class OffloadedMoELayer:
         try:
             self.prefetcher(self.layer_idx, hidden)
         except Exception as exc:
-            warnings.warn(f"moeoffload: prefetcher of MoE layer {self.layer_idx} failed ({type(exc).__name__}: "
-                          f"{exc}); this layer now fetches experts on demand", RuntimeWarning, stacklevel=3)
-            self.prefetcher = None
+            self._drop_prefetcher(exc, stacklevel=4)
+
+    def _drop_prefetcher(self, exc: Exception, stacklevel: int) -> None:
+        warnings.warn(f"moeoffload: prefetcher of MoE layer {self.layer_idx} failed ({type(exc).__name__}: "
+                      f"{exc}); this layer now fetches experts on demand", RuntimeWarning, stacklevel=stacklevel)
+        self.prefetcher = None
 
     def _tap(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         """The router tap's routing, or the router's own. A replacement naming experts that do not exist (or of
@@ -310,9 +313,7 @@ class OffloadedMoELayer:
             try:
                 return prefetcher.predict_on_device(self.layer_idx, hidden)
             except Exception as exc:
-                warnings.warn(f"moeoffload: prefetcher of MoE layer {self.layer_idx} failed ({type(exc).__name__}: "
-                              f"{exc}); this layer now fetches experts on demand", RuntimeWarning, stacklevel=5)
-                self.prefetcher = None
+                self._drop_prefetcher(exc, stacklevel=6)
                 return None
 
         return guess

@@ -63,21 +63,19 @@ def route_pairs(ids_ptr, slot_of_id_ptr, order_ptr, inverse_ptr, offs_ptr, tiles
             first = tl.sum(((slot[None, :] < slot[:, None]) & live[None, :]).to(tl.int32), axis=1)
             end = tl.sum(((slot[None, :] <= slot[:, None]) & live[None, :]).to(tl.int32), axis=1)
             starts = ((row - first) % TILE_M == 0) & (slot >= 0) & (slot < n_slots)
+            now = starts
             if SPLIT:
                 landing = tl.load(landing_ptr + tl.where(starts, slot, 0), mask=live, other=0)
                 landed = tl.load(flag_ptr, volatile=True)  # written by the copy stream: a stale value only defers
                 ready = (landed - landing) >= 0  # int32 difference: sequence numbers wrap around
-                now, later = starts & ready, starts & (ready == 0)
-                tl.store(tiles_ptr + row, row, mask=live)
-                tl.store(tiles_ptr + S + row, tl.where(now, end, row), mask=live)
-                tl.store(tiles_ptr + 2 * S + row, tl.where(now, slot, 0), mask=live)
+                now = starts & ready
+                later = starts & (ready == 0)
                 tl.store(tiles_ptr + 3 * S + row, row, mask=live)
                 tl.store(tiles_ptr + 4 * S + row, tl.where(later, end, row), mask=live)
                 tl.store(tiles_ptr + 5 * S + row, tl.where(later, slot, 0), mask=live)
-            else:
-                tl.store(tiles_ptr + row, row, mask=live)
-                tl.store(tiles_ptr + S + row, tl.where(starts, end, row), mask=live)
-                tl.store(tiles_ptr + 2 * S + row, tl.where(starts, slot, 0), mask=live)
+            tl.store(tiles_ptr + row, row, mask=live)
+            tl.store(tiles_ptr + S + row, tl.where(now, end, row), mask=live)
+            tl.store(tiles_ptr + 2 * S + row, tl.where(now, slot, 0), mask=live)
 
 
 @triton.jit
