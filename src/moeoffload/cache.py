@@ -17,7 +17,7 @@ import torch
 
 from .courier import Courier
 from .directory import DeviceDirectory
-from .eviction import LRU, EvictionRule
+from .eviction import LRU, EvictionRule, NextUse
 from .kernels import streamops
 from .store import ExpertKey, ExpertStore
 from .transfer import TransferEngine
@@ -121,7 +121,7 @@ class ExpertCache:
                 self.mover = "copy-engine" if streamops.available(self.device) else "sm-loads"
             self._check_device_fetch(rule, retain)
             self.directory = DeviceDirectory(store.num_layers, store.num_experts, n_slots, self.device,
-                                             store.layout.numel)
+                                             store.layout.numel, eviction=rule.name)
 
     @property
     def stats(self) -> CacheStats:
@@ -247,8 +247,10 @@ class ExpertCache:
             self._deferred_hits = hits if self._deferred_hits is None else self._deferred_hits + hits
 
     def enter_layer(self, layer: int) -> None:
-        """Tell the eviction rule which MoE layer starts computing (rules that model the layer cycle use it)."""
+        """Tell the eviction rule which MoE layer starts computing (rules that model the layer cycle use it). Only
+        for a call on the host path: under fetch="device" a call's lookup counts its layer's start itself."""
         if self._on_layer is not None:
+            self.to_host()
             self._on_layer(layer)
 
     def release(self, keys: Iterable[ExpertKey]) -> None:
@@ -376,10 +378,10 @@ class ExpertCache:
     # -- fetch="device": the directory on the device -----------------------------------------------------------------
     def _check_device_fetch(self, rule: EvictionRule, retain: bool) -> None:
         """Refuse what the device directory cannot do, naming the fix."""
-        if type(rule) is not LRU or not retain:
-            raise ValueError(f"fetch='device' keeps an LRU cache on the device; this cache evicts by "
+        if type(rule) not in (LRU, NextUse) or not retain:
+            raise ValueError(f"fetch='device' keeps an LRU or next-use cache on the device; this cache evicts by "
                              f"{getattr(rule, 'name', type(rule).__name__)!r}{'' if retain else ' without retaining'}: "
-                             "use fetch='host' or an LRU policy ('lru')")
+                             "use fetch='host', or a policy such as 'lru' or 'next-use'")
         if self.n_slots > _max_device_slots():
             raise ValueError(f"fetch='device' groups every slot in one grouped GEMM, which takes at most "
                              f"{_max_device_slots()}; this cache has {self.n_slots}: use fetch='host' or a smaller "
@@ -467,7 +469,8 @@ class ExpertCache:
             raise RuntimeError("fetch='device' took over while experts were pinned; release them first")
         self._wait_for_copies(range(self.n_slots))
         order = [k for k in self.rule if k in self._slot_of]  # type: ignore[attr-defined]
-        self.directory.load(self._slot_of, order, self._prefetched)
+        cycle = self.rule.cycle() if isinstance(self.rule, NextUse) else None
+        self.directory.load(self._slot_of, order, self._prefetched, cycle)
         self._holder = "device"
 
     def to_host(self) -> None:
@@ -478,11 +481,13 @@ class ExpertCache:
         self.settle_device()
         if self._courier is not None:
             self._courier.fence()  # a prefetch's copies are waited for by the call that reads them, not their own
-        slot_of, order, counts, unasked = self.directory.read()
+        slot_of, order, counts, unasked, cycle = self.directory.read()
         for key in list(self._slot_of):
             self.rule.on_remove(key)
         for key in order:
             self.rule.on_insert(key)
+        if cycle is not None:
+            self.rule.set_cycle(cycle)  # type: ignore[attr-defined]
         self._slot_of = slot_of
         used = set(slot_of.values())
         self._free = [s for s in range(self.n_slots - 1, -1, -1) if s not in used]

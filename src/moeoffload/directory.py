@@ -28,15 +28,21 @@ lookup): the host cache's `prefetch`, on the device. Its copies run while the la
 a slot still being filled must wait for that copy, so a call may set the courier's flag itself only once every copy
 the courier owes has landed (`owed`; `kernels.triton_kernels.resolve_experts`).
 
-LRU only: its order is one stamp per slot. A call's experts get `tick * experts + expert`, its hits before any miss
-is placed, so the victims and the order among one call's experts are those of the host's LRU cache (hits touched,
-then misses loaded, in ascending expert order): both make the same choices, slot for slot (tested as a property).
+Eviction: LRU or next-use (`eviction.NextUse`). Recency is one stamp per slot: a call's experts get
+`tick * experts + expert`, its hits before any miss is placed, so the victims and the order among one call's experts
+are those of the host's cache (hits touched and misses loaded in ascending expert order). Next-use adds how many
+times each layer has started (`visits`), the layer computing now and the cycle length (`cycle`), and per slot the
+visit of its layer that last used it (`last`): its score, expected layer calls until the expert is needed, is the
+host rule's, and ties go to the least recent stamp. Both rules make the host cache's choices, slot for slot (tested
+as a property). Next-use is the rule that pays at large batches: a decode step there uses every expert of every
+layer, and LRU then evicts exactly the expert needed next.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .eviction import Cycle
 from .kernels import use_triton
 from .kernels.streamops import as_int32, reached
 
@@ -46,6 +52,8 @@ BIG = 1 << 62  # stamps of padding and of this call's experts while a victim is 
 COUNTS = ("hits", "misses", "evictions", "prefetches", "prefetch_hits")  # `counts`, in order
 FILL_BLOCK = 8192  # elements each program of `fill` copies per step
 FILL_PROGRAMS_PER_SM = 4
+EVICTIONS = ("lru", "next-use")  # the rules the directory keeps on the device
+EMPTY_SCORE = 1 << 30  # next-use's score of an empty slot: above every real one, so empty slots are filled first
 
 
 class DeviceDirectory:
@@ -58,11 +66,16 @@ class DeviceDirectory:
     - `fresh` int32 [slots]: 1 where a prefetch brought the expert and no call has asked for it yet;
     - `counts` int64 [5]: hits, misses, evictions, prefetches, prefetch hits since the last pull;
     - `flag` and `owed` int32 [1]: the last call whose copies have landed, and the last one the courier must signal;
-    - `landing` int32 [slots]: the call whose copy fills each slot (landed once `flag` reaches it).
+    - `landing` int32 [slots]: the call whose copy fills each slot (landed once `flag` reaches it);
+    - next-use only: `visits` int32 [layers], `cycle` int32 [2] (the layer computing now, the cycle length) and
+      `last` int32 [slots] (`eviction.Cycle`).
     """
 
     def __init__(self, num_layers: int, num_experts: int, n_slots: int, device: torch.device, expert_numel: int,
-                 backend: str = "auto"):
+                 backend: str = "auto", eviction: str = "lru"):
+        if eviction not in EVICTIONS:
+            raise ValueError(f"the device directory evicts by {' or '.join(EVICTIONS)}, not {eviction!r}")
+        self.eviction = eviction
         self.backend = backend  # "auto": Triton on CUDA; "triton" (also under TRITON_INTERPRET on a CPU); "torch"
         self.num_layers, self.num_experts, self.n_slots = num_layers, num_experts, n_slots
         self.device = device
@@ -87,15 +100,18 @@ class DeviceDirectory:
         self.owed = torch.zeros(1, dtype=torch.int32, device=device)
         self.landing = torch.zeros(n_slots, dtype=torch.int32, device=device)
         self.slot_ends = torch.arange(1, n_slots + 1, dtype=torch.int32, device=device)  # route_on_device's bounds
+        self.visits = torch.zeros(num_layers, dtype=torch.int32, device=device)
+        self.cycle = torch.tensor([-1, 0], dtype=torch.int32, device=device)
+        self.last = torch.zeros(n_slots, dtype=torch.int32, device=device)
         self.fill_programs = 4
         if device.type == "cuda":
             self.fill_programs = torch.cuda.get_device_properties(device).multi_processor_count * FILL_PROGRAMS_PER_SM
 
     # -- host <-> device -------------------------------------------------------------------------------------------
     def load(self, slot_of: dict[tuple[int, int], int], lru_order: list[tuple[int, int]],
-             fresh: set[tuple[int, int]] | frozenset = frozenset()) -> None:
+             fresh: set[tuple[int, int]] | frozenset = frozenset(), cycle: Cycle | None = None) -> None:
         """Write the host's view (key -> slot, keys least recently used first, keys prefetched and not yet asked
-        for) into the device tensors."""
+        for, and next-use's `cycle`) into the device tensors."""
         e_count = self.num_experts
         table = torch.full((self.num_layers, e_count + 1), -1, dtype=torch.int32)
         table[:, e_count] = self.n_slots
@@ -115,19 +131,36 @@ class DeviceDirectory:
         self.landing.copy_(self.flag.expand(self.n_slots))  # the host's copies have landed (`ExpertCache.to_device`)
         self.clock.fill_(len(lru_order) // self.stride + 1)  # every new stamp above the ranks
         self.counts.zero_()
+        if cycle is not None:
+            self.visits.copy_(torch.tensor([cycle.visits.get(layer, 0) for layer in range(self.num_layers)],
+                                           dtype=torch.int32))
+            self.cycle.copy_(torch.tensor([cycle.current, cycle.layers], dtype=torch.int32))
+            last = torch.zeros(self.n_slots, dtype=torch.int32)
+            for key, slot in slot_of.items():
+                last[slot] = cycle.last.get(key, 0)
+            self.last.copy_(last)
 
-    def read(self) -> tuple[dict[tuple[int, int], int], list[tuple[int, int]], dict[str, int], set[tuple[int, int]]]:
+    def read(self) -> tuple[dict[tuple[int, int], int], list[tuple[int, int]], dict[str, int], set[tuple[int, int]],
+                            Cycle | None]:
         """(key -> slot, keys least recently used first, counts since the last read by name (`COUNTS`), keys
-        prefetched and not yet asked for): one sync. The counts restart from zero."""
+        prefetched and not yet asked for, next-use's `Cycle` or None under LRU): one sync. The counts restart from
+        zero."""
         owner, stamp, counts = self.owner.tolist(), self.stamp.tolist(), self.counts.tolist()
         fresh = self.fresh.tolist()
+        cycle = None
+        if self.eviction == "next-use":
+            current, layers = self.cycle.tolist()
+            visits, last = self.visits.tolist(), self.last.tolist()
         self.counts.zero_()
         e_count = self.num_experts
         resident = sorted((stamp[slot], slot) for slot, key in enumerate(owner) if key != NO_KEY)
         slot_of = {(owner[slot] // e_count, owner[slot] % e_count): slot for _, slot in resident}
         order = [(owner[slot] // e_count, owner[slot] % e_count) for _, slot in resident]
         unasked = {key for key, slot in slot_of.items() if fresh[slot]}
-        return slot_of, order, dict(zip(COUNTS, counts)), unasked
+        if self.eviction == "next-use":
+            cycle = Cycle(current, layers, {layer: v for layer, v in enumerate(visits) if v},
+                          {key: last[slot] for key, slot in slot_of.items()})
+        return slot_of, order, dict(zip(COUNTS, counts)), unasked, cycle
 
     # -- the hot path: launched by a layer, never waited for --------------------------------------------------------
     def resolve(self, layer: int, top_k_index: torch.Tensor, seq: int | None = None, prefetch: bool = False) -> None:
@@ -139,7 +172,8 @@ class DeviceDirectory:
         hits are left as they are, misses are inserted as most recent without evicting the previous call's experts,
         and a miss that no slot can take ends the prefetch. With `seq` (the courier's), a call with nothing to copy
         sets `flag` to `seq` itself when no copy the courier owes is still in flight, else marks `fill_signal`
-        (`kernels.triton_kernels.resolve_experts`)."""
+        (`kernels.triton_kernels.resolve_experts`). Under next-use a call's own lookup is also its layer's start
+        (`NextUse.on_layer`), and victims are chosen by the host rule's score."""
         ids = top_k_index.reshape(-1)
         if use_triton(ids, self.backend):
             from .kernels import triton_kernels as tk
@@ -149,9 +183,10 @@ class DeviceDirectory:
             tk.resolve_experts[(1,)](ids.contiguous(), ids.numel(), self.table, self.owner, self.stamp, self.fresh,
                                      self.landing, self.clock, self.counts, self.fill_experts, self.fill_slots,
                                      self.fill_count, self.fill_signal, self.wanted, layer, self.n_slots, self.flag,
-                                     self.owed, as_int32(seq or 0), E=self.num_experts, BLOCK_P=block_p,
-                                     BLOCK_S=block_s, SIGNAL=seq is not None, PREFETCH=prefetch,
-                                     PREFETCH_MARK=int(prefetch))
+                                     self.owed, as_int32(seq or 0), self.visits, self.cycle, self.last,
+                                     E=self.num_experts, BLOCK_P=block_p, BLOCK_S=block_s, SIGNAL=seq is not None,
+                                     PREFETCH=prefetch, PREFETCH_MARK=int(prefetch),
+                                     NEXT_USE=self.eviction == "next-use")
             return
         self._resolve_torch(layer, ids, seq, prefetch)
 
@@ -180,7 +215,21 @@ class DeviceDirectory:
         protect = base - self.stride if prefetch else base  # stamps from here up are not victims
         row = table[layer]
         counts = dict.fromkeys(COUNTS, 0)
+        next_use = self.eviction == "next-use"
+        visits, (current, span), last = self.visits.tolist(), self.cycle.tolist(), self.last.tolist()
+        if prefetch:  # NextUse._touch: a key of a layer that has not started yet is meant for its next visit
+            mark = visits[layer] + int(layer != current)
+        else:  # NextUse.on_layer
+            visits[layer] += 1
+            mark, current, span = visits[layer], layer, max(span, layer + 1)
         kept = set()  # a prefetch's resident experts: not victims, not touched
+
+        def rank(s: int) -> tuple[int, int, int, int]:
+            """Smallest first: allowed, then highest next-use score (LRU: none), then least recent, then slot."""
+            if stamp[s] >= protect or s in kept:
+                return (1, 0, 0, s)
+            return (0, -self._score(owner[s], last[s], visits, current, span) if next_use else 0, stamp[s], s)
+
         for e in wanted:  # hits first: none of this call's experts may become a victim
             slot = row[e]
             if slot < 0:
@@ -189,14 +238,14 @@ class DeviceDirectory:
                 kept.add(slot)
             else:
                 stamp[slot] = base + e
+                last[slot] = mark
                 counts["hits"] += 1
                 counts["prefetch_hits"] += fresh[slot]
                 fresh[slot] = 0
         fills = []
         if not prefetch or int(self.wanted.item()) > 0:
             for e in (e for e in wanted if row[e] < 0):
-                victim = min(range(self.n_slots), key=lambda s: (BIG if stamp[s] >= protect or s in kept
-                                                                 else stamp[s], s))
+                victim = min(range(self.n_slots), key=rank)
                 if stamp[victim] >= protect or victim in kept:
                     break  # only a prefetch can find every slot taken
                 old = owner[victim]
@@ -207,12 +256,18 @@ class DeviceDirectory:
                 row[e] = victim
                 stamp[victim] = base + e
                 fresh[victim] = int(prefetch)
+                last[victim] = mark
+                span = max(span, layer + 1)
                 fills.append((e, victim))
                 counts["prefetches" if prefetch else "misses"] += 1
         self.table.copy_(torch.tensor(table, dtype=torch.int32))
         self.owner.copy_(torch.tensor(owner, dtype=torch.int32))
         self.stamp.copy_(torch.tensor(stamp, dtype=torch.int64))
         self.fresh.copy_(torch.tensor(fresh, dtype=torch.int32))
+        if next_use:
+            self.visits.copy_(torch.tensor(visits, dtype=torch.int32))
+            self.cycle.copy_(torch.tensor([current, span], dtype=torch.int32))
+            self.last.copy_(torch.tensor(last, dtype=torch.int32))
         self.clock.fill_(tick)
         self.counts += torch.tensor([counts[name] for name in COUNTS], dtype=torch.int64, device=self.counts.device)
         self.fill_count.fill_(len(fills))
@@ -230,3 +285,12 @@ class DeviceDirectory:
             else:
                 self.owed.fill_(as_int32(seq))
                 self.fill_signal.fill_(1)
+
+    def _score(self, owner: int, last: int, visits: list[int], current: int, span: int) -> int:
+        """NextUse.score of the expert `owner` (layer * E + expert) whose layer last used it at visit `last`; an
+        empty slot scores above every expert."""
+        if owner == NO_KEY:
+            return EMPTY_SCORE
+        n, layer = max(span, 1), owner // self.num_experts
+        distance = (layer - current - 1) % n + 1 if current >= 0 else n
+        return distance + n * max(visits[layer] - last, 0)

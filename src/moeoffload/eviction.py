@@ -11,6 +11,7 @@ import heapq
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from .store import ExpertKey
@@ -360,6 +361,21 @@ class NextUse:
         if order is not None:
             order.pop(key, None)
 
+    def __iter__(self):
+        """The resident keys, least recently used first (the device directory's stamps follow this order)."""
+        return iter(sorted(self._tick, key=self._tick.__getitem__))
+
+    def cycle(self) -> Cycle:
+        """The rule's state besides recency, as the device directory keeps it (`moeoffload.directory`)."""
+        return Cycle(self._current, self._layers, dict(self._visits), dict(self._last))
+
+    def set_cycle(self, cycle: Cycle) -> None:
+        """Take `cycle` (from the device directory) as the rule's state besides recency; the resident keys were
+        inserted through the rule first, least recently used first."""
+        self._current, self._layers, self._visits = cycle.current, cycle.layers, dict(cycle.visits)
+        for key in self._last:
+            self._last[key] = cycle.last[key]
+
     def score(self, key: ExpertKey) -> int:
         """Expected layer calls until `key` is needed (larger: evicted first)."""
         n = max(self._layers, 1)
@@ -384,6 +400,17 @@ class NextUse:
         if chosen is None:  # keys the rule never saw (not inserted through it): oldest first by default
             return next(iter(allowed))
         return chosen
+
+
+@dataclass
+class Cycle:
+    """NextUse's state besides recency: the layer computing now (-1: none yet), the cycle length, how many times
+    each layer has started, and for each resident key the visit of its layer that last used it."""
+
+    current: int = -1
+    layers: int = 0
+    visits: dict[int, int] = field(default_factory=dict)
+    last: dict[ExpertKey, int] = field(default_factory=dict)
 
 
 EVICTION_RULES: dict[str, Callable[[], EvictionRule]] = {

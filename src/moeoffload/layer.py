@@ -172,9 +172,9 @@ class OffloadedMoELayer:
     def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         if self.router_tap is not None:
             top_k_index, top_k_weights = self._tap(hidden, top_k_index, top_k_weights)
-        self.cache.enter_layer(self.layer_idx)
         if self.kernels != "loop" and self._fetches_on_device(top_k_index):
-            return self._device_fetched(hidden, top_k_index, top_k_weights)
+            return self._device_fetched(hidden, top_k_index, top_k_weights)  # its lookup counts the layer's start
+        self.cache.enter_layer(self.layer_idx)
         if self.kernels != "loop":
             table = self.cache.resident_table(self.layer_idx, self.num_experts) if self.resident_path else None
             if table is not None:

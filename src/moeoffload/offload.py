@@ -267,13 +267,15 @@ def plan_slots(
 
 
 def device_fetch_serves(policy: str | policies.Policy) -> bool:
-    """True when `policy` can run with fetch="device": an LRU cache without a predictor, and a prefetcher, if
-    any, that guesses on the device (`predict_on_device`: the lookahead gate)."""
+    """True when `policy` can run with fetch="device": an LRU or next-use cache without a predictor, and a
+    prefetcher, if any, that guesses on the device (`predict_on_device`: the lookahead gate)."""
     from .predictors import PREFETCHERS
 
     policy = policies.get(policy)
     on_device = policy.prefetch is None or hasattr(PREFETCHERS[policy.prefetch], "predict_on_device")
-    return on_device and not (policy.predictor or policy.eviction != "lru" or not policy.retain)
+    from .directory import EVICTIONS
+
+    return on_device and not (policy.predictor or policy.eviction not in EVICTIONS or not policy.retain)
 
 
 def plan_fetch(fetch: str, policy: policies.Policy, kernels: str, n_slots: int, store: ExpertStore) -> str:
@@ -289,9 +291,9 @@ def plan_fetch(fetch: str, policy: policies.Policy, kernels: str, n_slots: int, 
         raise ValueError("fetch='device' runs on the grouped kernels (the exact loop must learn on the host which "
                          "experts it needs): pass kernels='auto'")
     if not device_fetch_serves(policy):
-        raise ValueError(f"fetch='device' serves an LRU cache, without a predictor, and prefetching only by the "
-                         f"lookahead gate; policy {policy.name!r} needs the host: use fetch='host', or policy 'lru' "
-                         "or 'lookahead'")
+        raise ValueError(f"fetch='device' serves an LRU or next-use cache, without a predictor, and prefetching "
+                         f"only by the lookahead gate; policy {policy.name!r} needs the host: use fetch='host', or a "
+                         "policy such as 'lru', 'next-use' or 'lookahead-next-use'")
     return "device"
 
 

@@ -1,5 +1,5 @@
-"""fetch="device": the cache directory on the device makes the host LRU cache's choices, slot for slot, and a model
-served through it computes what the host path computes.
+"""fetch="device": the cache directory on the device makes the host cache's choices (LRU and next-use), slot for
+slot, and a model served through it computes what the host path computes.
 
 The directory's Triton kernels run here through Triton's interpreter (a subprocess with TRITON_INTERPRET=1); their
 CUDA run, with experts streamed from mapped host memory, is in test_directory_gpu.py.
@@ -26,12 +26,12 @@ from .models import tiny_mixtral
 from .test_cache_properties import filled_store, tag_of
 
 
-def host_and_device(layers, experts, n_slots, backend="torch", mover="torch"):
-    """Two caches over one store: the host LRU, and fetch="device" whose bytes move in place ("torch") or through a
+def host_and_device(layers, experts, n_slots, backend="torch", mover="torch", eviction="lru"):
+    """Two caches over one store: the host's, and fetch="device" whose bytes move in place ("torch") or through a
     Courier thread ("copy-engine": the CUDA protocol, with a condition variable for the flag)."""
     store = filled_store(layers, experts)
-    host = ExpertCache(store, n_slots, "cpu", make_rule("lru"))
-    device = ExpertCache(store, n_slots, "cpu", make_rule("lru"), fetch="device")
+    host = ExpertCache(store, n_slots, "cpu", make_rule(eviction))
+    device = ExpertCache(store, n_slots, "cpu", make_rule(eviction), fetch="device")
     device.directory.backend = backend
     device.mover = mover
     return store, host, device
@@ -44,6 +44,7 @@ def step(host: ExpertCache, device: ExpertCache, layer: int, ids: list[list[int]
     the right weights in each slot."""
     wanted = sorted({i for row in ids for i in row if 0 <= i < experts})
     keys = [(layer, e) for e in wanted]
+    host.enter_layer(layer)  # as a layer on the host path does (the device's lookup counts its layer's start)
     host.acquire(keys)
     if guess is not None and wanted:
         host.prefetch([(guess[0], e) for e in sorted({i for row in guess[1] for i in row})])
@@ -61,24 +62,29 @@ def step(host: ExpertCache, device: ExpertCache, layer: int, ids: list[list[int]
 routing = st.tuples(st.integers(1, 4), st.integers(2, 9), st.data())
 
 
+@pytest.mark.parametrize("eviction", ["lru", "next-use"])
 @pytest.mark.parametrize("mover", ["torch", "copy-engine"])
 @settings(max_examples=120, deadline=None)
 @given(shape=routing)
-def test_device_directory_evicts_as_host_lru(mover, shape):
+def test_device_directory_evicts_as_the_host_cache(mover, eviction, shape):
     layers, experts, data = shape
     tokens = data.draw(st.integers(1, 4), label="tokens")
     top_k = data.draw(st.integers(1, min(3, experts)), label="top_k")
     # every expert one call may name fits at once (the layer takes the host path otherwise)
     n_slots = data.draw(st.integers(min(experts, tokens * top_k), layers * experts), label="slots")
-    store, host, device = host_and_device(layers, experts, n_slots, mover=mover)
+    store, host, device = host_and_device(layers, experts, n_slots, mover=mover, eviction=eviction)
     prefetching = data.draw(st.booleans(), label="prefetch")
-    for _ in range(data.draw(st.integers(1, 30), label="calls")):
-        layer = data.draw(st.integers(0, layers - 1))
+    cyclic = data.draw(st.booleans(), label="layers in decode order")  # next-use's case; else any order
+    by_host = 0  # copies made by host-path calls, not the courier
+    for call in range(data.draw(st.integers(1, 30), label="calls")):
+        layer = call % layers if cyclic else data.draw(st.integers(0, layers - 1))
         ids = [data.draw(st.lists(st.integers(-1, experts), min_size=top_k, max_size=top_k)) for _ in range(tokens)]
         guess = draw_guess(data, layers, experts, tokens, top_k) if prefetching else None
         step(host, device, layer, ids, experts, guess)
         if data.draw(st.booleans(), label="host reads in between"):
             assert device.stats.misses == host.stats.misses
+        if eviction == "next-use" and data.draw(st.booleans(), label="a host-path call in between"):
+            by_host += host_path_call(host, device, data.draw(st.integers(0, layers - 1)), experts)
     d, h = device.stats, host.stats
     assert counts(d) == counts(h)
     moved = (h.misses + h.prefetches) * store.expert_bytes
@@ -86,7 +92,21 @@ def test_device_directory_evicts_as_host_lru(mover, shape):
     courier = device._courier
     device.free()
     if mover == "copy-engine" and courier is not None:
-        assert courier.copies == h.misses + h.prefetches and not courier._thread.is_alive()
+        assert courier.copies + by_host == h.misses + h.prefetches and not courier._thread.is_alive()
+
+
+def host_path_call(host: ExpertCache, device: ExpertCache, layer: int, experts: int) -> int:
+    """A call that takes the host path on both caches (as one naming more experts than the device path serves):
+    the device's view, next-use's visits included, goes to the host and back. The copies it made on the host."""
+    keys = [(layer, e) for e in range(min(experts, host.n_slots))]
+    device.to_host()
+    before = device.transfer.stats.copies
+    for cache in (host, device):
+        cache.enter_layer(layer)
+        cache.acquire(keys)
+        cache.release(keys)
+    assert device.slot_of() == host.slot_of()
+    return device.transfer.stats.copies - before
 
 
 def counts(stats) -> tuple[int, ...]:
@@ -121,22 +141,22 @@ def test_a_hit_on_a_slot_a_prefetch_is_still_filling_waits_for_its_copy():
     device.free()
 
 
-def test_host_path_in_between_keeps_both_views():
+@pytest.mark.parametrize("eviction", ["lru", "next-use"])
+def test_host_path_in_between_keeps_both_views(eviction):
     """A call too large for the device path runs on the host (pull), the next device call pushes the host's view."""
-    store, host, device = host_and_device(3, 4, 5)
+    store, host, device = host_and_device(3, 4, 5, eviction=eviction)
     step(host, device, 0, [[0, 1]], 4)
-    for cache in (host, device):  # a host-path call: acquire and release directly
-        cache.acquire([(1, 0), (1, 1), (1, 2)])
-        cache.release([(1, 0), (1, 1), (1, 2)])
-    assert device.slot_of() == host.slot_of()
+    host_path_call(host, device, 1, 3)
     step(host, device, 2, [[3, 0], [1, 1]], 4)
     step(host, device, 0, [[0, 2]], 4)
+    for layer in range(3):  # a whole decode step, every expert: next-use keeps what LRU would evict
+        step(host, device, layer, [[0, 1], [2, 3]], 4)
     assert device.stats.misses == host.stats.misses
 
 
 def test_fetch_device_refuses_what_it_cannot_serve():
     store = filled_store(2, 4)
-    with pytest.raises(ValueError, match="LRU"):
+    with pytest.raises(ValueError, match="LRU or next-use .* 'lfu'"):
         ExpertCache(store, 4, "cpu", make_rule("lfu"), fetch="device")
     with pytest.raises(ValueError, match="fetch='nowhere' is unknown"):
         ExpertCache(store, 4, "cpu", make_rule("lru"), fetch="nowhere")
@@ -146,8 +166,8 @@ def test_offload_fetch_device_refusals():
     model = tiny_mixtral()
     with pytest.raises(ValueError, match="kernels='auto'"):
         moeoffload.offload(model, "lru", "50%", device="cpu", fetch="device")
-    with pytest.raises(ValueError, match="policy 'next-use'"):
-        moeoffload.offload(model, "next-use", "50%", device="cpu", kernels="grouped-torch", fetch="device")
+    with pytest.raises(ValueError, match="policy 'lfu'"):
+        moeoffload.offload(model, "lfu", "50%", device="cpu", kernels="grouped-torch", fetch="device")
     with pytest.raises(ValueError, match="kernels='grouped-torch'"):
         moeoffload.offload(model, "lru", "50%", device="cpu", kernels="auto", fetch="device")
     assert getattr(model, "_moeoffload", None) is None  # every refusal left the model as it was
@@ -261,7 +281,7 @@ def test_courier_lowers_the_switch_interval_only_when_asked(monkeypatch):
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("mover", ["torch", "copy-engine"])
 @pytest.mark.parametrize("ffn", DEVICE_FETCH_FFNS)
-@pytest.mark.parametrize("policy", ["lru", "lookahead"])
+@pytest.mark.parametrize("policy", ["lru", "lookahead", "next-use", "lookahead-next-use"])
 def test_model_through_device_fetch_matches_the_host_path(policy, budget, batch, mover, ffn, monkeypatch):
     """Greedy tokens through fetch="device" equal the host path's on the same grouped kernels, and the caches end in
     the same state with the same counts, with either FFN of the device path, with and without the lookahead
@@ -285,7 +305,7 @@ def test_model_through_device_fetch_matches_the_host_path(policy, budget, batch,
     assert torch.equal(t_h, t_d)
     assert counts(s_h) + (s_h.h2d_bytes,) == counts(s_d) + (s_d.h2d_bytes,)
     assert r_h == r_d
-    if policy == "lookahead" and budget in ("25%", "50%") and batch == 1:  # else no slot is left to prefetch into
+    if policy.startswith("lookahead") and budget in ("25%", "50%") and batch == 1:  # else no slot to prefetch into
         assert s_d.prefetches > 0
 
 
@@ -337,20 +357,39 @@ import torch
 from hypothesis import given, settings, strategies as st
 from moeoffload.cache import ExpertCache
 from moeoffload.eviction import make_rule
-from tests.moeoffload.test_directory import counts, draw_guess, host_and_device, step
+from tests.moeoffload.test_directory import counts, draw_guess, host_and_device, host_path_call, step
 
-@settings(max_examples=25, deadline=None)
+def decode(eviction, seed):
+    # a long sparse decode in layer order (hypothesis' runs are short): next-use's missed visits decide here
+    gen = torch.Generator().manual_seed(seed)
+    store, host, device = host_and_device(3, 4, 6, backend="triton", mover="copy-engine", eviction=eviction)
+    for call in range(90):
+        ids = torch.randint(0, 4, (2, 1), generator=gen).tolist()
+        guess = ((call + 1) % 3, torch.randint(0, 4, (2, 1), generator=gen).tolist()) if seed % 2 else None
+        step(host, device, call % 3, ids, 4, guess)
+    assert counts(device.stats) == counts(host.stats)
+    device.free()
+
+for seed in range(4):
+    decode("next-use", seed)
+
+@settings(max_examples=40, deadline=None)
 @given(layers=st.integers(1, 3), experts=st.integers(2, 6), data=st.data())
 def check(layers, experts, data):
     tokens, top_k = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 2))
     n_slots = data.draw(st.integers(min(experts, tokens * top_k), layers * experts))
     mover = data.draw(st.sampled_from(["torch", "copy-engine"]))  # the lookup kernel signals the courier or not
-    store, host, device = host_and_device(layers, experts, n_slots, backend="triton", mover=mover)
+    eviction = data.draw(st.sampled_from(["lru", "next-use"]))
+    store, host, device = host_and_device(layers, experts, n_slots, backend="triton", mover=mover, eviction=eviction)
     prefetching = data.draw(st.booleans())
-    for _ in range(data.draw(st.integers(1, 12))):
+    cyclic = data.draw(st.booleans())
+    for call in range(data.draw(st.integers(1, 12))):
         ids = [data.draw(st.lists(st.integers(-1, experts), min_size=top_k, max_size=top_k)) for _ in range(tokens)]
         guess = draw_guess(data, layers, experts, tokens, top_k) if prefetching else None
-        step(host, device, data.draw(st.integers(0, layers - 1)), ids, experts, guess)
+        layer = call % layers if cyclic else data.draw(st.integers(0, layers - 1))
+        step(host, device, layer, ids, experts, guess)
+        if eviction == "next-use" and data.draw(st.booleans()):
+            host_path_call(host, device, data.draw(st.integers(0, layers - 1)), experts)
     assert counts(device.stats) == counts(host.stats)
     device.free()
 

@@ -90,8 +90,9 @@ def test_cuda_device_fetch_computes_what_the_resident_path_computes(budget, move
             assert err < 2e-2, f"fetch='device' ({mover}, {ffn}) at {budget}: relative error {err:.2e} against resident"
 
 
+@pytest.mark.parametrize("policy", ["lookahead", "lookahead-next-use"])
 @pytest.mark.parametrize("budget", ["25%", "50%", "75%"])
-def test_cuda_device_prefetch_changes_what_moves_not_what_is_computed(budget):
+def test_cuda_device_prefetch_changes_what_moves_not_what_is_computed(budget, policy):
     """The lookahead gate through fetch="device": the next layer's guessed experts are copied while this layer
     computes, and a later call may hit a slot whose copy is still in flight (it must wait for it: `owed`). Fed one
     token at a time (decode-sized calls), its logits equal the resident path's within bf16 rounding, with the same
@@ -110,7 +111,7 @@ def test_cuda_device_prefetch_changes_what_moves_not_what_is_computed(budget):
 
     with moeoffload.offload(model, "resident", "all", device="cuda", kernels="auto"):
         want = logits()
-    with moeoffload.offload(model, "lookahead", budget, device="cuda", kernels="auto", fetch="device") as h:
+    with moeoffload.offload(model, policy, budget, device="cuda", kernels="auto", fetch="device") as h:
         assert h.cache.mover == "copy-engine"
         runs = [logits() for _ in range(3)]
         s = h.stats()
@@ -118,6 +119,38 @@ def test_cuda_device_prefetch_changes_what_moves_not_what_is_computed(budget):
         assert s.h2d_copies == s.misses + s.prefetches and s.h2d_bytes == s.h2d_copies * s.expert_bytes
         assert s.prefetch_hits <= s.prefetches
     for run in runs:
-        assert torch.equal(run, runs[0]), f"lookahead through fetch='device' at {budget}: logits moved"
+        assert torch.equal(run, runs[0]), f"{policy} through fetch='device' at {budget}: logits moved"
         err = ((run - want).norm() / want.norm()).item()
-        assert err < 2e-2, f"lookahead through fetch='device' at {budget}: relative error {err:.2e} against resident"
+        assert err < 2e-2, f"{policy} through fetch='device' at {budget}: relative error {err:.2e} against resident"
+
+
+@pytest.mark.parametrize("budget", ["25%", "50%", "75%"])
+def test_cuda_next_use_on_the_device_makes_the_host_choices(budget):
+    """next-use through fetch="device" on CUDA (the Triton lookup with its score) at batch 16, where a decode step
+    uses every expert of every layer: the same misses, evictions and slots as the host path's next-use, fewer misses
+    than LRU, and logits of the resident path within bf16 rounding."""
+    model = tiny_mixtral(seed=5, dtype=torch.bfloat16, layers=4)
+    tokens = torch.randint(2, 96, (16, 8), generator=torch.Generator().manual_seed(3)).cuda()
+
+    def decode():
+        out, past = [], None
+        with torch.no_grad():
+            for i in range(tokens.shape[1]):
+                step = model(tokens[:, i : i + 1], past_key_values=past, use_cache=True)
+                out.append(step.logits.float())
+                past = step.past_key_values
+        return torch.cat(out, dim=1)
+
+    with moeoffload.offload(model, "resident", "all", device="cuda", kernels="auto"):
+        want = decode()
+    seen = {}
+    for policy, fetch in (("next-use", "host"), ("next-use", "device"), ("lru", "device")):
+        with moeoffload.offload(model, policy, budget, device="cuda", kernels="auto", fetch=fetch) as h:
+            got = decode()
+            s = h.stats()
+            seen[policy, fetch] = ((s.hits, s.misses, s.evictions), h.cache.slot_of())
+            assert s.fetch == fetch
+        err = ((got - want).norm() / want.norm()).item()
+        assert err < 2e-2, f"{policy} through fetch={fetch!r} at {budget}: relative error {err:.2e} against resident"
+    assert seen["next-use", "device"] == seen["next-use", "host"]
+    assert seen["next-use", "device"][0][1] <= seen["lru", "device"][0][1]

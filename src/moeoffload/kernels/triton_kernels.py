@@ -165,8 +165,9 @@ def stream_copy(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
 @triton.jit(do_not_specialize=["seq"])
 def resolve_experts(ids_ptr, P, table_ptr, owner_ptr, stamp_ptr, fresh_ptr, landing_ptr, clock_ptr, counts_ptr,
                     fill_e_ptr, fill_s_ptr, fill_n_ptr, fill_sig_ptr, wanted_ptr, layer, n_slots, flag_ptr, owed_ptr,
-                    seq, E: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, SIGNAL: tl.constexpr,
-                    PREFETCH: tl.constexpr, PREFETCH_MARK: tl.constexpr):
+                    seq, visits_ptr, cycle_ptr, last_ptr, E: tl.constexpr, BLOCK_P: tl.constexpr,
+                    BLOCK_S: tl.constexpr, SIGNAL: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_MARK: tl.constexpr,
+                    NEXT_USE: tl.constexpr):
     """One MoE layer call's cache lookup on the device (`moeoffload.directory`), one program: hits are stamped
     first (so none of the call's experts can be chosen as a victim), then each miss, in ascending expert order, takes
     the slot of least stamp, evicting its owner from the table, and is listed for the fills. Stamps are
@@ -182,7 +183,12 @@ def resolve_experts(ids_ptr, P, table_ptr, owner_ptr, stamp_ptr, fresh_ptr, land
     so the compute stream need not wait for the host, but only when every copy the courier owes has landed
     (flag >= owed: a hit may be on a slot that an earlier prefetch is still filling). Otherwise the call becomes
     what the courier owes, and `fill_sig` tells the courier to write the flag after the copies queued so far. Each
-    slot it lists gets `seq` in `landing`: the layer's FFN runs the slots whose copy has landed before its wait."""
+    slot it lists gets `seq` in `landing`: the layer's FFN runs the slots whose copy has landed before its wait.
+
+    NEXT_USE: victims by `eviction.NextUse` instead of LRU: the highest score (expected layer calls until the expert
+    is needed: distance + cycle * missed visits of its layer), empty slots first, ties to the least recent stamp. A
+    call's own lookup is its layer's start (`on_layer`); every expert it touches or loads gets the layer's visit
+    (`last`), a prefetch's the next one unless it is for the layer computing now."""
     p = tl.arange(0, BLOCK_P)
     ids = tl.load(ids_ptr + p, mask=p < P, other=-1)
     s = tl.arange(0, BLOCK_S)
@@ -199,6 +205,21 @@ def resolve_experts(ids_ptr, P, table_ptr, owner_ptr, stamp_ptr, fresh_ptr, land
         protect = base
         active = tl.load(wanted_ptr) >= 0  # always
     row = table_ptr + layer * (E + 1)  # E is a compile-time constant: one model has one, and its loops unroll
+    # next-use's state (unused under LRU); `visits` in memory changes only at the end, so the loop's gathers read it
+    # as it was, with this layer's new count put in by hand
+    current = tl.load(cycle_ptr)
+    span = tl.load(cycle_ptr + 1)
+    own_visits = tl.load(visits_ptr + layer)
+    if NEXT_USE:
+        owners = tl.load(owner_ptr + s, mask=live, other=-1)
+        last = tl.load(last_ptr + s, mask=live, other=0)
+    if PREFETCH:
+        mark = own_visits + (layer != current).to(tl.int32)
+    else:
+        own_visits += 1
+        mark = own_visits
+        current = layer
+        span = tl.maximum(span, layer + 1)
     hits = tl.zeros((), dtype=tl.int64)
     prefetch_hits = tl.zeros((), dtype=tl.int64)
     wanted = tl.zeros((), dtype=tl.int32)
@@ -210,6 +231,8 @@ def resolve_experts(ids_ptr, P, table_ptr, owner_ptr, stamp_ptr, fresh_ptr, land
                 kept = tl.where(s == slot, 1, kept)
             else:
                 stamps = tl.where(s == slot, base + e, stamps)
+                if NEXT_USE:
+                    last = tl.where(s == slot, mark, last)
                 hits += 1
                 prefetch_hits += tl.sum(tl.where(s == slot, fresh, 0), axis=0).to(tl.int64)
                 fresh = tl.where(s == slot, 0, fresh)
@@ -221,10 +244,22 @@ def resolve_experts(ids_ptr, P, table_ptr, owner_ptr, stamp_ptr, fresh_ptr, land
         needed = tl.sum((ids == e).to(tl.int32), axis=0) > 0
         slot = tl.load(row + e)
         if needed & (slot < 0) & active & (stopped == 0):
-            candidates = tl.where((stamps >= protect) | (kept > 0), 1 << 62, stamps)
+            excluded = (stamps >= protect) | (kept > 0)
+            candidates = tl.where(excluded, 1 << 62, stamps)
             if tl.min(candidates, axis=0) >= (1 << 62):
                 stopped += 1  # only a prefetch can find every slot taken (a call's own experts always fit)
             else:
+                if NEXT_USE:
+                    n = tl.maximum(span, 1)
+                    of = tl.where(owners >= 0, owners // E, 0)
+                    seen = tl.load(visits_ptr + of, mask=live & (owners >= 0), other=0)
+                    seen = tl.where(of == layer, own_visits, seen)
+                    # (both in -1..n-1: never a negative remainder; before any layer started every distance is n)
+                    distance = tl.where(current >= 0, (of - current - 1 + n) % n + 1, n)
+                    score = distance + n * tl.maximum(seen - last, 0)
+                    score = tl.where(owners >= 0, score, 1 << 30)
+                    score = tl.where(excluded, -1, score)
+                    candidates = tl.where(score == tl.max(score, axis=0), candidates, 1 << 62)
                 victim = tl.argmin(candidates, axis=0)
                 old = tl.load(owner_ptr + victim)
                 if old >= 0:
@@ -234,6 +269,10 @@ def resolve_experts(ids_ptr, P, table_ptr, owner_ptr, stamp_ptr, fresh_ptr, land
                 tl.store(row + e, victim.to(tl.int32))
                 stamps = tl.where(s == victim, base + e, stamps)
                 fresh = tl.where(s == victim, PREFETCH_MARK, fresh)
+                if NEXT_USE:
+                    owners = tl.where(s == victim, layer * E + e, owners)
+                    last = tl.where(s == victim, mark, last)
+                    span = tl.maximum(span, layer + 1)
                 tl.store(fill_e_ptr + misses, e)
                 tl.store(fill_s_ptr + misses, victim.to(tl.int32))
                 if SIGNAL:
@@ -241,6 +280,12 @@ def resolve_experts(ids_ptr, P, table_ptr, owner_ptr, stamp_ptr, fresh_ptr, land
                 misses += 1
     tl.store(stamp_ptr + s, stamps, mask=live)
     tl.store(fresh_ptr + s, fresh, mask=live)
+    if NEXT_USE:
+        tl.store(last_ptr + s, last, mask=live)
+        tl.store(cycle_ptr, current)
+        tl.store(cycle_ptr + 1, span)
+        if not PREFETCH:
+            tl.store(visits_ptr + layer, own_visits)
     tl.store(clock_ptr, tick)
     tl.store(fill_n_ptr, misses.to(tl.int32))
     if not PREFETCH:
