@@ -513,17 +513,19 @@ def measured(rows: list[dict]) -> list[dict]:
 
 def against_peers(full_rows: list[dict], peer_rows: list[dict]) -> str:
     """Each full-size case per layer against accelerate's cpu_offload (per layer, on the peer model) and against
-    its two floors: the I/O floor (its misses x expert bytes / pinned bandwidth) and a compute floor (the engine
-    with every expert resident, per layer on the peer model, times the full layer count: what the step costs with
-    no copy at all). No policy can beat max(io, compute); only a perfect overlap of the two reaches it."""
+    its floors: the I/O floor (its misses x expert bytes / pinned bandwidth), "moved" (every copy at that rate,
+    prefetches included: the bound of a prefetching policy whose copies outlast the compute they could hide under)
+    and a compute floor (the engine with every expert resident, per layer on the peer model, times the full layer
+    count: what the step costs with no copy at all). No policy can beat max(io, compute); only a perfect overlap of
+    the two reaches it."""
     def per_layer(case: str, batch: int) -> float | None:
         for r in peer_rows:
             if r.get("case") == case and r.get("batch") == batch and "error" not in r:
                 return r["ms_per_step"] / r["layers"]
         return None
 
-    head = (f"{'case':<28} {'batch':>5} {'ms/layer':>8} {'accel ms/layer':>14} {'x accel':>7} {'io ms':>8} "
-            f"{'compute ms':>10} {'x io':>6} {'x max(io,compute)':>17}")
+    head = (f"{'case':<36} {'batch':>5} {'ms/layer':>8} {'accel ms/layer':>14} {'x accel':>7} {'io ms':>8} "
+            f"{'moved ms':>8} {'compute ms':>10} {'x io':>6} {'x moved':>7} {'x max(io,compute)':>17}")
     lines = [head]
     for r in full_rows:
         if "error" in r:
@@ -532,12 +534,14 @@ def against_peers(full_rows: list[dict], peer_rows: list[dict]) -> str:
         accel = per_layer("accelerate cpu_offload", r["batch"])
         resident = per_layer("engine resident@all", r["batch"])
         io = r.get("io_floor_ms_per_step") or 0.0
+        moved = r.get("io_moved_ms_per_step") or io  # older files lack it: nothing but misses moved
         compute = resident * r["layers"] if resident is not None else float("nan")
         bound = max(io, compute)
-        lines.append(f"{r['case']:<28} {r['batch']:>5} {ms_layer:8.2f} "
+        lines.append(f"{r['case']:<36} {r['batch']:>5} {ms_layer:8.2f} "
                      f"{accel if accel is not None else float('nan'):14.2f} "
-                     f"{accel / ms_layer if accel is not None else float('nan'):7.1f} {io:8.1f} {compute:10.1f} "
-                     f"{r['ms_per_step'] / io if io else float('nan'):6.2f} {r['ms_per_step'] / bound:17.2f}")
+                     f"{accel / ms_layer if accel is not None else float('nan'):7.1f} {io:8.1f} {moved:8.1f} "
+                     f"{compute:10.1f} {r['ms_per_step'] / io if io else float('nan'):6.2f} "
+                     f"{r['ms_per_step'] / moved if moved else float('nan'):7.2f} {r['ms_per_step'] / bound:17.2f}")
     return "\n".join(lines)
 
 

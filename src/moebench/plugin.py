@@ -56,7 +56,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "policy is judged by the accuracy limit, not by identical tokens, and the reference stays "
                          "on the loop")
     group.addoption("--moebench-fetch", default="host", choices=("host", "device"),
-                    help="who fetches a missing expert in the LRU cases, lookahead included "
+                    help="who fetches a missing expert in the LRU and next-use cases, lookahead included "
                          "(moeoffload.offload(fetch=...)): host (default), a sync per MoE layer and the copy engine; "
                          "device (experimental), the grouped kernels look experts up in a directory on the GPU and a "
                          "host thread queues the missing ones on the copy engine (needs --moebench-kernels other than "
