@@ -147,17 +147,15 @@ class DeviceDirectory:
         zero."""
         owner, stamp, counts = self.owner.tolist(), self.stamp.tolist(), self.counts.tolist()
         fresh = self.fresh.tolist()
-        cycle = None
-        if self.eviction == "next-use":
-            current, layers = self.cycle.tolist()
-            visits, last = self.visits.tolist(), self.last.tolist()
         self.counts.zero_()
         e_count = self.num_experts
         resident = sorted((stamp[slot], slot) for slot, key in enumerate(owner) if key != NO_KEY)
         slot_of = {(owner[slot] // e_count, owner[slot] % e_count): slot for _, slot in resident}
         order = [(owner[slot] // e_count, owner[slot] % e_count) for _, slot in resident]
         unasked = {key for key, slot in slot_of.items() if fresh[slot]}
+        cycle = None
         if self.eviction == "next-use":
+            (current, layers), visits, last = self.cycle.tolist(), self.visits.tolist(), self.last.tolist()
             cycle = Cycle(current, layers, {layer: v for layer, v in enumerate(visits) if v},
                           {key: last[slot] for key, slot in slot_of.items()})
         return slot_of, order, dict(zip(COUNTS, counts)), unasked, cycle

@@ -101,13 +101,7 @@ def test_cuda_device_prefetch_changes_what_moves_not_what_is_computed(budget, po
     tokens = torch.randint(2, 96, (1, 12), generator=torch.Generator().manual_seed(2)).cuda()
 
     def logits():
-        out, past = [], None
-        with torch.no_grad():
-            for i in range(tokens.shape[1]):
-                step = model(tokens[:, i : i + 1], past_key_values=past, use_cache=True)
-                out.append(step.logits.float())
-                past = step.past_key_values
-        return torch.cat(out, dim=1)
+        return fed_one_at_a_time(model, tokens)
 
     with moeoffload.offload(model, "resident", "all", device="cuda", kernels="auto"):
         want = logits()
@@ -133,13 +127,7 @@ def test_cuda_next_use_on_the_device_makes_the_host_choices(budget):
     tokens = torch.randint(2, 96, (16, 8), generator=torch.Generator().manual_seed(3)).cuda()
 
     def decode():
-        out, past = [], None
-        with torch.no_grad():
-            for i in range(tokens.shape[1]):
-                step = model(tokens[:, i : i + 1], past_key_values=past, use_cache=True)
-                out.append(step.logits.float())
-                past = step.past_key_values
-        return torch.cat(out, dim=1)
+        return fed_one_at_a_time(model, tokens)
 
     with moeoffload.offload(model, "resident", "all", device="cuda", kernels="auto"):
         want = decode()
@@ -154,3 +142,14 @@ def test_cuda_next_use_on_the_device_makes_the_host_choices(budget):
         assert err < 2e-2, f"{policy} through fetch={fetch!r} at {budget}: relative error {err:.2e} against resident"
     assert seen["next-use", "device"] == seen["next-use", "host"]
     assert seen["next-use", "device"][0][1] <= seen["lru", "device"][0][1]
+
+
+def fed_one_at_a_time(model, tokens: torch.Tensor) -> torch.Tensor:
+    """The logits of `tokens` [batch, length] fed one position at a time with the KV cache: decode-sized calls."""
+    out, past = [], None
+    with torch.no_grad():
+        for i in range(tokens.shape[1]):
+            step = model(tokens[:, i : i + 1], past_key_values=past, use_cache=True)
+            out.append(step.logits.float())
+            past = step.past_key_values
+    return torch.cat(out, dim=1)
