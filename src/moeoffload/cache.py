@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from .courier import Courier
-from .directory import DeviceDirectory
-from .eviction import LRU, EvictionRule, NextUse
+from .directory import EVICTIONS, DeviceDirectory
+from .eviction import EvictionRule, NextUse
 from .kernels import streamops
 from .store import ExpertKey, ExpertStore
 from .transfer import TransferEngine
@@ -378,7 +378,7 @@ class ExpertCache:
     # -- fetch="device": the directory on the device -----------------------------------------------------------------
     def _check_device_fetch(self, rule: EvictionRule, retain: bool) -> None:
         """Refuse what the device directory cannot do, naming the fix."""
-        if type(rule) not in (LRU, NextUse) or not retain:
+        if type(rule) is not EVICTIONS.get(getattr(rule, "name", "")) or not retain:
             raise ValueError(f"fetch='device' keeps an LRU or next-use cache on the device; this cache evicts by "
                              f"{getattr(rule, 'name', type(rule).__name__)!r}{'' if retain else ' without retaining'}: "
                              "use fetch='host', or a policy such as 'lru' or 'next-use'")

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import torch
 
-from .eviction import Cycle
+from .eviction import LRU, Cycle, NextUse
 from .kernels import use_triton
 from .kernels.streamops import as_int32, reached
 
@@ -52,7 +52,7 @@ BIG = 1 << 62  # stamps of padding and of this call's experts while a victim is 
 COUNTS = ("hits", "misses", "evictions", "prefetches", "prefetch_hits")  # `counts`, in order
 FILL_BLOCK = 8192  # elements each program of `fill` copies per step
 FILL_PROGRAMS_PER_SM = 4
-EVICTIONS = ("lru", "next-use")  # the rules the directory keeps on the device
+EVICTIONS = {"lru": LRU, "next-use": NextUse}  # the rules the directory keeps on the device, by name
 EMPTY_SCORE = 1 << 30  # next-use's score of an empty slot: above every real one, so empty slots are filled first
 
 

@@ -321,7 +321,7 @@ class OffloadedMoELayer:
     def _device_fetched(self, hidden: torch.Tensor, top_k_index: torch.Tensor,
                         top_k_weights: torch.Tensor) -> torch.Tensor:
         """The resident path over the pool (its FFN: `DEVICE_FETCH_FFN`), after the device itself made the routed
-        experts resident (`ExpertCache.fetch_on_device`: lookup and LRU victims on the device, fills queued by the
+        experts resident (`ExpertCache.fetch_on_device`: lookup and victims on the device, fills queued by the
         courier thread on the copy engine, all launched without a sync). The host never learns which experts this
         call needed, so it runs ahead of the GPU while a miss streams in, as it does when every expert is resident.
         A prefetcher that guesses on the device (the lookahead gate) queues the next layer's copies right behind

@@ -205,21 +205,20 @@ def resolve_experts(ids_ptr, P, table_ptr, owner_ptr, stamp_ptr, fresh_ptr, land
         protect = base
         active = tl.load(wanted_ptr) >= 0  # always
     row = table_ptr + layer * (E + 1)  # E is a compile-time constant: one model has one, and its loops unroll
-    # next-use's state (unused under LRU); `visits` in memory changes only at the end, so the loop's gathers read it
-    # as it was, with this layer's new count put in by hand
-    current = tl.load(cycle_ptr)
-    span = tl.load(cycle_ptr + 1)
-    own_visits = tl.load(visits_ptr + layer)
-    if NEXT_USE:
+    if NEXT_USE:  # its state (an LRU lookup reads none of it); `visits` in memory changes only at the end, so the
+        # loop's gathers read it as it was, with this layer's new count put in by hand
+        current = tl.load(cycle_ptr)
+        span = tl.load(cycle_ptr + 1)
+        own_visits = tl.load(visits_ptr + layer)
         owners = tl.load(owner_ptr + s, mask=live, other=-1)
         last = tl.load(last_ptr + s, mask=live, other=0)
-    if PREFETCH:
-        mark = own_visits + (layer != current).to(tl.int32)
-    else:
-        own_visits += 1
-        mark = own_visits
-        current = layer
-        span = tl.maximum(span, layer + 1)
+        if PREFETCH:
+            mark = own_visits + (layer != current).to(tl.int32)
+        else:
+            own_visits += 1
+            mark = own_visits
+            current = layer
+            span = tl.maximum(span, layer + 1)
     hits = tl.zeros((), dtype=tl.int64)
     prefetch_hits = tl.zeros((), dtype=tl.int64)
     wanted = tl.zeros((), dtype=tl.int32)
