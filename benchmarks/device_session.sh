@@ -6,10 +6,10 @@
 #   OUT=/some/dir STEPS="gpu_tests expertflow predictors" bash benchmarks/device_session.sh
 #
 # Steps: gpu_tests, gpu_exact, grouped_width, gpu_staged, zero_copy, gpu_fetch (fetch="device" and the kernels), plugin_fetch
-# (a suite with --moebench-fetch host, then device), exact_loop (benchmarks/exact_loop.py), mixtral (benchmarks/mixtral_e2e.py,
-# peers and full size), expertflow, predictors, stats (benchmarks/stats_device.sh), nightly_switch (ci/nightly.sh on
+# (a suite with --moebench-fetch host, then device), exact_loop (benchmarks/exact_loop.py), mixtral (benchmarks/mixtral_e2e.py:
+# full size, every plan, and the peer), expertflow, predictors, stats (benchmarks/stats_device.sh), nightly_switch (ci/nightly.sh on
 # switch-base-8 with the policies of baselines/h100/switch.json), full_<suite> (that suite's full tier), machine
-# (CPU quota and throttling), mixtral2 (a second mixtral_e2e.py run: MIXTRAL2_ARGS), ab_same / ab_slow (moebench
+# (CPU quota and throttling), ab_same / ab_slow (moebench
 # ab: A/A, and B stretched by AB_SLOW; AB_N runs each;
 # AB_ROUNDS, AB_CASE, AB_GRAIN=round|step), abk_<name> (moebench ab --processes AB_PROCESSES, resumed from AB_STATE
 # until the call's DEADLINE_S).
@@ -54,14 +54,10 @@ for step in $STEPS; do
     gpu_exact)  # the CUDA exactness and prefetch-race tests alone (every exact built-in policy)
       run_step gpu_exact 200 -- python3 -m pytest -p moebench.plugin -p no:cacheprovider -m gpu -q -rs \
         tests/moeoffload/test_gpu.py tests/moeoffload/test_prefetch_races_gpu.py ;;
-    mixtral)  # peers (4 layers: transformers, accelerate, engine resident) and full-size Mixtral-8x7B, one command
-      run_step mixtral "${MIXTRAL_LIMIT_S:-420}" -- python3 benchmarks/mixtral_e2e.py \
-        ${MIXTRAL_ARGS:---part peer --part full --batches 1 16} --steps "${MIXTRAL_STEPS:-5}" --warm "${MIXTRAL_WARM:-2}" \
-        --policies ${MIXTRAL_POLICIES:-on-demand lru next-use lookahead-next-use} --out "$work/mixtral" ;;
-    mixtral2)  # a second mixtral_e2e.py run in the same call (MIXTRAL2_ARGS, MIXTRAL2_POLICIES, ...), e.g. other batches
-      run_step mixtral2 "${MIXTRAL2_LIMIT_S:-300}" -- python3 benchmarks/mixtral_e2e.py ${MIXTRAL2_ARGS:---part full} \
-        --steps "${MIXTRAL2_STEPS:-5}" --warm "${MIXTRAL2_WARM:-2}" --policies ${MIXTRAL2_POLICIES:-lru} \
-        --out "$work/mixtral2" ;;
+    mixtral)  # full-size Mixtral-8x7B through each plan, and accelerate's cpu_offload on the same model
+      run_step mixtral "${MIXTRAL_LIMIT_S:-420}" -- python3 benchmarks/mixtral_e2e.py ${MIXTRAL_ARGS:-} \
+        --steps "${MIXTRAL_STEPS:-6}" --warm "${MIXTRAL_WARM:-2}" --policies ${MIXTRAL_POLICIES:-lru} \
+        --out "$work/mixtral" ;;
     expertflow)
       run_step expertflow "${EXPERTFLOW_LIMIT_S:-200}" -- env OUT="$work" \
         EXPERTFLOW_DEADLINE_S="${EXPERTFLOW_DEADLINE_S:-110}" python3 benchmarks/expertflow.py ;;

@@ -60,14 +60,14 @@ def variants(eager_module, layer):
     import moeoffload.layer
 
     eager_forward = type(eager_module).forward.__wrapped__
-    stages = layer.stages
+    stages = layer.host_path.stages
 
     def loop(x, i, w):
-        layer.stages = None
+        layer.host_path.stages = None
         try:
             return layer(x, i, w)
         finally:
-            layer.stages = stages
+            layer.host_path.stages = stages
 
     def staged(x, i, w):  # whatever the number of experts (the engine itself stages only from STAGED_MIN_EXPERTS)
         threshold, moeoffload.layer.STAGED_MIN_EXPERTS = moeoffload.layer.STAGED_MIN_EXPERTS, 1

@@ -1,15 +1,15 @@
 """One MoE layer's experts at decode sizes, where the host's launches, not the GPU, bound a step: transformers'
-experts module (grouped_mm, eager) against the engine's resident experts (one Triton launch routes the pairs, or
-the six-kernel torch route), and the pieces of that path. The whole decode step is `mixtral_e2e.py --part cost`.
+experts module (grouped_mm, eager) against the engine's resident experts (one Triton launch routes the pairs), and
+the pieces of that path (the routing also in plain torch). The whole decode step is `mixtral_e2e.py`.
 
 One layer of Mixtral's width (hidden 4096, 8 experts, top 2) with a narrower intermediate (`--intermediate`: the
 host cost does not depend on it). Each variant is called `--calls` times back to back without a sync: `host us` is
 the time to enqueue one call (what a decode step pays per layer while the GPU keeps up), `wall us` the time until
-the GPU finished them. The variants take turns within each of `--repeats` samples (the lent machine drifts between
-two speeds, so variants measured minutes apart are not comparable); the median is kept.
+the GPU finished them. The variants take turns within each of `--repeats` samples (a shared machine drifts between
+speeds, so variants measured minutes apart are not comparable); the median is kept.
 
     PYTHONPATH=src python benchmarks/launch_cost.py --out $OUT/launch_cost                    # on the GPU
-    PYTHONPATH=src python benchmarks/launch_cost.py --device cpu --kernels grouped-torch --hidden 64 --calls 3
+    PYTHONPATH=src python benchmarks/launch_cost.py --device cpu --kernels reference --hidden 64 --calls 3
 """
 
 from __future__ import annotations
@@ -22,14 +22,12 @@ import platform
 import statistics
 import time
 from contextlib import nullcontext
-from unittest import mock
 
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
 import moeoffload
 from moeoffload import hooks, kernels
-from moeoffload.kernels import routing
 
 
 def sync(device: torch.device) -> None:
@@ -47,11 +45,6 @@ def timed_calls(fn, device: torch.device, calls: int) -> tuple[float, float]:
     sync(device)
     t2 = time.perf_counter()
     return (t1 - t0) / calls * 1e6, (t2 - t0) / calls * 1e6
-
-
-def torch_route():
-    """Within it, the resident path routes with torch's kernels instead of the fused Triton launch."""
-    return mock.patch.object(routing, "FUSED_ROUTE_MAX_PAIRS", 0)
 
 
 def interleaved(variants: dict, device: torch.device, calls: int, repeats: int) -> dict[str, tuple[float, float]]:
@@ -72,8 +65,8 @@ def interleaved(variants: dict, device: torch.device, calls: int, repeats: int) 
 
 def layer_variants(hf, our_experts, handle, batch: int, args, device) -> dict:
     """name -> (call, context it runs in) for one batch size."""
-    layer = handle.layers[0]
-    backend = "triton" if layer.kernels == "triton" else "torch"
+    backend, kernel_name = handle.plan.backend, handle.plan.kernels
+    spec, pool = handle.layers[0].spec, handle.cache.pool
     hf_experts = hf.model.layers[0].mlp.experts
     g = torch.Generator().manual_seed(batch)
     hidden = torch.randn(batch, args.hidden, generator=g).to(device, torch.bfloat16)
@@ -82,11 +75,12 @@ def layer_variants(hf, our_experts, handle, batch: int, args, device) -> dict:
     with torch.no_grad():
         our_experts(*a)  # builds the resident table
     table = handle.cache.resident_table(0, handle.store.num_experts)
-    slot_of_id, slot_ends, window, _ = layer._device_route(table)
-    route = (slot_of_id, slot_ends)
-    order, inverse, offs = kernels.route_on_device(a[1], *route, backend=backend)
+    n_slots = handle.cache.n_slots
+    route = (kernels.slot_lookup(table, n_slots), torch.arange(1, n_slots + 1, dtype=torch.int32, device=device),
+             kernels.tile_rows(batch))
+    order, inverse, offs, tiles = kernels.route_tiles_on_device(a[1], *route, backend=backend)
     x = kernels.permute(hidden, order, divisor=2, backend=backend)
-    y = kernels.grouped_ffn_by_offsets(layer.spec, x, window, offs)
+    y = kernels.grouped_ffn_by_tiles(spec, x, pool, tiles, batch, backend=backend)
 
     def hf_call(impl):
         def call():
@@ -97,13 +91,12 @@ def layer_variants(hf, our_experts, handle, batch: int, args, device) -> dict:
     return {
         "transformers grouped_mm experts": (hf_call("grouped_mm"), nullcontext),
         "transformers eager experts": (hf_call("eager"), nullcontext),
-        f"engine resident experts ({layer.kernels})": (lambda: our_experts(*a), nullcontext),
-        f"engine resident experts ({layer.kernels}, torch route)": (lambda: our_experts(*a), torch_route),
-        "  route (fused)": (lambda: kernels.route_on_device(a[1], *route, backend=backend), nullcontext),
-        "  route (torch)": (lambda: kernels.route_on_device(a[1], *route, backend="torch"), nullcontext),
+        f"engine resident experts ({kernel_name})": (lambda: our_experts(*a), nullcontext),
+        "  route (fused)": (lambda: kernels.route_tiles_on_device(a[1], *route, backend=backend), nullcontext),
+        "  route (torch)": (lambda: kernels.route_tiles_on_device(a[1], *route, backend="torch"), nullcontext),
         "  permute": (lambda: kernels.permute(hidden, order, divisor=2, backend=backend), nullcontext),
-        "  grouped FFN by offsets": (
-            lambda: kernels.grouped_ffn_by_offsets(layer.spec, x, window, offs), nullcontext),
+        "  grouped FFN by tiles": (
+            lambda: kernels.grouped_ffn_by_tiles(spec, x, pool, tiles, batch, backend=backend), nullcontext),
         "  unpermute": (lambda: kernels.unpermute(y, inverse, a[2], torch.bfloat16, backend=backend,
                                                   token_major=True, limit=offs[-1:]), nullcontext),
     }
@@ -129,7 +122,7 @@ def measure_layer(args, device, rows: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--kernels", default="auto", help="the engine's kernels= (grouped-torch: resident path on a CPU)")
+    ap.add_argument("--kernels", default="auto", help="the engine's kernels= (reference: the resident path on a CPU)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--intermediate", type=int, default=1024)

@@ -302,8 +302,8 @@ def comparability(base: dict, cur: dict, base_machine: dict | None = None,
         b, c = base.get(key), cur.get(key)
         if key == "interleaved":  # rounds timed step by step beside another process (moebench ab --grain step)
             b, c = ("step" if v == "step" else "none" for v in (b, c))  # are not timed like a plain run's
-        if key == "kernels":  # records before the field all ran the exact loop
-            b, c = (v or "loop" for v in (b, c))
+        if key == "kernels":  # records before the field all ran the exact loop, once called "loop"
+            b, c = ("exact" if v in (None, "loop") else v for v in (b, c))
         if key == "fetch":  # and fetched on the host
             b, c = (v or "host" for v in (b, c))
         if b is not None and c is not None and b != c:

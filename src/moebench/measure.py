@@ -122,9 +122,10 @@ class Session:
         the kept handle untouched. The old cache's pool is freed before the new one is allocated, so a case's GPU
         figures hold its own cache only."""
         import moeoffload
-        from moeoffload.offload import device_fetch_serves
+        from moeoffload.plan import device_fetch_serves
 
-        fetch = "device" if self.fetch == "device" and kernels != "torch" and device_fetch_serves(policy) else "host"
+        kernels = {"torch": "exact", "grouped-torch": "reference"}.get(kernels, kernels)  # the plugin's option names
+        fetch = "device" if self.fetch == "device" and kernels != "exact" and device_fetch_serves(policy) else "host"
         handle = self._handle
         if handle is not None and handle.active and handle.model is model:
             return handle.switch(policy, budget, predictor=predictor, kernels=kernels, fetch=fetch)
@@ -509,9 +510,9 @@ def expected_failure(record: dict) -> str | None:
     synthetic = str(record.get("weights", "")).startswith("synthetic")
     if record.get("exact") is False and synthetic and failures and all(f.startswith("accuracy drop")
                                                                        for f in failures):
-        kernels = record.get("kernels") or "loop"
+        kernels = record.get("kernels") or "exact"
         what = f"approximate policy {record.get('policy')!r}"
-        if kernels != "loop":  # an exact policy on the grouped kernels: equal to eager within rounding, not bit for bit
+        if kernels not in ("loop", "exact"):
             what = f"policy {record.get('policy')!r} on the {kernels} kernels"
         return (f"{what} on synthetic weights (routing without structure): "
                 f"{failures[0]}; judged on trained or real weights only")

@@ -35,10 +35,10 @@ def rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
             _num(r.get("kl_divergence"), ".2g"),
             "pass" if r.get("passed") else "xfail" if r.get("expected_failure") else "FAIL",
         ])
-    if any((r.get("kernels") or "loop") != "loop" for r in records):  # --moebench-kernels: which path served it
+    if any((r.get("kernels") or "exact") not in ("loop", "exact") for r in records):
         headers.insert(3, "kernels")
         for row, r in zip(out, records):
-            row.insert(3, (r.get("kernels") or "loop") + (", device fetch" if r.get("fetch") == "device" else ""))
+            row.insert(3, (r.get("kernels") or "exact") + (", device fetch" if r.get("fetch") == "device" else ""))
     if any(r.get("experts_per_batch_scheduled") is not None for r in records):  # a token-scheduling policy ran
         headers += ["experts/batch first-come", "scheduled", "agree first-come"]
         for row, r in zip(out, records):

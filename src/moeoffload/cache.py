@@ -112,8 +112,8 @@ class ExpertCache:
         self._holder = "host"
         self._sources: dict[int, torch.Tensor] = {}  # layer -> its slab as the fill kernel reads it
         # how fetch="device" moves bytes: "copy-engine" (a Courier thread queues the copies), "sm-loads" (the fill
-        # kernel reads the mapped host store) or "torch" (the CPU fallback). Chosen here; tests may set it.
-        self.mover = "torch"
+        # kernel reads the mapped host store) or "cpu" (in-place copies on a CPU). Chosen here; tests may set it.
+        self.mover = "cpu"
         self._courier: Courier | None = None
         self._courier_closer: weakref.finalize | None = None  # closes the courier if the cache is dropped unfreed
         if fetch == "device":
@@ -173,8 +173,10 @@ class ExpertCache:
         """Make `keys` resident and pin them; return their slots. Misses are copied from the store.
 
         On CUDA the current stream is made to wait for each copy, so kernels launched after this call see the
-        weights. `len(set(keys))` must not exceed `n_slots`.
+        weights. `len(set(keys))` must not exceed `n_slots`. Under fetch="device" a host-path call (a prefill) takes
+        the directory's view first.
         """
+        self.to_host()
         wanted = list(dict.fromkeys(keys))
         protect = set(wanted)  # a miss never evicts an expert this same call is about to use
         if len(wanted) > self.n_slots:

@@ -8,7 +8,7 @@ the host ExpertStore, and a cache of `gpu_budget` bytes serves them on the devic
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -18,8 +18,8 @@ from .budget import format_bytes, parse_budget
 from .cache import ExpertCache
 from .errors import BudgetError, MoeOffloadError, NotOffloadedError, UnsupportedModelError
 from .eviction import make_rule
-from .layer import OffloadedMoELayer
-from .predictors import PREFETCHERS
+from .layer import OffloadedMoELayer, grouped_spec
+from .plan import ExecutionPlan, make_plan
 from .progress import progress
 from .store import ExpertStore
 
@@ -46,8 +46,8 @@ class OffloadStats:
     prefetches: int  # copies issued ahead of a request (included in h2d_copies and h2d_bytes)
     prefetch_hits: int  # requests that a prefetched expert served
     predictor_bytes: int = 0  # what the predictor holds on the device beyond the model's weights (its networks)
-    kernels: str = "loop"  # the MoE layers' kernels: "loop" (bit-exact), "triton" or "grouped-torch" (layer.py)
-    fetch: str = "host"  # who fetches a missing expert: "host" (a sync per layer, the copy engine) or "device"
+    kernels: str = "exact"  # the plan's kernels: "exact", "triton" or "reference" (moeoffload.plan)
+    fetch: str = "host"  # the plan's fetch: "host" (a sync per layer, the copy engine) or "device"
 
     @property
     def hit_rate(self) -> float:
@@ -75,25 +75,24 @@ class OffloadedModel:
         self.policy: policies.Policy
         self.cache: ExpertCache
         self.layers: list[OffloadedMoELayer] = []
+        self.plan: ExecutionPlan
         self.budget_bytes = 0
         self.runahead = None
-        self._encoder_drain = None  # fetch="device": the encoder's forward hook that drains the courier (`_serve`)
+        self._encoder_drain: Any = None  # fetch="device": the encoder's forward hook that drains the courier
 
     def stats(self) -> OffloadStats:
         self._require_cache()
         c = self.cache
-        kernels = "+".join(sorted({layer.kernels for layer in self.layers})) or "loop"
         return OffloadStats(
-            # an exact policy is exact on the bit-exact loop only: the grouped kernels sum in another order
-            policy=self.policy.name, exact=self.policy.exact and kernels == "loop", device=str(self.device),
+            # exact: the tokens and logits of policy "resident" on the same plan (on kernels "exact", eager's too)
+            policy=self.policy.name, exact=self.policy.exact, device=str(self.device),
             hits=c.stats.hits, misses=c.stats.misses, evictions=c.stats.evictions,
             h2d_copies=c.transfer.stats.copies, h2d_bytes=c.transfer.stats.bytes,
             expert_bytes=self.store.expert_bytes, n_slots=c.n_slots, cache_bytes=c.pool_bytes,
             budget_bytes=self.budget_bytes, total_expert_bytes=self.store.total_bytes,
             dense_bytes=self.dense_bytes, peak_resident_experts=c.stats.peak_resident,
             prefetches=c.stats.prefetches, prefetch_hits=c.stats.prefetch_hits,
-            predictor_bytes=self.predictor_bytes(), kernels=kernels,
-            fetch="device" if c.directory is not None else "host",
+            predictor_bytes=self.predictor_bytes(), kernels=self.plan.kernels, fetch=self.plan.fetch,
         )
 
     def predictor_bytes(self) -> int:
@@ -108,7 +107,7 @@ class OffloadedModel:
         self.cache.reset_stats()
 
     def switch(self, policy: str | policies.Policy = "lru", gpu_budget: str | int | None = "all", *, predictor=None,
-               kernels: str = "torch", fetch: str = "host") -> OffloadedModel:
+               kernels: str = "auto", fetch: str = "auto") -> OffloadedModel:
         """Serve the same offloaded model with another policy and budget; returns this handle.
 
         The host store stays as it is (no expert crosses the host again: at published size that copy, not the new
@@ -124,20 +123,22 @@ class OffloadedModel:
         check_predictor(policy, predictor)
         require_routers(policy, self.hook)
         n_slots, budget_bytes = plan_slots(policy, gpu_budget, self.store, self.device)
-        fetch = plan_fetch(fetch, policy, kernels, n_slots, self.store)
+        plan = plan_for(self.hook, kernels, fetch, policy, n_slots, self.store, self.device)
         self._release_cache()
-        self._serve(policy, n_slots, budget_bytes, predictor, kernels, fetch)
+        self._serve(policy, n_slots, budget_bytes, predictor, plan)
         return self
 
-    def _serve(self, policy: policies.Policy, n_slots: int, budget_bytes: int, predictor, kernels: str,
-               fetch: str = "host") -> None:
+    def _serve(self, policy: policies.Policy, n_slots: int, budget_bytes: int, predictor,
+               plan: ExecutionPlan) -> None:
         """Build the cache, prefetcher and predictor runtime of `policy` over the store and route every MoE layer to
-        them: the one setup that `offload` and `switch` share. On failure, what was built is torn down again."""
+        them as `plan` says: the one setup that `offload` and `switch` share. On failure, what was built is torn
+        down again."""
         hook = self.hook
         try:
             cache = ExpertCache(self.store, n_slots, self.device, make_rule(policy.eviction), retain=policy.retain,
-                                fetch=fetch)
-            self.cache, self.policy, self.budget_bytes, self.serving = cache, policy, budget_bytes, True
+                                fetch=plan.fetch)
+            self.cache, self.policy, self.plan, self.budget_bytes = cache, policy, plan, budget_bytes
+            self.serving = True
             if policy.preload:
                 cache.preload(self.store.keys())
             prefetcher = make_prefetcher(policy, hook, cache)
@@ -146,22 +147,19 @@ class OffloadedModel:
                 prefetcher = self.runahead if policy.predictor_prefetch else None
             for i, module in enumerate(hook.layers):
                 stages = hook.expert_stages(module) if hook.expert_stages is not None else None
-                layer = OffloadedMoELayer(i, hook.num_experts, cache, hook.expert_ffn(module), prefetcher,
+                layer = OffloadedMoELayer(i, hook.num_experts, cache, hook.expert_ffn(module), plan, prefetcher,
                                           router_tap=None if self.runahead is None else self.runahead.tap,
-                                          ffn=getattr(hook, "ffn", None), kernels=kernels, stages=stages)
+                                          ffn=hook.ffn, stages=stages)
                 hook.install(module, layer)
                 self.layers.append(layer)
-            if fetch == "device" and any(layer.kernels == "loop" for layer in self.layers):
-                raise ValueError(f"fetch='device' runs on the grouped kernels, but kernels={kernels!r} gives the exact "
-                                 f"loop on {self.device} for this model: pass kernels='grouped-torch' on a CPU, or "
-                                 "use fetch='host'")
-            if fetch == "device":
+            if plan.fetch == "device":
                 # the layers drain the courier after the model's last MoE layer; an encoder-decoder's encoder ends
                 # before that, and what runs between (generate's bookkeeping) may block in the driver (courier.py,
                 # "Blocking calls"), so its encoder drains too
                 config = getattr(self.model, "config", None)
-                if getattr(config, "is_encoder_decoder", False) and hasattr(self.model, "get_encoder"):
-                    encoder = self.model.get_encoder()
+                get_encoder = getattr(self.model, "get_encoder", None)
+                if getattr(config, "is_encoder_decoder", False) and callable(get_encoder):
+                    encoder: nn.Module = get_encoder()
                     self._encoder_drain = encoder.register_forward_hook(lambda *_: cache.settle_device())
         except BaseException:
             self._release_cache()
@@ -266,52 +264,30 @@ def plan_slots(
     return int(n_slots), budget_bytes
 
 
-def device_fetch_serves(policy: str | policies.Policy) -> bool:
-    """True when `policy` can run with fetch="device": an LRU or next-use cache without a predictor, and a
-    prefetcher, if any, that guesses on the device (`predict_on_device`: the lookahead gate)."""
-    from .predictors import PREFETCHERS
-
-    policy = policies.get(policy)
-    on_device = policy.prefetch is None or hasattr(PREFETCHERS[policy.prefetch], "predict_on_device")
-    from .directory import EVICTIONS
-
-    return on_device and not (policy.predictor or policy.eviction not in EVICTIONS or not policy.retain)
-
-
-def plan_fetch(fetch: str, policy: policies.Policy, kernels: str, n_slots: int, store: ExpertStore) -> str:
-    """Who fetches a missing expert: "host" (the layer learns its experts with one sync and the copy engine copies
-    them) or "device" (the layer's kernels find and stream them: no sync; `moeoffload.directory`). Refuses a
-    combination "device" cannot serve, before anything moves; a budget that holds every expert needs no fetching,
-    and takes the resident path either way."""
-    if fetch not in ("host", "device"):
-        raise ValueError(f"fetch={fetch!r} is unknown; use 'host' or 'device'")
-    if fetch == "host" or n_slots >= store.num_layers * store.num_experts:
-        return "host"
-    if kernels == "torch":
-        raise ValueError("fetch='device' runs on the grouped kernels (the exact loop must learn on the host which "
-                         "experts it needs): pass kernels='auto'")
-    if not device_fetch_serves(policy):
-        raise ValueError(f"fetch='device' serves an LRU or next-use cache, without a predictor, and prefetching "
-                         f"only by the lookahead gate; policy {policy.name!r} needs the host: use fetch='host', or a "
-                         "policy such as 'lru', 'next-use' or 'lookahead-next-use'")
-    return "device"
+def plan_for(hook: hooks.ModelHook, kernels: str, fetch: str, policy: policies.Policy, n_slots: int,
+             store: ExpertStore, device: torch.device) -> ExecutionPlan:
+    """The execution plan of this model under `policy` (`moeoffload.plan.make_plan`), refused before anything moves."""
+    grouped_form = grouped_spec(hook.ffn, store.layout) is not None
+    return make_plan(kernels, fetch, policy=policy, grouped_form=grouped_form, device=device, n_slots=n_slots,
+                     store=store)
 
 
 def offload(model: nn.Module, policy: str | policies.Policy = "lru", gpu_budget: str | int | None = "all", *,
             device: str | torch.device | None = None, show_progress: bool | None = None,
-            predictor=None, kernels: str = "torch", fetch: str = "host") -> OffloadedModel:
+            predictor=None, kernels: str = "auto", fetch: str = "auto", store: ExpertStore | None = None
+            ) -> OffloadedModel:
     """Offload `model`'s experts; return the handle. Use as `with offload(model, ...) as handle:` to undo.
 
+    `kernels` and `fetch` make the execution plan (`moeoffload.plan`; `handle.plan` says what was chosen): "auto"
+    (the default) runs the fastest plan that serves the model, policy and device: on CUDA the grouped Triton kernels
+    and, for LRU and next-use caches, the cache's directory on the device; on a CPU the exact loop. `kernels="exact"`
+    is the per-expert loop in eager's order, bit-identical to the unoffloaded model: the verifier. Either way an
+    exact policy gives the resident model's tokens and logits on the same plan, bit for bit.
     `predictor`: what a predictive policy (`policy.predictor` set) runs on: a trained RoutingPredictor, or the
     CallTrace of the exact inputs for the oracle policies; `moeoffload.predictors.prepare()` makes it.
-    `kernels`: "torch" (default: the per-expert loop, bit-exact against eager), "auto" (grouped Triton kernels on
-    CUDA for expert forms they know, else the loop; faster, equal to eager only within bf16 rounding), "triton"
-    (refuse if unsupported), see layer.py.
-    `fetch`: "host" (default: a layer learns which experts it needs with one device->host sync, and the copy engine
-    brings the missing ones) or "device" (experimental: the grouped kernels look the experts up in a directory on
-    the device and a host thread queues the missing ones on the copy engine while the GPU waits on a flag: no sync,
-    so the host runs ahead while they arrive; LRU policies, `lookahead`'s prefetch included, `moeoffload.directory`,
-    `moeoffload.courier`)."""
+    `store`: the experts already in host memory (filled from a checkpoint, or seeded for a benchmark), laid out as
+    this model's hook lays them out; the model's own experts are then not read, only dropped (they may be on the
+    meta device), so a model larger than its host copy plus its dense part can be served."""
     if getattr(model, "_moeoffload", None) is not None:
         raise MoeOffloadError("this model is already offloaded; call moeoffload.unload(model) first")
     policy = policies.get(policy)
@@ -320,29 +296,51 @@ def offload(model: nn.Module, policy: str | policies.Policy = "lru", gpu_budget:
     require_routers(policy, hook)  # refuse before any weight moves
     device = resolve_device(device)
     original_device = next(iter(hook.layers[0].parameters())).device
-    store = ExpertStore(hook.layout, len(hook.layers), hook.num_experts, pin_memory=device.type == "cuda")
+    if original_device.type == "meta":  # experts that came with a store go back to host memory on unload
+        original_device = torch.device("cpu")
+    given = store is not None
+    if store is None:
+        store = ExpertStore(hook.layout, len(hook.layers), hook.num_experts, pin_memory=device.type == "cuda")
+    else:
+        _check_given_store(store, hook)
     n_slots, budget_bytes = plan_slots(policy, gpu_budget, store, device)
-    fetch = plan_fetch(fetch, policy, kernels, n_slots, store)
+    plan = plan_for(hook, kernels, fetch, policy, n_slots, store, device)
 
     for i, module in enumerate(progress(hook.layers, desc="moeoffload: storing experts", enable=show_progress)):
-        for e in range(hook.num_experts):
-            store.put((i, e), hook.expert_tensors(module, e))
+        if not given:
+            for e in range(hook.num_experts):
+                store.put((i, e), hook.expert_tensors(module, e))
         hook.strip(module)
+        if any(p.is_meta for p in module.parameters()):  # a model built on meta, its experts in the given store
+            module.to_empty(device=original_device)
     model.to(device)
     if hook.family == "experts3d":
         hooks.experts3d.select(model, hooks.experts3d.IMPLEMENTATION)
     handle = OffloadedModel(model, hook, store, original_device, device)
-    model._moeoffload = handle
+    setattr(model, "_moeoffload", handle)  # noqa: B010 (an nn.Module attribute that is not a parameter)
     try:
-        handle._serve(policy, n_slots, budget_bytes, predictor, kernels, fetch)
+        handle._serve(policy, n_slots, budget_bytes, predictor, plan)
     except BaseException:
         handle.unload()  # the experts go back: a failed offload leaves the model as it was
         raise
     return handle
 
 
+def _check_given_store(store: ExpertStore, hook: hooks.ModelHook) -> None:
+    """A store passed to `offload` must hold every expert of this model, in this model's layout."""
+    shape = (len(hook.layers), hook.num_experts)
+    if (store.num_layers, store.num_experts) != shape or store.layout != hook.layout:
+        raise MoeOffloadError(f"the given store holds {store.num_layers} x {store.num_experts} experts of layout "
+                              f"{store.layout.names}, but this model has {shape[0]} x {shape[1]} of layout "
+                              f"{hook.layout.names}; build the store from this model's hook "
+                              "(moeoffload.hooks.discover)")
+    if len(store) != shape[0] * shape[1]:
+        raise MoeOffloadError(f"the given store holds {len(store)} of this model's {shape[0] * shape[1]} experts; "
+                              "fill every expert (ExpertStore.put or ExpertStore.allocate_layer) before offloading")
+
+
 def switch(model: nn.Module, policy: str | policies.Policy = "lru", gpu_budget: str | int | None = "all", *,
-           predictor=None, kernels: str = "torch", fetch: str = "host") -> OffloadedModel:
+           predictor=None, kernels: str = "auto", fetch: str = "auto") -> OffloadedModel:
     """Serve an offloaded model with another policy and budget without moving its experts through the host again
     (`OffloadedModel.switch`)."""
     handle = getattr(model, "_moeoffload", None)
@@ -375,6 +373,8 @@ def require_routers(policy: policies.Policy, hook: hooks.ModelHook) -> None:
 def make_prefetcher(policy: policies.Policy, hook: hooks.ModelHook, cache: ExpertCache):
     if policy.prefetch is None:
         return None
+    from .predictors import PREFETCHERS
+
     require_routers(policy, hook)
     return PREFETCHERS[policy.prefetch](cache, hook.router_weight, hook.next_layer, hook.top_k, hook.router_bias)
 
@@ -404,13 +404,14 @@ def make_runahead(policy: policies.Policy, predictor, hook: hooks.ModelHook, cac
         return None
     from .predictors import CallTrace, OracleReplay, RunAhead
 
+    runtime: OracleReplay | RunAhead
     if isinstance(predictor, CallTrace):
         runtime = OracleReplay(predictor, cache, prefetch=policy.predictor_prefetch)
     else:
         runtime_class = getattr(predictor, "runahead_class", RunAhead)  # a predictor may bring its runtime (ExpertFlow)
         runtime = runtime_class(predictor, cache, hook, model, replace_router=policy.replace_router,
                                 prefetch=policy.predictor_prefetch)
-    rule = cache.rule
+    rule: Any = cache.rule  # the rules that bind (Belady, prior-frequency) say so by name
     if getattr(rule, "name", None) == "belady":
         rule.bind(runtime)
     elif getattr(rule, "name", None) == "prior-frequency":

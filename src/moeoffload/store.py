@@ -144,6 +144,17 @@ class ExpertStore:
             raise
         self._buffers[key] = buf
 
+    def allocate_layer(self, layer: int) -> torch.Tensor:
+        """One MoE layer's slab (page-locked when the store is pinned) with every expert's buffer a view of it, for
+        the caller to fill in place: a checkpoint reader or a seeded benchmark writes a model larger than one
+        host copy without packing each expert through `put`."""
+        self._check_key((layer, 0))
+        slab = self._slabs.get(layer) or self._new_slab(layer)
+        n = self.layout.numel
+        for e in range(self.num_experts):
+            self._buffers[(layer, e)] = slab[e * n : (e + 1) * n]
+        return slab
+
     def buffer(self, key: ExpertKey) -> torch.Tensor:
         try:
             return self._buffers[key]

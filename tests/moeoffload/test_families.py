@@ -72,7 +72,7 @@ def snapshot(model):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_offloaded_family_equals_eager_bit_for_bit(family, dtype, staged_from, monkeypatch):
     if staged_from is not None:
-        monkeypatch.setattr(moeoffload.layer, "STAGED_MIN_EXPERTS", staged_from)
+        monkeypatch.setattr(moeoffload.paths.exact, "STAGED_MIN_EXPERTS", staged_from)
     if dtype == torch.bfloat16 and family not in ("deepseek_v2", "gpt_oss"):
         pytest.skip("bf16 on DeepSeek (fp32 gate weights times bf16 rows) and GPT-OSS (biases) only; gated-silu "
                     "in bf16 is test_exactness.py's Mixtral")

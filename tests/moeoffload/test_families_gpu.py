@@ -1,4 +1,4 @@
-"""Every MoE family on CUDA in bf16: the exact per-expert loop (kernels="torch") gives the eager model's tokens and
+"""Every MoE family on CUDA in bf16: the exact per-expert loop (kernels="exact") gives the eager model's tokens and
 logits bit for bit, copies on a side stream included (run twice: a race would show as a difference); the default
 kernels ("auto": grouped Triton kernels for the forms they know, opt-in) agree with eager within bf16 rounding."""
 
@@ -34,7 +34,7 @@ def test_family_on_cuda_bf16_matches_eager(family):
     for policy in POLICIES:
         for budget in (smallest, "50%"):
             where = f"{family} {policy} at {budget}"
-            with moeoffload.offload(model, policy, budget, device="cuda", kernels="torch") as h:
+            with moeoffload.offload(model, policy, budget, device="cuda", kernels="exact") as h:
                 assert h.store.pinned
                 for _ in range(2):
                     for (tokens, logits), (ref_tokens, ref_logits) in zip([run(model, p) for p in prompts], reference):

@@ -73,11 +73,11 @@ def test_ordered_sum_counts_a_repeated_expert_twice():
 def test_staged_layer_equals_the_per_expert_loop_under_replaced_routing(monkeypatch):
     """A router tap may repeat an expert within a token (an approximate policy's replacement): both copies count,
     as in the loop (float32 here: the value, not the order of a repeated expert's two adds, is what is checked)."""
-    monkeypatch.setattr(moeoffload.layer, "STAGED_MIN_EXPERTS", 1)
+    monkeypatch.setattr(moeoffload.paths.exact, "STAGED_MIN_EXPERTS", 1)
     model = M.tiny_mixtral(seed=3, experts=8, top_k=2)
     with moeoffload.offload(model, "lru", "50%", device="cpu") as handle:
         layer = handle.layers[0]
-        assert layer.stages is not None
+        assert layer.host_path.stages is not None
         g = torch.Generator().manual_seed(0)
         hidden = torch.randn(9, 64, generator=g)
         index = torch.randint(0, 8, (9, 2), generator=g)
@@ -85,11 +85,11 @@ def test_staged_layer_equals_the_per_expert_loop_under_replaced_routing(monkeypa
         index[1, 1] = 8  # no expert
         weights = torch.rand(9, 2, generator=g)
         staged = layer(hidden, index, weights)
-        stages, layer.stages = layer.stages, None
+        stages, layer.host_path.stages = layer.host_path.stages, None
         try:
             loop = layer(hidden, index, weights)
         finally:
-            layer.stages = stages
+            layer.host_path.stages = stages
     torch.testing.assert_close(staged, loop)
 
 

@@ -26,7 +26,7 @@ def test_staged_loop_is_eager_at_published_widths(name, monkeypatch):
     import moeoffload.layer
     from moebench.zoo import build_synthetic
 
-    monkeypatch.setattr(moeoffload.layer, "STAGED_MIN_EXPERTS", 1)  # staged at every token count, 1 included
+    monkeypatch.setattr(moeoffload.paths.exact, "STAGED_MIN_EXPERTS", 1)  # staged at every token count, 1 included
     zoo_name, overrides = WIDTHS[name]
     model, _ = build_synthetic(zoo_name, layers=1, dtype=torch.bfloat16, overrides={"vocab_size": 512, **overrides},
                                show_progress=False)
@@ -38,7 +38,7 @@ def test_staged_loop_is_eager_at_published_widths(name, monkeypatch):
     for budget in ("all", 5 * hook.layout.nbytes):  # 5 slots: a batch of many tokens needs three or four waves
         with moeoffload.offload(model, "lru", budget, device="cuda", show_progress=False) as handle:
             layer = handle.layers[0]
-            assert layer.stages is not None
+            assert layer.host_path.stages is not None
             for tokens in (1, 2, 8, 37, 256):
                 for weight_dtype in (torch.bfloat16, torch.float32):
                     g = torch.Generator().manual_seed(tokens)

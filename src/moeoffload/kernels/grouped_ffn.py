@@ -72,7 +72,12 @@ def grouped_ffn(spec: FFNSpec, x: torch.Tensor, pool: torch.Tensor, groups: Sequ
                          f"{spec.hidden} and {spec.slot_numel} elements per slot")
     max_rows = max_rows or max(end - first for first, end, _ in groups)
     if not use_triton(x, backend):
-        return _grouped_ffn_torch(spec, x, pool, groups, out)
+        # the same tiles as the kernel and as `grouped_ffn_by_tiles`: a row's GEMM then has the same shape
+        # whichever of them computes it, so the plain-torch form gives the same bits too
+        tile_m = tile_rows(max_rows)
+        chunks = [(row, min(end, row + tile_m), slot)
+                  for first, end, slot in groups for row in range(first, end, tile_m)]
+        return _grouped_ffn_torch(spec, x, pool, chunks, out)
     return _grouped_linears(spec, x, pool, _tiles(groups, tile_rows(max_rows), x.device), max_rows, out)
 
 

@@ -1,0 +1,130 @@
+"""ExecutionPlan: how an offloaded model's MoE layers run, decided once by `offload()` and `switch()`.
+
+Two choices make the plan, and every other part reads them from here (the layers, the cache, `stats()`, moebench):
+- kernels: "exact", the per-expert loop in transformers eager's order (bit-identical to the unoffloaded model: the
+  verifier); "triton", grouped Triton kernels over the cache's slots (CUDA); "reference", the same grouped
+  algorithm in plain torch (any device: the kernels' reference, and the CPU tests' stand-in for "triton").
+- fetch: "host", a layer learns which experts it needs with one device->host sync and the cache copies the misses;
+  "device", the cache's directory lives on the GPU and the layer's kernels find and queue their misses with no
+  sync (`moeoffload.directory`, `moeoffload.courier`).
+
+"auto" asks for the fastest plan that can serve the model, policy and device: the grouped Triton kernels and the
+device directory on CUDA where the expert form and the policy allow, the exact loop on a CPU (the grouped kernels'
+plain-torch form is no faster there). Exactness does not depend on the plan: an exact policy gives the tokens and
+logits of policy "resident" served by the same plan, bit for bit (`moeoffload.paths`: why).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import kernels as _kernels
+from .policies import Policy
+from .store import ExpertStore
+
+KERNELS = ("auto", "exact", "triton", "reference")
+FETCHES = ("auto", "host", "device")
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    """The resolved choice for every MoE layer of one offloaded model (never "auto")."""
+
+    device: str
+    kernels: str  # "exact" | "triton" | "reference"
+    fetch: str  # "host" | "device"
+    why: str  # what "auto" chose and why, or "as asked"
+
+    @property
+    def grouped(self) -> bool:
+        return self.kernels != "exact"
+
+    @property
+    def backend(self) -> str:
+        """The kernels module's backend for the grouped paths."""
+        return "triton" if self.kernels == "triton" else "torch"
+
+    @property
+    def eager_exact(self) -> bool:
+        """Bit-identical to transformers' eager forward (not only to the resident model on the same kernels)."""
+        return self.kernels == "exact"
+
+    @property
+    def label(self) -> str:
+        return self.kernels if self.fetch == "host" else f"{self.kernels}+device-fetch"
+
+
+def make_plan(kernels: str, fetch: str, *, policy: Policy, grouped_form: bool, device: torch.device, n_slots: int,
+              store: ExpertStore) -> ExecutionPlan:
+    """Resolve `kernels` and `fetch` for a model whose expert form the grouped kernels can (`grouped_form`) or
+    cannot compute. An explicit choice that cannot be honoured is refused here, before any weight moves."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels={kernels!r} is unknown; use one of {', '.join(KERNELS)}")
+    if fetch not in FETCHES:
+        raise ValueError(f"fetch={fetch!r} is unknown; use one of {', '.join(FETCHES)}")
+    chosen, why = _choose_kernels(kernels, grouped_form, device)
+    refusal = device_fetch_refusal(policy, chosen, n_slots, store, device)
+    if fetch == "device" and refusal is not None and not _holds_every_expert(n_slots, store):
+        raise ValueError(refusal)
+    where = "device" if fetch != "host" and refusal is None else "host"
+    if fetch == "auto" and refusal is not None and chosen != "exact":
+        why = f"{why}; fetch on the host: {refusal.split(':')[0]}"
+    return ExecutionPlan(device=str(device), kernels=chosen, fetch=where, why=why)
+
+
+def _choose_kernels(kernels: str, grouped_form: bool, device: torch.device) -> tuple[str, str]:
+    triton_runs = device.type == "cuda" and _kernels.triton_importable()
+    if kernels == "auto":
+        if not grouped_form:
+            return "exact", "the grouped kernels do not compute this expert form"
+        if not triton_runs:
+            return "exact", f"no Triton on {device.type}: the exact loop is the fast path there"
+        return "triton", "the grouped Triton kernels serve this expert form on CUDA"
+    if kernels != "exact" and not grouped_form:
+        raise ValueError(f"kernels={kernels!r}: the grouped kernels do not compute this model's expert form; use "
+                         f"kernels='exact' or 'auto' (forms they compute: {', '.join(_kernels.FFN_KINDS)})")
+    if kernels == "triton" and not triton_runs:
+        raise ValueError("kernels='triton' needs a CUDA device and the triton package; use kernels='auto' (or "
+                         "'reference', the same algorithm in plain torch)")
+    return kernels, "as asked"
+
+
+def _holds_every_expert(n_slots: int, store: ExpertStore) -> bool:
+    return n_slots >= store.num_layers * store.num_experts
+
+
+def device_fetch_refusal(policy: Policy, kernels: str, n_slots: int, store: ExpertStore,
+                         device: torch.device) -> str | None:
+    """Why fetch="device" cannot serve this combination, or None when it can. The one place that decides it."""
+    if _holds_every_expert(n_slots, store):
+        return "every expert is resident: nothing to fetch (the layers route on the device without a directory)"
+    if kernels == "exact":
+        return ("fetch='device' runs on the grouped kernels, and this plan has the exact loop, which learns on the "
+                "host which experts it needs; pass kernels='triton' on CUDA or 'reference' on a CPU")
+    if device.type == "cuda" and kernels == "reference":
+        return ("the plain-torch kernels read their tile table on the host, which would block the compute stream's "
+                "waits on CUDA: use kernels='triton' with fetch='device'")
+    if not device_fetch_serves(policy):
+        return (f"policy {policy.name!r} is not served by the device directory: it serves an LRU or next-use cache "
+                "without a predictor, prefetching only by the lookahead gate; use fetch='host', or a policy such as "
+                "'lru', 'next-use' or 'lookahead-next-use'")
+    if n_slots > _kernels.GROUPED_MM_MAX_GROUPS:
+        return (f"the device directory holds at most {_kernels.GROUPED_MM_MAX_GROUPS} slots and this budget gives "
+                f"{n_slots}: use fetch='host' or a smaller budget")
+    if device.type == "cuda" and not store.pinned:
+        return "the device directory streams from page-locked host memory and this store is not pinned"
+    return None
+
+
+def device_fetch_serves(policy: Policy | str) -> bool:
+    """True when `policy` can run with fetch="device": an LRU or next-use cache without a predictor, and a
+    prefetcher, if any, that guesses on the device (`predict_on_device`: the lookahead gate)."""
+    from . import policies
+    from .directory import EVICTIONS
+    from .predictors import PREFETCHERS
+
+    policy = policies.get(policy)
+    on_device = policy.prefetch is None or hasattr(PREFETCHERS[policy.prefetch], "predict_on_device")
+    return on_device and not (policy.predictor or policy.eviction not in EVICTIONS or not policy.retain)
