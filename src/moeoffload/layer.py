@@ -15,8 +15,8 @@ from collections.abc import Callable
 import torch
 
 from . import kernels as _kernels
-from .cache import ExpertCache
-from .paths import ExactLoop, FetchedOnDevice, GroupedOnHost, ResidentOnDevice
+from .cache import ExpertCache, PrecisionCaches
+from .paths import DequantizingLoop, ExactLoop, FetchedOnDevice, GroupedOnHost, ResidentOnDevice
 from .paths.common import drop_prefetcher
 from .plan import ExecutionPlan
 from .staged import ExpertStages
@@ -45,20 +45,27 @@ def grouped_spec(ffn, layout) -> _kernels.FFNSpec | None:
 class OffloadedMoELayer:
     def __init__(self, layer_idx: int, num_experts: int, cache: ExpertCache, expert_ffn: ExpertFFN,
                  plan: ExecutionPlan, prefetcher: Prefetcher | None = None, router_tap: RouterTap | None = None,
-                 ffn=None, stages: ExpertStages | None = None):
+                 ffn=None, stages: ExpertStages | None = None, precisions: PrecisionCaches | None = None,
+                 full_precision_gate: float | None = None):
         self.layer_idx = layer_idx
         self.num_experts = num_experts
         self.cache = cache
         self.plan = plan
         self.prefetcher = prefetcher
         self.router_tap = router_tap
-        self.spec = grouped_spec(ffn, cache.store.layout)
+        layout = cache.store.layout
+        self.spec = grouped_spec(ffn, getattr(layout, "full", layout))  # a quantized store's experts: as full ones
         if plan.grouped and self.spec is None:
             raise ValueError(f"plan {plan.label!r} needs the grouped kernels, which do not compute this layer's expert "
                              "form; make the plan with moeoffload.plan.make_plan")
-        self.host_path: ExactLoop | GroupedOnHost = (GroupedOnHost(self) if plan.grouped
-                                                     else ExactLoop(self, expert_ffn, stages))
+        self.host_path: ExactLoop | GroupedOnHost | DequantizingLoop
         self.device_paths: list[FetchedOnDevice | ResidentOnDevice] = []
+        if plan.precision != "full":
+            if precisions is None:
+                raise ValueError(f"plan {plan.label!r} copies low-precision experts: pass their PrecisionCaches")
+            self.host_path = DequantizingLoop(self, expert_ffn, precisions, full_precision_gate)
+            return
+        self.host_path = GroupedOnHost(self) if plan.grouped else ExactLoop(self, expert_ffn, stages)
         if plan.fetch == "device":
             self.device_paths.append(FetchedOnDevice(self))
         elif plan.grouped:

@@ -7,7 +7,7 @@ the host ExpertStore, and a cache of `gpu_budget` bytes serves them on the devic
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
 import torch
@@ -15,11 +15,11 @@ from torch import nn
 
 from . import hooks, policies
 from .budget import format_bytes, parse_budget
-from .cache import ExpertCache
+from .cache import ExpertCache, PrecisionCaches
 from .errors import BudgetError, MoeOffloadError, NotOffloadedError, UnsupportedModelError
 from .eviction import make_rule
 from .layer import OffloadedMoELayer, grouped_spec
-from .plan import ExecutionPlan, make_plan
+from .plan import ExecutionPlan, make_plan, precision_slots, quantize_refusal
 from .progress import progress
 from .store import ExpertStore
 
@@ -48,6 +48,13 @@ class OffloadStats:
     predictor_bytes: int = 0  # what the predictor holds on the device beyond the model's weights (its networks)
     kernels: str = "exact"  # the plan's kernels: "exact", "triton" or "reference" (moeoffload.plan)
     fetch: str = "host"  # the plan's fetch: "host" (a sync per layer, the copy engine) or "device"
+    # a low-precision policy's caches, per precision ("full", "int8", "int4"); the totals above sum them
+    precision: str = "full"  # the plan's precision ("full", "int8", "int4", "full+int4")
+    expert_bytes_by_precision: dict[str, int] = field(default_factory=dict)
+    hits_by_precision: dict[str, int] = field(default_factory=dict)
+    misses_by_precision: dict[str, int] = field(default_factory=dict)
+    upgrades: int = 0  # full-precision misses of an expert then resident in low precision (HOBBIT)
+    scratch_bytes: int = 0  # device bytes beside the slots where quantized experts are dequantized
 
     @property
     def hit_rate(self) -> float:
@@ -74,6 +81,7 @@ class OffloadedModel:
         self.serving = False  # a cache, its prefetcher and the engine's layers are installed (`_serve`)
         self.policy: policies.Policy
         self.cache: ExpertCache
+        self.precisions: PrecisionCaches | None = None  # a low-precision policy's caches (`cache` is the first)
         self.layers: list[OffloadedMoELayer] = []
         self.plan: ExecutionPlan
         self.budget_bytes = 0
@@ -82,6 +90,8 @@ class OffloadedModel:
 
     def stats(self) -> OffloadStats:
         self._require_cache()
+        if self.precisions is not None:
+            return self._precision_stats(self.precisions)
         c = self.cache
         return OffloadStats(
             # exact: the tokens and logits of policy "resident" on the same plan (on kernels "exact", eager's too)
@@ -95,6 +105,29 @@ class OffloadedModel:
             predictor_bytes=self.predictor_bytes(), kernels=self.plan.kernels, fetch=self.plan.fetch,
         )
 
+    def _precision_stats(self, precisions: PrecisionCaches) -> OffloadStats:
+        """A low-precision policy's statistics: every count summed over its caches, and split by precision."""
+        caches = precisions.caches
+        stats = {p: c.stats for p, c in caches.items()}
+        total = {name: sum(getattr(st, name) for st in stats.values()) for name in ("hits", "misses", "evictions",
+                                                                                    "peak_resident")}
+        scratch = self.layers[0].host_path.scratch_bytes if self.layers else 0  # type: ignore[union-attr]
+        return OffloadStats(
+            policy=self.policy.name, exact=self.policy.exact, device=str(self.device),
+            hits=total["hits"], misses=total["misses"], evictions=total["evictions"],
+            h2d_copies=sum(c.transfer.stats.copies for c in caches.values()),
+            h2d_bytes=sum(c.transfer.stats.bytes for c in caches.values()),
+            expert_bytes=self.cache.store.expert_bytes, n_slots=sum(c.n_slots for c in caches.values()),
+            cache_bytes=sum(c.pool_bytes for c in caches.values()), budget_bytes=self.budget_bytes,
+            total_expert_bytes=self.store.total_bytes, dense_bytes=self.dense_bytes,
+            peak_resident_experts=total["peak_resident"], prefetches=0, prefetch_hits=0,
+            kernels=self.plan.kernels, fetch=self.plan.fetch, precision=self.plan.precision,
+            expert_bytes_by_precision={p: c.store.expert_bytes for p, c in caches.items()},
+            hits_by_precision={p: st.hits for p, st in stats.items()},
+            misses_by_precision={p: st.misses for p, st in stats.items()},
+            upgrades=precisions.upgrades, scratch_bytes=scratch,
+        )
+
     def predictor_bytes(self) -> int:
         """Device bytes of the policy's predictor (networks, tables, kept predictions), not counting tensors it
         shares with the model (SiDA reads the model's embeddings). Read when asked: a predictor may move its
@@ -104,7 +137,10 @@ class OffloadedModel:
 
     def reset_stats(self) -> None:
         self._require_cache()
-        self.cache.reset_stats()
+        if self.precisions is not None:
+            self.precisions.reset_stats()
+        else:
+            self.cache.reset_stats()
 
     def switch(self, policy: str | policies.Policy = "lru", gpu_budget: str | int | None = "all", *, predictor=None,
                kernels: str = "auto", fetch: str = "auto") -> OffloadedModel:
@@ -135,8 +171,12 @@ class OffloadedModel:
         down again."""
         hook = self.hook
         try:
-            cache = ExpertCache(self.store, n_slots, self.device, make_rule(policy.eviction), retain=policy.retain,
-                                fetch=plan.fetch)
+            if plan.precision != "full":
+                self.precisions = self._precision_caches(policy, budget_bytes)
+                cache = next(iter(self.precisions.caches.values()))
+            else:
+                cache = ExpertCache(self.store, n_slots, self.device, make_rule(policy.eviction),
+                                    retain=policy.retain, fetch=plan.fetch)
             self.cache, self.policy, self.plan, self.budget_bytes = cache, policy, plan, budget_bytes
             self.serving = True
             if policy.preload:
@@ -149,7 +189,8 @@ class OffloadedModel:
                 stages = hook.expert_stages(module) if hook.expert_stages is not None else None
                 layer = OffloadedMoELayer(i, hook.num_experts, cache, hook.expert_ffn(module), plan, prefetcher,
                                           router_tap=None if self.runahead is None else self.runahead.tap,
-                                          ffn=hook.ffn, stages=stages)
+                                          ffn=hook.ffn, stages=stages, precisions=self.precisions,
+                                          full_precision_gate=policy.full_precision_gate)
                 hook.install(module, layer)
                 self.layers.append(layer)
             if plan.fetch == "device":
@@ -164,7 +205,16 @@ class OffloadedModel:
         except BaseException:
             self._release_cache()
             raise
-        cache.reset_stats()
+        self.reset_stats()
+
+    def _precision_caches(self, policy: policies.Policy, budget_bytes: int) -> PrecisionCaches:
+        """One cache per precision of a low-precision policy, over the store's quantized copies (made on the device
+        the first time a policy asks for them, then kept for later switches)."""
+        caches = {}
+        for precision, slots in precision_slots(policy, budget_bytes, self.store).items():
+            store = self.store if precision == "full" else self.store.low_precision(precision, device=self.device)
+            caches[precision] = ExpertCache(store, slots, self.device, make_rule(policy.eviction), retain=True)
+        return PrecisionCaches(caches)
 
     def _release_cache(self) -> None:
         """Tear down what `_serve` built (predictor runtime, engine layers, device pool); the store stays. The MoE
@@ -183,6 +233,9 @@ class OffloadedModel:
             self.hook.install(module, cast(OffloadedMoELayer, _NO_CACHE))
         self.layers = []
         self.cache.free()  # statistics stay readable
+        if self.precisions is not None:
+            self.precisions.free()
+            self.precisions = None
         self.serving = False
         if self.device.type == "cuda":
             # hand the pool's blocks back to the device: torch's allocator would keep them reserved in pieces, and a
@@ -252,6 +305,8 @@ def plan_slots(
         if budget_bytes > total:
             raise BudgetError(f"GPU budget {format_bytes(budget_bytes)} is above the device's memory "
                               f"({format_bytes(total)}); lower gpu_budget")
+    if policy.precision != "full":
+        return sum(precision_slots(policy, budget_bytes, store).values()), budget_bytes
     n_slots = min(budget_bytes // store.expert_bytes, total_experts)
     if policy.preload and n_slots < total_experts:
         raise BudgetError(f"policy {policy.name!r} keeps all {total_experts} experts on the device "
@@ -268,6 +323,8 @@ def plan_for(hook: hooks.ModelHook, kernels: str, fetch: str, policy: policies.P
              store: ExpertStore, device: torch.device) -> ExecutionPlan:
     """The execution plan of this model under `policy` (`moeoffload.plan.make_plan`), refused before anything moves."""
     grouped_form = grouped_spec(hook.ffn, store.layout) is not None
+    if policy.precision != "full" and not grouped_form:
+        raise UnsupportedModelError(quantize_refusal(policy, hook.ffn))
     return make_plan(kernels, fetch, policy=policy, grouped_form=grouped_form, device=device, n_slots=n_slots,
                      store=store)
 

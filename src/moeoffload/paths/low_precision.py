@@ -1,0 +1,87 @@
+"""DequantizingLoop: a layer's experts copied in low precision, dequantized on arrival, computed at full precision.
+
+Per needed expert, in ascending expert order: the policy picks the least precision it may have (every copy low, or
+HOBBIT's rule: full precision when the expert's largest gate weight in the call reaches the policy's threshold),
+`PrecisionCaches` serves the most precise resident copy or copies the wanted one, a quantized copy is dequantized
+into the layer's one full-precision scratch expert, and the plan's kernels compute its rows from there: the exact
+loop's expert FFN, or the grouped kernels over a one-slot pool. One expert at a time, so the scratch is one expert
+and any slot count serves a call; the copies still queue back to back on the transfer stream, and the compute
+stream orders each dequantization after the previous expert's FFN that read the scratch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .. import kernels as _kernels
+from ..cache import PrecisionCaches
+from .common import grouped_form, host_route
+
+if TYPE_CHECKING:
+    from ..layer import ExpertFFN, OffloadedMoELayer
+
+
+class DequantizingLoop:
+    def __init__(self, layer: OffloadedMoELayer, expert_ffn: ExpertFFN, caches: PrecisionCaches,
+                 full_precision_gate: float | None):
+        self.layer = layer
+        self.expert_ffn = expert_ffn
+        self.caches = caches
+        self.gate = full_precision_gate
+        self.low = caches.order[-1]
+        full = caches.caches[caches.order[0]].store
+        self.layout = full.layout if caches.order[0] == "full" else full.layout.full
+        self.scratch = torch.empty(self.layout.numel, dtype=self.layout.dtype, device=layer.cache.device)
+        self.scratch_views = self.layout.views(self.scratch)
+
+    @property
+    def scratch_bytes(self) -> int:
+        return self.scratch.numel() * self.scratch.element_size()
+
+    def wanted(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, needed: list[int]) -> list[str]:
+        """The least precision each needed expert may have (one more device->host sync for a mixed policy)."""
+        if self.gate is None:
+            return [self.low] * len(needed)
+        num_experts = self.layer.num_experts
+        ids = top_k_index.reshape(-1)
+        valid = (ids >= 0) & (ids < num_experts)
+        largest = torch.zeros(num_experts + 1, dtype=torch.float32, device=ids.device)
+        largest.scatter_reduce_(0, torch.where(valid, ids, num_experts), top_k_weights.reshape(-1).float(), "amax")
+        weights = largest[torch.tensor(needed, device=ids.device)].tolist()
+        return ["full" if w >= self.gate else self.low for w in weights]
+
+    def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        for cache in self.caches.caches.values():
+            cache.enter_layer(layer.layer_idx)
+        needed, starts, order = host_route(top_k_index, layer.num_experts)
+        out = torch.zeros_like(hidden)
+        tokens = hidden.shape[0]
+        for i, (expert, wanted) in enumerate(zip(needed, self.wanted(top_k_index, top_k_weights, needed))):
+            pairs = order[starts[i] : starts[i + 1]]
+            tok, pos = pairs % tokens, pairs // tokens
+            key = (layer.layer_idx, expert)
+            precision, slot = self.caches.acquire(key, wanted)
+            try:
+                y = self._rows(hidden[tok], precision, slot, tokens)
+            finally:
+                self.caches.release(key, precision)
+            out.index_add_(0, tok, (y * top_k_weights[tok, pos, None]).to(out.dtype))
+        return out
+
+    def _rows(self, x: torch.Tensor, precision: str, slot: int, tokens: int) -> torch.Tensor:
+        """The expert's FFN over rows x, its weights in `slot` of `precision`'s cache."""
+        cache = self.caches.caches[precision]
+        if precision == "full":
+            pool, row, weights = cache.pool, slot, cache.weights(slot)
+        else:
+            cache.store.layout.dequantize(cache.pool[slot], self.scratch)
+            pool, row, weights = self.scratch.view(1, -1), 0, self.scratch_views
+        if not self.layer.plan.grouped:
+            return self.expert_ffn(x, weights)
+        y = torch.empty_like(x)
+        _kernels.grouped_ffn(grouped_form(self.layer), x, pool, [(0, x.shape[0], row)], y, max_rows=max(tokens, 1),
+                             backend=self.layer.plan.backend)
+        return y
