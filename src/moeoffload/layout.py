@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -69,21 +70,25 @@ class QuantizedLayout:
     group: int
 
     def __post_init__(self) -> None:
-        from .quantize import check_matrix
+        _ = self.groups  # refuses a tensor that is not a matrix or a column count no group divides
 
-        for name, shape in zip(self.full.names, self.full.shapes):
-            check_matrix(name, shape, self.group)
+    @cached_property
+    def groups(self) -> dict[str, int]:
+        """The group size of each matrix (`quantize.group_for`)."""
+        from .quantize import group_for
+
+        return {name: group_for(name, shape, self.group) for name, shape in zip(self.full.names, self.full.shapes)}
 
     @property
     def dtype(self) -> torch.dtype:
         return torch.uint8
 
-    @property
+    @cached_property
     def sections(self) -> tuple[tuple[str, int, tuple[int, ...], torch.dtype], ...]:
         """(section name, byte offset, shape, dtype) of every section in packing order."""
-        out, offset = [], 0
+        out, offset, group = [], 0, self.groups
         for name, (rows, cols) in zip(self.full.names, self.full.shapes):
-            groups = (rows, cols // self.group)
+            groups = (rows, cols // group[name])
             for suffix, shape, dtype in (("", (rows, cols * self.bits // 8), torch.uint8),
                                          (".scale", groups, torch.float32), (".zero", groups, torch.uint8)):
                 out.append((name + suffix, offset, shape, dtype))
@@ -111,20 +116,18 @@ class QuantizedLayout:
         """Quantize the named full-precision matrices (on their own device) into the flat buffer `out`."""
         from .quantize import quantize
 
-        views = self.views(out)
+        views, group = self.views(out), self.groups
         for name, shape in zip(self.full.names, self.full.shapes):
             src = tensors[name]
             if tuple(src.shape) != tuple(shape):
                 raise ValueError(f"expert matrix {name!r} has shape {tuple(src.shape)}, layout expects {shape}")
-            for suffix, part in zip(("", ".scale", ".zero"), quantize(src, self.bits, self.group)):
+            for suffix, part in zip(("", ".scale", ".zero"), quantize(src, self.bits, group[name])):
                 views[name + suffix].copy_(part)
         return out
 
-    def dequantize(self, flat: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Write the expert in the quantized buffer `flat` into `out`, a flat buffer of the full layout."""
+    def dequantize(self, q: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> None:
+        """Write the expert whose sections are `q` (`views` of its buffer) into `out`, the full layout's views."""
         from .quantize import dequantize
 
-        q, full = self.views(flat), self.full.views(out)
-        for name in self.full.names:
-            dequantize(q[name], q[name + ".scale"], q[name + ".zero"], self.bits, self.group, out=full[name])
-        return out
+        for name, group in self.groups.items():
+            dequantize(q[name], q[name + ".scale"], q[name + ".zero"], self.bits, group, out=out[name])

@@ -19,8 +19,10 @@ from .cache import ExpertCache, PrecisionCaches
 from .errors import BudgetError, MoeOffloadError, NotOffloadedError, UnsupportedModelError
 from .eviction import make_rule
 from .layer import OffloadedMoELayer, grouped_spec
+from .layout import QuantizedLayout
 from .plan import ExecutionPlan, make_plan, precision_slots, quantize_refusal
 from .progress import progress
+from .quantize import GROUP_SIZE
 from .store import ExpertStore
 
 
@@ -158,6 +160,7 @@ class OffloadedModel:
         policy = policies.get(policy)
         check_predictor(policy, predictor)
         require_routers(policy, self.hook)
+        require_quantizable(policy, self.hook)
         n_slots, budget_bytes = plan_slots(policy, gpu_budget, self.store, self.device)
         plan = plan_for(self.hook, kernels, fetch, policy, n_slots, self.store, self.device)
         self._release_cache()
@@ -323,8 +326,6 @@ def plan_for(hook: hooks.ModelHook, kernels: str, fetch: str, policy: policies.P
              store: ExpertStore, device: torch.device) -> ExecutionPlan:
     """The execution plan of this model under `policy` (`moeoffload.plan.make_plan`), refused before anything moves."""
     grouped_form = grouped_spec(hook.ffn, store.layout) is not None
-    if policy.precision != "full" and not grouped_form:
-        raise UnsupportedModelError(quantize_refusal(policy, hook.ffn))
     return make_plan(kernels, fetch, policy=policy, grouped_form=grouped_form, device=device, n_slots=n_slots,
                      store=store)
 
@@ -351,6 +352,7 @@ def offload(model: nn.Module, policy: str | policies.Policy = "lru", gpu_budget:
     check_predictor(policy, predictor)
     hook = hooks.discover(model)
     require_routers(policy, hook)  # refuse before any weight moves
+    require_quantizable(policy, hook)
     device = resolve_device(device)
     original_device = next(iter(hook.layers[0].parameters())).device
     if original_device.type == "meta":  # experts that came with a store go back to host memory on unload
@@ -425,6 +427,19 @@ def require_routers(policy: policies.Policy, hook: hooks.ModelHook) -> None:
     if policy.prefetch is not None and hook.router_weight is None:
         raise UnsupportedModelError(f"policy {policy.name!r} runs routers early, but moeoffload cannot find the "
                                     f"routers of this {hook.family} model; use a policy without prefetch, e.g. 'lru'")
+
+
+def require_quantizable(policy: policies.Policy, hook: hooks.ModelHook) -> None:
+    """A low-precision policy takes the expert forms whose matrices quantize group-wise (`plan.quantize_refusal`)."""
+    if policy.precision == "full":
+        return
+    if grouped_spec(hook.ffn, hook.layout) is None:
+        raise UnsupportedModelError(quantize_refusal(policy, hook.ffn))
+    try:
+        QuantizedLayout(hook.layout, 4, GROUP_SIZE)
+    except ValueError as exc:
+        raise UnsupportedModelError(f"policy {policy.name!r} cannot quantize this model's experts: {exc}; use a "
+                                    "full-precision policy such as 'lru'") from None
 
 
 def make_prefetcher(policy: policies.Policy, hook: hooks.ModelHook, cache: ExpertCache):

@@ -14,26 +14,34 @@ one); scale is float32 and zero uint8, one each per group. The round trip is bit
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 BITS = {"int8": 8, "int4": 4}  # the low precisions; "full" is the store's own dtype
 GROUP_SIZE = 64
+MIN_GROUP = 16
 EPS = torch.finfo(torch.float32).smallest_normal  # torchao's default eps for a float32 input
 
 
-def check_matrix(name: str, shape: tuple[int, ...], group: int) -> None:
-    """Raise ValueError unless a matrix of `shape` can be quantized in groups of `group` input columns."""
+def group_for(name: str, shape: tuple[int, ...], group: int = GROUP_SIZE) -> int:
+    """The group size of a matrix of `shape`: `group` input columns, or the largest power of two below it that
+    divides the column count (a small test model's 96 columns: 32); raise ValueError when that is below
+    MIN_GROUP or the tensor is not a matrix."""
     if len(shape) != 2:
         raise ValueError(f"expert tensor {name!r} has shape {shape}: group-wise quantization takes matrices [out, in] "
                          "(biases and 3-D tensors are not quantized)")
-    if shape[1] % group:
-        raise ValueError(f"expert matrix {name!r} has {shape[1]} input columns, not a multiple of the group size "
-                         f"{group}; pass a group size that divides it")
+    fitting = math.gcd(group, shape[1])
+    if fitting < MIN_GROUP:
+        raise ValueError(f"expert matrix {name!r} has {shape[1]} input columns, not a multiple of {MIN_GROUP}: "
+                         "group-wise quantization needs groups of at least that many columns")
+    return fitting
 
 
 def quantize(w: torch.Tensor, bits: int, group: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q uint8 [R, C * bits / 8], scale float32 [R, C / G], zero uint8 [R, C / G]) of a matrix w [R, C]."""
-    check_matrix("w", tuple(w.shape), group)
+    if group_for("w", tuple(w.shape), group) != group:
+        raise ValueError(f"a matrix of {w.shape[1]} columns cannot be quantized in groups of {group}")
     rows, cols = w.shape
     qmax = (1 << bits) - 1
     x = w.float().view(rows, cols // group, group)

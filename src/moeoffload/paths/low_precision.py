@@ -77,7 +77,7 @@ class DequantizingLoop:
         if precision == "full":
             pool, row, weights = cache.pool, slot, cache.weights(slot)
         else:
-            cache.store.layout.dequantize(cache.pool[slot], self.scratch)
+            cache.store.layout.dequantize(cache.weights(slot), self.scratch_views)
             pool, row, weights = self.scratch.view(1, -1), 0, self.scratch_views
         if not self.layer.plan.grouped:
             return self.expert_ffn(x, weights)
