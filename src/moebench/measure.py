@@ -465,6 +465,10 @@ class Session:
             "h2d_bytes_per_round": stats.h2d_bytes / self.rounds,
             "h2d_copies_per_round": stats.h2d_copies / self.rounds,
             "cache_bytes": stats.cache_bytes,
+            # a low-precision policy: what one expert's copy moves in each precision, and how many misses each served
+            "precision": stats.precision,
+            "expert_bytes_by_precision": stats.expert_bytes_by_precision or {"full": stats.expert_bytes},
+            "misses_by_precision_per_round": {p: n / self.rounds for p, n in stats.misses_by_precision.items()},
             "budget_bytes": stats.budget_bytes,
             "total_expert_bytes": stats.total_expert_bytes,
             "dense_bytes": stats.dense_bytes,
