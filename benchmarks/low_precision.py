@@ -10,6 +10,8 @@ same budget in bytes: greedy decode steps after a prefill, timed with a synchron
 - the row's own I/O floor: the bytes its copies actually moved per step (quantized bytes for a quantized miss) at
   the pinned host->device rate measured in this run, and x floor (the step over it);
 - the bytes of one expert's copy in each precision and the misses each precision served per step;
+- each low-precision policy once per --dequant way (on the GPU: "fused", the dequantizing Triton GEMM reading the
+  quantized slot, and "arrival", dequantized into a bf16 scratch expert before the grouped kernels), side by side;
 - KL(resident || policy) and top-1 agreement over one seeded 64-token sequence, against the logits of `lru`
   (an exact policy: the resident model's logits on the same plan, bit for bit; a full-size Mixtral does not fit
   one 80 GB GPU resident, so the exact policy stands in for it).
@@ -33,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mixtral_e2e import MIXTRAL, TINY, build, decode, pinned_bandwidth  # noqa: E402
 
 import moeoffload  # noqa: E402
+from moeoffload import plan as _plan  # noqa: E402
 from moeoffload.layout import QuantizedLayout  # noqa: E402
 from moeoffload.quantize import BITS, GROUP_SIZE  # noqa: E402
 
@@ -89,7 +92,8 @@ def row(handle, model, args, device: torch.device, bw: float) -> dict:
     s, n = handle.stats(), len(times)
     step = sorted(times)[n // 2]
     floor = s.h2d_bytes / n / bw * 1e3 if bw == bw else None
-    return {"policy": s.policy, "plan": handle.plan.label, "budget": args.budget, "batch": args.batch, "steps": n,
+    return {"policy": s.policy, "plan": handle.plan.label, "dequant": handle.plan.dequant, "budget": args.budget,
+            "batch": args.batch, "steps": n,
             "ms_per_step": step * 1e3, "step_ms": [round(t * 1e3, 3) for t in times],
             "tokens_per_s": args.batch / step, "hit_rate": s.hit_rate, "misses_per_step": s.misses / n,
             "expert_bytes_by_precision": s.expert_bytes_by_precision or {"full": s.expert_bytes},
@@ -101,7 +105,7 @@ def row(handle, model, args, device: torch.device, bw: float) -> dict:
 
 def table(rows: list[dict]) -> str:
     base = next((r["tokens_per_s"] for r in rows if "tokens_per_s" in r), None)
-    lines = [f"{'policy':<10} {'plan':<28} {'tok/s':>7} {'x lru':>6} {'hit':>6} {'floor ms':>8} {'x floor':>7} "
+    lines = [f"{'policy':<10} {'plan':<32} {'tok/s':>7} {'x lru':>6} {'hit':>6} {'floor ms':>8} {'x floor':>7} "
              f"{'KL':>9} {'top1':>6}  MiB/expert, misses/step by precision"]
     for r in rows:
         if "error" in r:
@@ -110,7 +114,7 @@ def table(rows: list[dict]) -> str:
         sizes = " / ".join(f"{p} {b / 2**20:.4g}" for p, b in r["expert_bytes_by_precision"].items())
         misses = " / ".join(f"{p} {m:.1f}" for p, m in r["misses_by_precision_per_step"].items()) or \
             f"full {r['misses_per_step']:.1f}"
-        lines.append(f"{r['policy']:<10} {r['plan']:<28} {r['tokens_per_s']:7.2f} {r['tokens_per_s'] / base:6.2f} "
+        lines.append(f"{r['policy']:<10} {r['plan']:<32} {r['tokens_per_s']:7.2f} {r['tokens_per_s'] / base:6.2f} "
                      f"{r['hit_rate']:6.1%} {_num(r['io_floor_ms_per_step']):8.1f} {_num(r['x_floor']):7.2f} "
                      f"{_num(r.get('kl_vs_resident')):9.2e} {_num(r.get('top1_agreement')):6.1%}  {sizes}; {misses}")
     return "\n".join(lines)
@@ -120,15 +124,22 @@ def _num(value) -> float:
     return float("nan") if value is None else value
 
 
+def cases(policies: list[str], dequants: list[str]) -> list[tuple[int, str, str]]:
+    """(index of the policy, policy, dequant way): a full-precision policy once, the others once per way."""
+    return [(i, p, d) for i, p in enumerate(policies)
+            for d in (dequants if moeoffload.get_policy(p).precision != "full" else dequants[:1])]
+
+
 def run(args, model, store, device: torch.device, out: dict) -> None:
     bw = pinned_bandwidth(store, device)
     out["pinned_GBps"] = bw / 1e9
     handle, ref = None, None
-    for i, policy in enumerate(args.policies):
+    for i, policy, dequant in cases(args.policies, args.dequant):
         try:
             why = make_room(store, policy, args.policies[i + 1 :])
             if why is not None:
                 raise MemoryError(f"skipped: {why}")
+            _plan.FUSED_DEQUANT = dequant == "fused"  # the plan falls back to arrival where fused cannot run
             if handle is None:
                 handle = moeoffload.offload(model, policy, args.budget, device=device, store=store)
             else:
@@ -140,6 +151,8 @@ def run(args, model, store, device: torch.device, out: dict) -> None:
             result.update(quality(logp, ref))
         except Exception as exc:
             result = {"policy": policy, "error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            _plan.FUSED_DEQUANT = True
         out["rows"].append(result)
         print(json.dumps(result), flush=True)
         with open(os.path.join(args.out, "low_precision.json"), "w") as f:
@@ -157,6 +170,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=8, help="timed decode steps per policy")
     ap.add_argument("--warm", type=int, default=4, help="untimed decode steps before them (the cache fills)")
+    ap.add_argument("--dequant", nargs="+", default=["fused", "arrival"], choices=["fused", "arrival"],
+                    help="how a quantized slot's FFN runs (fused needs the Triton kernels: elsewhere both are arrival)")
     ap.add_argument("--tiny", action="store_true", help="a tiny config (CPU smoke run of the logic)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     args = ap.parse_args()

@@ -42,6 +42,9 @@ class ExecutionPlan:
     fetch: str  # "host" | "device"
     why: str  # what "auto" chose and why, or "as asked"
     precision: str = "full"  # "full" | "int8" | "int4" | "full+int4" (a mixed policy)
+    # a quantized slot's FFN: "fused" (the dequantizing Triton GEMM reads the slot), "arrival" (dequantized into a
+    # full-precision scratch expert, then the plan's kernels), "none" (full precision only)
+    dequant: str = "none"
 
     @property
     def grouped(self) -> bool:
@@ -65,7 +68,7 @@ class ExecutionPlan:
     @property
     def label(self) -> str:
         label = self.kernels if self.fetch == "host" else f"{self.kernels}+device-fetch"
-        return label if self.precision == "full" else f"{label}+{self.precision}-dequant"
+        return label if self.precision == "full" else f"{label}+{self.precision}-{self.dequant}"
 
 
 def make_plan(kernels: str, fetch: str, *, policy: Policy, grouped_form: bool, device: torch.device, n_slots: int,
@@ -82,7 +85,8 @@ def make_plan(kernels: str, fetch: str, *, policy: Policy, grouped_form: bool, d
         if fetch == "device":
             raise ValueError(f"policy {policy.name!r} copies low-precision experts, which fetch='device' does not "
                              "serve; use fetch='host' or 'auto'")
-        return ExecutionPlan(device=str(device), kernels=chosen, fetch="host", why=why, precision=precision)
+        return ExecutionPlan(device=str(device), kernels=chosen, fetch="host", why=why, precision=precision,
+                             dequant=_dequant(policy, chosen, store))
     refusal = device_fetch_refusal(policy, chosen, n_slots, store, device)
     if fetch == "device" and refusal is not None and not _holds_every_expert(n_slots, store):
         raise ValueError(refusal)
@@ -97,6 +101,21 @@ def policy_precision(policy: Policy) -> str:
     if policy.precision == "full" or policy.full_precision_gate is None:
         return policy.precision
     return f"full+{policy.precision}"
+
+
+FUSED_DEQUANT = True  # False: dequantize on arrival under the Triton kernels too (benchmarks' A/B)
+
+
+def _dequant(policy: Policy, kernels: str, store: ExpertStore) -> str:
+    """Fused where the dequantizing Triton GEMM runs (the triton kernels) and takes every matrix's group size."""
+    from .kernels.dequant_linear import MIN_FUSED_GROUP
+    from .layout import QuantizedLayout
+    from .quantize import BITS, GROUP_SIZE
+
+    if kernels != "triton" or not FUSED_DEQUANT:
+        return "arrival"
+    groups = QuantizedLayout(store.layout, BITS[policy.precision], GROUP_SIZE).groups  # type: ignore[arg-type]
+    return "fused" if min(groups.values()) >= MIN_FUSED_GROUP else "arrival"
 
 
 def precision_slots(policy: Policy, budget_bytes: int, store: ExpertStore) -> dict[str, int]:

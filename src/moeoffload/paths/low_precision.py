@@ -1,12 +1,14 @@
-"""DequantizingLoop: a layer's experts copied in low precision, dequantized on arrival, computed at full precision.
+"""DequantizingLoop: a layer's experts copied in low precision and computed from their quantized slots.
 
 Per needed expert, in ascending expert order: the policy picks the least precision it may have (every copy low, or
 HOBBIT's rule: full precision when the expert's largest gate weight in the call reaches the policy's threshold),
-`PrecisionCaches` serves the most precise resident copy or copies the wanted one, a quantized copy is dequantized
-into the layer's one full-precision scratch expert, and the plan's kernels compute its rows from there: the exact
-loop's expert FFN, or the grouped kernels over a one-slot pool. One expert at a time, so the scratch is one expert
-and any slot count serves a call; the copies still queue back to back on the transfer stream, and the compute
-stream orders each dequantization after the previous expert's FFN that read the scratch.
+`PrecisionCaches` serves the most precise resident copy or copies the wanted one, and the rows are computed as the
+plan's `dequant` says: "fused", the dequantizing Triton GEMM reads the quantized slot (`kernels.dequant_linear`);
+"arrival", the slot is dequantized into the layer's one full-precision scratch expert and the plan's kernels
+(the exact loop's expert FFN, or the grouped kernels over a one-slot pool) read that. Dequantize-on-arrival
+dequantizes on every use, hits included, since a slot keeps the quantized form. One expert at a time, so the scratch
+is one expert and any slot count serves a call; the copies still queue back to back on the transfer stream, and
+the compute stream orders each dequantization after the previous expert's FFN that read the scratch.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from .. import kernels as _kernels
 from ..cache import PrecisionCaches
+from ..kernels.dequant_linear import quantized_ffn
 from .common import grouped_form, host_route
 
 if TYPE_CHECKING:
@@ -33,8 +36,15 @@ class DequantizingLoop:
         self.low = caches.order[-1]
         full = caches.caches[caches.order[0]].store
         self.layout = full.layout if caches.order[0] == "full" else full.layout.full
-        self.scratch = torch.empty(self.layout.numel, dtype=self.layout.dtype, device=layer.cache.device)
-        self.scratch_views = self.layout.views(self.scratch)
+        self.fused = layer.plan.dequant == "fused"
+        self.scratch = torch.empty(0 if self.fused else self.layout.numel, dtype=self.layout.dtype,
+                                   device=layer.cache.device)
+        self.scratch_views = {} if self.fused else self.layout.views(self.scratch)
+        if self.fused:  # the two matrices the grouped kernels' form names, by their place in the layout
+            spec = grouped_form(layer)
+            offsets = dict(zip((sum(self.layout.numels[:i]) for i in range(len(self.layout.names))),
+                               self.layout.names))
+            self.up, self.down = offsets[spec.w1_offset], offsets[spec.w2_offset]
 
     @property
     def scratch_bytes(self) -> int:
@@ -74,6 +84,8 @@ class DequantizingLoop:
     def _rows(self, x: torch.Tensor, precision: str, slot: int, tokens: int) -> torch.Tensor:
         """The expert's FFN over rows x, its weights in `slot` of `precision`'s cache."""
         cache = self.caches.caches[precision]
+        if precision != "full" and self.fused:
+            return self._fused_rows(x, cache.weights(slot), cache.store.layout)
         if precision == "full":
             pool, row, weights = cache.pool, slot, cache.weights(slot)
         else:
@@ -85,3 +97,10 @@ class DequantizingLoop:
         _kernels.grouped_ffn(grouped_form(self.layer), x, pool, [(0, x.shape[0], row)], y, max_rows=max(tokens, 1),
                              backend=self.layer.plan.backend)
         return y
+
+    def _fused_rows(self, x: torch.Tensor, q: dict[str, torch.Tensor], layout) -> torch.Tensor:
+        """The FFN read straight from the quantized slot by the dequantizing GEMM (`kernels.dequant_linear`)."""
+        spec = grouped_form(self.layer)
+        parts = [(q[n], q[n + ".scale"], q[n + ".zero"]) for n in (self.up, self.down)]
+        return quantized_ffn(spec.kind, spec.intermediate, x, parts[0], parts[1], layout.bits,
+                             (layout.groups[self.up], layout.groups[self.down]), fused=True)
