@@ -59,11 +59,11 @@ def make_room(store, policy: str, later: list[str]) -> str | None:
     """Drop the low-precision copies that neither `policy` nor a later one uses; return why `policy`'s copies do
     not fit host memory, or None when they do (or are made already)."""
     needed = {moeoffload.get_policy(p).precision for p in [policy, *later]}
-    for precision in list(store._copies):
+    for precision in store.low_precisions:
         if precision not in needed:
             store.drop_low_precision(precision)
     precision = moeoffload.get_policy(policy).precision
-    if precision == "full" or precision in store._copies:
+    if precision == "full" or precision in store.low_precisions:
         return None
     nbytes = QuantizedLayout(store.layout, BITS[precision], GROUP_SIZE).nbytes * store.num_layers * store.num_experts
     free = host_available()

@@ -208,6 +208,11 @@ class ExpertStore:
         self._copies[precision] = copy
         return copy
 
+    @property
+    def low_precisions(self) -> tuple[str, ...]:
+        """The precisions whose copies are made (and held in host memory) now."""
+        return tuple(self._copies)
+
     def drop_low_precision(self, precision: str) -> None:
         """Free the `precision` copies (a no-op when none were made)."""
         copy = self._copies.pop(precision, None)

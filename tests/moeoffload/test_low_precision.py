@@ -48,9 +48,10 @@ def test_int4_moves_fewer_bytes_per_expert_than_int8_than_full():
         handle.switch("lru-int4", "40%")
         int4 = handle.stats().expert_bytes
         full = handle.store.expert_bytes
-        copies = dict(handle.store._copies)
+        int4_store = handle.store.low_precision("int4")
         handle.switch("hobbit", "40%")
-        assert handle.store._copies["int4"] is copies["int4"]  # made once, kept across switches
+        assert handle.store.low_precision("int4") is int4_store  # made once, kept across switches
+        assert handle.store.low_precisions == ("int8", "int4")
         assert handle.stats().expert_bytes_by_precision == {"full": full, "int4": int4}
     assert int4 < int8 < full
 
