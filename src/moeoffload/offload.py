@@ -181,6 +181,8 @@ class OffloadedModel:
             torch.cuda.synchronize(self.device)  # copies and kernels still in flight read the pool
         for module in self.hook.layers:
             self.hook.install(module, cast(OffloadedMoELayer, _NO_CACHE))
+        for layer in self.layers:
+            layer.close()
         self.layers = []
         self.cache.free()  # statistics stay readable
         self.serving = False
