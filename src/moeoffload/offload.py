@@ -19,7 +19,7 @@ from .cache import ExpertCache
 from .errors import BudgetError, MoeOffloadError, NotOffloadedError, UnsupportedModelError
 from .eviction import make_rule
 from .layer import OffloadedMoELayer
-from .predictors import PREFETCHERS
+from .predictors.registry import PREFETCHERS
 from .progress import progress
 from .store import ExpertStore
 
@@ -269,7 +269,7 @@ def plan_slots(
 def device_fetch_serves(policy: str | policies.Policy) -> bool:
     """True when `policy` can run with fetch="device": an LRU or next-use cache without a predictor, and a
     prefetcher, if any, that guesses on the device (`predict_on_device`: the lookahead gate)."""
-    from .predictors import PREFETCHERS
+    from .predictors.registry import PREFETCHERS
 
     policy = policies.get(policy)
     on_device = policy.prefetch is None or hasattr(PREFETCHERS[policy.prefetch], "predict_on_device")
@@ -380,7 +380,8 @@ def make_prefetcher(policy: policies.Policy, hook: hooks.ModelHook, cache: Exper
 
 
 def check_predictor(policy: policies.Policy, predictor) -> None:
-    from .predictors import PREDICTORS, CallTrace
+    from .predictors.registry import PREDICTORS
+    from .predictors.traces import CallTrace
 
     if policy.predictor is None:
         if predictor is not None:
@@ -402,7 +403,9 @@ def make_runahead(policy: policies.Policy, predictor, hook: hooks.ModelHook, cac
     the eviction rule when the rule ranks by the future or by a prior."""
     if policy.predictor is None:
         return None
-    from .predictors import CallTrace, OracleReplay, RunAhead
+    from .predictors.oracle import OracleReplay
+    from .predictors.runahead import RunAhead
+    from .predictors.traces import CallTrace
 
     if isinstance(predictor, CallTrace):
         runtime = OracleReplay(predictor, cache, prefetch=policy.predictor_prefetch)

@@ -15,7 +15,7 @@ from importlib.metadata import entry_points
 
 from .errors import UnknownPolicyError
 from .eviction import EVICTION_RULES
-from .predictors import PREDICTORS, PREFETCHERS
+from .predictors.registry import PREDICTORS, PREFETCHERS
 
 ENTRY_POINT_GROUP = "moeoffload.policies"
 
