@@ -1,11 +1,11 @@
 """No import cycles in src/: the import graph of every module, read from the ASTs, has no strongly connected
 component of more than one module.
 
-What counts as an edge from module A to module B: every `import B` / `from B import name` / `from B.pkg import B`
-in A, at module level AND inside functions. A lazy import that closes a cycle still couples the two modules (each
-needs the other to work) and only moves the failure from import time to the first call; the engine has no reason
-to import lazily from a module that imports it back. The pytest plugin's lazy imports of the engine are
-one-way (moeoffload never imports moebench), so counting them costs nothing.
+What counts as an edge from module A to module B: every `import B`, `from B import name` or `from pkg import B`
+(B a module of pkg) in A, at module level AND inside functions. A lazy import that closes a cycle still couples
+the two modules (each needs the other to work) and only moves the failure from import time to the first call; the
+engine has no reason to import lazily from a module that imports it back. The pytest plugin's lazy imports of the
+engine are one-way (moeoffload never imports moebench), so counting them costs nothing.
 
 What does not count: imports under `if TYPE_CHECKING:` (they never run), and the implicit import of a package's
 `__init__` that Python performs before any of its modules (counted, every package whose `__init__` re-exports its
