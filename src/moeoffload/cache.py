@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .contracts import checked_victim
 from .courier import Courier
 from .directory import EVICTIONS, DeviceDirectory
 from .eviction import EvictionRule, NextUse
@@ -337,7 +338,7 @@ class ExpertCache:
         if not candidates:
             raise CapacityError("every cache slot is pinned; release experts before acquiring more")
         demoted = [k for k in self._demoted if k in candidates]
-        self._drop(self.rule.victim(demoted or candidates))
+        self._drop(checked_victim(self.rule, demoted or candidates))
         self._stats.evictions += 1
         return self._free.pop()
 

@@ -20,6 +20,7 @@ from .errors import BudgetError, MoeOffloadError, NotOffloadedError, Unsupported
 from .eviction import make_rule
 from .layer import OffloadedMoELayer, grouped_spec
 from .plan import ExecutionPlan, make_plan
+from .predictors.registry import PREFETCHERS
 from .progress import progress
 from .store import ExpertStore
 
@@ -375,14 +376,13 @@ def require_routers(policy: policies.Policy, hook: hooks.ModelHook) -> None:
 def make_prefetcher(policy: policies.Policy, hook: hooks.ModelHook, cache: ExpertCache):
     if policy.prefetch is None:
         return None
-    from .predictors import PREFETCHERS
-
     require_routers(policy, hook)
     return PREFETCHERS[policy.prefetch](cache, hook.router_weight, hook.next_layer, hook.top_k, hook.router_bias)
 
 
 def check_predictor(policy: policies.Policy, predictor) -> None:
-    from .predictors import PREDICTORS, CallTrace
+    from .predictors.registry import PREDICTORS
+    from .predictors.traces import CallTrace
 
     if policy.predictor is None:
         if predictor is not None:
@@ -404,7 +404,9 @@ def make_runahead(policy: policies.Policy, predictor, hook: hooks.ModelHook, cac
     the eviction rule when the rule ranks by the future or by a prior."""
     if policy.predictor is None:
         return None
-    from .predictors import CallTrace, OracleReplay, RunAhead
+    from .predictors.oracle import OracleReplay
+    from .predictors.runahead import RunAhead
+    from .predictors.traces import CallTrace
 
     runtime: OracleReplay | RunAhead
     if isinstance(predictor, CallTrace):
