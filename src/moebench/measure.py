@@ -28,6 +28,12 @@ class CaseSkipped(Exception):
     """The case cannot run here as configured (e.g. a budget below one expert per MoE layer)."""
 
 
+class CaseBroken(Exception):
+    """A policy's plug-in part broke its contract with the engine (moeoffload.PolicyContractError): the case fails
+    with the message alone, leaves no record (nothing stored describes a run that did not happen), and the session
+    goes on with the next case."""
+
+
 class CaseFailed(AssertionError):
     """A case that ran but broke a limit; `record` holds its measurements (passed: False)."""
 
@@ -193,6 +199,9 @@ class Session:
             reused = case.is_reference and self.kernels == "torch"
             measured = None if reused else self._measure(case, ref, kernels=self.kernels)
         except Exception as exc:
+            if is_broken_contract(exc):
+                exc.with_traceback(None)  # its frames hold the failed case's tensors
+                raise CaseBroken(f"{case.name}: {exc.for_policy(case.policy)}") from None
             if not is_out_of_memory(exc):
                 raise
             raise self._out_of_memory(case, exc) from None
@@ -645,6 +654,13 @@ def inject_out_of_memory(case_name: str) -> None:
     needle = os.environ.get(INJECT_OOM_ENV)
     if needle and needle in case_name:
         raise torch.OutOfMemoryError(f"injected by ${INJECT_OOM_ENV}={needle!r} (test hook)")
+
+
+def is_broken_contract(exc: BaseException) -> bool:
+    """A policy's plug-in part (eviction rule, rule factory, entry point) broke its contract with the engine."""
+    from moeoffload.errors import PolicyContractError
+
+    return isinstance(exc, PolicyContractError)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -84,11 +84,14 @@ def pytest_configure(config: pytest.Config) -> None:
     if selected:
         import moeoffload
 
-        available = moeoffload.available_policies()
-        unknown = [p for p in selected if p not in available]
-        if unknown:
-            raise pytest.UsageError(f"--moebench-policy: unknown policy {', '.join(map(repr, unknown))}; "
-                                    f"available: {', '.join(available)}")
+        problems = []
+        for name in dict.fromkeys(selected):
+            try:
+                moeoffload.get_policy(name)
+            except moeoffload.MoeOffloadError as exc:  # unknown, or its entry point failed to load (named)
+                problems.append(str(exc))
+        if problems:
+            raise pytest.UsageError("--moebench-policy: " + "; ".join(problems))
     from .measure import resolve_device, resolve_tier
 
     try:
@@ -214,9 +217,9 @@ class CaseItem(pytest.Item):
         check_against_baseline(state, record)  # raises CaseFailed when the case regressed
 
     def repr_failure(self, excinfo, style=None):
-        from .measure import CaseFailed
+        from .measure import CaseBroken, CaseFailed
 
-        if excinfo.errisinstance(CaseFailed):
+        if excinfo.errisinstance((CaseFailed, CaseBroken)):
             return str(excinfo.value)
         return super().repr_failure(excinfo, style=style)
 

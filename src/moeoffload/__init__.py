@@ -8,7 +8,14 @@
 """
 
 from .budget import format_bytes, parse_budget
-from .errors import BudgetError, MoeOffloadError, NotOffloadedError, UnknownPolicyError, UnsupportedModelError
+from .errors import (
+    BudgetError,
+    MoeOffloadError,
+    NotOffloadedError,
+    PolicyContractError,
+    UnknownPolicyError,
+    UnsupportedModelError,
+)
 from .offload import OffloadedModel, OffloadStats, offload, switch, unload
 from .policies import Policy
 from .policies import available as available_policies
@@ -19,6 +26,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BudgetError", "MoeOffloadError", "NotOffloadedError", "OffloadStats", "OffloadedModel", "Policy",
-    "UnknownPolicyError", "UnsupportedModelError", "available_policies", "format_bytes", "get_policy", "offload",
-    "parse_budget", "register_policy", "switch", "unload",
+    "PolicyContractError", "UnknownPolicyError", "UnsupportedModelError", "available_policies", "format_bytes",
+    "get_policy", "offload", "parse_budget", "register_policy", "switch", "unload",
 ]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .contracts import checked_victim
 from .courier import Courier
 from .directory import EVICTIONS, DeviceDirectory
 from .eviction import EvictionRule, NextUse
@@ -342,7 +343,7 @@ class ExpertCache:
         if not candidates:
             raise CapacityError("every cache slot is pinned; release experts before acquiring more")
         demoted = [k for k in self._demoted if k in candidates]
-        self._drop(self.rule.victim(demoted or candidates))
+        self._drop(checked_victim(self.rule, demoted or candidates))
         self._stats.evictions += 1
         return self._free.pop()
 
@@ -531,6 +532,19 @@ class PrecisionCaches:
         self.caches = caches
         self.order = list(caches)  # most precise first
         self.upgrades = 0  # full-precision misses of an expert resident in a lower precision
+        self._scratch: torch.Tensor | None = None
+
+    def scratch(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """The one full-precision expert buffer where a quantized expert is dequantized on arrival, shared by every
+        layer (they run one after another on one stream, which orders each write after the last read)."""
+        if self._scratch is None or self._scratch.numel() != numel or self._scratch.dtype != dtype:
+            device = next(iter(self.caches.values())).device
+            self._scratch = torch.empty(numel, dtype=dtype, device=device)
+        return self._scratch
+
+    @property
+    def scratch_bytes(self) -> int:
+        return 0 if self._scratch is None else self._scratch.numel() * self._scratch.element_size()
 
     def serving(self, key: ExpertKey, wanted: str) -> str:
         """The precision that serves `key` when `wanted` is the least it may have: resident if one is."""
@@ -560,6 +574,7 @@ class PrecisionCaches:
             cache.reset_stats()
 
     def free(self) -> None:
+        self._scratch = None
         for cache in self.caches.values():
             cache.free()
 

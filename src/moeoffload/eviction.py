@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from .contracts import built_rule
 from .store import ExpertKey
 
 
@@ -420,7 +421,9 @@ EVICTION_RULES: dict[str, Callable[[], EvictionRule]] = {
 
 
 def make_rule(name: str) -> EvictionRule:
+    """A new rule of the kind registered as `name`; one from another package is checked to be a rule."""
     try:
-        return EVICTION_RULES[name]()
+        factory = EVICTION_RULES[name]
     except KeyError:
         raise ValueError(f"unknown eviction rule {name!r}; choose one of {sorted(EVICTION_RULES)}") from None
+    return built_rule(name, factory)

@@ -79,6 +79,12 @@ class OffloadedMoELayer:
                 return path(hidden, top_k_index, top_k_weights)
         return self.host_path(hidden, top_k_index, top_k_weights)
 
+    def close(self) -> None:
+        """Drop the paths: they refer back to this layer and hold views of the cache's pool, so without this the
+        pool would live until the cyclic garbage collector runs, and a larger pool next could find no room."""
+        self.device_paths = []
+        del self.host_path
+
     def prefetch(self, hidden: torch.Tensor) -> None:
         """Start the next layer's copies before this layer computes; a prefetcher that raises is dropped (the output
         is unaffected either way)."""

@@ -21,6 +21,7 @@ from .eviction import make_rule
 from .layer import OffloadedMoELayer, grouped_spec
 from .layout import QuantizedLayout
 from .plan import ExecutionPlan, make_plan, precision_slots, quantize_refusal
+from .predictors.registry import PREFETCHERS
 from .progress import progress
 from .quantize import GROUP_SIZE
 from .store import ExpertStore
@@ -113,7 +114,6 @@ class OffloadedModel:
         stats = {p: c.stats for p, c in caches.items()}
         total = {name: sum(getattr(st, name) for st in stats.values()) for name in ("hits", "misses", "evictions",
                                                                                     "peak_resident")}
-        scratch = self.layers[0].host_path.scratch_bytes if self.layers else 0  # type: ignore[union-attr]
         return OffloadStats(
             policy=self.policy.name, exact=self.policy.exact, device=str(self.device),
             hits=total["hits"], misses=total["misses"], evictions=total["evictions"],
@@ -127,7 +127,7 @@ class OffloadedModel:
             expert_bytes_by_precision={p: c.store.expert_bytes for p, c in caches.items()},
             hits_by_precision={p: st.hits for p, st in stats.items()},
             misses_by_precision={p: st.misses for p, st in stats.items()},
-            upgrades=precisions.upgrades, scratch_bytes=scratch,
+            upgrades=precisions.upgrades, scratch_bytes=precisions.scratch_bytes,
         )
 
     def predictor_bytes(self) -> int:
@@ -174,6 +174,7 @@ class OffloadedModel:
         down again."""
         hook = self.hook
         try:
+            self.precisions = None
             if plan.precision != "full":
                 self.precisions = self._precision_caches(policy, budget_bytes)
                 cache = next(iter(self.precisions.caches.values()))
@@ -234,11 +235,12 @@ class OffloadedModel:
             torch.cuda.synchronize(self.device)  # copies and kernels still in flight read the pool
         for module in self.hook.layers:
             self.hook.install(module, cast(OffloadedMoELayer, _NO_CACHE))
+        for layer in self.layers:
+            layer.close()
         self.layers = []
         self.cache.free()  # statistics stay readable
         if self.precisions is not None:
-            self.precisions.free()
-            self.precisions = None
+            self.precisions.free()  # kept: its statistics stay readable too
         self.serving = False
         if self.device.type == "cuda":
             # hand the pool's blocks back to the device: torch's allocator would keep them reserved in pieces, and a
@@ -445,14 +447,13 @@ def require_quantizable(policy: policies.Policy, hook: hooks.ModelHook) -> None:
 def make_prefetcher(policy: policies.Policy, hook: hooks.ModelHook, cache: ExpertCache):
     if policy.prefetch is None:
         return None
-    from .predictors import PREFETCHERS
-
     require_routers(policy, hook)
     return PREFETCHERS[policy.prefetch](cache, hook.router_weight, hook.next_layer, hook.top_k, hook.router_bias)
 
 
 def check_predictor(policy: policies.Policy, predictor) -> None:
-    from .predictors import PREDICTORS, CallTrace
+    from .predictors.registry import PREDICTORS
+    from .predictors.traces import CallTrace
 
     if policy.predictor is None:
         if predictor is not None:
@@ -474,7 +475,9 @@ def make_runahead(policy: policies.Policy, predictor, hook: hooks.ModelHook, cac
     the eviction rule when the rule ranks by the future or by a prior."""
     if policy.predictor is None:
         return None
-    from .predictors import CallTrace, OracleReplay, RunAhead
+    from .predictors.oracle import OracleReplay
+    from .predictors.runahead import RunAhead
+    from .predictors.traces import CallTrace
 
     runtime: OracleReplay | RunAhead
     if isinstance(predictor, CallTrace):

@@ -191,7 +191,7 @@ def device_fetch_serves(policy: Policy | str) -> bool:
     prefetcher, if any, that guesses on the device (`predict_on_device`: the lookahead gate)."""
     from . import policies
     from .directory import EVICTIONS
-    from .predictors import PREFETCHERS
+    from .predictors.registry import PREFETCHERS
 
     policy = policies.get(policy)
     on_device = policy.prefetch is None or hasattr(PREFETCHERS[policy.prefetch], "predict_on_device")

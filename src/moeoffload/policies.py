@@ -13,9 +13,9 @@ import warnings
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
-from .errors import UnknownPolicyError
+from .errors import PolicyContractError, UnknownPolicyError
 from .eviction import EVICTION_RULES
-from .predictors import PREDICTORS, PREFETCHERS
+from .predictors.registry import PREDICTORS, PREFETCHERS
 
 ENTRY_POINT_GROUP = "moeoffload.policies"
 
@@ -121,6 +121,7 @@ PREDICTIVE = (
 
 _REGISTRY: dict[str, Policy] = {p.name: p for p in BUILTIN + LOW_PRECISION + PREDICTIVE}
 _PLUGINS_LOADED = False
+_BROKEN: dict[str, str] = {}  # entry point name -> why it failed to load (named when that name is asked for)
 
 
 def register(policy: Policy, replace: bool = False) -> Policy:
@@ -139,10 +140,33 @@ def _load_plugins() -> None:
     _PLUGINS_LOADED = True
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
-            obj = ep.load()
-            register(obj() if callable(obj) and not isinstance(obj, Policy) else obj)
+            register(_from_entry_point(ep))
         except Exception as exc:  # a broken plugin must not take the built-in policies down with it
-            warnings.warn(f"policy entry point {ep.name!r} ({ep.value}) failed to load: {exc}", stacklevel=2)
+            _BROKEN[ep.name] = str(exc)
+            warnings.warn(f"{exc}; the other policies are unaffected", stacklevel=2)
+
+
+def _from_entry_point(ep) -> Policy:
+    """The Policy an entry point names: the object itself, or what calling it returns. A failure names the entry
+    point, what went wrong and what the entry point must provide."""
+    where = f"policy entry point {ep.name!r} ({ep.value})"
+    must = "it must name a moeoffload.Policy or a callable that returns one"
+    try:
+        obj = ep.load()
+    except Exception as exc:
+        raise PolicyContractError(f"{where} failed to load: {type(exc).__name__}: {exc}") from exc
+    if callable(obj) and not isinstance(obj, Policy):
+        try:
+            obj = obj()
+        except Exception as exc:
+            raise PolicyContractError(f"{where} failed to load: its factory raised {type(exc).__name__}: {exc}; "
+                                      f"{must}") from exc
+    if not isinstance(obj, Policy):
+        raise PolicyContractError(f"{where} failed to load: it gave a {type(obj).__name__}, not a Policy; {must}")
+    if obj.name in _REGISTRY and _REGISTRY[obj.name] != obj:
+        raise PolicyContractError(f"{where} failed to load: a policy named {obj.name!r} is already registered; "
+                                  "the plugin must pick another name")
+    return obj
 
 
 def available() -> list[str]:
@@ -157,4 +181,6 @@ def get(name: str | Policy) -> Policy:
     try:
         return _REGISTRY[name]
     except KeyError:
+        if name in _BROKEN:
+            raise PolicyContractError(f"{_BROKEN[name]}; fix or uninstall the package that provides it") from None
         raise UnknownPolicyError(f"unknown policy {name!r}; available: {', '.join(_REGISTRY)}") from None

@@ -1,6 +1,6 @@
 """Every MoE family on CUDA in bf16: the exact per-expert loop (kernels="exact") gives the eager model's tokens and
 logits bit for bit, copies on a side stream included (run twice: a race would show as a difference); the default
-kernels ("auto": grouped Triton kernels for the forms they know, opt-in) agree with eager within bf16 rounding."""
+kernels ("auto": grouped Triton kernels for the forms they know) agree with eager within bf16 rounding."""
 
 import pytest
 import torch

@@ -1,5 +1,7 @@
 """Low-precision policies end to end: lru-int8, lru-int4 and hobbit on a small Mixtral, their counts and refusals."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -107,3 +109,17 @@ def test_refusals_name_the_fix():
         Policy("bad", "exact low precision", precision="int4")
     with pytest.raises(ValueError, match="unknown precision"):
         Policy("bad", "x", precision="int3", exact=False)
+
+
+def test_statistics_stay_readable_after_unload_and_a_switch_back_to_full_precision():
+    model = M.tiny_mixtral()
+    ids = torch.randint(0, 96, (1, 5), generator=torch.Generator().manual_seed(4))
+    handle = moeoffload.offload(model, "hobbit", "40%", device="cpu")
+    _logits(model, ids)
+    before = handle.stats()
+    assert before.scratch_bytes == handle.store.expert_bytes  # one scratch expert for every layer
+    handle.unload()
+    assert replace(handle.stats(), scratch_bytes=before.scratch_bytes) == before
+    with moeoffload.offload(model, "lru-int4", "40%", device="cpu") as handle:
+        handle.switch("lru", "40%")
+        assert handle.precisions is None and handle.stats().misses_by_precision == {}

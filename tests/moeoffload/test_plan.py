@@ -141,3 +141,22 @@ def test_a_store_of_another_shape_is_refused():
     empty = ExpertStore(hook.layout, len(hook.layers), hook.num_experts, pin_memory=False)
     with pytest.raises(moeoffload.MoeOffloadError, match="fill every expert"):
         moeoffload.offload(model, "lru", "50%", device="cpu", store=empty)
+
+
+def test_a_switch_leaves_no_reference_to_the_old_pool():
+    """The paths hold views of the pool and refer back to their layer; a switch must free the old pool at once,
+    not when the cyclic collector runs (a larger pool next would find no room on the device)."""
+    import gc
+    import weakref
+
+    model = M.tiny_mixtral(seed=3)
+    ids = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(0))
+    gc.disable()
+    try:
+        with moeoffload.offload(model, "lru", "50%", device="cpu", kernels="exact") as handle:
+            run(model, ids, 2)
+            storage = weakref.ref(handle.cache.pool.untyped_storage())
+            handle.switch("lru", "25%", kernels="exact")
+            assert storage() is None, "the old pool outlived its switch"
+    finally:
+        gc.enable()

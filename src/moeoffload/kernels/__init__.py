@@ -8,41 +8,8 @@ where asked (`kernels=`) and keeps the bit-exact loop as the CPU path.
 
 from __future__ import annotations
 
-import functools
-import os
-
-import torch
-
-FFN_KINDS = ("gated-silu", "dense-relu")  # the expert forms the grouped FFN computes
-
-
-@functools.cache
-def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1, tests only)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def use_triton(tensor: torch.Tensor, backend: str) -> bool:
-    if backend == "torch":
-        return False
-    if backend not in ("auto", "triton"):
-        raise ValueError(f"kernel backend {backend!r} is unknown; use 'auto', 'triton' or 'torch'")
-    runnable = triton_importable() and (tensor.is_cuda or interpreting())
-    if backend == "triton" and not runnable:
-        raise RuntimeError("backend='triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1 on a CPU); "
-                           "install triton or use backend='auto'")
-    return runnable and (tensor.is_cuda or backend == "triton")
-
-
-from .grouped_ffn import (  # noqa: E402
+from .backend import FFN_KINDS, interpreting, triton_importable, use_triton
+from .grouped_ffn import (
     GROUPED_MM_MAX_GROUPS,
     FFNSpec,
     grouped_ffn,
@@ -52,7 +19,7 @@ from .grouped_ffn import (  # noqa: E402
     slot_weights,
     tile_rows,
 )
-from .routing import (  # noqa: E402
+from .routing import (
     inverse_order,
     permute,
     route_on_device,
@@ -63,6 +30,6 @@ from .routing import (  # noqa: E402
 )
 
 __all__ = ["FFN_KINDS", "GROUPED_MM_MAX_GROUPS", "FFNSpec", "grouped_ffn", "grouped_ffn_by_offsets",
-           "grouped_ffn_by_tiles", "grouped_mm_usable", "inverse_order", "permute", "route_on_device",
+           "grouped_ffn_by_tiles", "grouped_mm_usable", "interpreting", "inverse_order", "permute", "route_on_device",
            "route_tiles_on_device", "slot_lookup", "slot_weights", "sort_by_expert", "tile_rows", "triton_importable",
            "unpermute", "use_triton"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..layout import ExpertLayout
-from . import FFN_KINDS, use_triton
+from .backend import FFN_KINDS, use_triton
 
 Group = tuple[int, int, int]  # (first row, end row, slot)
 GROUPED_MM_MAX_GROUPS = 1024  # torch._grouped_mm refuses more groups ("Can't process more than 1024 groups")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from . import use_triton
+from .backend import use_triton
 
 BLOCK_H = 1024
 FUSED_ROUTE_MAX_PAIRS = 128  # (token, expert) pairs up to which one Triton launch routes them (all against all)

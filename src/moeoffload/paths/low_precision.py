@@ -4,11 +4,12 @@ Per needed expert, in ascending expert order: the policy picks the least precisi
 HOBBIT's rule: full precision when the expert's largest gate weight in the call reaches the policy's threshold),
 `PrecisionCaches` serves the most precise resident copy or copies the wanted one, and the rows are computed as the
 plan's `dequant` says: "fused", the dequantizing Triton GEMM reads the quantized slot (`kernels.dequant_linear`);
-"arrival", the slot is dequantized into the layer's one full-precision scratch expert and the plan's kernels
-(the exact loop's expert FFN, or the grouped kernels over a one-slot pool) read that. Dequantize-on-arrival
-dequantizes on every use, hits included, since a slot keeps the quantized form. One expert at a time, so the scratch
-is one expert and any slot count serves a call; the copies still queue back to back on the transfer stream, and
-the compute stream orders each dequantization after the previous expert's FFN that read the scratch.
+"arrival", the slot is dequantized into the model's one full-precision scratch expert (`PrecisionCaches.scratch`)
+and the plan's kernels (the exact loop's expert FFN, or the grouped kernels over a one-slot pool) read that.
+Dequantize-on-arrival dequantizes on every use, hits included, since a slot keeps the quantized form.
+One expert at a time, so the scratch is one expert and any slot count serves a call; the copies still queue back
+to back on the transfer stream, and the compute stream orders each dequantization after the previous expert's FFN
+that read the scratch.
 """
 
 from __future__ import annotations
@@ -37,18 +38,13 @@ class DequantizingLoop:
         full = caches.caches[caches.order[0]].store
         self.layout = full.layout if caches.order[0] == "full" else full.layout.full
         self.fused = layer.plan.dequant == "fused"
-        self.scratch = torch.empty(0 if self.fused else self.layout.numel, dtype=self.layout.dtype,
-                                   device=layer.cache.device)
+        self.scratch = caches.scratch(0 if self.fused else self.layout.numel, self.layout.dtype)
         self.scratch_views = {} if self.fused else self.layout.views(self.scratch)
         if self.fused:  # the two matrices the grouped kernels' form names, by their place in the layout
             spec = grouped_form(layer)
             offsets = dict(zip((sum(self.layout.numels[:i]) for i in range(len(self.layout.names))),
                                self.layout.names))
             self.up, self.down = offsets[spec.w1_offset], offsets[spec.w2_offset]
-
-    @property
-    def scratch_bytes(self) -> int:
-        return self.scratch.numel() * self.scratch.element_size()
 
     def wanted(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, needed: list[int]) -> list[str]:
         """The least precision each needed expert may have (one more device->host sync for a mixed policy)."""

@@ -9,42 +9,18 @@ whole stack from its token ids implement `RoutingPredictor` (base.py), run under
 register how they are obtained in `PREDICTORS`; `prepare()` obtains them for a policy.
 """
 
-from .base import PREDICTORS, PREFETCHERS, Prediction, PredictorKind, RoutingPredictor, StackInputs
+from .base import Prediction, RoutingPredictor, StackInputs
 from .evaluate import RandomPredictor, evaluate, summary
 from .expertflow import ExpertFlowPredictor, ExpertFlowRunAhead
 from .frequency import FrequencyPrior
 from .lookahead import LookaheadGate
 from .oracle import OracleReplay
 from .prepare import needs, prepare
+from .recording import collect_trace, record_calls
+from .registry import PREDICTORS, PREFETCHERS, PredictorKind
 from .runahead import RunAhead
 from .sida import SidaPredictor
-from .traces import CallTrace, RoutingTrace, collect_trace, record_calls
-
-
-def _train_sida(model, trace, show_progress=None, epochs: int = 20, **options):
-    return SidaPredictor.create(model, trace, **options).train(trace, epochs=epochs, show_progress=show_progress)
-
-
-def _fit_frequency(model, trace, show_progress=None, **options):
-    return FrequencyPrior.fit(trace)
-
-
-def _train_expertflow(model, trace, show_progress=None, steps: int = 300, **options):
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return ExpertFlowPredictor.train(trace, steps=steps, device=device, show_progress=show_progress, **options)
-
-
-def _exact(model, trace, **options):
-    return trace
-
-
-PREFETCHERS["lookahead"] = LookaheadGate
-PREDICTORS["sida"] = PredictorKind("sida", "training-trace", _train_sida)
-PREDICTORS["frequency"] = PredictorKind("frequency", "training-trace", _fit_frequency)
-PREDICTORS["expertflow"] = PredictorKind("expertflow", "training-trace", _train_expertflow)
-PREDICTORS["oracle"] = PredictorKind("oracle", "exact-trace", _exact)
+from .traces import CallTrace, RoutingTrace
 
 __all__ = [
     "CallTrace", "ExpertFlowPredictor", "ExpertFlowRunAhead",

@@ -15,13 +15,10 @@ a policy that uses the prediction as routing). Token order is the engine's: row-
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-
-PREFETCHERS: dict = {}  # name -> factory(cache, router_weight, next_layer, top_k): per-layer prefetchers (lookahead)
 
 
 @dataclass
@@ -91,20 +88,6 @@ def stack_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, bool]:
     past = kwargs.get("past_key_values")
     length = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
     return ids, int(length) == 0
-
-
-@dataclass(frozen=True)
-class PredictorKind:
-    """How a policy's predictor is obtained. `needs`: "training-trace" (trained or fitted on a RoutingTrace of a
-    workload distinct from the served one) or "exact-trace" (a CallTrace of the very inputs served: bounds only).
-    `build(model, trace, **options)` returns the predictor (or, for exact traces, the trace itself)."""
-
-    name: str
-    needs: str
-    build: Callable[..., Any]
-
-
-PREDICTORS: dict[str, PredictorKind] = {}
 
 
 def inference_only(net: torch.nn.Module) -> torch.nn.Module:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .base import PREDICTORS
-from .traces import collect_trace, record_calls, recording_handle
+from .recording import collect_trace, record_calls, recording_handle
+from .registry import PREDICTORS
 
 
 def needs(policy) -> str | None:
