@@ -53,8 +53,7 @@ class OffloadedMoELayer:
         self.plan = plan
         self.prefetcher = prefetcher
         self.router_tap = router_tap
-        layout = cache.store.layout
-        self.spec = grouped_spec(ffn, getattr(layout, "full", layout))  # a quantized store's experts: as full ones
+        self.spec = grouped_spec(ffn, cache.store.full_layout)  # a quantized store's experts: as full ones
         if plan.grouped and self.spec is None:
             raise ValueError(f"plan {plan.label!r} needs the grouped kernels, which do not compute this layer's expert "
                              "form; make the plan with moeoffload.plan.make_plan")

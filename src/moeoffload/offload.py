@@ -392,7 +392,7 @@ def _check_given_store(store: ExpertStore, hook: hooks.ModelHook) -> None:
     shape = (len(hook.layers), hook.num_experts)
     if (store.num_layers, store.num_experts) != shape or store.layout != hook.layout:
         raise MoeOffloadError(f"the given store holds {store.num_layers} x {store.num_experts} experts of layout "
-                              f"{store.layout.names}, but this model has {shape[0]} x {shape[1]} of layout "
+                              f"{store.full_layout.names}, but this model has {shape[0]} x {shape[1]} of layout "
                               f"{hook.layout.names}; build the store from this model's hook "
                               "(moeoffload.hooks.discover)")
     if len(store) != shape[0] * shape[1]:

@@ -114,7 +114,7 @@ def _dequant(policy: Policy, kernels: str, store: ExpertStore) -> str:
 
     if kernels != "triton" or not FUSED_DEQUANT:
         return "arrival"
-    groups = QuantizedLayout(store.layout, BITS[policy.precision], GROUP_SIZE).groups  # type: ignore[arg-type]
+    groups = QuantizedLayout(store.full_layout, BITS[policy.precision], GROUP_SIZE).groups
     return "fused" if min(groups.values()) >= MIN_FUSED_GROUP else "arrival"
 
 
@@ -127,7 +127,7 @@ def precision_slots(policy: Policy, budget_bytes: int, store: ExpertStore) -> di
 
     total = store.num_layers * store.num_experts
     low = policy.precision
-    low_bytes = QuantizedLayout(store.layout, BITS[low], GROUP_SIZE).nbytes  # type: ignore[arg-type]
+    low_bytes = QuantizedLayout(store.full_layout, BITS[low], GROUP_SIZE).nbytes
     rest = budget_bytes - store.expert_bytes
     slots: dict[str, int] = {}
     if policy.full_precision_gate is not None:

@@ -209,6 +209,11 @@ class ExpertStore:
         return copy
 
     @property
+    def full_layout(self) -> ExpertLayout:
+        """The layout of one expert at full precision (this store's own, or the one its quantized copies encode)."""
+        return self.layout.full if isinstance(self.layout, QuantizedLayout) else self.layout
+
+    @property
     def low_precisions(self) -> tuple[str, ...]:
         """The precisions whose copies are made (and held in host memory) now."""
         return tuple(self._copies)

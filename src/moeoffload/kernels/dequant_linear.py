@@ -51,9 +51,9 @@ def quantized_ffn(kind: str, intermediate: int, x: torch.Tensor, up: tuple[torch
     "gated-silu" down(silu(x @ gate^T) * (x @ up^T)) with gate and up stacked, or "dense-relu" down(relu(x @ wi^T)).
     `fused`: the dequantizing kernel; else the plain-torch reference."""
     linear = dequant_linear if fused else dequant_linear_reference
-    h = linear(x, *up, bits, groups[0])
+    h = linear(x, up[0], up[1], up[2], bits, groups[0])
     if kind == "gated-silu":
         h = torch.nn.functional.silu(h[:, :intermediate]) * h[:, intermediate:]
     else:
         h = torch.relu(h)
-    return linear(h, *down, bits, groups[1])
+    return linear(h, down[0], down[1], down[2], bits, groups[1])

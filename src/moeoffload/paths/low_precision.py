@@ -21,6 +21,7 @@ import torch
 from .. import kernels as _kernels
 from ..cache import PrecisionCaches
 from ..kernels.dequant_linear import quantized_ffn
+from ..layout import QuantizedLayout
 from .common import grouped_form, host_route
 
 if TYPE_CHECKING:
@@ -35,8 +36,7 @@ class DequantizingLoop:
         self.caches = caches
         self.gate = full_precision_gate
         self.low = caches.order[-1]
-        full = caches.caches[caches.order[0]].store
-        self.layout = full.layout if caches.order[0] == "full" else full.layout.full
+        self.layout = caches.caches[caches.order[0]].store.full_layout
         self.fused = layer.plan.dequant == "fused"
         self.scratch = caches.scratch(0 if self.fused else self.layout.numel, self.layout.dtype)
         self.scratch_views = {} if self.fused else self.layout.views(self.scratch)
@@ -81,11 +81,11 @@ class DequantizingLoop:
         """The expert's FFN over rows x, its weights in `slot` of `precision`'s cache."""
         cache = self.caches.caches[precision]
         if precision != "full" and self.fused:
-            return self._fused_rows(x, cache.weights(slot), cache.store.layout)
+            return self._fused_rows(x, cache.weights(slot), self._quantized_layout(cache))
         if precision == "full":
             pool, row, weights = cache.pool, slot, cache.weights(slot)
         else:
-            cache.store.layout.dequantize(cache.weights(slot), self.scratch_views)
+            self._quantized_layout(cache).dequantize(cache.weights(slot), self.scratch_views)
             pool, row, weights = self.scratch.view(1, -1), 0, self.scratch_views
         if not self.layer.plan.grouped:
             return self.expert_ffn(x, weights)
@@ -94,7 +94,13 @@ class DequantizingLoop:
                              backend=self.layer.plan.backend)
         return y
 
-    def _fused_rows(self, x: torch.Tensor, q: dict[str, torch.Tensor], layout) -> torch.Tensor:
+    @staticmethod
+    def _quantized_layout(cache) -> QuantizedLayout:
+        layout = cache.store.layout
+        assert isinstance(layout, QuantizedLayout)
+        return layout
+
+    def _fused_rows(self, x: torch.Tensor, q: dict[str, torch.Tensor], layout: QuantizedLayout) -> torch.Tensor:
         """The FFN read straight from the quantized slot by the dequantizing GEMM (`kernels.dequant_linear`)."""
         spec = grouped_form(self.layer)
         parts = [(q[n], q[n + ".scale"], q[n + ".zero"]) for n in (self.up, self.down)]
