@@ -102,6 +102,7 @@ class OffloadedMoELayer:
         self.resident_path = self.kernels != "loop"
         # the exact loop with only the projections per expert (`moeoffload.staged`), when the hook can cut its form
         self.stages = stages
+        self.sum_dtype: torch.dtype | None = None  # eager sums a token's top-k in this dtype (None: hidden's)
         self.quantum = 1
         self._slot_operands: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._route_cache: tuple | None = None  # (table, its constants or None): see _device_route
@@ -184,7 +185,7 @@ class OffloadedMoELayer:
         staged = len(needed) >= STAGED_MIN_EXPERTS and not (torch.is_grad_enabled() and hidden.requires_grad)
         if self.stages is not None and staged:  # (mm(out=), which it writes with, has no autograd)
             return self._staged(hidden, top_k_index, top_k_weights, needed, starts, order)
-        out = torch.zeros_like(hidden)
+        out = torch.zeros_like(hidden, dtype=self.sum_dtype)
         tokens = hidden.shape[0]
         wave = self.cache.n_slots
         for first in range(0, len(needed), wave):
@@ -202,7 +203,7 @@ class OffloadedMoELayer:
                     out.index_add_(0, tok, y.to(out.dtype))
             finally:
                 self.cache.release(keys)
-        return out
+        return out.to(hidden.dtype)
 
     def _staged(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                 needed: list[int], starts: list[int], order: torch.Tensor) -> torch.Tensor:
@@ -251,9 +252,9 @@ class OffloadedMoELayer:
                 self.cache.release(keys)
         assert y is not None
         y = y if rows is None else y[rows]
-        contributions = (y * top_k_weights[tok, pos, None]).to(hidden.dtype)
+        contributions = (y * top_k_weights[tok, pos, None]).to(self.sum_dtype or hidden.dtype)
         ranks = token_ranks(top_k_index).T.reshape(-1)[pairs]
-        return ordered_sum(contributions, tok, ranks, tokens, k, hidden)
+        return ordered_sum(contributions, tok, ranks, tokens, k, hidden).to(hidden.dtype)
 
     def _operands(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The staged loop's right-hand matrices of the expert in `slot` (views of the pool, made once per slot)."""
