@@ -52,6 +52,7 @@ class OffloadedMoELayer:
         self.plan = plan
         self.prefetcher = prefetcher
         self.router_tap = router_tap
+        self.sum_dtype: torch.dtype | None = None  # eager sums a token's top-k in this dtype (None: hidden's)
         self.spec = grouped_spec(ffn, cache.store.layout)
         if plan.grouped and self.spec is None:
             raise ValueError(f"plan {plan.label!r} needs the grouped kernels, which do not compute this layer's expert "

@@ -27,7 +27,9 @@ class ModelHook:
     router that adds more (DeepSeek's group-limited top-k) is approximated, which costs bandwidth, never exactness.
     `ffn` says what one expert computes (kind, tensor names), so a grouped kernel can pick the formula; its
     `name` is `ffn_kind`. `expert_stages(module)` cuts `expert_ffn` at its projections for the staged exact loop
-    (`moeoffload.staged`), or None where the form has biases or a gate it cannot cut.
+    (`moeoffload.staged`), or None where the form has biases or a gate it cannot cut. `sum_dtype` is the dtype the
+    family's eager forward sums a token's top-k contributions in, when not the hidden states' own (Inkling2's
+    float32; `hooks.verify` finds it); `install` hands it to the layer.
     """
 
     family: str
@@ -44,6 +46,7 @@ class ModelHook:
     router_bias: Callable[[int], torch.Tensor | None] | None = None
     ffn: ExpertFFNSpec | None = None
     expert_stages: Callable[[nn.Module], ExpertStages | None] | None = None
+    sum_dtype: torch.dtype | None = None
     next_layer: list[int | None] = field(default_factory=list)  # the MoE layer fed by the same residual stream
     extra: dict = field(default_factory=dict)
 

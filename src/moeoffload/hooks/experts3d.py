@@ -27,6 +27,7 @@ from ..layout import ExpertLayout
 from ..staged import ExpertStages
 from .base import ModelHook, empty_parameter, next_in_stack, parents
 from .ffn import ExpertFFNSpec
+from .verify import sum_dtype as eager_sum_dtype
 
 IMPLEMENTATION = "moeoffload"
 SUPPORTED = ("gate/up concatenated or interleaved, transposed or not, with or without biases, gated or not "
@@ -54,10 +55,17 @@ def _is_3d(t) -> bool:
 
 
 def _is_3d_experts(module: nn.Module) -> bool:
+    """3-D expert tensors behind the ExpertsInterface: a 3-D module whose forward does not dispatch there (Inkling's
+    shared experts) cannot be routed to the engine, and stays resident as dense weights."""
     up = getattr(module, "gate_up_proj", None)
     if up is None:
         up = getattr(module, "up_proj", None)
-    return _is_3d(up) and _is_3d(getattr(module, "down_proj", None))
+    return _is_3d(up) and _is_3d(getattr(module, "down_proj", None)) and _dispatches(type(module))
+
+
+def _dispatches(cls: type) -> bool:
+    """`use_experts_implementation` wrapped the forward of this class or a base (functools.wraps marks it)."""
+    return any(getattr(c.__dict__.get("forward"), "__wrapped__", None) is not None for c in cls.__mro__)
 
 
 def _flags(module: nn.Module) -> dict[str, bool]:
@@ -182,6 +190,9 @@ def discover(model: nn.Module) -> ModelHook | None:
         router_weight = lambda i: routers[i].weight  # noqa: E731
         router_bias = lambda i: getattr(routers[i], "bias", None)  # noqa: E731
     requires_grad = {n: getattr(first, n).requires_grad for n in names}
+    down = first.down_proj.shape  # [E, hidden, I], or [E, I, hidden] when transposed
+    sum_dtype = eager_sum_dtype(first, _expert_ffn(first), names, int(top_k),
+                                down[-1] if _flags(first)["is_transposed"] else down[-2])
     return ModelHook(
         family="experts3d",
         layers=layers,
@@ -192,12 +203,13 @@ def discover(model: nn.Module) -> ModelHook | None:
         expert_ffn=_expert_ffn,
         expert_stages=_expert_stages,
         strip=_strip,
-        install=_install,
+        install=lambda m, layer: _install(m, layer, sum_dtype),
         restore=lambda m, tensors: _restore(m, tensors, requires_grad),
         router_weight=router_weight,
         router_bias=router_bias,
         next_layer=next_in_stack(model, layers),
         ffn=ffn_spec(first),
+        sum_dtype=sum_dtype,
         extra={"previous_implementation": _get_impl(model), "model": model, "experts_class": type(first).__name__},
     )
 
@@ -253,7 +265,8 @@ def _strip(module: nn.Module) -> None:
         setattr(module, name, empty_parameter(getattr(module, name)))
 
 
-def _install(module: nn.Module, layer: OffloadedMoELayer) -> None:
+def _install(module: nn.Module, layer: OffloadedMoELayer, sum_dtype: torch.dtype | None) -> None:
+    layer.sum_dtype = sum_dtype
     module._moeoffload_layer = layer
 
 

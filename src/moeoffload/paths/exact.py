@@ -45,7 +45,7 @@ class ExactLoop:
         staged = len(needed) >= STAGED_MIN_EXPERTS and not (torch.is_grad_enabled() and hidden.requires_grad)
         if self.stages is not None and staged:  # (mm(out=), which it writes with, has no autograd)
             return self._staged(hidden, top_k_index, top_k_weights, needed, starts, order)
-        out = torch.zeros_like(hidden)
+        out = torch.zeros_like(hidden, dtype=layer.sum_dtype)
         tokens = hidden.shape[0]
         for first, slots in waves(layer, needed, hidden):
             for i, slot in enumerate(slots):
@@ -54,7 +54,7 @@ class ExactLoop:
                 y = self.expert_ffn(hidden[tok], layer.cache.weights(slot))
                 y = y * top_k_weights[tok, pos, None]
                 out.index_add_(0, tok, y.to(out.dtype))
-        return out
+        return out.to(hidden.dtype)
 
     def _staged(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                 needed: list[int], starts: list[int], order: torch.Tensor) -> torch.Tensor:
@@ -88,9 +88,9 @@ class ExactLoop:
                 torch.mm(mid_blocks[i], w_down, out=y_blocks[first + i])
         assert y is not None
         y = y if rows is None else y[rows]
-        contributions = (y * top_k_weights[tok, pos, None]).to(hidden.dtype)
+        contributions = (y * top_k_weights[tok, pos, None]).to(self.layer.sum_dtype or hidden.dtype)
         ranks = token_ranks(top_k_index).T.reshape(-1)[pairs]
-        return ordered_sum(contributions, tok, ranks, tokens, k, hidden)
+        return ordered_sum(contributions, tok, ranks, tokens, k, hidden).to(hidden.dtype)
 
     @staticmethod
     def _gather(hidden: torch.Tensor, tok: torch.Tensor, blocks: list[int], starts: list[int], counts: list[int],
