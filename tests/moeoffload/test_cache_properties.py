@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 from moeoffload.cache import CapacityError, ExpertCache
 from moeoffload.eviction import EVICTION_RULES, make_rule
 from moeoffload.layer import OffloadedMoELayer
-from moeoffload.plan import ExecutionPlan
 from moeoffload.layout import ExpertLayout
+from moeoffload.plan import ExecutionPlan
 from moeoffload.store import ExpertStore
 
 EXACT_LOOP = ExecutionPlan(device="cpu", kernels="exact", fetch="host", why="as asked")
