@@ -5,7 +5,7 @@ the six-kernel torch route), and the pieces of that path. The whole decode step 
 One layer of Mixtral's width (hidden 4096, 8 experts, top 2) with a narrower intermediate (`--intermediate`: the
 host cost does not depend on it). Each variant is called `--calls` times back to back without a sync: `host us` is
 the time to enqueue one call (what a decode step pays per layer while the GPU keeps up), `wall us` the time until
-the GPU finished them. The variants take turns within each of `--repeats` samples (the lent machine drifts between
+the GPU finished them. The variants take turns within each of `--repeats` samples (a machine may drift between
 two speeds, so variants measured minutes apart are not comparable); the median is kept.
 
     PYTHONPATH=src python benchmarks/launch_cost.py --out $OUT/launch_cost                    # on the GPU

@@ -328,7 +328,7 @@ def part_full(args, device, rec):
     print("build:", json.dumps(rec.meta["build"]), flush=True)
     bw = pinned_bandwidth(store, device)
     rec.meta["pinned_GBps"] = bw / 1e9
-    if args.burn_in:  # the first case after the build ran slow twice on the lent H100 (RESULTS.md, sixteenth set)
+    if args.burn_in:  # the first case after the build ran slow on an H100 (benchmarks/RESULTS.md)
         policy = args.policies[0]
         fetch = "device" if policy in args.device_fetch and args.no_host else "host"
         run_engine_case(rec, model, hook, store, policy, args.budgets[0], args.batches[0], args, device, bw,
@@ -385,7 +385,7 @@ def part_peer(args, device, rec):
             except Exception as exc:
                 rec.add({"case": f"transformers {impl}", "error": f"{type(exc).__name__}: {exc}"})
     model.cpu()
-    if args.burn_in:  # as in part_full: the first engine case of a call ran slow (RESULTS.md, sixteenth set)
+    if args.burn_in:  # as in part_full: the first engine case of a call ran slow (benchmarks/RESULTS.md)
         with moeoffload.offload(model, "resident", "all", device=device, kernels="auto") as handle:
             run_engine_case_handle(rec, handle, model, args.batches[0], args, device, bw, "resident", "all", "auto",
                                    tag="burn-in/")
@@ -419,7 +419,7 @@ def part_peer(args, device, rec):
 
 
 def part_cost(args, device, rec):
-    """The engine's own cost on a model that fits, by interleaved repeats (the lent machine drifts, so variants
+    """The engine's own cost on a model that fits, by interleaved repeats (the machine drifts, so variants
     measured minutes apart are not comparable): per repeat, transformers' own forward (eager, grouped_mm), then the
     engine with every expert resident (policy `resident`) and `lru` with a budget of every expert, its cache filled
     before timing (otherwise the first visits of cold experts are misses, which is I/O, not engine cost), in
