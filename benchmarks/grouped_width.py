@@ -6,9 +6,9 @@ of Mixtral-8x7B that is 192 groups for the 2 (batch 1) to 16 that have rows. Thi
 `kernels.grouped_ffn_by_offsets` at Mixtral's expert size over pools of several widths with the same routed rows,
 beside the host path's Triton kernel over host-made groups (`kernels.grouped_ffn`), the "tiles" FFN
 (`kernels.grouped_ffn_by_tiles`, the same kernel over a tile table the routing kernel builds on the device) and the
-HBM floor (the active experts' bytes over a device-to-device copy's rate measured in the same run). On the lent H100
-the width cost torch's GEMM little, and "tiles" was the fastest at every width (RESULTS.md, fifteenth set), so it is
-now fetch="device"'s FFN.
+HBM floor (the active experts' bytes over a device-to-device copy's rate measured in the same run). On an H100 80GB
+HBM3 the width cost torch's GEMM little, and "tiles" was the fastest at every width (benchmarks/RESULTS.md,
+results/h100-2026-12-07), so it is now fetch="device"'s FFN.
 
     PYTHONPATH=src python benchmarks/grouped_width.py --out $OUT/grouped_width
 """

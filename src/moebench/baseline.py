@@ -50,7 +50,7 @@ class Metric:
     value: Callable[[dict], float | None]  # record -> float | None (the figure shown, and compared when deterministic)
     label: str
     #: the same samples in units of the machine-speed probe (`moebench.probe`); compared instead when both sides
-    #: have them, so that the lent machine's drift between the two runs cancels
+    #: have them, so that the machine's drift between the two runs cancels
     normalized_key: str | None = None
 
 
