@@ -129,12 +129,13 @@ def check_against_baseline(run: MoebenchRun, record: dict) -> None:
     from .measure import CaseFailed
 
     c = run.comparison
-    base = c.baselines.get(record.get("suite"))
+    suite = str(record.get("suite"))
+    base = c.baselines.get(suite)
     if base is None:
         return
     comparison = bl.compare_case(base["cases"].get(record["case"]), record, c.limits,
                                  base_machine=base.get("machine"), cur_machine=c.machine)
-    comparison["baseline_file"] = c.baseline_paths.get(record.get("suite"))
+    comparison["baseline_file"] = c.baseline_paths.get(suite)
     record["comparison"] = comparison
     if comparison["status"] == "regressed":
         raise CaseFailed(f"{record['case']}: regressed against {comparison['baseline_file']}: "
@@ -155,7 +156,7 @@ def finish_session(session: pytest.Session, run: MoebenchRun, exitstatus) -> Non
     run.stored_run = stored
     run.messages.extend(bl.verdict_notes(run.records, c.baseline_paths))
     try:
-        run.history_path = history.append(run.history, stored)
+        run.history_path = str(history.append(run.history, stored))
     except (OSError, history.HistoryError) as exc:
         run.history_error = str(exc)
     if not c.save_baseline:

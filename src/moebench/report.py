@@ -13,6 +13,7 @@ import base64
 import html
 import io
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from .history import format_run_header, injected
@@ -57,7 +58,7 @@ def spread(record: dict) -> tuple[float, float, float] | None:
     return (float(value),) * 3 if value else None
 
 
-def _plot_spread(ax, xs: list[float], spreads: list[tuple[float, float, float]], **style) -> None:
+def _plot_spread(ax, xs: Sequence[float], spreads: list[tuple[float, float, float]], **style) -> None:
     """Medians joined by a line, each with its interquartile bar."""
     medians = [m for _, m, _ in spreads]
     below = [m - q1 for q1, m, _ in spreads]
