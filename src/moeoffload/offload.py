@@ -7,6 +7,7 @@ the host ExpertStore, and a cache of `gpu_budget` bytes serves them on the devic
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, cast
 
@@ -374,10 +375,17 @@ def require_routers(policy: policies.Policy, hook: hooks.ModelHook) -> None:
 
 
 def make_prefetcher(policy: policies.Policy, hook: hooks.ModelHook, cache: ExpertCache):
+    """The policy's prefetcher over `cache`, or None. A prefetch changes when experts move, never what is computed,
+    so a prefetcher factory that fails is dropped with a warning naming the policy, and the cache fetches on demand."""
     if policy.prefetch is None:
         return None
     require_routers(policy, hook)
-    return PREFETCHERS[policy.prefetch](cache, hook.router_weight, hook.next_layer, hook.top_k, hook.router_bias)
+    try:
+        return PREFETCHERS[policy.prefetch](cache, hook.router_weight, hook.next_layer, hook.top_k, hook.router_bias)
+    except Exception as exc:
+        warnings.warn(f"moeoffload: policy {policy.name!r}: prefetcher {policy.prefetch!r} failed to build "
+                      f"({type(exc).__name__}: {exc}); the cache fetches on demand", RuntimeWarning, stacklevel=3)
+        return None
 
 
 def check_predictor(policy: policies.Policy, predictor) -> None:
