@@ -11,8 +11,8 @@ import moeoffload
 from moeoffload import predictors as P
 from moeoffload.predictors.expertflow import ExpertFlowPredictor
 from moeoffload.scheduler import group_by_route
-from moeoffload.serving import ExpertFlow, Request, Server, SequenceView, serve, summarize
-from moeoffload.serving.kv import kv_bytes_per_token, kv_budget_tokens
+from moeoffload.serving import ExpertFlow, Request, SequenceView, Server, serve, summarize
+from moeoffload.serving.kv import kv_budget_tokens, kv_bytes_per_token
 
 from . import models as M
 
