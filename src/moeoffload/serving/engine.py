@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .clock import WallClock
-from .kv import KVBudget, SequenceKV, batched_cache, kv_budget_tokens
+from .kv import KVBudget, SequenceKV, append_column, batched_cache, kv_budget_tokens
 from .requests import Request, Result, TokenEvent
 from .schedulers import FirstCome, Scheduler, SequenceView, check_plan, for_handle
 
@@ -248,8 +248,7 @@ class Server:
         self._seed_predictor([a.view().tokens[:-1] for a in group])
         out = self.model(input_ids=ids, attention_mask=mask.to(self.device), position_ids=positions,
                          use_cache=True, **{self.cache_kwarg: cache})
-        for row, a in enumerate(group):
-            a.kv.write(cache, row, longest, 1)
+        append_column([a.kv for a in group], cache, longest)
         return out.logits[:, -1].argmax(-1).tolist(), len(group)
 
     def _seed_predictor(self, contexts: list[tuple[int, ...]]) -> None:

@@ -105,19 +105,35 @@ class SequenceKV:
 
 
 def batched_cache(group: list[SequenceKV]) -> tuple[DynamicCache, list[int]]:
-    """One DynamicCache for a decode group, each row right-aligned (left padding); returns it and each row's pad."""
+    """One DynamicCache for a decode group, each row right-aligned (left padding); returns it and each row's pad.
+    Every row of every layer is copied by one `_foreach_copy_`: a group of 64 on a 32-layer model is 4096 copies."""
     longest = max(kv.length for kv in group)
     pads = [longest - kv.length for kv in group]
-    layers = []
+    layers, dsts, srcs = [], [], []
     for i in range(len(group[0].layers)):
         tensors = []
         for j, proto in enumerate(group[0].layers[i]):
             out = proto.new_zeros(len(group), proto.shape[1], longest, proto.shape[3])
             for row, (kv, pad) in enumerate(zip(group, pads)):
-                out[row, :, pad:] = kv.layers[i][j][0, :, : kv.length]
+                dsts.append(out[row, :, pad:])
+                srcs.append(kv.layers[i][j][0, :, : kv.length])
             tensors.append(out)
         layers.append(tuple(tensors))
+    torch._foreach_copy_(dsts, srcs)
     return DynamicCache(ddp_cache_data=layers), pads
+
+
+def append_column(group: list[SequenceKV], cache: DynamicCache, column: int) -> None:
+    """After a decode step: column `column` of each row of `cache` appended to that row's request (one copy op)."""
+    dsts, srcs = [], []
+    for layer, tensors in enumerate(_layer_tensors(layer) for layer in cache.layers):
+        for j, t in enumerate(tensors):
+            for row, kv in enumerate(group):
+                dsts.append(kv.layers[layer][j][0, :, kv.length])
+                srcs.append(t[row, :, column])
+    torch._foreach_copy_(dsts, srcs)
+    for kv in group:
+        kv.length += 1
 
 
 def _layer_tensors(layer) -> tuple[torch.Tensor, torch.Tensor]:
