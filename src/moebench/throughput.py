@@ -5,7 +5,8 @@ MoE-Gen (arXiv 2503.09716) measures offloaded MoE decoding offline with 512-toke
 the expert cache did (distinct experts per decode step, bytes moved per token) and the workload's I/O floor: at
 the start of a step at most `n_slots` of the experts it needs can be resident, so every step copies at least
 `max(0, distinct experts - n_slots)` experts whatever the policy; their bytes over the pinned host-to-device
-bandwidth are a time no run of this grouping can beat. Prompts are seeded random ids (no tokenizer needed).
+bandwidth are a time no run of this grouping can beat. Prompts are windows of the held-out text when the model has
+a tokenizer (`text="heldout"`, as the suites' workloads), else seeded random ids.
 """
 
 from __future__ import annotations
@@ -18,15 +19,17 @@ from .workload import Arrivals
 
 @dataclass(frozen=True)
 class ThroughputWorkload:
-    """`requests` prompts of `prompt_tokens` seeded random ids, `new_tokens` each; offline (every request at t=0)
-    unless `arrivals` makes them a Poisson process. Serving knobs: `max_batch` requests per decode step,
-    `prefill_chunk` prompt tokens per step, `kv_budget` (tokens, bytes such as "8GiB", or None)."""
+    """`requests` prompts of `prompt_tokens` tokens (moebench.workload's held-out text or random ids), `new_tokens`
+    each; offline (every request at t=0) unless `arrivals` makes them a Poisson process. Serving knobs:
+    `max_batch` requests per decode step, `prefill_chunk` prompt tokens per step, `kv_budget` (tokens, bytes such
+    as "8GiB", or None)."""
 
     name: str = "moe-gen"
     requests: int = 64
     prompt_tokens: int = 512
     new_tokens: int = 256
     seed: int = 0
+    text: str = "heldout"  # "heldout": windows of the held-out text when the model has a tokenizer; "synthetic"
     max_batch: int = 64
     prefill_chunk: int = 512
     kv_budget: int | str | None = None
@@ -45,14 +48,15 @@ class ThroughputWorkload:
             raise ValueError(f"ThroughputWorkload: arrivals for {self.arrivals.requests} requests, workload has "
                              f"{self.requests}; make them equal")
 
-    def build(self, vocab_size: int, low: int = 2) -> list:
-        """The requests, the same for the same seed."""
-        import torch
-
+    def build(self, vocab_size: int, tokenizer=None) -> list:
+        """The requests, the same for the same seed (and tokenizer)."""
         from moeoffload.serving import Request
 
-        g = torch.Generator().manual_seed(self.seed)
-        ids = torch.randint(low, vocab_size, (self.requests, self.prompt_tokens), generator=g)
+        from .workload import Workload
+
+        prompts = Workload(batch_size=self.requests, prompt_len=self.prompt_tokens, new_tokens=self.new_tokens,
+                           seed=self.seed, text=self.text)
+        ids = prompts.prompts(vocab_size, tokenizer=tokenizer)
         times = self.arrivals.times() if self.arrivals is not None else [0.0] * self.requests
         return [Request(i, ids[i], self.new_tokens, t) for i, t in enumerate(times)]
 
@@ -83,7 +87,9 @@ def run_workload(model, workload: ThroughputWorkload = MOE_GEN, *, scheduler="au
     server = Server(model, scheduler=scheduler, kv_budget=workload.kv_budget, max_batch=workload.max_batch,
                     prefill_chunk=workload.prefill_chunk, clock=clock)
     handle.reset_stats()
-    run = server.run(workload.build(model.config.vocab_size))
+    from .workload import find_tokenizer
+
+    run = server.run(workload.build(model.config.vocab_size, find_tokenizer(model)))
     stats = handle.stats()
     summary = summarize(run, workload.bound())
     floor = io_floor_bytes(run, stats.n_slots, stats.expert_bytes)
@@ -91,6 +97,7 @@ def run_workload(model, workload: ThroughputWorkload = MOE_GEN, *, scheduler="au
     decode_experts = [s.experts for s in run.steps if s.kind == "decode" and s.experts is not None]
     return {
         "workload": {k: v for k, v in asdict(workload).items() if k != "arrivals"},
+        "prompts": "heldout text" if find_tokenizer(model) is not None and workload.text == "heldout" else "random ids",
         "arrivals": asdict(workload.arrivals) if workload.arrivals is not None else "offline",
         "policy": stats.policy, "budget_bytes": stats.budget_bytes, "n_slots": stats.n_slots,
         "expert_bytes": stats.expert_bytes, "kernels": stats.kernels, "fetch": stats.fetch,
