@@ -61,7 +61,8 @@ def test_each_request_gets_the_tokens_generate_gives_it_alone(family):
 
 def test_kv_budget_in_bytes_counts_every_layers_keys_and_values():
     config = M.tiny_mixtral().config  # 2 layers, 2 KV heads of 16, fp32
-    assert kv_bytes_per_token(config) == 2 * 2 * 2 * 16 * 4
+    assert kv_bytes_per_token(config, torch.float32) == 2 * 2 * 2 * 16 * 4
+    assert kv_bytes_per_token(config, torch.bfloat16) == 2 * 2 * 2 * 16 * 2
     assert kv_budget_tokens("8KiB", config) == 8192 // 512
     assert kv_budget_tokens(100, config) == 100 and kv_budget_tokens(None, config) is None
 

@@ -28,7 +28,7 @@ import torch
 from .clock import WallClock
 from .kv import KVBudget, SequenceKV, append_column, batched_cache, kv_budget_tokens
 from .requests import Request, Result, TokenEvent
-from .schedulers import FirstCome, Scheduler, SequenceView, check_plan, for_handle
+from .schedulers import ExpertFlow, FirstCome, Scheduler, SequenceView, check_plan, for_handle, predictor_of
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class Server:
         self.model = model
         self.handle = getattr(model, "_moeoffload", None)
         self.scheduler = _resolve_scheduler(scheduler, self.handle)
-        self.kv_limit = kv_budget_tokens(kv_budget, model.config)
+        self.kv_limit = kv_budget_tokens(kv_budget, model.config, next(model.parameters()).dtype)
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         self.eos = _eos_ids(model, eos_token_id)
@@ -280,21 +280,11 @@ def _resolve_scheduler(scheduler, handle) -> Scheduler:
         if handle is None:
             raise ValueError("scheduler='expertflow' needs the ExpertFlow predictor of an offloaded model: offload "
                              "it with policy 'expertflow', or pass moeoffload.serving.ExpertFlow(predictor)")
-        return for_handle(handle) if handle.policy.scheduler else _expertflow_of(handle)
+        return ExpertFlow(predictor_of(handle))
     if isinstance(scheduler, Scheduler):
         return scheduler
     raise ValueError(f"scheduler {scheduler!r} is unknown: pass 'auto', 'first-come', 'expertflow' or an object "
                      "with a name and plan(pool, max_batch)")
-
-
-def _expertflow_of(handle) -> Scheduler:
-    from .schedulers import ExpertFlow
-
-    predictor = getattr(getattr(handle, "runahead", None), "predictor", None)
-    if predictor is None:
-        raise ValueError(f"policy {handle.policy.name!r} runs no predictor; scheduler='expertflow' needs one: pass "
-                         "moeoffload.serving.ExpertFlow(predictor) or offload with policy 'expertflow'")
-    return ExpertFlow(predictor)
 
 
 def _eos_ids(model, eos_token_id) -> frozenset[int]:

@@ -20,11 +20,12 @@ from ..budget import format_bytes, parse_budget
 from ..errors import BudgetError
 
 
-def kv_bytes_per_token(config) -> int:
-    """Bytes of keys and values one token adds over all layers, from a decoder's config (MLA included)."""
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Bytes of keys and values one token adds over all layers, from a decoder's config (MLA included), with the
+    cache in `dtype` (the model's)."""
     cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     layers = cfg.num_hidden_layers
-    size = torch.empty(0, dtype=getattr(cfg, "dtype", None) or torch.float32).element_size()
+    size = torch.empty(0, dtype=dtype).element_size()
     if getattr(cfg, "kv_lora_rank", None) is not None:  # DeepSeek's MLA, as transformers caches it: per head
         per_layer = cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
     else:
@@ -34,7 +35,7 @@ def kv_bytes_per_token(config) -> int:
     return layers * per_layer * size
 
 
-def kv_budget_tokens(budget: int | str | None, config) -> int | None:
+def kv_budget_tokens(budget: int | str | None, config, dtype: torch.dtype = torch.float32) -> int | None:
     """The KV budget in tokens: an int is tokens, a size string ("2GiB") is bytes of KV; None: no limit."""
     if budget is None:
         return None
@@ -47,7 +48,7 @@ def kv_budget_tokens(budget: int | str | None, config) -> int | None:
     if budget.strip().endswith("%") or budget.strip().lower() == "all":
         raise BudgetError(f"kv_budget {budget!r}: a KV budget has no total to take a share of; pass tokens or "
                           "bytes with a unit, e.g. '2GiB'")
-    per_token = kv_bytes_per_token(config)
+    per_token = kv_bytes_per_token(config, dtype)
     tokens = parse_budget(budget) // per_token
     if tokens < 1:
         raise BudgetError(f"kv_budget {budget!r} holds no token: one token's KV is {format_bytes(per_token)}")

@@ -78,11 +78,17 @@ def for_handle(handle) -> Scheduler:
         return FirstCome()
     if kind != "expertflow":
         raise ValueError(f"policy {policy.name!r} asks for scheduler {kind!r}; the serving loop knows 'expertflow'")
+    return ExpertFlow(predictor_of(handle))
+
+
+def predictor_of(handle):
+    """The routing predictor an offloaded model runs ahead of its layers; ValueError naming the fix when none."""
     predictor = getattr(getattr(handle, "runahead", None), "predictor", None)
     if predictor is None:
-        raise ValueError(f"policy {policy.name!r} schedules by predicted route but runs no predictor; offload it "
-                         "with predictor=moeoffload.predictors.prepare('expertflow', model, ...)")
-    return ExpertFlow(predictor)
+        raise ValueError(f"policy {handle.policy.name!r} runs no predictor, and ExpertFlow's scheduling groups by "
+                         "its predicted routes: offload with policy 'expertflow' and "
+                         "predictor=moeoffload.predictors.prepare('expertflow', model, ...)")
+    return predictor
 
 
 def check_plan(plan, pool: Sequence[SequenceView], max_batch: int) -> list[list[Hashable]]:
