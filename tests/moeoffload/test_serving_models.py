@@ -6,6 +6,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import moeoffload
 from moeoffload import predictors as P
@@ -139,3 +141,14 @@ def test_transformers_continuous_batching_serves_an_offloaded_model_exactly():
     with moeoffload.offload(model, "lru", "50%"):
         out = model.generate_batch(prompts, generation_config=config, continuous_batching_config=cb, warmup=False)
     assert [o.generated_tokens for o in out.values()] == expected
+
+
+@settings(max_examples=40, deadline=None)
+@given(routes=st.lists(st.lists(st.booleans(), min_size=6, max_size=6), min_size=1, max_size=9),
+       max_batch=st.integers(1, 4))
+def test_expertflow_plans_use_every_request_once_in_groups_of_at_most_max_batch(routes, max_batch):
+    routes = torch.tensor(routes).view(len(routes), 2, 3)
+    pool = [SequenceView(i, 0.0, (1,)) for i in range(len(routes))]
+    plan = ExpertFlow(_FixedRoutes(routes)).plan(pool, max_batch)
+    assert sorted(i for g in plan for i in g) == list(range(len(routes)))
+    assert all(1 <= len(g) <= max_batch for g in plan)
