@@ -35,7 +35,7 @@ class Policy:
     predictor: str | None = None
     replace_router: bool = False  # the predicted experts and weights ARE the routing (data-aware; approximate)
     predictor_prefetch: bool = True  # False: the predictor only informs eviction (Belady alone)
-    # "expertflow": the serving loop regroups its pending sequences by predicted route (moeoffload.scheduler)
+    # "expertflow": moeoffload.serving groups the requests of a decode step by predicted route (moeoffload.scheduler)
     scheduler: str | None = None
 
     def __post_init__(self) -> None:
@@ -77,8 +77,8 @@ PREDICTIVE = (
     Policy("sida-data-aware", "SiDA-MoE as published: the hash network's experts and weights replace the router "
            "(approximate)", eviction="belady", predictor="sida", replace_router=True, exact=False),
     Policy("expertflow", "ExpertFlow: routing-path predictor run ahead from the token ids prefetches each layer; "
-           "the cache corrects itself when a router disagrees; token scheduling groups sequences by predicted "
-           "route (exact against the unoffloaded model served the same batches)", predictor="expertflow",
+           "the cache corrects itself when a router disagrees; moeoffload.serving's scheduler groups requests by "
+           "predicted route (generate() serves the batch it is given)", predictor="expertflow",
            scheduler="expertflow"),
     Policy("oracle", "upper bound: replays the served inputs' recorded routing to prefetch each next layer call; "
            "LRU eviction", predictor="oracle"),

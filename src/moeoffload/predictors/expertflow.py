@@ -148,6 +148,19 @@ class ExpertFlowPredictor:
         top = log_probs.topk(min(self.cfg.top_k, self.cfg.num_experts), dim=-1).indices
         return Prediction(list(inputs.layers), top)
 
+    def set_context(self, contexts: list[tuple[int, ...]] | list[list[int]]) -> None:
+        """The tokens that came before each row of the next call (every stack): a serving loop whose batches
+        change from step to step says whose context the next decode step continues. Rows are cut to the shortest
+        context (at most `window - 1` tokens), so that they stack; an empty context forgets the kept one."""
+        keep = min([len(c) for c in contexts] + [self.cfg.window - 1])
+        if keep <= 0:
+            self._context.clear()
+            return
+        dev = next(self.net.parameters()).device
+        ids = torch.tensor([list(c)[-keep:] for c in contexts], device=dev)
+        for stack in range(self.cfg.num_stacks):
+            self._context[stack] = ids
+
     def _chunked(self, ids: torch.Tensor, stack: int, layers: list[int]) -> torch.Tensor:
         w = self.cfg.window
         with torch.no_grad():
@@ -238,6 +251,28 @@ class ExpertFlowPredictor:
         hot = torch.zeros(*top.shape[:-1], self.cfg.num_experts, dtype=torch.bool, device=dev).scatter_(-1, top, True)
         out[:, layers] = hot.any(dim=1)
         return out.cpu()
+
+    def next_routes(self, contexts: list[tuple[int, ...]] | list[list[int]], stack: int = 0) -> torch.Tensor:
+        """Predicted experts of each context's last token: bool [n, num_layers, E] (the layers of `stack` set).
+        What the serving loop's scheduler groups a decode step by: the next forward feeds only that token.
+        Contexts of equal length (after the window cut) run as one batch. Stateless."""
+        layers = [i for i, s in enumerate(self.info.get("layer_stack", [0] * self.cfg.num_layers)) if s == stack]
+        dev = next(self.net.parameters()).device
+        E, w = self.cfg.num_experts, self.cfg.window
+        out = torch.zeros(len(contexts), self.cfg.num_layers, E, dtype=torch.bool)
+        by_length: dict[int, list[int]] = {}
+        for i, ctx in enumerate(contexts):
+            if not len(ctx):
+                raise ValueError(f"context {i} is empty: a route is predicted for a sequence's last token")
+            by_length.setdefault(min(len(ctx), w), []).append(i)
+        for length, rows in by_length.items():
+            ids = torch.tensor([list(contexts[i])[-length:] for i in rows], device=dev)
+            with torch.no_grad():
+                logits = self.net(ids, stack)[:, -1, layers]  # [rows, L, E]
+            top = logits.topk(min(self.cfg.top_k, E), dim=-1).indices.cpu()
+            hot = torch.zeros(len(rows), len(layers), E, dtype=torch.bool).scatter_(-1, top, True)
+            out[torch.tensor(rows).unsqueeze(1), torch.tensor(layers).unsqueeze(0)] = hot
+        return out
 
 
 @dataclass
