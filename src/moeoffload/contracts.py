@@ -6,7 +6,7 @@ moves weights early, so the output cannot depend on it.)"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .errors import PolicyContractError
@@ -14,7 +14,7 @@ from .errors import PolicyContractError
 RULE_METHODS = ("on_insert", "on_access", "on_remove", "victim")  # moeoffload.eviction.EvictionRule
 
 
-def checked_victim(rule: Any, candidates: Collection) -> Any:
+def checked_victim(rule: Any, candidates: Iterable) -> Any:
     """`rule.victim(candidates)`, which must be one of `candidates`: the cache's view of its evictable experts
     (O(1) membership) or the short list of demoted ones. One membership test per eviction; the error path alone
     counts the candidates."""

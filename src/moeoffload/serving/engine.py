@@ -198,7 +198,7 @@ class Server:
             return
         end = self.clock.now()
         after = self._counters()
-        delta = [None, None] if before is None else [after[0] - before[0], after[1] - before[1]]
+        delta = [None, None] if before is None or after is None else [after[0] - before[0], after[1] - before[1]]
         steps.append(StepRecord(kind, tuple(a.request.id for a in group), count, start, end, *delta))
         for a, token in zip(group, tokens):
             if token is None:
@@ -255,8 +255,9 @@ class Server:
         """Give a path predictor run ahead of the forward (ExpertFlow) the context of the rows about to run: the
         loop's groups change from step to step, so the context it kept from its last call is another group's."""
         predictor = getattr(getattr(self.handle, "runahead", None), "predictor", None)
-        if hasattr(predictor, "set_context"):
-            predictor.set_context(contexts)
+        set_context = getattr(predictor, "set_context", None)
+        if set_context is not None:
+            set_context(contexts)
 
     def _counters(self) -> tuple[int, int] | None:
         if self.handle is None or not getattr(self.handle, "serving", False):

@@ -77,7 +77,8 @@ def for_handle(handle) -> Scheduler:
     if kind is None:
         return FirstCome()
     if kind != "expertflow":
-        raise ValueError(f"policy {policy.name!r} asks for scheduler {kind!r}; the serving loop knows 'expertflow'")
+        raise ValueError(f"policy {getattr(policy, 'name', '?')!r} asks for scheduler {kind!r}; the serving loop "
+                         "knows 'expertflow'")
     return ExpertFlow(predictor_of(handle))
 
 
