@@ -61,6 +61,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "device (experimental), the grouped kernels look experts up in a directory on the GPU and a "
                          "host thread queues the missing ones on the copy engine (needs --moebench-kernels other than "
                          "torch; other policies keep fetching on the host)")
+    group.addoption("--moebench-weights", choices=("synthetic", "checkpoint", "auto"), default=None,
+                    help="synthetic: seeded weights (default; MOEBENCH_WEIGHTS); checkpoint: the published checkpoint "
+                         "from $MOEBENCH_CHECKPOINTS/<model> or the offline Hugging Face cache, else an error; auto: "
+                         "the checkpoint where found, else synthetic (moebench.zoo.specs)")
     group.addoption("--moebench-inject-delay", default=None, metavar="TIME",
                     help="TEST HOOK: busy-wait before every MoE layer, to fake a slowdown: TIME (e.g. 0.2ms) each "
                          "call, or a percentage (e.g. 5%%: stretch the run by that much, whatever the machine's "
@@ -71,6 +75,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "moebench: a moebench benchmark case (collected from suite files)")
     if not config.getoption("moebench"):
         return
+    if config.getoption("moebench_weights"):
+        os.environ["MOEBENCH_WEIGHTS"] = config.getoption("moebench_weights")  # suite models read it when built
     rounds = config.getoption("moebench_rounds")
     if rounds < 1:
         raise pytest.UsageError(f"--moebench-rounds must be at least 1, got {rounds}")
