@@ -6,16 +6,20 @@ experts far more often at the first layer than a trained model does (docs/routin
 ordinary transformers model whose routers read the hidden state; only weights change:
 
 - the residual stream is split into a token half T (the first hidden_size/2 coordinates) and a context half C;
-  the embedding writes only T, and every writer into the residual stream (attention output, dense and expert down
-  projections) writes C, with its T rows scaled by `leak` so that the tied LM heads still see the context;
-- each router reads T and C with weights cos(phi) and sin(phi) (its columns scaled), phi set per layer by depth:
-  phi = 0 routes by the token alone (repeats like uniform routing), larger phi by the slowly changing context
-  (consecutive tokens repeat experts more often);
+  the embedding writes T (and C scaled by `embed_context`), and every writer into the residual stream (attention
+  output, dense and expert down projections) writes C only (its T rows scaled by `leak`, 0 by default), so T holds
+  the token itself at every depth;
+- the final norms scale T by `head_token`: an LM head tied to the embedding (Switch) would otherwise mostly see the
+  current token and greedy decoding would repeat it;
+- each router reads T and C with weights cos(phi) and sin(phi) (its columns scaled), phi set per layer by depth
+  (an encoder stack may have its own angles): phi = 0 routes by the token alone (repeats like independent routing),
+  a larger phi by the slowly changing context (consecutive tokens repeat experts more often);
 - successive routers share a part of their rows (`shared`), so one layer's choice predicts the next layer's.
 
-Top-k selection depends only on the direction of the router's input, so phi alone sets the repetition rate; the
-angles here were fitted with `moebench routing` on the quick-tier models against the published figures
-(`TARGETS`), and tests/moebench/test_calibrate.py checks the tolerance.
+Top-k selection depends only on the direction of the router's input, so phi alone sets the repetition rate. The
+angles were fitted with moebench.routing on the suites' quick-tier models against `TARGETS`
+(tests/moebench/test_calibrate.py checks the tolerance); published-size models use the same angles by depth,
+unmeasured.
 """
 
 from __future__ import annotations
