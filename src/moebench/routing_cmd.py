@@ -108,8 +108,10 @@ def plot(stats: dict, path: str, title: str) -> None:
         for key in keys:
             ys = [x[key] for x in stats["layers"]]
             ax.plot(layers, [float("nan") if y is None else y for y in ys], marker="o", label=dict(COLUMNS)[key])
-            ax.axhline(stats["uniform"][key], ls="--", lw=0.8, color=ax.lines[-1].get_color())
+            if key in stats["uniform"]:
+                ax.axhline(stats["uniform"][key], ls="--", lw=0.8, color=ax.lines[-1].get_color())
         ax.set_xlabel("MoE layer")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=8)
     fig.suptitle(title + " (dashed: independent uniform routing)", fontsize=9)
     fig.tight_layout()

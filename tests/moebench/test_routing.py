@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moebench import routing
+from moebench import routing, routing_cmd
 from moebench.cli import main
 
 TINY = ["hidden_size=64", "intermediate_size=96", "vocab_size=512", "num_attention_heads=4",
@@ -85,6 +85,8 @@ def test_routing_command(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "routing=calibrated" in text and "first repeat" in text and "uniform" in text
     data = json.loads(out.read_text())
+    routing_cmd.plot(data, str(tmp_path / "r.png"), "tiny")
+    assert (tmp_path / "r.png").stat().st_size > 0
     assert len(data["layers"]) == 2 and data["text"] == "seeded random token ids"
     assert math.isclose(data["uniform"]["first_repeat"], 1 / 8)
 
