@@ -130,16 +130,25 @@ class LayerRouting:
     working_set: float
 
 
+def block_depth(model, name: str) -> float:
+    """Where the module or parameter `name` sits in its stack of blocks: 0 the first block, 1 the last. Published
+    figures are given by layer ("layer 15 of 32"), so depth counts blocks, MoE or dense."""
+    parts = name.split(".")
+    i = next(j for j, part in enumerate(parts) if part.isdigit())
+    return int(parts[i]) / max(len(model.get_submodule(".".join(parts[:i]))) - 1, 1)
+
+
 def layer_figures(tops: dict[int, torch.Tensor], stacks: list[int], num_experts: int, batch: int,
-                  next_layer: list[int | None]) -> list[LayerRouting]:
-    """Per-layer figures from each layer's top-k ids [n, seq, k] (sorted by router score)."""
+                  next_layer: list[int | None], depths: list[float] | None = None) -> list[LayerRouting]:
+    """Per-layer figures from each layer's top-k ids [n, seq, k] (sorted by router score); `depths` default to the
+    MoE layer's place among its stack's MoE layers."""
     out = []
     for i, top in sorted(tops.items()):
         same = [j for j in sorted(tops) if stacks[j] == stacks[i]]
         nxt = next_layer[i] if i < len(next_layer) else None
         hit = next_layer_hit(top, tops[nxt], num_experts) if nxt is not None and nxt in tops else (None, None)
         out.append(LayerRouting(
-            layer=i, stack=stacks[i], depth=same.index(i) / max(len(same) - 1, 1),
+            layer=i, stack=stacks[i], depth=depths[i] if depths else same.index(i) / max(len(same) - 1, 1),
             usage_entropy=usage_entropy(top, num_experts), max_mean=max_mean_load(top, num_experts),
             first_repeat=first_repeat(top), topk_overlap=topk_overlap(top, num_experts),
             topk_reuse=topk_reuse(top, num_experts), next_hit=hit[0], next_marginal=hit[1],
@@ -175,16 +184,14 @@ def routing_statistics(model, prompts: list[torch.Tensor], *, new_tokens: int = 
     if not tops:
         raise ValueError("no MoE layer routed a token; give longer prompts")
     e, k = trace.num_experts, trace.top_k
-    hook_next = _next_layers(model, trace)
-    layers = layer_figures(tops, trace.info["layer_stack"], e, batch, hook_next)
-    return {"num_experts": e, "top_k": k, "batch": batch, "tokens": sum(t[..., 0].numel() for t in tops.values())
-            // len(tops), "uniform": uniform_figures(e, k, batch), "layers": [asdict(x) for x in layers]}
-
-
-def _next_layers(model, trace) -> list[int | None]:
     from moeoffload.hooks import discover
 
-    return list(discover(model).next_layer)
+    hook = discover(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    depths = [block_depth(model, names[id(m)]) for m in hook.layers]
+    layers = layer_figures(tops, trace.info["layer_stack"], e, batch, list(hook.next_layer), depths)
+    return {"num_experts": e, "top_k": k, "batch": batch, "tokens": sum(t[..., 0].numel() for t in tops.values())
+            // len(tops), "uniform": uniform_figures(e, k, batch), "layers": [asdict(x) for x in layers]}
 
 
 def routing_structure(model, ids: torch.Tensor, batch_size: int = 8) -> dict:

@@ -122,15 +122,9 @@ def _routers(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
             if n.endswith(("mlp.gate.weight", "router.classifier.weight"))]
 
 
-def _depth(name: str, model: nn.Module) -> float:
-    """Position of the router's block in its stack: 0 first block, 1 last."""
-    parts = name.split(".")
-    i = next(j for j, part in enumerate(parts) if part.isdigit())
-    blocks = model.get_submodule(".".join(parts[:i]))
-    return int(parts[i]) / max(len(blocks) - 1, 1)
-
-
 def _reshape_routers(model: nn.Module, cal: Calibration, token: torch.Tensor, seed: int) -> None:
+    from ..routing import block_depth
+
     routers = _routers(model)
     if not routers:
         raise ValueError(f"{type(model).__name__}: no router weights found to calibrate")
@@ -138,7 +132,7 @@ def _reshape_routers(model: nn.Module, cal: Calibration, token: torch.Tensor, se
     shape = routers[0][1].shape
     common = (torch.rand(shape, generator=gen, dtype=torch.float32) * 2 - 1) * math.sqrt(3.0 / shape[-1])
     for name, w in routers:
-        phi = cal.angle(_depth(name, model), encoder=name.startswith("encoder."))
+        phi = cal.angle(block_depth(model, name), encoder=name.startswith("encoder."))
         mixed = math.sqrt(cal.shared) * common.to(w.dtype) + math.sqrt(1 - cal.shared) * w
         mixed[:, token] *= math.cos(phi)
         mixed[:, ~token] *= math.sin(phi)
