@@ -203,8 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .ab import add_parser as add_ab_parser
     from .predictor_cmd import add_parser as add_predictor_parser
+    from .routing_cmd import add_parser as add_routing_parser
+    from .versus import add_parser as add_versus_parser
 
     add_ab_parser(sub)
+    add_routing_parser(sub)
+    add_versus_parser(sub)
 
     add_predictor_parser(sub)
     return parser

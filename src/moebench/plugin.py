@@ -77,6 +77,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "picks; host, a sync per MoE layer and the copy engine; device, the grouped kernels look "
                          "experts up in a directory on the device, for the policies that can (an LRU or next-use "
                          "cache without a predictor; the others fetch on the host)")
+    group.addoption("--moebench-weights", choices=("synthetic", "checkpoint", "auto"), default=None,
+                    help="synthetic: seeded weights (default; MOEBENCH_WEIGHTS); checkpoint: the published checkpoint "
+                         "from $MOEBENCH_CHECKPOINTS/<model> or the offline Hugging Face cache, else an error; auto: "
+                         "the checkpoint where found, else synthetic (moebench.zoo.specs)")
     group.addoption("--moebench-inject-delay", default=None, metavar="TIME",
                     help="TEST HOOK: busy-wait before every MoE layer, to fake a slowdown: TIME (e.g. 0.2ms) each "
                          "call, or a percentage (e.g. 5%%: stretch the run by that much, whatever the machine's "
@@ -87,6 +91,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "moebench: a moebench benchmark case (collected from suite files)")
     if not config.getoption("moebench"):
         return
+    if config.getoption("moebench_weights"):
+        os.environ["MOEBENCH_WEIGHTS"] = config.getoption("moebench_weights")  # suite models read it when built
     _check_options(config)
     from .measure import resolve_device, resolve_tier
 

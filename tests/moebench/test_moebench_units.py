@@ -159,6 +159,8 @@ def test_expected_failure_only_for_an_approximate_policy_over_the_accuracy_limit
             "failures": ["accuracy drop 68.75% (next-token accuracy) is over the suite's limit 1.00%"]}
     assert "synthetic weights" in expected_failure(base)
     assert expected_failure({**base, "weights": "trained:models/kjv-moe"}) is None
+    calibrated = "synthetic(seed=0, layers=2/12, routing=calibrated, float32):switch-base-8"
+    assert expected_failure({**base, "weights": calibrated}) is None  # calibrated routers are judged
     assert expected_failure({**base, "exact": True}) is None
     assert expected_failure({**base, "failures": base["failures"] + ["GPU peak 1GiB is over ..."]}) is None
     assert expected_failure({**base, "failures": []}) is None
