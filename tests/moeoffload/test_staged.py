@@ -111,7 +111,7 @@ def test_a_call_with_few_experts_takes_the_per_expert_loop(monkeypatch):
     with moeoffload.offload(model, "resident", "all", device="cpu") as handle:
         layer = handle.layers[0]
         calls = []
-        monkeypatch.setattr(layer, "_staged", lambda *a: calls.append(len(a[3])) or torch.zeros_like(a[0]))
+        monkeypatch.setattr(layer.host_path, "_staged", lambda *a: calls.append(len(a[3])) or torch.zeros_like(a[0]))
         layer(torch.randn(1, 64), torch.tensor([[1, 6]]), torch.rand(1, 2))  # 2 experts: the loop
         layer(torch.randn(30, 64), torch.arange(60).remainder(8).view(30, 2), torch.rand(30, 2))  # all 8: staged
     assert calls == [8]
