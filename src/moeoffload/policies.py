@@ -101,7 +101,7 @@ PREDICTIVE = (
 # Host-assisted policies (issue 28): a miss may be computed on the host CPU from the store instead of copied; the
 # host's GEMMs sum in another order than the device's, so none is exact.
 HOST_ASSISTED = (
-    Policy("cpu-moe", "llama.cpp --cpu-moe: the GPU holds the experts the budget allows (the last layers' first), "
+    Policy("cpu-moe", "llama.cpp --cpu-moe: the GPU holds the experts the budget allows (from the last layer back), "
            "fixed; every other expert is computed on the host CPU", misses="host", exact=False),
     Policy("fiddler", "Fiddler: LRU cache; per miss, copy it or compute it on the host CPU, whichever a cost model "
            "measured at offload time (PCIe bandwidth, host GEMM time by token count) says is sooner",
