@@ -75,7 +75,7 @@ def table(rows: list[dict], m: costmodel.Measurements | None, cpu: dict) -> str:
         ffn = ", ".join(f"{t}: {s * 1e3:.2f}" for t, s in zip(m.gemm_tokens, m.gemm_seconds))
         lines += [f"pinned H2D {m.h2d_bytes_per_s / 1e9:.1f} GB/s (an expert in {m.copy_seconds() * 1e3:.2f} ms); "
                   f"host read {m.host_read_bytes_per_s / 1e9:.1f} GB/s with {m.host_threads} threads; host expert FFN "
-                  f"ms by tokens {{{ffn}}}",
+                  f"ms by tokens {{{ffn}}} (at 1 token it reads {m.expert_bytes / m.gemm_seconds[0] / 1e9:.1f} GB/s)",
                   f"most any copy/host split can gain over copy-only at the floor: "
                   f"{(m.h2d_bytes_per_s + m.host_read_bytes_per_s) / m.h2d_bytes_per_s:.2f}x"]
     lines.append(f"{'policy':<10} {'budget':>6} {'batch':>5} {'tok/s':>8} {'ms/step':>9} {'miss/step':>9} "
