@@ -9,6 +9,7 @@ import moeoffload
 from moeoffload import costmodel
 from moeoffload.costmodel import Measurements
 from moeoffload.hostexperts import HostComputeError, HostExperts, compute_dtype
+from moeoffload.offload import hidden_size
 
 from .test_families import FAMILIES, build
 
@@ -27,9 +28,9 @@ def host_cheaper(monkeypatch):
     monkeypatch.setattr(costmodel, "measure", lambda store, *a, **k: measurements(store.expert_bytes, 10.0, 1.0))
 
 
-def random_call(hook, tokens: int, seed: int, hidden_size: int):
+def random_call(hook, tokens: int, seed: int, width: int):
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(tokens, hidden_size, generator=g) * 3
+    hidden = torch.randn(tokens, width, generator=g) * 3
     index = torch.stack([torch.randperm(hook.num_experts, generator=g)[: hook.top_k] for _ in range(tokens)])
     if hook.family == "switch":
         index[0, 0] = hook.num_experts  # a token the capacity limit dropped
@@ -47,8 +48,8 @@ def layer_output(model, policy: str, budget: int, call, kernels: str = "auto") -
 def test_host_misses_compute_what_the_exact_loop_computes(family, policy, host_cheaper):
     model = build(family, seed=3)
     hook = moeoffload.hooks.discover(model)
-    width = moeoffload.offload.__globals__["hidden_size"](hook)
-    call = random_call(hook, 12, seed=7, hidden_size=width)
+    width = hidden_size(hook)
+    call = random_call(hook, 12, seed=7, width=width)
     budget = max(2, len(hook.layers)) * hook.layout.nbytes  # a few slots: most experts miss
     reference, _ = layer_output(model, "lru", budget, call, kernels="exact")
     got, stats = layer_output(model, policy, budget, call)
@@ -62,7 +63,7 @@ def test_host_misses_compute_what_the_exact_loop_computes(family, policy, host_c
 def test_host_misses_on_the_grouped_plan(policy, host_cheaper):
     model = build("mixtral", seed=3)
     hook = moeoffload.hooks.discover(model)
-    call = random_call(hook, 9, seed=1, hidden_size=64)
+    call = random_call(hook, 9, seed=1, width=64)
     budget = 3 * hook.layout.nbytes
     reference, _ = layer_output(model, "lru", budget, call, kernels="exact")
     got, stats = layer_output(model, policy, budget, call, kernels="reference")
@@ -112,7 +113,7 @@ def test_fiddler_copies_when_the_copy_is_cheaper(monkeypatch):
 def test_a_failing_host_computation_fails_its_call_and_the_next_call_runs(monkeypatch):
     model = build("mixtral", seed=4)
     hook = moeoffload.hooks.discover(model)
-    call = random_call(hook, 6, seed=2, hidden_size=64)
+    call = random_call(hook, 6, seed=2, width=64)
     budget = 2 * hook.layout.nbytes
     reference, _ = layer_output(model, "lru", budget, call, kernels="exact")
     real = HostExperts.compute
@@ -136,7 +137,7 @@ def test_switch_between_host_and_copy_policies_and_unload():
     model = build("mixtral", seed=5)
     snapshot = {k: v.clone() for k, v in model.state_dict().items()}
     hook = moeoffload.hooks.discover(model)
-    call = random_call(hook, 5, seed=3, hidden_size=64)
+    call = random_call(hook, 5, seed=3, width=64)
     with moeoffload.offload(model, "cpu-moe", "25%", device="cpu") as handle:
         first = handle.layers[0](*call)
         handle.switch("lru", "25%")
@@ -173,7 +174,7 @@ def test_bf16_store_on_a_cpu_without_native_bf16(monkeypatch, host_cheaper):
     monkeypatch.setattr(hostexperts, "cpu_flags", lambda: frozenset())
     model = build("mixtral", dtype=torch.bfloat16, seed=6)
     hook = moeoffload.hooks.discover(model)
-    hidden, index, weights = random_call(hook, 7, seed=5, hidden_size=64)
+    hidden, index, weights = random_call(hook, 7, seed=5, width=64)
     call = (hidden.bfloat16(), index, weights.bfloat16())
     budget = 2 * hook.layout.nbytes
     reference, _ = layer_output(model, "lru", budget, call, kernels="exact")
