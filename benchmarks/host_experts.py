@@ -59,7 +59,7 @@ def row(handle, model, batch: int, budget: str, args, device: torch.device, m: c
     missed = s.misses / n * s.expert_bytes
     copy_floor = costmodel.copy_floor(missed, m) * 1e3
     floor = costmodel.combined_floor(missed, m) * 1e3
-    return {"policy": s.policy, "host_assisted": s.misses_on != "copy", "plan": handle.plan.label, "budget": budget,
+    return {"policy": s.policy, "host_assisted": s.miss_rule != "copy", "plan": handle.plan.label, "budget": budget,
             "batch": batch, "steps": n, "ms_per_step": step * 1e3, "step_ms": [round(t * 1e3, 3) for t in times],
             "tokens_per_s": batch / step, "hit_rate": s.hit_rate, "misses_per_step": s.misses / n,
             "copied_per_step": s.h2d_copies / n, "host_per_step": s.host_misses / n,

@@ -5,7 +5,7 @@ the weights (hundreds of MiB for a Mixtral-8x7B expert). One worker thread runs 
 thread that launches the GPU's work goes on launching: the GPU computes the resident experts and the copy engine
 copies the misses chosen for it while the host computes its share (`moeoffload.paths.host`).
 
-Threads: `HOST_THREADS` experts' worth of OpenMP threads run each host FFN; None (the default) takes torch's
+Threads: `HOST_THREADS` OpenMP threads run each host FFN; None (the default) takes torch's
 intra-op count (one per physical core) less one on CUDA, the core the launching thread keeps busy. The worker sets
 its own count: OpenMP's thread count is per calling thread, and a fresh thread would otherwise use every core.
 Dtype: the store's bf16 is used as it is where the CPU multiplies bf16 natively (AMX or AVX512-BF16; oneDNN

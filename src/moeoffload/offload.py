@@ -50,7 +50,7 @@ class OffloadStats:
     predictor_bytes: int = 0  # what the predictor holds on the device beyond the model's weights (its networks)
     kernels: str = "exact"  # the plan's kernels: "exact", "triton" or "reference" (moeoffload.plan)
     fetch: str = "host"  # the plan's fetch: "host" (a sync per layer, the copy engine) or "device"
-    misses_on: str = "copy"  # the plan's misses: "copy", or "host" / "cost-model" / "split" (moeoffload.costmodel)
+    miss_rule: str = "copy"  # the plan's misses: "copy", or "host" / "cost-model" / "split" (moeoffload.costmodel)
     host_misses: int = 0  # misses computed on the host CPU (included in `misses`; the rest were copied)
     host_bytes: int = 0  # expert bytes the host read from the store to compute them
 
@@ -101,7 +101,7 @@ class OffloadedModel:
             dense_bytes=self.dense_bytes, peak_resident_experts=c.stats.peak_resident,
             prefetches=c.stats.prefetches, prefetch_hits=c.stats.prefetch_hits,
             predictor_bytes=self.predictor_bytes(), kernels=self.plan.kernels, fetch=self.plan.fetch,
-            misses_on=self.plan.misses, host_misses=host.experts, host_bytes=host.bytes,
+            miss_rule=self.plan.misses, host_misses=host.experts, host_bytes=host.bytes,
         )
 
     def predictor_bytes(self) -> int:
