@@ -39,6 +39,10 @@ def rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
         headers.insert(3, "kernels")
         for row, r in zip(out, records):
             row.insert(3, (r.get("kernels") or "exact") + (", device fetch" if r.get("fetch") == "device" else ""))
+    if any((r.get("miss_rule") or "copy") != "copy" for r in records):  # a host-assisted policy ran
+        headers += ["misses/round copied", "host"]
+        for row, r in zip(out, records):
+            row += [_num(r.get("copied_misses_per_round"), ".1f"), _num(r.get("host_misses_per_round"), ".1f")]
     if any(r.get("experts_per_batch_scheduled") is not None for r in records):  # a token-scheduling policy ran
         headers += ["experts/batch first-come", "scheduled", "agree first-come"]
         for row, r in zip(out, records):
