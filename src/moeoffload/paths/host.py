@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..costmodel import on_host
 from ..hostexperts import HostComputeError, HostExperts
 from .common import Route, host_route, sub_route
 
@@ -42,8 +43,6 @@ class HostAssisted:
         self._score(rows)
         resident = layer.cache.resident()
         missed = {e: n for e, n in rows.items() if (layer.layer_idx, e) not in resident}
-        from ..costmodel import on_host
-
         host_set = on_host(layer.plan.misses, self.host.measurements, missed, self.scores)
         if not host_set:
             return self.inner(hidden, top_k_index, top_k_weights, route=route)
