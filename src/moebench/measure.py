@@ -581,6 +581,10 @@ class Session:
             "hit_rate": stats.hit_rate,
             "h2d_bytes_per_round": stats.h2d_bytes / self.rounds,
             "h2d_copies_per_round": stats.h2d_copies / self.rounds,
+            # where the misses went: copied into the cache, or computed on the host CPU (host-assisted policies)
+            "miss_rule": stats.miss_rule,
+            "copied_misses_per_round": (stats.misses - stats.host_misses) / self.rounds,
+            "host_misses_per_round": stats.host_misses / self.rounds,
             "cache_bytes": stats.cache_bytes, "budget_bytes": stats.budget_bytes,
             "total_expert_bytes": stats.total_expert_bytes, "dense_bytes": stats.dense_bytes,
             "n_slots": stats.n_slots, "nvml_used_bytes": rounds.nvml_peak,

@@ -45,6 +45,10 @@ def rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
         headers += ["agree w/ exact loop", "KL w/ exact loop"]
         for row, r in zip(out, records):
             row += [_num(r.get("eager_agreement"), ".1%"), _num(r.get("eager_kl"), ".2g")]
+    if any((r.get("miss_rule") or "copy") != "copy" for r in records):  # a host-assisted policy ran
+        headers += ["misses/round copied", "host"]
+        for row, r in zip(out, records):
+            row += [_num(r.get("copied_misses_per_round"), ".1f"), _num(r.get("host_misses_per_round"), ".1f")]
     if any(r.get("experts_per_batch_scheduled") is not None for r in records):  # a token-scheduling policy ran
         headers += ["experts/batch first-come", "scheduled", "agree first-come"]
         for row, r in zip(out, records):

@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import kernels as _kernels
 from .cache import ExpertCache
-from .paths import ExactLoop, FetchedOnDevice, GroupedOnHost, ResidentOnDevice
+from .paths import ExactLoop, FetchedOnDevice, GroupedOnHost, HostAssisted, ResidentOnDevice
 from .paths.common import drop_prefetcher
 from .plan import ExecutionPlan
 from .staged import ExpertStages
+
+if TYPE_CHECKING:
+    from .hostexperts import HostExperts
 
 ExpertFFN = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 Prefetcher = Callable[[int, torch.Tensor], None]  # (this layer's index, its MoE input) -> starts copies
@@ -45,7 +49,7 @@ def grouped_spec(ffn, layout) -> _kernels.FFNSpec | None:
 class OffloadedMoELayer:
     def __init__(self, layer_idx: int, num_experts: int, cache: ExpertCache, expert_ffn: ExpertFFN,
                  plan: ExecutionPlan, prefetcher: Prefetcher | None = None, router_tap: RouterTap | None = None,
-                 ffn=None, stages: ExpertStages | None = None):
+                 ffn=None, stages: ExpertStages | None = None, host: HostExperts | None = None):
         self.layer_idx = layer_idx
         self.num_experts = num_experts
         self.cache = cache
@@ -57,8 +61,12 @@ class OffloadedMoELayer:
         if plan.grouped and self.spec is None:
             raise ValueError(f"plan {plan.label!r} needs the grouped kernels, which do not compute this layer's expert "
                              "form; make the plan with moeoffload.plan.make_plan")
-        self.host_path: ExactLoop | GroupedOnHost = (GroupedOnHost(self) if plan.grouped
-                                                     else ExactLoop(self, expert_ffn, stages))
+        self.host_path: ExactLoop | GroupedOnHost | HostAssisted = (GroupedOnHost(self) if plan.grouped
+                                                                    else ExactLoop(self, expert_ffn, stages))
+        if plan.host_misses:
+            if host is None:
+                raise ValueError(f"plan {plan.label!r} computes misses on the host: pass host=HostExperts(...)")
+            self.host_path = HostAssisted(self, self.host_path, expert_ffn, host)
         self.device_paths: list[FetchedOnDevice | ResidentOnDevice] = []
         if plan.fetch == "device":
             self.device_paths.append(FetchedOnDevice(self))

@@ -18,6 +18,7 @@ from .eviction import EVICTION_RULES
 from .predictors.registry import PREDICTORS, PREFETCHERS
 
 ENTRY_POINT_GROUP = "moeoffload.policies"
+MISSES = ("copy", "host", "cost-model", "split")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,10 @@ class Policy:
     predictor_prefetch: bool = True  # False: the predictor only informs eviction (Belady alone)
     # "expertflow": moeoffload.serving groups the requests of a decode step by predicted route (moeoffload.scheduler)
     scheduler: str | None = None
+    # where a miss is computed (moeoffload.plan.MISSES): "copy" into the cache; "host", on the CPU from the store
+    # (llama.cpp --cpu-moe); "cost-model", per miss whichever the measured costs say is sooner (Fiddler); "split", a
+    # layer's misses divided so that the copy engine and the host finish together (HybriMoE)
+    misses: str = "copy"
 
     def __post_init__(self) -> None:
         if self.eviction not in EVICTION_RULES:
@@ -48,6 +53,11 @@ class Policy:
             raise ValueError(f"policy {self.name!r}: unknown prefetcher {self.prefetch!r}; one of {known}")
         if self.predictor is not None and self.predictor not in PREDICTORS:
             raise ValueError(f"policy {self.name!r}: unknown predictor {self.predictor!r}; one of {sorted(PREDICTORS)}")
+        if self.misses not in MISSES:
+            raise ValueError(f"policy {self.name!r}: misses={self.misses!r} is unknown; one of {', '.join(MISSES)}")
+        if self.misses != "copy" and self.exact:
+            raise ValueError(f"policy {self.name!r} computes misses on the host, whose sums run in another order: it "
+                             "needs exact=False")
         if self.replace_router and (self.exact or self.predictor is None):
             raise ValueError(f"policy {self.name!r} replaces the router's choice: it needs a predictor and "
                              "exact=False")
@@ -88,7 +98,20 @@ PREDICTIVE = (
            "recorded routing", eviction="belady", predictor="oracle"),
 )
 
-_REGISTRY: dict[str, Policy] = {p.name: p for p in BUILTIN + PREDICTIVE}
+# Host-assisted policies (issue 28): a miss may be computed on the host CPU from the store instead of copied; the
+# host's GEMMs sum in another order than the device's, so none is exact.
+HOST_ASSISTED = (
+    Policy("cpu-moe", "llama.cpp --cpu-moe: the GPU holds the experts the budget allows (from the last layer back), "
+           "fixed; every other expert is computed on the host CPU", misses="host", exact=False),
+    Policy("fiddler", "Fiddler: LRU cache; per miss, copy it or compute it on the host CPU, whichever a cost model "
+           "measured at offload time (PCIe bandwidth, host GEMM time by token count) says is sooner",
+           misses="cost-model", exact=False),
+    Policy("hybrid", "HybriMoE: a layer's misses split between the copy engine and the host CPU so that both finish "
+           "together; the misses with the highest routing score are the ones copied (admitted); LFU eviction",
+           eviction="lfu", misses="split", exact=False),
+)
+
+_REGISTRY: dict[str, Policy] = {p.name: p for p in BUILTIN + PREDICTIVE + HOST_ASSISTED}
 _PLUGINS_LOADED = False
 _BROKEN: dict[str, str] = {}  # entry point name -> why it failed to load (named when that name is asked for)
 

@@ -93,6 +93,13 @@ def test_table_has_every_case_and_marks_failures():
     assert "GPU mem MiB" in table.render([_record(torch_peak_bytes=10)])
 
 
+def test_table_says_where_the_misses_went_when_a_host_assisted_policy_ran():
+    assert "host" not in table.render([_record()]).splitlines()[0]
+    text = table.render([_record(), _record(policy="cpu-moe", miss_rule="host", copied_misses_per_round=0.0,
+                                            host_misses_per_round=12.0)])
+    assert "misses/round copied" in text.splitlines()[0] and "12.0" in text.splitlines()[3]
+
+
 def test_history_append_and_read(tmp_path):
     run = history.make_run([_record(hit_rate=float("nan"))], ["s"], tmp_path)
     assert run["schema"] == history.SCHEMA_VERSION and run["git"]["commit"] is None  # tmp_path: no git

@@ -8,6 +8,8 @@ Every path takes what every router gives, hidden states [T, H], top-k expert ids
 - `GroupedOnHost`: the grouped kernels after one device->host sync that says which experts the call needs.
 - `ResidentOnDevice`: every expert of the layer is resident for good: route on the device, no sync.
 - `FetchedOnDevice` (fetch="device"): the cache's directory on the device finds and fills the misses, no sync.
+- `HostAssisted` (a policy with host misses): the host path above for the resident experts and the misses it
+  copies, while the host CPU computes the other misses from the store (not bit-identical: `paths.host`).
 
 The three grouped paths compute the same rows with the same kernel (`expert_rows`): a tile of rows of one expert,
 its size fixed by the call's token count alone. So a row's sums do not depend on which path served the call, on
@@ -17,6 +19,7 @@ model's bits on the same kernels at every budget.
 
 from .exact import ExactLoop
 from .grouped import GroupedOnHost
+from .host import HostAssisted
 from .on_device import FetchedOnDevice, ResidentOnDevice
 
-__all__ = ["ExactLoop", "FetchedOnDevice", "GroupedOnHost", "ResidentOnDevice"]
+__all__ = ["ExactLoop", "FetchedOnDevice", "GroupedOnHost", "HostAssisted", "ResidentOnDevice"]

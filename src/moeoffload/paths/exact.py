@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..staged import ExpertStages, ordered_sum, padded_blocks, row_quantum, token_ranks
-from .common import host_route, waves
+from .common import Route, host_route, waves
 
 if TYPE_CHECKING:
     from ..layer import ExpertFFN, OffloadedMoELayer
@@ -38,10 +38,12 @@ class ExactLoop:
             self._up_width = up[-1] if stages.transposed else up[0]
             self._out_width = down[-1] if stages.transposed else down[0]
 
-    def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                 route: Route | None = None) -> torch.Tensor:
+        """`route`: the call's `host_route` (eager's order), when the caller routed it already (HostAssisted)."""
         layer = self.layer
         layer.cache.enter_layer(layer.layer_idx)
-        needed, starts, order = host_route(top_k_index, layer.num_experts)
+        needed, starts, order = route if route is not None else host_route(top_k_index, layer.num_experts)
         staged = len(needed) >= STAGED_MIN_EXPERTS and not (torch.is_grad_enabled() and hidden.requires_grad)
         if self.stages is not None and staged:  # (mm(out=), which it writes with, has no autograd)
             return self._staged(hidden, top_k_index, top_k_weights, needed, starts, order)
