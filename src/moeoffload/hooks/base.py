@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import nn
 
+from ..errors import UnsupportedModelError
 from ..layer import ExpertFFN, OffloadedMoELayer
 from ..layout import ExpertLayout
 from ..staged import ExpertStages
 from .ffn import ExpertFFNSpec
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -57,6 +61,46 @@ class ModelHook:
     @property
     def ffn_kind(self) -> str:
         return self.ffn.name if self.ffn is not None else "custom-gate"
+
+
+# torch types `nn.Module.__getattr__` as `Tensor | Module`; these read a transformers module's attribute as the kind
+# the hook needs, and a model that holds something else gets an error naming the attribute instead of one deep in
+# the engine.
+def submodule(module: nn.Module, name: str) -> nn.Module:
+    """`module.<name>`, which must be a submodule."""
+    return _attribute(module, name, nn.Module, "an nn.Module")
+
+
+def tensor(module: nn.Module, name: str) -> torch.Tensor:
+    """`module.<name>`, which must be a tensor (a parameter or a buffer)."""
+    return _attribute(module, name, torch.Tensor, "a tensor")
+
+
+def optional_tensor(module: nn.Module, name: str) -> torch.Tensor | None:
+    """`module.<name>` as a tensor, or None where the module has none (a Linear built with bias=False)."""
+    return tensor(module, name) if getattr(module, name, None) is not None else None
+
+
+def integer(module: nn.Module, name: str) -> int:
+    """`module.<name>`, which must be an int (an expert count)."""
+    return _attribute(module, name, int, "an int")
+
+
+def function(module: nn.Module, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`module.<name>`, which must be callable on a tensor (an activation module or function)."""
+    value = getattr(module, name, None)
+    if not callable(value):
+        raise UnsupportedModelError(f"{type(module).__name__}.{name} is {type(value).__name__}, expected a callable "
+                                    "(an activation); moeoffload supports the layouts transformers builds")
+    return value
+
+
+def _attribute(module: nn.Module, name: str, kind: type[T], what: str) -> T:
+    value = getattr(module, name, None)
+    if not isinstance(value, kind):
+        raise UnsupportedModelError(f"{type(module).__name__}.{name} is {type(value).__name__}, expected {what}; "
+                                    "moeoffload supports the layouts transformers builds")
+    return value
 
 
 def empty_parameter(like: torch.Tensor) -> nn.Parameter:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from .base import integer
 
 PROBE_TOKENS = 4  # enough rows that a float32 and a bf16 sum of two contributions disagree somewhere
 
@@ -72,7 +73,7 @@ def sum_dtype(module: nn.Module, ffn: Callable, names: tuple[str, ...], top_k: i
     dtype, device = weight.dtype, weight.device
     g = torch.Generator(device=device).manual_seed(0)
     hidden = torch.randn(PROBE_TOKENS, hidden_size, generator=g, device=device).to(dtype)
-    num_experts = int(module.num_experts)  # type: ignore[arg-type]  # an int attribute of every experts module
+    num_experts = integer(module, "num_experts")
     index = probe_routing(num_experts, min(top_k, num_experts), device)
     gates = torch.rand(index.shape, generator=g, device=device)
     candidates = list(dict.fromkeys((dtype, torch.float32)))
