@@ -20,6 +20,7 @@ import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +109,7 @@ class ExpertFlowPredictor:
     """
 
     name = "expertflow"
+    runahead_class: ClassVar[type]  # ExpertFlowRunAhead, set below it
 
     def __init__(self, net: RoutingPathNet, transition: dict[int, torch.Tensor] | None = None,
                  info: dict | None = None):
@@ -173,7 +175,7 @@ class ExpertFlowPredictor:
         router really chose at the layer before (`routed` [T, k]); other tokens keep their prediction. None when
         nothing is known about this layer."""
         layers, log_probs = self._log_probs.get(stack, (None, None))
-        if layers is None or layer_idx not in layers or layer_idx not in self.transition:
+        if layers is None or log_probs is None or layer_idx not in layers or layer_idx not in self.transition:
             return None
         scores = log_probs[layers.index(layer_idx)]
         if scores.shape[0] != routed.shape[0]:
@@ -216,7 +218,7 @@ class ExpertFlowPredictor:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        return cls(inference_only(net), transitions(trace), dict(info))
+        return cls(cast(RoutingPathNet, inference_only(net)), transitions(trace), dict(info))
 
     def to(self, device: str | torch.device) -> ExpertFlowPredictor:
         self.net.to(device)
@@ -306,6 +308,7 @@ class ExpertFlowRunAhead(RunAhead):
             raise ValueError("ExpertFlow corrects its cache from the router's choice; it never replaces the router")
         predictor.to(cache.device)  # the path net runs beside the model, on its side stream
         super().__init__(predictor, cache, hook, model, replace_router=False, prefetch=prefetch)
+        self.paths = predictor  # the predictor as ExpertFlow's own type: its last calls and its correction
         self.correction = CorrectionStats()
         self.num_layers = len(hook.layers)
         # per served batch (a new sequence batch of the first stack), bool [B, layers, E]: the experts each
@@ -328,7 +331,7 @@ class ExpertFlowRunAhead(RunAhead):
 
     def _record(self, layer_idx: int, routed: torch.Tensor) -> None:
         s, pos = self.stack_of[layer_idx], self.position[layer_idx]
-        rows, new = self.predictor.last_call.get(s, (0, False))
+        rows, new = self.paths.last_call.get(s, (0, False))
         if s == 0 and pos == 0 and new and rows:
             self.batch_routes.append(torch.zeros(rows, self.num_layers, self.num_experts + 1, dtype=torch.bool,
                                                  device=routed.device))
@@ -345,8 +348,10 @@ class ExpertFlowRunAhead(RunAhead):
         pos = self.position[layer_idx]
         pred = self.prediction.get(s)
         needed = self.needed(s)
-        row = pred.row(layer_idx) if pred is not None else None
-        if needed is None or row is None or pred.top_k_ids.shape[1] != routed.shape[0]:
+        if pred is None or needed is None:
+            return
+        row = pred.row(layer_idx)
+        if row is None or pred.top_k_ids.shape[1] != routed.shape[0]:
             return
         E = self.num_experts
         predicted = set(needed[pos])
@@ -366,7 +371,7 @@ class ExpertFlowRunAhead(RunAhead):
         nxt = layers[pos + 1]
         guess = pred.top_k_ids[row].to(routed.device)
         wrong = _per_token_mismatch(guess, routed, E)
-        fixed = self.predictor.correct(s, nxt, routed, wrong)
+        fixed = self.paths.correct(s, nxt, routed, wrong)
         if fixed is None:
             return
         c.corrected_tokens += int(wrong.sum())
