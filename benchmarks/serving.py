@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from mixtral_e2e import pinned_bandwidth  # benchmarks/mixtral_e2e.py, beside this script
 
 import moeoffload
 from moebench.throughput import ThroughputWorkload, run_workload
@@ -45,23 +46,6 @@ def build(args):
         return tiny_mixtral(seed=args.seed, layers=4), "synthetic (tests' tiny Mixtral)"
     model, source = load_model(args.model, dtype=args.dtype, layers=args.layers, seed=args.seed)
     return model, f"{source.kind}: {source}"
-
-
-def pinned_bandwidth(handle) -> float | None:
-    """Bytes/s of one expert's pinned host-to-device copy (median of 7), on CUDA; None elsewhere."""
-    if handle.device.type != "cuda":
-        return None
-    src = handle.store.buffer((0, 0))
-    dst = torch.empty_like(src, device=handle.device)
-    times = []
-    for _ in range(7):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src, non_blocking=True)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return src.numel() * src.element_size() / sorted(times)[len(times) // 2]
 
 
 def train_predictor(model, args):
@@ -114,7 +98,8 @@ def main() -> None:
     for policy, scheduler in ROWS:
         kw = {"predictor": predictor} if policy == "expertflow" else {}
         with moeoffload.offload(model, policy, args.budget, device=args.device, **kw) as handle:
-            bandwidth = pinned_bandwidth(handle)
+            bandwidth = pinned_bandwidth(handle.store, handle.device)
+            bandwidth = None if bandwidth != bandwidth else bandwidth  # nan off CUDA
             rows.append(run_workload(model, workload, scheduler=scheduler, h2d_bandwidth=bandwidth))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
     out = Path(args.out)
