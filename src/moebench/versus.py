@@ -98,10 +98,10 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import _load_side, _runs
+    from .sides import load_side, read_runs
 
-    runs = _runs(args)
-    a, b = _load_side(runs, args.a), _load_side(runs, args.b)
+    runs = read_runs(args.history)
+    a, b = load_side(runs, args.a), load_side(runs, args.b)
     rows = judge(a.get("records", []), b.get("records", []), args.policy, args.threshold)
     if not rows:
         print("no case to judge: every policy of B is stored in A (name one with --policy)", file=sys.stderr)
