@@ -217,8 +217,8 @@ def _materialize(model: nn.Module, dtype: torch.dtype, device: torch.device, see
                leave=False)
     done: dict[int, nn.Parameter] = {}
     # Blocks of several parameters are drawn at once: a Switch expert matrix is a single block, so drawing parameter
-    # by parameter kept one thread busy (switch-base-256's build took 136 s on a 16-core host of an H100 80GB HBM3). A window
-    # of drawn-but-unplaced tensors bounds the extra host memory.
+    # by parameter kept one thread busy (switch-base-256's build took 136 s on the 16-core host of an H100 80GB
+    # HBM3). A window of drawn-but-unplaced tensors bounds the extra host memory.
     pending: deque[tuple[nn.Module, str, nn.Parameter, torch.Tensor, list[Future]]] = deque()
     pending_ids: set[int] = set()
     pending_bytes = 0
