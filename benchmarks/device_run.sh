@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on the lent GPU machine: GPU tests, expert-load bandwidth, and the Switch suite at published size.
+# One run on a GPU machine: GPU tests, expert-load bandwidth, and the Switch suite at published size.
 # Usage (from the repository root, package not installed there): OUT=/some/dir bash benchmarks/device_run.sh
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One device call that runs several named steps, each under its own time limit, and brings back few files (the
-# device tool returns at most 8): every step's full output goes into $OUT/results.tar.gz; summary.txt has the
-# closing lines of each step.
+# One command on a GPU machine that runs several named steps, each under its own time limit, and leaves few files
+# (for a runner that returns only a handful): every step's full output goes into $OUT/results.tar.gz; summary.txt
+# has the closing lines of each step.
 #
 #   OUT=/some/dir STEPS="gpu_tests expertflow predictors" bash benchmarks/device_session.sh
 #
@@ -14,7 +14,7 @@
 # AB_ROUNDS, AB_CASE, AB_GRAIN=round|step), abk_<name> (moebench ab --processes AB_PROCESSES, resumed from AB_STATE
 # until the call's DEADLINE_S).
 # Runs from a bare checkout (the package need not be installed): PYTHONPATH=src. A copy of the tree whose .git is
-# stale (the device tool's) records a wrong commit: pass the real one, MOEBENCH_COMMIT=<hash> (moebench.fingerprint).
+# stale records a wrong commit: pass the real one, MOEBENCH_COMMIT=<hash> (moebench.fingerprint).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -98,7 +98,7 @@ for step in $STEPS; do
       run_step grouped_width "${GROUPED_WIDTH_LIMIT_S:-90}" -- python3 benchmarks/grouped_width.py --out "$work/grouped_width" ;;
     store)  # pinned bytes and copy rate of the per-layer registered slabs (benchmarks/store_pinning.py)
       run_step store "${STORE_LIMIT_S:-150}" -- python3 benchmarks/store_pinning.py --out "$work/store" ;;
-    machine)  # CPU quota and throttling of this VM (a guess at the two speeds of the fifth set)
+    machine)  # CPU quota and throttling of this VM (a guess at the two speeds in results/h100-2026-11-23e)
       run_step machine 30 -- bash -c 'for f in /sys/fs/cgroup/cpu.max /sys/fs/cgroup/cpu.stat /sys/fs/cgroup/cpu.weight \
         /proc/pressure/cpu; do echo "## $f"; cat "$f" 2>&1; done; nproc; grep -m1 "model name" /proc/cpuinfo;
         cat /sys/devices/system/clocksource/clocksource0/current_clocksource 2>&1' ;;

@@ -1,14 +1,14 @@
 """What did fetch="device"'s grouped GEMM over the whole pool cost, against a launch over the routed slots only?
 
-fetch="device" never tells the host which slots a layer's experts sit in. Its first FFN ("grouped-mm",
-`layer.DEVICE_FETCH_FFNS`) ran torch's grouped GEMM over every slot of the pool, empty groups included: at a 75% budget
+fetch="device" never tells the host which slots a layer's experts sit in. Its first FFN ("grouped-mm", since removed)
+ran torch's grouped GEMM over every slot of the pool, empty groups included: at a 75% budget
 of Mixtral-8x7B that is 192 groups for the 2 (batch 1) to 16 that have rows. This times
 `kernels.grouped_ffn_by_offsets` at Mixtral's expert size over pools of several widths with the same routed rows,
 beside the host path's Triton kernel over host-made groups (`kernels.grouped_ffn`), the "tiles" FFN
 (`kernels.grouped_ffn_by_tiles`, the same kernel over a tile table the routing kernel builds on the device) and the
-HBM floor (the active experts' bytes over a device-to-device copy's rate measured in the same run). On the lent H100
-the width cost torch's GEMM little, and "tiles" was the fastest at every width (RESULTS.md, fifteenth set), so it is
-now fetch="device"'s FFN.
+HBM floor (the active experts' bytes over a device-to-device copy's rate measured in the same run). On an H100 80GB
+HBM3 the width cost torch's GEMM little, and "tiles" was the fastest at every width (benchmarks/RESULTS.md,
+results/h100-2026-12-07), so it became the FFN of every grouped path (`moeoffload.paths`).
 
     PYTHONPATH=src python benchmarks/grouped_width.py --out $OUT/grouped_width
 """
@@ -84,7 +84,7 @@ def main() -> None:
             ms = timed(args.reps, kernels.grouped_ffn_by_offsets, spec, x, window, offs, weights)
             got = kernels.grouped_ffn_by_offsets(spec, x, window, offs, weights)  # the same rows as the groups'
             rel = float((got.float() - y.float()).abs().max() / y.float().abs().max())
-            # fetch="device" with DEVICE_FETCH_FFN="tiles": the routing kernel's tile table (built once here, as
+            # the grouped paths' FFN: the routing kernel's tile table (built once here, as
             # by-offsets' offsets are), then the Triton FFN over the routed slots only
             slot_of_id = kernels.slot_lookup(torch.tensor(slot_list, dtype=torch.int32, device="cuda"), width)
             ends = torch.arange(1, width + 1, dtype=torch.int32, device="cuda")

@@ -12,7 +12,7 @@ through ``compare_many``, which shares ``compare``'s statistics and decision rul
 resampled from the measured residuals within runs: what the per-round rule does when runs differ, at any n.
 
 ``--noise-from HISTORY --blocks`` resamples the measured rounds themselves in blocks of consecutive rounds (the
-lent machine's slow spells kept), on raw and on machine-normalized tokens/s (``moebench.probe``): the noise "like that
+machine's slow spells kept), on raw and on machine-normalized tokens/s (``moebench.probe``): the noise "like that
 measured on the device" with nothing assumed about its shape.
 
 ``--pairs-from AB_DIR [AB_DIR ...]`` takes the noise from MEASURED round pairs: the rounds of an interleaved A/A run

@@ -3,14 +3,14 @@
 Two pytest processes run the same suite selection, one per side: two source trees (commits, checked out as git
 worktrees) or one tree with different options (`--b-args=--moebench-inject-delay=5%`). A `turns.Referee` lets them
 run one decode step (or round) at a time, alternating, so round i of A and round i of B share the machine's state of
-that moment: each pair's ratio is free of the lent H100's slow spells of seconds to minutes.
+that moment: each pair's ratio is free of a shared machine's slow spells of seconds to minutes.
 
-What pairing cannot cancel is the speed offset each process keeps for its whole run (4.0% log s.d. over 27 A/A process
-pairs on the lent H100, eighth set). So the run is repeated over K process pairs (`--processes`, default 24, one after
-another, `--rounds` rounds a side in each, under `OUT/p1` ... `OUT/pK`; which side takes the first turn alternates),
-and the verdict tests the K process pairs' shifts against their own spread (`stats.compare_paired_groups`).
-`--processes 1` runs one pair and tests its rounds (`stats.compare_paired`): right only on a machine without such
-offsets.
+What pairing cannot cancel is the speed offset each process keeps for its whole run (a log s.d. of several percent
+between A/A process pairs on a shared H100: benchmarks/results/h100-2026-11-24/ab_offsets.txt). So the run is
+repeated over K process pairs (`--processes`, default 24, one after another, `--rounds` rounds a side in each, under
+`OUT/p1` ... `OUT/pK`; which side takes the first turn alternates), and the verdict tests the K process pairs'
+shifts against their own spread (`stats.compare_paired_groups`). `--processes 1` runs one pair and tests its rounds
+(`stats.compare_paired`): right only on a machine without such offsets.
 
 Each side writes its own history under `pK/a` and `pK/b` (the normal records, so `moebench history --dir OUT/p1/a`
 and the reports read them); the comparison goes to `OUT/ab.json` and a table on stdout. Exit status: 0 when no
@@ -38,16 +38,15 @@ from typing import Any
 
 from .turns import GRAINS, SIDES, Referee
 
-# Each process keeps a speed offset of its own for its whole run: over 27 A/A process pairs on the lent H100 it had a
-# log s.d. of 4.0% (2.2% and 6.6% in two runs of 12; benchmarks/RESULTS.md, eighth set). Pairing rounds cannot cancel
-# it, so one process pair's verdict then gives false alarms in ~28% of simulated comparisons; a verdict over K process
-# pairs holds its 1% (stats.compare_paired_groups), and resampling the measured pairs with that offset flags a 5%
-# slowdown in >= 95% of comparisons at 24 process pairs of 10 rounds (96.2%, 0.5% false alarms; 72% at 12 x 20).
+# Each process keeps a speed offset of its own for its whole run, which pairing rounds cannot cancel: one process
+# pair's verdict then gives false alarms far above its 1%. A verdict over K process pairs holds its level
+# (stats.compare_paired_groups); resampling measured A/A pairs with the measured offset, 24 process pairs of 10 rounds
+# flag a 5% slowdown in >= 95% of comparisons (benchmarks/results/h100-2026-11-24/stats_power_default.txt).
 DEFAULT_GRAIN = "step"
 DEFAULT_PROCESSES = 24
 DEFAULT_GROUP_ROUNDS = 10  # rounds a side in each process pair, with --processes >= 3
-# At step grain the A/A pairs spread by 12-13% (19% at round grain): 120 pairs flag a 5% change in >= 98% of
-# comparisons with <= 0.5% false alarms when there is no process offset (stats.pairs_needed(0.128) = 117; seventh set)
+# With no process offset, the A/A pairs' spread at step grain needs about 120 pairs to flag a 5% change with <= 1%
+# false alarms (stats.pairs_needed; benchmarks/results/h100-2026-11-23g/stats_power_pairs_step_all.txt)
 DEFAULT_PAIRS = 120  # rounds a side with --processes 1
 PAIRED_METRICS = ("throughput", "latency")
 RUN_FILE = "ab-run.json"  # a --processes run's settings: --resume goes on only with the same ones
@@ -339,6 +338,44 @@ def _fmt(value, spec: str = ".2f") -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    limits = _check_args(args)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    folders = [out] if args.processes == 1 else [out / f"p{k}" for k in range(1, args.processes + 1)]
+    settings = {"a": args.a, "b": args.b, "a_args": args.a_args or "", "b_args": args.b_args or "",
+                "rounds": args.rounds, "grain": args.grain, "fail": limits, "pytest_args": list(args.pytest_args)}
+    if args.resume:
+        kept = resume(out, folders, settings)  # the process pairs an earlier call finished
+    else:
+        _refuse_earlier_run(folders)
+        kept = {}
+        if args.processes > 1:
+            (out / RUN_FILE).write_text(json.dumps(settings, indent=2))
+    extra = {"a": shlex.split(args.a_args or ""), "b": shlex.split(args.b_args or "")}
+    t0 = time.perf_counter()
+    pairs, stopped = _run_pairs(args, out, folders, kept, extra)
+    header = {"a": {"spec": args.a, "args": extra["a"]}, "b": {"spec": args.b, "args": extra["b"]},
+              "pytest_args": args.pytest_args, "rounds": args.rounds, "grain": args.grain, "limits": limits}
+    if args.processes == 1:
+        rows, pair_runs, problems, result, turns = _one_pair_outcome(pairs[0], header, limits)
+        wall_s = result["wall_s"]
+    else:
+        rows, pair_runs, problems, result, turns = _process_pairs_outcome(pairs, folders, header, limits,
+                                                                           args.processes)
+        wall_s = time.perf_counter() - t0
+    if any(p["result"]["interrupted"] for p in pairs):  # the cases both sides finished are still compared and shown
+        problems.append(f"interrupted (Ctrl-C or --timeout) after {turns} turns: a case in progress stores no "
+                        "record; give the run more time or fewer rounds"
+                        + ("; --resume runs the unfinished process pairs" if args.processes > 1 else ""))
+    if stopped:
+        problems.append(stopped)
+    report = {**header, "rows": rows, "problems": problems, **result}
+    (out / "ab.json").write_text(json.dumps(report, indent=2, default=str))
+    return _conclude(out, rows, pair_runs, pairs, problems, wall_s)
+
+
+def _check_args(args: argparse.Namespace) -> dict[str, float]:
+    """Check the options and fill in the defaults that depend on others; returns the paired metrics' limits."""
     from .baseline import parse_limits
 
     limits = {k: v for k, v in parse_limits(args.fail).items() if k in PAIRED_METRICS}
@@ -353,36 +390,33 @@ def main(args: argparse.Namespace) -> int:
                       f"{default_rounds}")
     if args.processes == 1:
         print("moebench ab: one process pair: its verdict does not cover the speed offset each process keeps for its "
-              "whole run (about 4% on the lent H100, where it gave ~28% false alarms in simulation); drop "
-              "--processes 1 for a verdict that does", file=sys.stderr)
+              "whole run (on a shared GPU that raises its false alarms far above 1%); drop --processes 1 for a "
+              "verdict that does", file=sys.stderr)
     if args.out is None:
         from .history import new_run_id
 
         args.out = os.path.join(".moebench", "ab", new_run_id())
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    folders = [out] if args.processes == 1 else [out / f"p{k}" for k in range(1, args.processes + 1)]
-    settings = {"a": args.a, "b": args.b, "a_args": args.a_args or "", "b_args": args.b_args or "",
-                "rounds": args.rounds, "grain": args.grain, "fail": limits, "pytest_args": list(args.pytest_args)}
-    kept: dict[int, dict] = {}  # --resume: the process pairs an earlier call finished
-    if args.resume:
-        kept = resume(out, folders, settings)
-    else:
-        for folder in folders:
-            for side in SIDES:
-                hist = folder / side / "history.jsonl"
-                if hist.exists():
-                    raise ABError(f"{hist} exists from an earlier A/B run; pick a fresh --out so the sides' runs are "
-                                  "not mixed (or go on with an unfinished --processes run: --resume)")
-        if args.processes > 1:
-            (out / RUN_FILE).write_text(json.dumps(settings, indent=2))
+    return limits
+
+
+def _refuse_earlier_run(folders: list[Path]) -> None:
+    for folder in folders:
+        for side in SIDES:
+            hist = folder / side / "history.jsonl"
+            if hist.exists():
+                raise ABError(f"{hist} exists from an earlier A/B run; pick a fresh --out so the sides' runs are "
+                              "not mixed (or go on with an unfinished --processes run: --resume)")
+
+
+def _run_pairs(args: argparse.Namespace, out: Path, folders: list[Path], kept: dict[int, dict],
+               extra: dict[str, list[str]]) -> tuple[list[dict], str | None]:
+    """Run the process pairs not `kept`, one after another, in the sides' trees (git refs checked out as worktrees
+    for the run); returns every pair's outcome and, when --timeout stopped the run early, why."""
     repo = Path(subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True).stdout.strip()
                 or ".").resolve()
     specs = {"a": args.a, "b": args.b}
-    extra = {"a": shlex.split(args.a_args or ""), "b": shlex.split(args.b_args or "")}
     trees, worktrees = {}, []
     pairs: list[dict] = []  # per process pair: run_sides' result, its problems and stored runs
-    stopped = None  # why a --processes run stopped before its last process pair, when --timeout made it
     t0 = time.perf_counter()
     try:
         for side in SIDES:  # once: every process pair runs the same trees
@@ -400,55 +434,62 @@ def main(args: argparse.Namespace) -> int:
                 continue
             left = None if args.timeout is None else args.timeout - (time.perf_counter() - t0)
             if left is not None and walls and left < max(walls):
-                stopped = f"--timeout: {len(pairs)} of {len(folders)} process pairs done, and the next would not " \
-                          f"finish in the {left:.0f} s left; run the same command with --resume to go on"
-                break
-            if len(folders) > 1:
-                folder.mkdir(exist_ok=True)
-                print(f"moebench ab: process pair {k + 1} of {len(folders)}", file=sys.stderr)
-            commands = {s: side_command(args.rounds, folder / s, extra[s], args.pytest_args) for s in SIDES}
-            result = run_sides(trees, commands, folder, timeout_s=left, progress=not args.no_progress,
-                               grain=args.grain, first=SIDES[k % 2])  # alternate which side starts first
-            pairs.append({"result": result, **_pair_outcome(result, trees, folder)})
-            walls.append(result["wall_s"])
-            if len(folders) > 1:
-                (folder / PAIR_FILE).write_text(json.dumps({k: pairs[-1][k] for k in ("result", "problems")},
-                                                           indent=2, default=str))
-            if pairs[-1]["problems"] or result["interrupted"]:
+                return pairs, (f"--timeout: {len(pairs)} of {len(folders)} process pairs done, and the next would not "
+                               f"finish in the {left:.0f} s left; run the same command with --resume to go on")
+            pairs.append(_run_pair(args, trees, folder, k, len(folders), left, extra))
+            walls.append(pairs[-1]["result"]["wall_s"])
+            if pairs[-1]["problems"] or pairs[-1]["result"]["interrupted"]:
                 break
     finally:
         for wt in worktrees:
             subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", wt], capture_output=True)
-    header = {"a": {"spec": specs["a"], "args": extra["a"]}, "b": {"spec": specs["b"], "args": extra["b"]},
-              "pytest_args": args.pytest_args, "rounds": args.rounds, "grain": args.grain, "limits": limits}
-    if args.processes == 1:
-        (pair,) = pairs
-        result, problems, (run_a, run_b) = pair["result"], pair["problems"], pair["runs"]
-        rows = compare_sides(run_a, run_b, limits) if not problems and run_a and run_b else []
-        pair_runs = [(run_a, run_b)]
-        for side, run in (("a", run_a), ("b", run_b)):
-            header[side]["commit"] = (run or {}).get("git")
-        wall_s, turns = result["wall_s"], result["turns"]
-    else:
-        each_rows = [compare_sides(p["runs"][0], p["runs"][1], limits) if all(p["runs"]) else [] for p in pairs]
-        pair_runs = [p["runs"] for p in pairs if all(p["runs"])]
-        rows = combine_process_pairs(pair_runs, limits, [r for p, r in zip(pairs, each_rows) if all(p["runs"])]) \
-            if pair_runs else []
-        problems = [f"process pair {k + 1}: {msg}" for k, p in enumerate(pairs) for msg in p["problems"]]
-        for side in SIDES:
-            header[side]["commit"] = next((p["runs"][SIDES.index(side)] or {} for p in pairs), {}).get("git")
-        result = {"processes": args.processes, "process_pairs": [  # each pair's grant log stays in its pair.json
-            {"folder": str(folders[k]), **{n: v for n, v in p["result"].items() if n != "grants"},
-             "rows": each_rows[k]} for k, p in enumerate(pairs)]}
-        wall_s, turns = time.perf_counter() - t0, sum(p["result"]["turns"] for p in pairs)
-    if any(p["result"]["interrupted"] for p in pairs):  # the cases both sides finished are still compared and shown
-        problems.append(f"interrupted (Ctrl-C or --timeout) after {turns} turns: a case in progress stores no "
-                        "record; give the run more time or fewer rounds"
-                        + ("; --resume runs the unfinished process pairs" if args.processes > 1 else ""))
-    if stopped:
-        problems.append(stopped)
-    report = {**header, "rows": rows, "problems": problems, **result}
-    (out / "ab.json").write_text(json.dumps(report, indent=2, default=str))
+    return pairs, None
+
+
+def _run_pair(args: argparse.Namespace, trees: dict[str, Path], folder: Path, k: int, n: int, left: float | None,
+              extra: dict[str, list[str]]) -> dict:
+    """Process pair k of n: both sides under one referee; with several pairs its outcome also goes to its folder."""
+    if n > 1:
+        folder.mkdir(exist_ok=True)
+        print(f"moebench ab: process pair {k + 1} of {n}", file=sys.stderr)
+    commands = {s: side_command(args.rounds, folder / s, extra[s], args.pytest_args) for s in SIDES}
+    result = run_sides(trees, commands, folder, timeout_s=left, progress=not args.no_progress,
+                       grain=args.grain, first=SIDES[k % 2])  # alternate which side starts first
+    pair = {"result": result, **_pair_outcome(result, trees, folder)}
+    if n > 1:
+        (folder / PAIR_FILE).write_text(json.dumps({key: pair[key] for key in ("result", "problems")}, indent=2,
+                                                   default=str))
+    return pair
+
+
+def _one_pair_outcome(pair: dict, header: dict, limits: dict[str, float]):
+    """--processes 1: the rows of its round pairs, its problems, its result and its turns."""
+    result, problems, (run_a, run_b) = pair["result"], pair["problems"], pair["runs"]
+    rows = compare_sides(run_a, run_b, limits) if not problems and run_a and run_b else []
+    for side, run in (("a", run_a), ("b", run_b)):
+        header[side]["commit"] = (run or {}).get("git")
+    return rows, [(run_a, run_b)], problems, result, result["turns"]
+
+
+def _process_pairs_outcome(pairs: list[dict], folders: list[Path], header: dict, limits: dict[str, float],
+                           processes: int):
+    """--processes K: the rows over the process pairs, every pair's problems, the per-pair results and the turns."""
+    each_rows = [compare_sides(p["runs"][0], p["runs"][1], limits) if all(p["runs"]) else [] for p in pairs]
+    pair_runs = [p["runs"] for p in pairs if all(p["runs"])]
+    rows = combine_process_pairs(pair_runs, limits, [r for p, r in zip(pairs, each_rows) if all(p["runs"])]) \
+        if pair_runs else []
+    problems = [f"process pair {k + 1}: {msg}" for k, p in enumerate(pairs) for msg in p["problems"]]
+    for side in SIDES:
+        header[side]["commit"] = next((p["runs"][SIDES.index(side)] or {} for p in pairs), {}).get("git")
+    result = {"processes": processes, "process_pairs": [  # each pair's grant log stays in its pair.json
+        {"folder": str(folders[k]), **{n: v for n, v in p["result"].items() if n != "grants"},
+         "rows": each_rows[k]} for k, p in enumerate(pairs)]}
+    return rows, pair_runs, problems, result, sum(p["result"]["turns"] for p in pairs)
+
+
+def _conclude(out: Path, rows: list[dict], pair_runs: list, pairs: list[dict], problems: list[str],
+              wall_s: float) -> int:
+    """Print the table, the plot's path and the verdicts; the exit status (0 unchanged, 1 regressed, 2 unusable)."""
     if rows:
         print(render(rows))
         plotted = plot_pairs(pair_runs, rows, out / "ab.png")
@@ -547,7 +588,7 @@ def add_parser(sub) -> None:
     p.add_argument("--grain", choices=GRAINS, default=DEFAULT_GRAIN,
                    help=f"step: the sides alternate decode steps, so a pair's rounds interleave ~30 ms apart; round: "
                         f"they alternate whole rounds, ~1 s apart, and the pairs spread more (19%% against 13%% on "
-                        f"the H100; default {DEFAULT_GRAIN})")
+                        f"an H100; default {DEFAULT_GRAIN})")
     p.add_argument("--timeout", type=float, default=None,
                    help="kill both sides after this many seconds (over all process pairs; with --processes, a pair "
                         "is started only if the longest one so far fits in the time left)")

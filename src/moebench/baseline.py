@@ -8,7 +8,8 @@ a file that does not read as a baseline.
 Verdicts: timed metrics (throughput, latency) go through `moebench.stats.compare` on the per-round samples, so a case
 is "regressed" only when the change is statistically significant AND beyond its limit; deterministic ones (GPU
 memory, bytes copied) are compared directly against their limit. A baseline case is compared only with a run case of
-the same tier, dtype, workload and device (cpu or cuda, and the same GPU model); any other pair is "not comparable",
+the same tier, dtype, weights (checkpoint, trained, synthetic or synthetic calibrated), workload and device (cpu or
+cuda, and the same GPU model); any other pair is "not comparable",
 with the reason, and never fails the run.
 """
 
@@ -50,7 +51,7 @@ class Metric:
     value: Callable[[dict], float | None]  # record -> float | None (the figure shown, and compared when deterministic)
     label: str
     #: the same samples in units of the machine-speed probe (`moebench.probe`); compared instead when both sides
-    #: have them, so that the lent machine's drift between the two runs cancels
+    #: have them, so that the machine's drift between the two runs cancels
     normalized_key: str | None = None
 
 
@@ -292,14 +293,27 @@ def _same(a, b) -> bool:
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
+def weights_class(record: dict) -> str | None:
+    """What kind of weights a record ran on: "checkpoint", "trained", "synthetic" (seeded uniform) or
+    "synthetic calibrated" (moebench.zoo.calibrate); None for a record without the field. Paths and seeds are left
+    out: the same checkpoint lies at other paths on other machines."""
+    text = record.get("weights")
+    if not text:
+        return None
+    kind = str(text).split("(", 1)[0].split(":", 1)[0]
+    return f"{kind} calibrated" if kind == "synthetic" and "routing=calibrated" in str(text) else kind
+
+
 def comparability(base: dict, cur: dict, base_machine: dict | None = None,
                   cur_machine: dict | None = None) -> tuple[list[str], str]:
     """([differing fields], reason); no fields when the two cases may be compared. A field missing on either side
     (an older record, an unknown machine) is not held against the pair."""
     fields: list[str] = []
     described: dict[str, list[str]] = {"base": [], "cur": []}
-    for key in ("tier", "dtype", "interleaved", "kernels", "fetch"):
+    for key in ("tier", "dtype", "interleaved", "kernels", "fetch", "weights"):
         b, c = base.get(key), cur.get(key)
+        if key == "weights":  # routing differs between weight sources, so hit rates and speed do too
+            b, c = weights_class(base), weights_class(cur)
         if key == "interleaved":  # rounds timed step by step beside another process (moebench ab --grain step)
             b, c = ("step" if v == "step" else "none" for v in (b, c))  # are not timed like a plain run's
         if key == "kernels":  # records before the field all ran the exact loop, once called "loop"

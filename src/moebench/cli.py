@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from .sides import load_side, read_runs
+
 DEFAULT_HISTORY = ".moebench"
 
 
@@ -28,12 +30,7 @@ def _policies(args: argparse.Namespace) -> int:
 
 
 def _runs(args: argparse.Namespace) -> list[dict]:
-    from .history import read_history
-
-    runs, problems = read_history(args.history)
-    for p in problems:
-        print(f"warning: {p}", file=sys.stderr)
-    return runs
+    return read_runs(args.history)
 
 
 def _history(args: argparse.Namespace) -> int:
@@ -87,18 +84,6 @@ def _baseline_update(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_side(runs: list[dict], ref: str) -> dict:
-    """A run from the history, or a baseline file turned into a run-shaped dict."""
-    from . import baseline as bl
-    from .history import find_run
-
-    if ref.endswith(".json") and Path(ref).exists():
-        b = bl.load(ref)
-        return {"run_id": ref, "suites": [b["suite"]], "records": list(b["cases"].values()), "git": b.get("git"),
-                "machine": b.get("machine"), "timestamp": b.get("created")}
-    return find_run(runs, ref)
-
-
 def _compare(args: argparse.Namespace) -> int:
     from . import baseline as bl
     from .history import format_run_header
@@ -106,7 +91,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     limits = bl.parse_limits(args.fail)
     runs = _runs(args)
-    a, b = _load_side(runs, args.a), _load_side(runs, args.b)
+    a, b = load_side(runs, args.a), load_side(runs, args.b)
     base_cases = {r.get("case"): r for r in a.get("records", [])}
     records = [dict(r) for r in b.get("records", [])]
     comparisons = bl.compare_records(base_cases, records, limits, base_machine=a.get("machine"),
@@ -203,8 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .ab import add_parser as add_ab_parser
     from .predictor_cmd import add_parser as add_predictor_parser
+    from .routing_cmd import add_parser as add_routing_parser
+    from .versus import add_parser as add_versus_parser
 
     add_ab_parser(sub)
+    add_routing_parser(sub)
+    add_versus_parser(sub)
 
     add_predictor_parser(sub)
     return parser

@@ -2,7 +2,7 @@
 
 `data/kjv/kjv.tsv.xz` holds one verse a line, `reference<TAB>text`. The split is by chapter: every
 `HELDOUT_EVERY`-th chapter (counted through the whole book, from 0) is held out, so held-out text is whole chapters
-the model never saw, spread over every part of the Bible rather than one book. A second set of chapters
+the model never saw, spread over every part of the Bible rather than one book. Another group of chapters
 (`VALIDATION_OFFSET`) is also kept out of training: the trainer picks its checkpoint on it, never on held-out
 text. The same file gives the same split.
 """

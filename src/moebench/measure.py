@@ -1,9 +1,10 @@
 """Run one benchmark case and check it: plain functions and a session object, usable without pytest.
 
-A `Session` builds each model once and runs the reference (policy `resident`, budget `all`) once per model; every
-case is then measured against that reference. The model is offloaded once and each case switches its policy and
-budget (`OffloadedModel.switch`): the experts cross the host once per model, not once per case (at published size
-that copy took about a minute a case). Records are plain dicts (JSON-ready) for the table and history.
+A `Session` builds each model once and runs the reference (policy `resident`, budget `all`) once per model, on the
+same kernels as every case: an exact policy's tokens must equal it bit for bit, and off the exact loop the reference
+itself is compared with the exact loop (`eager_agreement`, `eager_kl`). The model is offloaded once and each case
+switches its policy and budget (`OffloadedModel.switch`): the experts cross the host once per model, not once per
+case (at published size that copy takes about a minute). Records are plain dicts (JSON-ready) for the table and history.
 """
 
 from __future__ import annotations
@@ -11,12 +12,16 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeGuard
 
 from . import accuracy
+from .engine import engine_options, resolved
 from .probe import PROBE_PARTS, normalized
 from .suite import REFERENCE_BUDGET, REFERENCE_POLICY, Case, Suite
 from .workload import TokenClock, find_tokenizer, generate, load_task, percentile, phase_metrics, serve_arrivals
+
+if TYPE_CHECKING:
+    from moeoffload.errors import PolicyContractError
 
 MEMORY_SLACK = 0.05  # relative slack on the activation allowance
 TRAIN_SEED_OFFSET = 7919  # predictors train on prompts of another seed than the measured ones
@@ -85,6 +90,48 @@ class Reference:
 
 
 @dataclass
+class TimedRounds:
+    """What the timed rounds of one case measured (`Session._timed_rounds`)."""
+
+    totals: list[float] = field(default_factory=list)  # seconds per round
+    round_steps: list[list[float]] = field(default_factory=list)  # seconds per step, per round
+    probes: list = field(default_factory=list)  # probe.ProbeTiming: one before each round and one after the last
+    tokens: list = field(default_factory=list)  # per round, on the CPU
+    logits: list = field(default_factory=list)
+    nvml_peak: int | None = None
+
+    def add(self, total: float, steps: list[float], tokens, logits) -> None:
+        self.totals.append(total)
+        self.round_steps.append(steps)
+        self.tokens.append(tokens)
+        self.logits.append(logits)
+
+    @property
+    def steps(self) -> list[float]:
+        return [s for steps in self.round_steps for s in steps]
+
+    def samples(self, tokens_per_round: int) -> dict:
+        """One entry per timed round: what the regression statistics (moebench.stats) compare."""
+        per_round = [tokens_per_round / t for t in self.totals]
+        round_p50 = [percentile(steps, 50) * 1e3 for steps in self.round_steps]
+        probe_totals = [p.total for p in self.probes]
+        return {"tokens_per_s": per_round,
+                # machine-normalized throughput (tokens per probe-time): what throughput verdicts compare
+                "tokens_per_probe": normalized(per_round, probe_totals),
+                "p50_per_probe": normalized(round_p50, probe_totals, per_time=False),
+                "round_s": self.totals, "p50_ms": round_p50,
+                "probe": {k: [p.as_dict()[k] for p in self.probes] for k in PROBE_PARTS}}
+
+
+class Measured(NamedTuple):
+    record: dict
+    tokens: Any  # [rounds x batch, new_tokens], arrival order
+    logits: Any
+    torch_peak: int | None  # CUDA only
+    evaluation: Any  # accuracy.Evaluation, None when not evaluated
+
+
+@dataclass
 class Session:
     """Measures the cases of one suite on one device and tier, memoizing models and references."""
 
@@ -95,8 +142,8 @@ class Session:
     inject_delay_s: float = 0.0  # test hook only: a busy wait per MoE layer call, to fake a slower commit
     inject_slowdown: float = 0.0  # test hook only: stretch every round by this fraction (`Stretch`)
     turns: Any = None  # moebench.turns.Turns in an interleaved A/B run: the floor is given up before every round
-    kernels: str = "torch"  # the engine's kernels for every case but the reference, which runs the exact loop
-    fetch: str = "host"  # "device": the LRU cases fetch on the device (moeoffload.directory); the others on the host
+    kernels: str = "auto"  # the engine's kernels for every case, the resident reference included (`engine.KERNELS`)
+    fetch: str = "auto"  # who fetches a missing expert (`engine.FETCHES`); "device" only where the policy can
     _models: dict[str, tuple[Any, str]] = field(default_factory=dict)
     _refs: dict[str, Reference] = field(default_factory=dict)
     _predictors: dict[tuple[str, str | None], Any] = field(default_factory=dict)  # (model, predictor kind) -> trained
@@ -122,22 +169,21 @@ class Session:
             self._models[name] = self.suite.model(name).build(self.tier, self.dtype, "cpu")
         return self._models[name]
 
-    def serve(self, model, policy: str, budget: str, predictor=None, kernels: str = "torch"):
-        """The offloaded handle of `model` serving `policy` at `budget`: the kept handle switched (the store's host
-        copies stay), or a fresh offload when there is none. A budget the policy cannot use raises BudgetError with
-        the kept handle untouched. The old cache's pool is freed before the new one is allocated, so a case's GPU
-        figures hold its own cache only."""
+    def serve(self, model, policy: str, budget: str, predictor=None, kernels: str | None = None):
+        """The offloaded handle of `model` serving `policy` at `budget` on the session's kernels (or `kernels`): the
+        kept handle switched (the store's host copies stay), or a fresh offload when there is none. A budget the
+        policy cannot use raises BudgetError with the kept handle untouched. The old cache's pool is freed before the
+        new one is allocated, so a case's GPU figures hold its own cache only."""
         import moeoffload
-        from moeoffload.plan import device_fetch_serves
 
-        kernels = {"torch": "exact", "grouped-torch": "reference"}.get(kernels, kernels)  # the plugin's option names
-        fetch = "device" if self.fetch == "device" and kernels != "exact" and device_fetch_serves(policy) else "host"
+        options = engine_options(kernels or self.kernels, self.fetch, policy)
         handle = self._handle
         if handle is not None and handle.active and handle.model is model:
-            return handle.switch(policy, budget, predictor=predictor, kernels=kernels, fetch=fetch)
+            return handle.switch(policy, budget, predictor=predictor, kernels=options["kernels"],
+                                 fetch=options["fetch"])
         self.close()
         self._handle = moeoffload.offload(model, policy, budget, device=self.device, show_progress=False,
-                                          predictor=predictor, kernels=kernels, fetch=fetch)
+                                          predictor=predictor, kernels=options["kernels"], fetch=options["fetch"])
         return self._handle
 
     def close(self) -> None:
@@ -156,21 +202,43 @@ class Session:
         return self._probe
 
     def reference(self, name: str) -> Reference:
-        """The resident run of model `name` every case is compared to (a token-scheduling policy is compared to
-        `scheduled_reference` instead)."""
+        """The resident run of model `name` on the session's kernels, which every case is compared to (a
+        token-scheduling policy is compared to `scheduled_reference` instead). Off the exact loop, its record also
+        says how the resident model agrees with the exact loop (`eager_agreement`, `eager_kl`)."""
         if name not in self._refs:
             try:
-                reference_case = Case(name, REFERENCE_POLICY, REFERENCE_BUDGET)
-                record, tokens, logits, peak, evaluation = self._measure(reference_case, None)
+                record, tokens, logits, peak, evaluation = self._measure(Case(name, REFERENCE_POLICY,
+                                                                              REFERENCE_BUDGET), None)
             except CaseSkipped as exc:  # all experts do not fit the device: the other cases still run, unchecked
                 self._refs[name] = Reference(None, None, {}, None, skipped=str(exc))
                 return self._refs[name]
             activation = None
             if peak is not None:
                 activation = max(0, peak - record["dense_bytes"] - record["total_expert_bytes"])
-            record.update(accuracy.compare(evaluation, evaluation, tokens, tokens), max_abs_logit_diff=0.0)
+            record.update(accuracy.compare(evaluation, evaluation, tokens, tokens), max_abs_logit_diff=0.0,
+                          tokens_identical=True)
+            if record["kernels"] != "exact":
+                record.update(self._eager_agreement(name, tokens, evaluation))
             self._refs[name] = Reference(tokens, logits, record, activation, evaluation=evaluation)
         return self._refs[name]
+
+    def _eager_agreement(self, name: str, tokens, evaluation) -> dict:
+        """How the resident model on the session's kernels agrees with the exact loop, which is bit-identical to the
+        unoffloaded eager model: greedy-token agreement on the timed rounds' prompts and mean KL(exact || these
+        kernels) of the next-token distributions on the reference's teacher-forced text. Untimed."""
+        import torch
+
+        model, _ = self.model(name)
+        wl = self.suite.workload_for(self.tier)
+        tokenizer = find_tokenizer(model)
+        handle = self.serve(model, REFERENCE_POLICY, REFERENCE_BUDGET, kernels="exact")
+        exact_tokens = torch.cat([generate(model, ids.to(handle.device), wl.new_tokens)[0].cpu()
+                                  for ids in (wl.prompts(model.config.vocab_size, round_index=r, tokenizer=tokenizer)
+                                              for r in range(self.rounds))])
+        task = load_task(wl.task) if wl.task else None
+        exact = accuracy.evaluate(model, evaluation.text, handle.device, tokenizer, task)
+        compared = accuracy.compare(exact, evaluation, exact_tokens, tokens)
+        return {"eager_agreement": compared["token_agreement"], "eager_kl": compared["kl_divergence"]}
 
     def scheduled_reference(self, name: str, schedule) -> Reference:
         """The resident model served the batches of `schedule` (a token-scheduling policy's regrouping).
@@ -195,9 +263,8 @@ class Session:
         """Measure `case` and check it; returns its record, raises CaseFailed (record attached) or CaseSkipped."""
         try:
             ref = self.reference(case.model)
-            # the reference is the resident model on the exact loop; with other kernels, resident is a case of its own
-            reused = case.is_reference and self.kernels == "torch"
-            measured = None if reused else self._measure(case, ref, kernels=self.kernels)
+            # the reference is the resident case itself, on the same kernels as every other case
+            measured = None if case.is_reference else self._measure(case, ref)
         except Exception as exc:
             if is_broken_contract(exc):
                 exc.with_traceback(None)  # its frames hold the failed case's tensors
@@ -316,15 +383,12 @@ class Session:
                 release_device_memory(self.device)
         self.serve(model, "lru", case.budget)
 
-    def _measure(self, case: Case, ref: Reference | None, schedule=None, evaluate: bool = True,
-                 kernels: str = "torch"):
+    def _measure(self, case: Case, ref: Reference | None, schedule=None, evaluate: bool = True) -> Measured:
         """One case's timed rounds and untimed accuracy. `schedule`: serve the rounds in these batches (the
         scheduled reference) instead of the batches the policy plans (a token-scheduling policy) or arrival order.
         `evaluate=False` skips the teacher-forced evaluation (returned as None)."""
         import torch
 
-        import moeoffload
-        from moeoffload.scheduler import plan as plan_schedule
         from moeoffload.scheduler import served_gain
 
         phases = PhaseClock()  # where a case's wall time goes (a published-size case spends most of it outside rounds)
@@ -334,106 +398,26 @@ class Session:
         tokenizer = find_tokenizer(model)
         prompts = [wl.prompts(model.config.vocab_size, round_index=r, tokenizer=tokenizer)
                    for r in range(-1, self.rounds)]
-        cuda = self.device.startswith("cuda")
-        try:
-            predictor = self.prepare(case, model, wl, prompts)
-            release_device_memory(self.device)  # what preparing (recording, training) left for the collector
-            phases.mark("prepare")
-            handle = self.serve(model, case.policy, case.budget, predictor, kernels=kernels)
-            phases.mark("offload")
-        except moeoffload.BudgetError as exc:
-            raise CaseSkipped(f"{case.name}: {exc}") from None
-        except BaseException:
-            self.close()
-            raise
+        handle = self._offload(case, model, wl, prompts, phases)
         delay_hooks = inject_delay(handle.hook.layers, self.inject_delay_s)
         stretch = Stretch(handle.hook.layers, self.inject_slowdown) if self.inject_slowdown else None
         measured = False
         try:
             inject_out_of_memory(case.name)
-            dev = handle.device
-            prompts = [p.to(dev) for p in prompts]
+            prompts = [p.to(handle.device) for p in prompts]
             prompts_in_order = prompts[1:]
-            if schedule is None:  # ExpertFlow regroups the rounds' sequences; else None (arrival order)
-                schedule = plan_schedule(handle, prompts[1:])
-            if schedule is not None:
-                prompts[1:] = schedule.split(torch.cat(prompts[1:]))
-            start_bytes = None
-            footprint = getattr(getattr(handle, "runahead", None), "footprint", None)
-            predictor_bytes = footprint(prompts[0]) if cuda and footprint is not None else 0
-            if cuda:
-                # planning and the footprint probe ran GEMMs: drop the cuBLAS workspaces they made, so that the
-                # run's own (charged to activations and to predictor_bytes) are not counted twice
-                release_device_memory(self.device)
-                torch.cuda.synchronize(dev)
-                torch.cuda.reset_peak_memory_stats(dev)
-                start_bytes = int(torch.cuda.memory_allocated(dev))
+            prompts, schedule = self._arrange(handle, prompts, schedule)
+            start_bytes, predictor_bytes = self._memory_start(handle, prompts[0])
             generate(model, prompts[0], wl.new_tokens)  # warm-up on its own prompts: kernels load, cache fills
             phases.mark("warmup")
-            probe = self.probe()
-            probe.run()  # its own warm-up
-            handle.reset_stats()
-            probes = []  # one before each round and one after the last (moebench.probe)
-            steps: list[float] = []
-            round_steps_all: list[list[float]] = []
-            round_p50: list[float] = []
-            totals: list[float] = []
-            nvml_peak: int | None = None
-            round_tokens, round_logits = [], []
-            # A/B at step grain: the other side's step k runs between this side's steps k and k+1, and a round's
-            # time is the sum of its own steps (the waits in between are not this side's)
-            step_turns = self.turns is not None and self.turns.grain == "step"
-
-            def pause() -> None:
-                if stretch is None:
-                    self.turns.take()
-                    return
-                with stretch.excluded():  # the stretch is a fraction of this side's time, not of the wait
-                    self.turns.take()
-
-            for ids in prompts[1:]:
-                if self.turns is not None:
-                    self.turns.take()  # A/B: the other side's round i runs now, right before this one
-                probes.append(probe.run())
-                if stretch is not None:
-                    stretch.restart()
-                clock = TokenClock(dev, pause=pause if step_turns else None)
-                if cuda:
-                    torch.cuda.synchronize(dev)
-                t0 = time.perf_counter()
-                tokens, logits = generate(model, ids, wl.new_tokens, clock)
-                if cuda:
-                    torch.cuda.synchronize(dev)
-                wall = time.perf_counter() - t0
-                round_steps = clock.step_seconds()
-                totals.append(sum(round_steps) if step_turns else wall)
-                steps.extend(round_steps)
-                round_steps_all.append(round_steps)
-                round_p50.append(percentile(round_steps, 50) * 1e3)
-                round_tokens.append(tokens.cpu())
-                round_logits.append(logits.cpu())
-                used = _nvml_used_bytes(self.device)
-                if used is not None:
-                    nvml_peak = max(nvml_peak or 0, used)
-            probes.append(probe.run())
+            rounds = self._timed_rounds(model, handle, wl, prompts[1:], stretch)
             phases.mark("rounds")
             stats = handle.stats()
             gain = None if schedule is None else served_gain(handle, schedule, wl.batch_size)
-            torch_peak = int(torch.cuda.max_memory_allocated(dev)) if cuda else None
-            # untimed, after the statistics and the memory peak were read: accuracy on the same inputs as the
-            # reference, then the request-arrival latency run when the workload asks for one
-            run_tokens = torch.cat(round_tokens)
-            if schedule is not None:
-                run_tokens = schedule.restore(run_tokens)
-            if ref is not None and ref.evaluation is not None:
-                text = ref.evaluation.text
-            elif wl.uses_text(tokenizer):
-                text = accuracy.heldout_text(model, tokenizer, wl.eval_sequences, wl.eval_len)
-            else:
-                text = accuracy.continuation_text(prompts_in_order, run_tokens)
-            task = load_task(wl.task) if wl.task else None
-            evaluation = accuracy.evaluate(model, text, dev, tokenizer, task) if evaluate else None
-            arrivals = serve_arrivals(model, wl, dev, tokenizer) if wl.arrivals is not None and evaluate else None
+            cuda = self.device.startswith("cuda")
+            torch_peak = int(torch.cuda.max_memory_allocated(handle.device)) if cuda else None
+            # untimed, after the statistics and the memory peak were read
+            evaluation, arrivals = self._untimed(model, handle, wl, ref, rounds, prompts_in_order, schedule, evaluate)
             phases.mark("accuracy")
             measured = True
         finally:
@@ -443,91 +427,193 @@ class Session:
                 stretch.remove()
             if not measured:  # a failed case leaves no offloaded model behind: the next one offloads afresh
                 self.close()
-        tokens, logits = torch.cat(round_tokens), torch.cat(round_logits)
+        tokens, logits = torch.cat(rounds.tokens), torch.cat(rounds.logits)
         if schedule is not None:  # back to arrival order, where the reference has them
             tokens, logits = schedule.restore(tokens), schedule.restore(logits)
+        record = self._record(case, wl, handle, stats, rounds)
+        record.update(weights=str(source), arrivals=arrivals, phase_s=phases.seconds,
+                      prompts="held-out corpus text" if wl.uses_text(tokenizer) else "seeded random token ids",
+                      # the predictor's own networks and tables, or, measured, its peak at the batch shape
+                      predictor_bytes=max(stats.predictor_bytes, predictor_bytes),
+                      # allocated when the timed part began: dense + cache + predictor + cuBLAS workspaces; a growth
+                      # from case to case means something earlier left tensors behind
+                      device_bytes_at_start=start_bytes, torch_peak_bytes=torch_peak,
+                      # token scheduling (ExpertFlow): distinct experts each batch activated, first-come vs scheduled
+                      experts_per_batch_first_come=None if gain is None else gain.first_come,
+                      experts_per_batch_scheduled=None if gain is None else gain.scheduled,
+                      schedule=None if schedule is None else [list(b) for b in schedule.batches])
+        return Measured(record, tokens, logits, torch_peak, evaluation)
+
+    def _offload(self, case: Case, model, wl, prompts, phases: PhaseClock):
+        """Prepare the case's predictor and serve its policy and budget; a budget the policy cannot use skips it."""
+        import moeoffload
+
+        try:
+            predictor = self.prepare(case, model, wl, prompts)
+            release_device_memory(self.device)  # what preparing (recording, training) left for the collector
+            phases.mark("prepare")
+            handle = self.serve(model, case.policy, case.budget, predictor)
+            phases.mark("offload")
+        except moeoffload.BudgetError as exc:
+            raise CaseSkipped(f"{case.name}: {exc}") from None
+        except BaseException:
+            self.close()
+            raise
+        return handle
+
+    @staticmethod
+    def _arrange(handle, prompts: list, schedule):
+        """The rounds' batches: as given (`schedule`), as the policy regroups them (ExpertFlow), or in arrival
+        order (schedule None). prompts[0] is the warm-up's."""
+        import torch
+
+        from moeoffload.scheduler import plan as plan_schedule
+
+        if schedule is None:
+            schedule = plan_schedule(handle, prompts[1:])
+        if schedule is not None:
+            prompts = prompts[:1] + list(schedule.split(torch.cat(prompts[1:])))
+        return prompts, schedule
+
+    def _memory_start(self, handle, warmup_ids) -> tuple[int | None, int]:
+        """On CUDA: the bytes allocated as the timed part begins, and the predictor's measured footprint at the
+        batch shape; the peak counter is reset here. (None, 0) elsewhere."""
+        if not self.device.startswith("cuda"):
+            return None, 0
+        import torch
+
+        footprint = getattr(getattr(handle, "runahead", None), "footprint", None)
+        predictor_bytes = footprint(warmup_ids) if footprint is not None else 0
+        # planning and the footprint probe ran GEMMs: drop the cuBLAS workspaces they made, so that the run's own
+        # (charged to activations and to predictor_bytes) are not counted twice
+        release_device_memory(self.device)
+        torch.cuda.synchronize(handle.device)
+        torch.cuda.reset_peak_memory_stats(handle.device)
+        return int(torch.cuda.memory_allocated(handle.device)), predictor_bytes
+
+    def _timed_rounds(self, model, handle, wl, batches: list, stretch: Stretch | None) -> TimedRounds:
+        """Every batch once, timed, each round bracketed by the machine-speed probe (`moebench.probe`)."""
+        import torch
+
+        dev, cuda = handle.device, self.device.startswith("cuda")
+        probe = self.probe()
+        probe.run()  # its own warm-up
+        handle.reset_stats()
+        rounds = TimedRounds()
+        # A/B at step grain: the other side's step k runs between this side's steps k and k+1, and a round's time
+        # is the sum of its own steps (the waits in between are not this side's)
+        step_turns = self.turns is not None and self.turns.grain == "step"
+        pause = self._pause(stretch) if step_turns else None
+        for ids in batches:
+            if self.turns is not None:
+                self.turns.take()  # A/B: the other side's round i runs now, right before this one
+            rounds.probes.append(probe.run())
+            if stretch is not None:
+                stretch.restart()
+            clock = TokenClock(dev, pause=pause)
+            if cuda:
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            tokens, logits = generate(model, ids, wl.new_tokens, clock)
+            if cuda:
+                torch.cuda.synchronize(dev)
+            wall = time.perf_counter() - t0
+            round_steps = clock.step_seconds()
+            rounds.add(sum(round_steps) if step_turns else wall, round_steps, tokens.cpu(), logits.cpu())
+            used = _nvml_used_bytes(self.device)
+            if used is not None:
+                rounds.nvml_peak = max(rounds.nvml_peak or 0, used)
+        rounds.probes.append(probe.run())
+        return rounds
+
+    def _pause(self, stretch: Stretch | None):
+        """An A/B run's wait for the other side's step, left out of the injected stretch."""
+        def pause() -> None:
+            if stretch is None:
+                self.turns.take()
+                return
+            with stretch.excluded():  # the stretch is a fraction of this side's time, not of the wait
+                self.turns.take()
+
+        return pause
+
+    def _untimed(self, model, handle, wl, ref: Reference | None, rounds: TimedRounds, prompts_in_order: list,
+                 schedule, evaluate: bool):
+        """Accuracy on the same inputs as the reference, then the request-arrival latency run when the workload
+        asks for one; (None, None) when not `evaluate`."""
+        import torch
+
+        if not evaluate:
+            return None, None
+        tokenizer = find_tokenizer(model)
+        if ref is not None and ref.evaluation is not None:
+            text = ref.evaluation.text
+        elif wl.uses_text(tokenizer):
+            text = accuracy.heldout_text(model, tokenizer, wl.eval_sequences, wl.eval_len)
+        else:
+            run_tokens = torch.cat(rounds.tokens)
+            if schedule is not None:
+                run_tokens = schedule.restore(run_tokens)
+            text = accuracy.continuation_text(prompts_in_order, run_tokens)
+        task = load_task(wl.task) if wl.task else None
+        evaluation = accuracy.evaluate(model, text, handle.device, tokenizer, task)
+        arrivals = serve_arrivals(model, wl, handle.device, tokenizer) if wl.arrivals is not None else None
+        return evaluation, arrivals
+
+    def _record(self, case: Case, wl, handle, stats, rounds: TimedRounds) -> dict:
+        """The JSON-ready record of a measured case: what ran, how fast, what moved and what it held."""
+        import moeoffload
+
+        policy = moeoffload.get_policy(case.policy)
+        kernels, fetch = resolved(handle)
         generated = wl.batch_size * wl.new_tokens * self.rounds
-        per_round = [wl.batch_size * wl.new_tokens / t for t in totals]
-        record = {
-            "suite": self.suite.name,
-            "case": case.name,
-            "model": case.model,
-            "policy": case.policy,
-            "policy_version": moeoffload.get_policy(case.policy).version,
-            "exact": stats.exact,
-            "kernels": stats.kernels,
-            "fetch": stats.fetch,
-            "budget": case.budget,
-            "tier": self.tier,
-            "device": str(dev),
-            "dtype": self.suite.dtypes[self.tier],
-            "weights": str(source),
-            "workload": wl.as_dict(),
-            "prompts": "held-out corpus text" if wl.uses_text(tokenizer) else "seeded random token ids",
-            "rounds": self.rounds,
-            "tokens_per_s": generated / sum(totals),
-            "p50_ms": percentile(steps, 50) * 1e3,
-            "p99_ms": percentile(steps, 99) * 1e3,
-            **phase_metrics(round_steps_all, wl.batch_size, wl.prompt_len),
-            "arrivals": arrivals,
+        return {
+            "suite": self.suite.name, "case": case.name, "model": case.model, "policy": case.policy,
+            "policy_version": policy.version,
+            # an exact policy's tokens must equal the resident model's on the same kernels (`run`)
+            "exact": policy.exact, "kernels": kernels, "fetch": fetch,
+            "budget": case.budget, "tier": self.tier, "device": str(handle.device),
+            "dtype": self.suite.dtypes[self.tier], "workload": wl.as_dict(), "rounds": self.rounds,
+            "tokens_per_s": generated / sum(rounds.totals),
+            "p50_ms": percentile(rounds.steps, 50) * 1e3,
+            "p99_ms": percentile(rounds.steps, 99) * 1e3,
+            **phase_metrics(rounds.round_steps, wl.batch_size, wl.prompt_len),
             "hit_rate": stats.hit_rate,
             "h2d_bytes_per_round": stats.h2d_bytes / self.rounds,
             "h2d_copies_per_round": stats.h2d_copies / self.rounds,
-            "cache_bytes": stats.cache_bytes,
+            # where the misses went: copied into the cache, or computed on the host CPU (host-assisted policies)
+            "miss_rule": stats.miss_rule,
+            "copied_misses_per_round": (stats.misses - stats.host_misses) / self.rounds,
+            "host_misses_per_round": stats.host_misses / self.rounds,
             # a low-precision policy: what one expert's copy moves in each precision, and how many misses each served
             "precision": stats.precision,
             "expert_bytes_by_precision": stats.expert_bytes_by_precision or {"full": stats.expert_bytes},
             "misses_by_precision_per_round": {p: n / self.rounds for p, n in stats.misses_by_precision.items()},
-            "budget_bytes": stats.budget_bytes,
-            "total_expert_bytes": stats.total_expert_bytes,
-            "dense_bytes": stats.dense_bytes,
-            # the predictor's own networks and tables, or, measured, its peak at the batch shape on its stream
-            "predictor_bytes": max(stats.predictor_bytes, predictor_bytes),
-            # allocated when the timed part began: dense + cache + predictor + cuBLAS workspaces; a growth from case
-            # to case means something earlier left tensors behind (how the side-stream workspaces were found)
-            "device_bytes_at_start": start_bytes,
-            "n_slots": stats.n_slots,
-            "torch_peak_bytes": torch_peak,
-            "nvml_used_bytes": nvml_peak,
-            # one entry per timed round: what the regression statistics (moebench.stats) compare
-            "samples": {"tokens_per_s": per_round,
-                        # machine-normalized throughput (tokens per probe-time): what throughput verdicts compare
-                        "tokens_per_probe": normalized(per_round, [p.total for p in probes]),
-                        "p50_per_probe": normalized(round_p50, [p.total for p in probes], per_time=False),
-                        "round_s": totals, "p50_ms": round_p50,
-                        "probe": {k: [p.as_dict()[k] for p in probes] for k in PROBE_PARTS}},
+            "cache_bytes": stats.cache_bytes, "budget_bytes": stats.budget_bytes,
+            "total_expert_bytes": stats.total_expert_bytes, "dense_bytes": stats.dense_bytes,
+            "n_slots": stats.n_slots, "nvml_used_bytes": rounds.nvml_peak,
+            "samples": rounds.samples(wl.batch_size * wl.new_tokens),
             # an interleaved A/B run (moebench ab): "round" or "step" turns; at step grain round_s sums own steps
             "interleaved": None if self.turns is None else self.turns.grain,
-            # wall seconds of each phase: model (built by this case, else ~0), prepare (predictor recording and
-            # training), offload (store fill or policy switch), warmup, rounds (timed, probes included), accuracy
-            "phase_s": phases.seconds,
             "inject_delay_ms": self.inject_delay_s * 1e3,
             "inject_slowdown": self.inject_slowdown,
             "stats": stats.as_dict(),
-            # token scheduling (ExpertFlow): distinct experts each batch activated, first-come vs as scheduled
-            "experts_per_batch_first_come": None if gain is None else gain.first_come,
-            "experts_per_batch_scheduled": None if gain is None else gain.scheduled,
-            "schedule": None if schedule is None else [list(b) for b in schedule.batches],
         }
-        return record, tokens, logits, torch_peak, evaluation
 
 
 def expected_failure(record: dict) -> str | None:
     """Why a failed case is an expected failure (pytest's xfail), or None when it is a real failure.
 
-    One kind only: an approximate policy (exact=False) over the accuracy limit on synthetic weights, and nothing
-    else broken. Seeded random weights route without structure, so a predictor that replaces the router (SiDA's
-    data-aware mode) has nothing to learn there; its drop is measured and reported, but it says nothing about the
-    policy on a real model, and a default suite run must not fail on it."""
+    One kind only: an approximate policy (exact=False) over the accuracy limit on seeded uniform weights, and nothing
+    else broken. Those route without structure, so a predictor that replaces the router (SiDA's data-aware mode) has
+    nothing to learn there; its drop is measured and reported, but it says nothing about the policy on a real model,
+    and a default suite run must not fail on it. Calibrated routers (moebench.zoo.calibrate) are judged."""
     failures = record.get("failures") or []
-    synthetic = str(record.get("weights", "")).startswith("synthetic")
+    weights = str(record.get("weights", ""))
+    synthetic = weights.startswith("synthetic") and "routing=calibrated" not in weights
     if record.get("exact") is False and synthetic and failures and all(f.startswith("accuracy drop")
                                                                        for f in failures):
-        kernels = record.get("kernels") or "exact"
-        what = f"approximate policy {record.get('policy')!r}"
-        if kernels not in ("loop", "exact"):
-            what = f"policy {record.get('policy')!r} on the {kernels} kernels"
-        return (f"{what} on synthetic weights (routing without structure): "
+        return (f"approximate policy {record.get('policy')!r} on synthetic weights (routing without structure): "
                 f"{failures[0]}; judged on trained or real weights only")
     return None
 
@@ -535,7 +621,7 @@ def expected_failure(record: dict) -> str | None:
 def release_device_memory(device: str) -> None:
     """Collect garbage (reference cycles can hold tensors of a finished run), drop cuBLAS's per-stream workspaces
     and return the allocator's cached blocks, so that one case's peak is not raised by what an earlier case left
-    (on the H100 each predictive case left a side stream's workspace, about 35 MB, to every case after it)."""
+    (a predictive case's side stream leaves a cuBLAS workspace that would count in every later case's peak)."""
     import gc
 
     gc.collect()
@@ -580,9 +666,9 @@ class Stretch:
     """Test hook (never for real runs): before every MoE layer call, spend `fraction` of the wall time since the
     previous call (or since `restart()`, at each round's start) in extra interpreter work, so that a round takes
     (1 + fraction) times as long as it would have, at whatever speed the machine runs at that moment. A fixed delay
-    in ms cannot promise a percentage: the third H100 set's "5%" delay, calibrated on one run, slowed the next by
-    39% because the machine had drifted in between. The stretch misses only the tail after a round's last layer
-    call (the last LM head).
+    in ms cannot promise a percentage: calibrated on one run, it slows a later one by another fraction when the
+    machine's speed has drifted in between. The stretch misses only the tail after a round's last layer call (the
+    last LM head).
 
     The work is a counted loop, not a spin on the clock: spinning on time.perf_counter() (two clock reads per layer
     here instead of thousands) is itself a workload a VM may treat differently from the code it stands for. The loop's
@@ -606,7 +692,7 @@ class Stretch:
         """Leave out the time spent inside (an A/B run at step grain waiting for the other side's step), but keep
         the time before it: the end of a step (LM head, sampling, the wait for the GPU) is this side's work and must
         be stretched too. Restarting instead dropped it, and since the CPU runs ahead of the GPU inside a step, a 5%
-        stretch then slowed an H100 decode step by under 1%."""
+        stretch then slowed a GPU decode step by far less than 5%."""
         paused_at = self.clock()
         try:
             yield
@@ -656,7 +742,7 @@ def inject_out_of_memory(case_name: str) -> None:
         raise torch.OutOfMemoryError(f"injected by ${INJECT_OOM_ENV}={needle!r} (test hook)")
 
 
-def is_broken_contract(exc: BaseException) -> bool:
+def is_broken_contract(exc: BaseException) -> TypeGuard[PolicyContractError]:
     """A policy's plug-in part (eviction rule, rule factory, entry point) broke its contract with the engine."""
     from moeoffload.errors import PolicyContractError
 

@@ -8,11 +8,25 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
+from .engine import FETCHES, KERNELS  # plain names, no engine import
+
+if TYPE_CHECKING:
+    from .state import MoebenchRun
+
 SKIP_REASON = "moebench suites run only with --moebench"
-_STATE = pytest.StashKey[dict]()
+# 5 a side is the fewest rounds whose Mann-Whitney test can reach p < 0.01 (stats.min_p_value), 7 against a baseline
+# of 3; 10 leaves room for ties and reaches the level against any baseline of 3 rounds or more
+DEFAULT_ROUNDS = 10
+_RUN = pytest.StashKey["MoebenchRun"]()
+
+
+def moebench_run(config: pytest.Config) -> MoebenchRun | None:
+    """This session's `MoebenchRun`; None when --moebench is not given."""
+    return config.stash.get(_RUN, None)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -23,7 +37,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="run only this policy (repeatable); default: every registered policy")
     group.addoption("--moebench-tier", choices=("quick", "full", "auto"), default="auto",
                     help="quick: depth-reduced models (CPU); full: published sizes; auto: full when CUDA is available")
-    group.addoption("--moebench-rounds", type=int, default=3, metavar="N", help="timed rounds per case (default 3)")
+    group.addoption("--moebench-rounds", type=int, default=DEFAULT_ROUNDS, metavar="N",
+                    help=f"timed rounds per case (default {DEFAULT_ROUNDS}: against a stored baseline, 5 a side is the "
+                         "fewest that can reach the verdicts' 1%% level)")
     group.addoption("--moebench-history", default=None, metavar="DIR",
                     help="directory of history.jsonl (default: .moebench under the rootdir)")
     group.addoption("--moebench-device", default=None, metavar="DEVICE",
@@ -48,19 +64,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "longest case so far of its kind: one that builds its model, or one that finds it built): "
                          "the rest are skipped with the reason, and the finished ones are reported and stored as "
                          "usual; for a CI job with a wall-time limit")
-    # moeoffload.layer.KERNEL_MODES, spelled out: importing the engine (and torch) here would slow every pytest run
-    group.addoption("--moebench-kernels", default="torch", choices=("torch", "auto", "triton", "grouped-torch"),
-                    help="the engine's MoE kernels (moeoffload.offload(kernels=...)): torch, the bit-exact per-expert "
-                         "loop (default); auto, the grouped Triton kernels where they run (CUDA), else the loop; "
-                         "triton; grouped-torch, the grouped path in plain torch (tests). Off the loop an exact "
-                         "policy is judged by the accuracy limit, not by identical tokens, and the reference stays "
-                         "on the loop")
-    group.addoption("--moebench-fetch", default="host", choices=("host", "device"),
-                    help="who fetches a missing expert in the LRU and next-use cases, lookahead included "
-                         "(moeoffload.offload(fetch=...)): host (default), a sync per MoE layer and the copy engine; "
-                         "device (experimental), the grouped kernels look experts up in a directory on the GPU and a "
-                         "host thread queues the missing ones on the copy engine (needs --moebench-kernels other than "
-                         "torch; other policies keep fetching on the host)")
+    group.addoption("--moebench-kernels", default="auto", choices=KERNELS,
+                    help="the engine's MoE kernels for every case, the resident reference included "
+                         "(moeoffload.offload(kernels=...)): auto (default), the grouped Triton kernels where they run "
+                         "(CUDA), else exact; exact, the per-expert loop, bit-identical to the unoffloaded eager "
+                         "model; "
+                         "triton; reference, the grouped algorithm in plain torch (any device). An exact policy must "
+                         "give the resident model's tokens on the same kernels; off the exact loop the table also "
+                         "shows how the resident model agrees with the exact loop")
+    group.addoption("--moebench-fetch", default="auto", choices=FETCHES,
+                    help="who fetches a missing expert (moeoffload.offload(fetch=...)): auto (default), the engine "
+                         "picks; host, a sync per MoE layer and the copy engine; device, the grouped kernels look "
+                         "experts up in a directory on the device, for the policies that can (an LRU or next-use "
+                         "cache without a predictor; the others fetch on the host)")
+    group.addoption("--moebench-weights", choices=("synthetic", "checkpoint", "auto"), default=None,
+                    help="synthetic: seeded weights (default; MOEBENCH_WEIGHTS); checkpoint: the published checkpoint "
+                         "from $MOEBENCH_CHECKPOINTS/<model> or the offline Hugging Face cache, else an error; auto: "
+                         "the checkpoint where found, else synthetic (moebench.zoo.specs)")
     group.addoption("--moebench-inject-delay", default=None, metavar="TIME",
                     help="TEST HOOK: busy-wait before every MoE layer, to fake a slowdown: TIME (e.g. 0.2ms) each "
                          "call, or a percentage (e.g. 5%%: stretch the run by that much, whatever the machine's "
@@ -71,15 +91,44 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "moebench: a moebench benchmark case (collected from suite files)")
     if not config.getoption("moebench"):
         return
+    if config.getoption("moebench_weights"):
+        os.environ["MOEBENCH_WEIGHTS"] = config.getoption("moebench_weights")  # suite models read it when built
+    _check_options(config)
+    from .measure import resolve_device, resolve_tier
+
+    try:
+        device = resolve_device(config.getoption("moebench_device"))
+    except Exception as exc:  # a malformed name, or CUDA asked for where there is none
+        raise pytest.UsageError(f"--moebench-device: {exc}") from None
+    from .deadline import Deadline
+    from .regression import configure_comparison, parse_delay_option
+    from .state import MoebenchRun
+    from .turns import Turns
+
+    comparison = configure_comparison(config, device)  # raises pytest.UsageError on a bad spec or baseline
+    delay_s, slowdown = parse_delay_option(config)
+    time_limit = config.getoption("moebench_time_limit")
+    config.stash[_RUN] = MoebenchRun(
+        device=device, tier=resolve_tier(config.getoption("moebench_tier"), device),
+        rounds=config.getoption("moebench_rounds"), policies=config.getoption("moebench_policy"),
+        kernels=config.getoption("moebench_kernels"), fetch=config.getoption("moebench_fetch"),
+        history=config.getoption("moebench_history") or os.path.join(str(config.rootpath), ".moebench"),
+        comparison=comparison, inject_delay_s=delay_s, inject_slowdown=slowdown,
+        turns=Turns.from_env(),  # set by `moebench ab`; the first timed round waits for the referee's floor
+        deadline=None if time_limit is None else Deadline(time_limit))
+
+
+def _check_options(config: pytest.Config) -> None:
+    """The options that need no engine, and the policy names: bad input is one UsageError naming the fix."""
     rounds = config.getoption("moebench_rounds")
     if rounds < 1:
         raise pytest.UsageError(f"--moebench-rounds must be at least 1, got {rounds}")
     time_limit = config.getoption("moebench_time_limit")
     if time_limit is not None and time_limit <= 0:
         raise pytest.UsageError(f"--moebench-time-limit must be a positive number of seconds, got {time_limit:g}")
-    if config.getoption("moebench_fetch") == "device" and config.getoption("moebench_kernels") == "torch":
-        raise pytest.UsageError("--moebench-fetch device runs on the grouped kernels; add --moebench-kernels auto "
-                                "(grouped-torch on a CPU)")
+    if config.getoption("moebench_fetch") == "device" and config.getoption("moebench_kernels") == "exact":
+        raise pytest.UsageError("--moebench-fetch device runs on the grouped kernels; use --moebench-kernels auto "
+                                "(reference on a CPU)")
     selected = config.getoption("moebench_policy")
     if selected:
         import moeoffload
@@ -92,44 +141,12 @@ def pytest_configure(config: pytest.Config) -> None:
                 problems.append(str(exc))
         if problems:
             raise pytest.UsageError("--moebench-policy: " + "; ".join(problems))
-    from .measure import resolve_device, resolve_tier
-
-    try:
-        device = resolve_device(config.getoption("moebench_device"))
-    except Exception as exc:  # a malformed name, or CUDA asked for where there is none
-        raise pytest.UsageError(f"--moebench-device: {exc}") from None
-    history = config.getoption("moebench_history") or os.path.join(str(config.rootpath), ".moebench")
-    from .regression import configure_comparison
-
-    comparison = configure_comparison(config, device)  # raises pytest.UsageError on a bad spec or baseline
-    from .deadline import Deadline
-    from .turns import Turns
-
-    turns = Turns.from_env()  # set by `moebench ab`; the first timed round waits for the referee to give the floor
-    config.stash[_STATE] = {
-        "device": device,
-        "tier": resolve_tier(config.getoption("moebench_tier"), device),
-        "rounds": rounds,
-        "policies": selected,
-        "kernels": config.getoption("moebench_kernels"),
-        "fetch": config.getoption("moebench_fetch"),
-        "history": history,
-        "sessions": {},  # suite file -> measure.Session
-        "serving": None,  # the Session whose model is offloaded now (its handle is kept across its cases)
-        "records": [],
-        "suites": [],
-        "history_path": None,
-        "history_error": None,
-        "turns": turns,
-        "deadline": None if time_limit is None else Deadline(time_limit),
-        **comparison,
-    }
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    state = config.stash.get(_STATE, None)
-    if state is not None and state["turns"] is not None:
-        state["turns"].close()  # A/B: the other side runs on alone
+    run = moebench_run(config)
+    if run is not None and run.turns is not None:
+        run.turns.close()  # A/B: the other side runs on alone
 
 
 def _is_suite_file(path: Path) -> bool:
@@ -147,8 +164,8 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector):
 
 class SuiteFile(pytest.File):
     def collect(self):
-        state = self.config.stash.get(_STATE, None)
-        if state is None:
+        run = moebench_run(self.config)
+        if run is None:
             # one skipped item rather than a skipped collection: the run reports "1 skipped" and exits 0
             yield DisabledSuite.from_parent(self, name="moebench")
             return
@@ -157,18 +174,18 @@ class SuiteFile(pytest.File):
 
         try:
             suite = load_suite(self.path)
-            cases = suite.cases(state["policies"], tier=state["tier"])
+            cases = suite.cases(run.policies, tier=run.tier)
         except SuiteError as exc:
             raise self.CollectError(str(exc)) from None
-        session = Session(suite, device=state["device"], tier=state["tier"], rounds=state["rounds"],
-                          inject_delay_s=state["inject_delay_s"], inject_slowdown=state["inject_slowdown"],
-                          turns=state["turns"], kernels=state["kernels"], fetch=state["fetch"])
+        session = Session(suite, device=run.device, tier=run.tier, rounds=run.rounds,
+                          inject_delay_s=run.inject_delay_s, inject_slowdown=run.inject_slowdown,
+                          turns=run.turns, kernels=run.kernels, fetch=run.fetch)
         from .regression import load_suite_baseline
 
-        load_suite_baseline(state, suite.name, self)  # a corrupt baseline is a collection error naming the file
-        state["sessions"][str(self.path)] = session
-        if suite.name not in state["suites"]:
-            state["suites"].append(suite.name)
+        load_suite_baseline(run, suite.name, self)  # a corrupt baseline is a collection error naming the file
+        run.sessions[str(self.path)] = session
+        if suite.name not in run.suites:
+            run.suites.append(suite.name)
         for case in cases:
             yield CaseItem.from_parent(self, name=case.name, case=case, bench=session)
 
@@ -181,23 +198,23 @@ class CaseItem(pytest.Item):
         self.add_marker(pytest.mark.moebench)
 
     def runtest(self) -> None:
-        state = self.config.stash[_STATE]
-        deadline = state["deadline"]
-        if deadline is None:
-            self._run(state)
+        run = moebench_run(self.config)
+        assert run is not None  # suite files yield case items only under --moebench
+        if run.deadline is None:
+            self._run(run)
             return
         model = (self.bench.suite.name, self.case.model)  # built once per suite session (measure.Session.model)
-        refusal = deadline.refusal(model)
+        refusal = run.deadline.refusal(model)
         if refusal is not None:
             pytest.skip(refusal)
-        deadline.run(model, lambda: self._run(state))
+        run.deadline.run(model, lambda: self._run(run))
 
-    def _run(self, state) -> None:
+    def _run(self, run: MoebenchRun) -> None:
         from .measure import CaseFailed, CaseSkipped
 
-        if state["serving"] is not None and state["serving"] is not self.bench:
-            state["serving"].close()  # another suite's model leaves the device before this suite's case is measured
-        state["serving"] = self.bench
+        if run.serving is not None and run.serving is not self.bench:
+            run.serving.close()  # another suite's model leaves the device before this suite's case is measured
+        run.serving = self.bench
         try:
             record = self.bench.run(self.case)
         except CaseSkipped as exc:
@@ -205,16 +222,16 @@ class CaseItem(pytest.Item):
         except CaseFailed as exc:
             from .measure import expected_failure
 
-            state["records"].append(exc.record)
+            run.records.append(exc.record)
             reason = expected_failure(exc.record)
             if reason is None:
                 raise
             exc.record["expected_failure"] = reason
             pytest.xfail(reason)
-        state["records"].append(record)
+        run.records.append(record)
         from .regression import check_against_baseline
 
-        check_against_baseline(state, record)  # raises CaseFailed when the case regressed
+        check_against_baseline(run, record)  # raises CaseFailed when the case regressed
 
     def repr_failure(self, excinfo, style=None):
         from .measure import CaseBroken, CaseFailed
@@ -238,44 +255,41 @@ class DisabledSuite(pytest.Item):
 
 
 def pytest_report_header(config: pytest.Config):
-    state = config.stash.get(_STATE, None)
-    if state is None:
+    run = moebench_run(config)
+    if run is None:
         return None
-    return (f"moebench: device {state['device']}, tier {state['tier']}, rounds {state['rounds']}, "
-            f"policies {', '.join(state['policies']) if state['policies'] else 'all registered'}"
-            + ("" if state["kernels"] == "torch" else f", kernels {state['kernels']}")
-            + ("" if state["fetch"] == "host" else f", fetch {state['fetch']}"))
+    return (f"moebench: device {run.device}, tier {run.tier}, rounds {run.rounds}, "
+            f"policies {', '.join(run.policies) if run.policies else 'all registered'}, "
+            f"kernels {run.kernels}, fetch {run.fetch}")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
-    state = session.config.stash.get(_STATE, None)
-    if state is None:
+    run = moebench_run(session.config)
+    if run is None:
         return
-    for bench in state["sessions"].values():
+    for bench in run.sessions.values():
         bench.close()  # each suite's last model gets its experts back, and the device and pinned memory are freed
-    if not state["records"]:
+    if not run.records:
         return
     from .regression import finish_session
 
-    options = {k: state[k] for k in ("device", "tier", "rounds", "policies", "kernels", "fetch")}
-    finish_session(session, state, options, exitstatus)
+    finish_session(session, run, exitstatus)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
-    state = config.stash.get(_STATE, None)
-    if state is None:
+    run = moebench_run(config)
+    if run is None:
         return
     from .table import render
 
     tr = terminalreporter
-    records = state["records"]
-    tr.write_sep("=", f"moebench: {len(records)} cases (device {state['device']}, tier {state['tier']})")
-    if records:
-        for line in render(records).splitlines():
+    tr.write_sep("=", f"moebench: {len(run.records)} cases (device {run.device}, tier {run.tier})")
+    if run.records:
+        for line in render(run.records).splitlines():
             tr.write_line(line)
-    if state["history_path"]:
-        tr.write_line(f"history: appended to {state['history_path']}")
-    elif state["history_error"]:
-        tr.write_line(f"history: NOT written: {state['history_error']}", red=True)
-    for line, bad in state["store_messages"]:
+    if run.history_path:
+        tr.write_line(f"history: appended to {run.history_path}")
+    elif run.history_error:
+        tr.write_line(f"history: NOT written: {run.history_error}", red=True)
+    for line, bad in run.messages:
         tr.write_line(line, red=bad)

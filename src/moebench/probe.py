@@ -1,16 +1,17 @@
 """Machine-speed probe: a fixed workload timed beside every round, so a verdict can divide out the machine's drift.
 
-Why: on the lent H100 (a VM) the same code's speed drifts by tens of percent over tens of seconds. In one run of
+Why: on an H100 80GB HBM3 in a VM the same code's speed drifted by tens of percent over tens of seconds. In one run of
 20 rounds of switch-base-8 (benchmarks/results/h100-2026-11-23c/stats_nightly) the rounds' median step stepped from
 36 ms to 23 ms with nothing changed, and slow spells lasted several rounds. No statistic on the rounds alone can
 tell such a spell from a 5% regression between two runs taken minutes apart. The probe runs code this project does
 not own (interpreter work, small kernel launches with a device sync, a fixed GEMM, a pinned host-to-device copy:
-what a decode step is made of) right before every round and after the last. A round's machine-normalized
-throughput is its tokens/s times the mean duration of the two probes around it (tokens per probe-time): a spell
-that slows the machine slows the probe too and cancels, while a regression in the measured code does not.
-Measured (fifth H100 set): the VM runs at two speeds, and on resampled unchanged rounds the normalized verdict
-raised 0-2.4% false alarms where raw tokens/s raised 14-17%. It tracks the machine imperfectly (correlation +0.5 to
-+0.64 within runs), so it lowers false alarms more than it raises the power to see a small slowdown.
+what a decode step is made of) right before every round and after the last. A round's machine-normalized throughput
+is its tokens/s times the mean duration of the two probes around it (tokens per probe-time): a spell that slows the
+machine slows the probe too and cancels, while a regression in the measured code does not. Measured there
+(benchmarks/results/h100-2026-11-23e/stats_power_blocks.txt): the VM ran at two speeds, and on resampled unchanged
+rounds the normalized verdict raised 0-2.4% false alarms where raw tokens/s raised 14-17%. It tracks the machine
+imperfectly (correlation +0.5 to +0.64 within runs), so it lowers false alarms more than it raises the power to see
+a small slowdown.
 
 The probe's parts are timed apart (`ProbeTiming`) so that `benchmarks/stats_device.py` can show which of them
 tracks the rounds on a given machine.
@@ -47,8 +48,8 @@ class ProbeTiming:
 class MachineProbe:
     """The fixed workload, its inputs built once per device.
 
-    On a CPU the GEMM and the launches run on the CPU and the copy is skipped. About 7-9 ms a probe on the H100 VM
-    at its full speed, 10-14 ms in its slow spells (fifth set, benchmarks/RESULTS.md); `scale` multiplies every
+    On a CPU the GEMM and the launches run on the CPU and the copy is skipped. About 7-9 ms a probe on an H100 80GB HBM3
+    VM at its full speed, 10-14 ms in its slow spells (benchmarks/results/h100-2026-11-23e); `scale` multiplies every
     part's repetitions (tests use a small one).
     """
 

@@ -1,7 +1,7 @@
 """A session's regression step, for the plugin: baselines loaded before anything runs, each case checked against
 its baseline as it finishes, and at the end the run appended to the history and (on request) saved as baseline.
 
-Plain functions over the plugin's state dict, so the plugin's hooks stay one line each.
+Plain functions over the plugin's `state.MoebenchRun`, so the plugin's hooks stay one line each.
 """
 
 from __future__ import annotations
@@ -9,12 +9,18 @@ from __future__ import annotations
 import re
 import shlex
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from . import baseline as bl
 from . import history
+from .engine import kernels_name
 from .fingerprint import machine_class, machine_info
+from .state import Comparison
+
+if TYPE_CHECKING:
+    from .state import MoebenchRun
 
 _DELAY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|ms|us|%)\s*$")
 _UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
@@ -42,16 +48,20 @@ def parse_delay(text: str | None) -> tuple[float, float]:
     return seconds, 0.0
 
 
-def configure_comparison(config: pytest.Config, device: str) -> dict:
+def parse_delay_option(config: pytest.Config) -> tuple[float, float]:
+    """--moebench-inject-delay as (seconds per MoE layer call, stretch fraction); a malformed one is a UsageError."""
+    try:
+        return parse_delay(config.getoption("moebench_inject_delay"))
+    except ValueError as exc:
+        raise pytest.UsageError(f"--moebench-inject-delay: {exc}") from None
+
+
+def configure_comparison(config: pytest.Config, device: str) -> Comparison:
     """Everything the regression step needs, checked before collection; bad input is a pytest.UsageError."""
     try:
         limits = bl.parse_limits(config.getoption("moebench_compare_fail") or bl.DEFAULT_LIMITS)
     except ValueError as exc:
         raise pytest.UsageError(f"--moebench-compare-fail: {exc}") from None
-    try:
-        delay, stretch = parse_delay(config.getoption("moebench_inject_delay"))
-    except ValueError as exc:
-        raise pytest.UsageError(f"--moebench-inject-delay: {exc}") from None
     baseline_runs = config.getoption("moebench_baseline_runs")
     if baseline_runs < 1:
         raise pytest.UsageError(f"--moebench-baseline-runs: {baseline_runs} is not a run count; use 1 or more")
@@ -66,102 +76,115 @@ def configure_comparison(config: pytest.Config, device: str) -> dict:
         explicit = Path(mode)
         if explicit.is_file():
             try:
-                explicit = bl.load(explicit)  # a corrupt or foreign file stops the session before any work
+                explicit = _in_current_words(bl.load(explicit))  # a corrupt or foreign file stops the session
             except bl.BaselineError as exc:
                 raise pytest.UsageError(f"--moebench-compare: {exc}") from None
         elif not explicit.is_dir():
             raise pytest.UsageError(f"--moebench-compare: {mode} is neither a baseline file nor a folder of them")
-    return {"limits": limits, "inject_delay_s": delay, "inject_slowdown": stretch, "machine": machine,
-            "machine_class": cls,
-            "baseline_dir": base_dir, "compare_mode": mode, "explicit_baseline": explicit, "baselines": {},
-            "baseline_paths": {}, "save_baseline": config.getoption("moebench_save_baseline"),
-            "baseline_runs": baseline_runs,
-            "store_messages": []}
+    return Comparison(limits=limits, machine=machine, machine_class=cls, baseline_dir=base_dir, mode=mode,
+                      explicit=explicit, save_baseline=config.getoption("moebench_save_baseline"),
+                      baseline_runs=baseline_runs)
 
 
-def load_suite_baseline(state: dict, suite: str, collector: pytest.Collector) -> None:
+def _in_current_words(baseline: dict) -> dict:
+    """The baseline with its cases' kernels in the engine's current names, so that a case measured on the exact loop
+    compares with a stored one that said "loop" (an older engine's word)."""
+    for case in baseline.get("cases", {}).values():
+        if isinstance(case, dict):
+            case["kernels"] = kernels_name(case.get("kernels"))
+    return baseline
+
+
+def load_suite_baseline(run: MoebenchRun, suite: str, collector: pytest.Collector) -> None:
     """Find and load the baseline of `suite` (once); a corrupt one is a collection error naming the file."""
-    if suite in state["baselines"] or state["compare_mode"] == "none":
+    c = run.comparison
+    if suite in c.baselines or c.mode == "none":
         return
-    explicit = state["explicit_baseline"]
-    if isinstance(explicit, dict):
-        if explicit["suite"] == suite:
-            state["baselines"][suite] = explicit
-            state["baseline_paths"][suite] = state["compare_mode"]
+    if isinstance(c.explicit, dict):
+        if c.explicit["suite"] == suite:
+            c.baselines[suite] = c.explicit
+            c.baseline_paths[suite] = c.mode
         else:
-            state["baselines"][suite] = None
-            state["store_messages"].append((f"baseline: {state['compare_mode']} is for suite {explicit['suite']!r},"
-                                            f" not {suite!r}; {suite!r} not compared", True))
+            c.baselines[suite] = None
+            run.messages.append((f"baseline: {c.mode} is for suite {c.explicit['suite']!r}, not {suite!r}; "
+                                 f"{suite!r} not compared", True))
         return
-    folder = explicit if isinstance(explicit, Path) else state["baseline_dir"] / state["machine_class"]
+    folder = c.explicit if isinstance(c.explicit, Path) else c.baseline_dir / c.machine_class
     path = folder / f"{suite}.json"
     if not path.exists():
-        state["baselines"][suite] = None
-        if state["compare_mode"] != "auto":
+        c.baselines[suite] = None
+        if c.mode != "auto":
             raise collector.CollectError(f"--moebench-compare: no baseline {path}; make one with "
                                          "--moebench-save-baseline or `moebench baseline update`")
         return
     try:
-        state["baselines"][suite] = bl.load(path)
+        c.baselines[suite] = _in_current_words(bl.load(path))
     except bl.BaselineError as exc:
         raise collector.CollectError(f"{exc}; or run with --moebench-compare=none") from None
-    state["baseline_paths"][suite] = str(path)
+    c.baseline_paths[suite] = str(path)
 
 
-def check_against_baseline(state: dict, record: dict) -> None:
+def check_against_baseline(run: MoebenchRun, record: dict) -> None:
     """Attach the verdict to `record`; raise CaseFailed when the case regressed."""
     from .measure import CaseFailed
 
-    base = state["baselines"].get(record.get("suite"))
+    c = run.comparison
+    suite = str(record.get("suite"))
+    base = c.baselines.get(suite)
     if base is None:
         return
-    comparison = bl.compare_case(base["cases"].get(record["case"]), record, state["limits"],
-                                 base_machine=base.get("machine"), cur_machine=state["machine"])
-    comparison["baseline_file"] = state["baseline_paths"].get(record.get("suite"))
+    comparison = bl.compare_case(base["cases"].get(record["case"]), record, c.limits,
+                                 base_machine=base.get("machine"), cur_machine=c.machine)
+    comparison["baseline_file"] = c.baseline_paths.get(suite)
     record["comparison"] = comparison
     if comparison["status"] == "regressed":
         raise CaseFailed(f"{record['case']}: regressed against {comparison['baseline_file']}: "
                          f"{comparison['message']}", record)
 
 
-def finish_session(session: pytest.Session, state: dict, options: dict, exitstatus) -> None:
+def finish_session(session: pytest.Session, run: MoebenchRun, exitstatus) -> None:
     """Append the run to the history (marked 'interrupted' after Ctrl-C) and save baselines when asked."""
     config = session.config
+    c = run.comparison
     interrupted = int(exitstatus) == int(pytest.ExitCode.INTERRUPTED)
     command = shlex.join(["pytest", *config.invocation_params.args])
-    options = dict(options, inject_delay_ms=state["inject_delay_s"] * 1e3,
-                   inject_slowdown=state["inject_slowdown"], compare=state["compare_mode"],
-                   limits=state["limits"])
-    run = history.make_run(state["records"], state["suites"], config.rootpath, options,
-                           status="interrupted" if interrupted else "complete", command=command,
-                           machine=state["machine"], machine_cls=state["machine_class"])
-    state["run"] = run
-    state["store_messages"].extend(bl.verdict_notes(state["records"], state["baseline_paths"]))
+    options = dict(run.options(), inject_delay_ms=run.inject_delay_s * 1e3, inject_slowdown=run.inject_slowdown,
+                   compare=c.mode, limits=c.limits)
+    stored = history.make_run(run.records, run.suites, config.rootpath, options,
+                              status="interrupted" if interrupted else "complete", command=command,
+                              machine=c.machine, machine_cls=c.machine_class)
+    run.stored_run = stored
+    run.messages.extend(bl.verdict_notes(run.records, c.baseline_paths))
     try:
-        state["history_path"] = history.append(state["history"], run)
+        run.history_path = str(history.append(run.history, stored))
     except (OSError, history.HistoryError) as exc:
-        state["history_error"] = str(exc)
-    if not state["save_baseline"]:
+        run.history_error = str(exc)
+    if not c.save_baseline:
         return
     if interrupted:
-        state["store_messages"].append(("baseline: NOT saved, the run was interrupted", True))
+        run.messages.append(("baseline: NOT saved, the run was interrupted", True))
         return
-    earlier: list[dict] = []
-    if state["baseline_runs"] > 1:
-        try:
-            stored, _ = history.read_history(state["history"])
-            earlier = [r for r in reversed(stored) if r.get("run_id") != run.get("run_id")]
-        except (OSError, history.HistoryError) as exc:
-            state["store_messages"].append((f"baseline: earlier runs unreadable ({exc}); keeping this run only",
-                                            True))
-    for suite in state["suites"]:
-        path = bl.path_for(state["baseline_dir"], state["machine_class"], suite)
-        try:
-            baseline = bl.add_earlier_runs(bl.from_run(run, suite, command), earlier, state["baseline_runs"])
-            bl.save(path, baseline)
-            kept = len(baseline.get("runs") or [run["run_id"]])
-            state["store_messages"].append((f"baseline: wrote {path} (run {run['run_id']}"
-                                            + (f" and {kept - 1} earlier" if kept > 1 else "") + ")", False))
-        except (OSError, bl.BaselineError) as exc:
-            state["store_messages"].append((f"baseline: NOT saved: {exc}", True))
+    _save_baselines(run, stored, command)
 
+
+def _save_baselines(run: MoebenchRun, stored: dict, command: str) -> None:
+    """Write each suite's baseline from this run, with the samples of up to --moebench-baseline-runs - 1 earlier
+    comparable runs from the history."""
+    c = run.comparison
+    earlier: list[dict] = []
+    if c.baseline_runs > 1:
+        try:
+            runs, _ = history.read_history(run.history)
+            earlier = [r for r in reversed(runs) if r.get("run_id") != stored.get("run_id")]
+        except (OSError, history.HistoryError) as exc:
+            run.messages.append((f"baseline: earlier runs unreadable ({exc}); keeping this run only", True))
+    for suite in run.suites:
+        path = bl.path_for(c.baseline_dir, c.machine_class, suite)
+        try:
+            baseline = bl.add_earlier_runs(bl.from_run(stored, suite, command), earlier, c.baseline_runs)
+            bl.save(path, baseline)
+            kept = len(baseline.get("runs") or [stored["run_id"]])
+            run.messages.append((f"baseline: wrote {path} (run {stored['run_id']}"
+                                 + (f" and {kept - 1} earlier" if kept > 1 else "") + ")", False))
+        except (OSError, bl.BaselineError) as exc:
+            run.messages.append((f"baseline: NOT saved: {exc}", True))

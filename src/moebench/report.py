@@ -1,9 +1,10 @@
 """`moebench report`: PNG plots and one self-contained HTML page from the history.
 
 Plots: throughput against GPU budget, one line per policy, one figure per suite and model (from the latest complete
-run that measured it); and each case's throughput over the runs in the history (median and the per-round spread),
-labelled by commit. The HTML page embeds the plots as base64 PNGs and the latest run's table, so it can be mailed
-or archived alone. matplotlib is the optional extra `report`.
+run that measured it); and each case's throughput over the runs in the history, labelled by commit. Every point is
+the median of a case's timed rounds with a bar from their first to their third quartile: a median alone cannot
+show whether two points differ by more than the rounds' own spread. The HTML page embeds the plots as base64 PNGs
+and the latest run's table, so it can be mailed or archived alone. matplotlib is the optional extra `report`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import base64
 import html
 import io
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from .history import format_run_header, injected
@@ -43,6 +45,27 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
 
 
+def spread(record: dict) -> tuple[float, float, float] | None:
+    """(first quartile, median, third quartile) of a record's per-round tokens/s; with no per-round samples (older
+    records) its aggregate tokens/s three times; None when it has neither."""
+    import numpy as np
+
+    samples = (record.get("samples") or {}).get("tokens_per_s") or []
+    if samples:
+        q1, median, q3 = np.percentile(np.asarray(samples, dtype=float), [25, 50, 75])
+        return float(q1), float(median), float(q3)
+    value = record.get("tokens_per_s")
+    return (float(value),) * 3 if value else None
+
+
+def _plot_spread(ax, xs: Sequence[float], spreads: list[tuple[float, float, float]], **style) -> None:
+    """Medians joined by a line, each with its interquartile bar."""
+    medians = [m for _, m, _ in spreads]
+    below = [m - q1 for q1, m, _ in spreads]
+    above = [q3 - m for _, m, q3 in spreads]
+    ax.errorbar(xs, medians, yerr=[below, above], marker="o", capsize=3, **style)
+
+
 def _save(fig, path: Path) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -62,19 +85,19 @@ def budget_plots(runs: list[dict], out: Path, plt) -> list[tuple[str, Path, byte
             latest.setdefault((r.get("suite"), r.get("model")), {})[r.get("case")] = r
     made = []
     for (suite, model), cases in sorted(latest.items(), key=lambda kv: str(kv[0])):
-        by_policy: dict[str, list[tuple[float, float]]] = {}
+        by_policy: dict[str, list[tuple[float, tuple[float, float, float]]]] = {}
         for r in cases.values():
-            x = _budget_fraction(r)
-            if x is not None and r.get("tokens_per_s"):
-                by_policy.setdefault(str(r.get("policy")), []).append((x * 100, r["tokens_per_s"]))
+            x, q = _budget_fraction(r), spread(r)
+            if x is not None and q is not None:
+                by_policy.setdefault(str(r.get("policy")), []).append((x * 100, q))
         if not by_policy:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
         for policy, pts in sorted(by_policy.items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
+            _plot_spread(ax, [p[0] for p in pts], [p[1] for p in pts], label=policy)
         ax.set_xlabel("GPU budget (% of all expert bytes)")
-        ax.set_ylabel("tokens/s")
+        ax.set_ylabel("tokens/s (median, quartiles of the rounds)")
         ax.set_title(f"{suite}: {model}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -86,26 +109,27 @@ def budget_plots(runs: list[dict], out: Path, plt) -> list[tuple[str, Path, byte
 
 
 def history_plots(runs: list[dict], out: Path, plt) -> list[tuple[str, Path, bytes]]:
-    series: dict[tuple[str, str], list[tuple[int, str, float, list[float]]]] = {}
-    for i, run in enumerate(runs):
+    series: dict[tuple[str, str], list[tuple[str, tuple[float, float, float], list[float]]]] = {}
+    for run in runs:
         if run.get("status", "complete") != "complete":
             continue
         commit = ((run.get("git") or {}).get("commit") or "none")[:8]
         for r in run.get("records", []):
-            if r.get("tokens_per_s") and not injected(r):
+            q = spread(r)
+            if q is not None and not injected(r):
                 samples = (r.get("samples") or {}).get("tokens_per_s") or []
-                series.setdefault((r.get("suite"), r.get("case")), []).append((i, commit, r["tokens_per_s"], samples))
+                series.setdefault((r.get("suite"), r.get("case")), []).append((commit, q, samples))
     made = []
     for (suite, case), pts in sorted(series.items(), key=lambda kv: str(kv[0])):
         fig, ax = plt.subplots(figsize=(6, 3.5))
         xs = list(range(len(pts)))
-        for x, (_, _, _, samples) in zip(xs, pts):
+        for x, (_, _, samples) in zip(xs, pts):
             if samples:
                 ax.scatter([x] * len(samples), samples, s=6, alpha=0.3, color="gray")
-        ax.plot(xs, [p[2] for p in pts], marker="o")
-        ax.set_xticks(xs, [p[1] for p in pts], rotation=45, fontsize=7)
+        _plot_spread(ax, xs, [p[1] for p in pts])
+        ax.set_xticks(xs, [p[0] for p in pts], rotation=45, fontsize=7)
         ax.set_xlabel("run (commit)")
-        ax.set_ylabel("tokens/s")
+        ax.set_ylabel("tokens/s (median, quartiles; rounds in grey)")
         ax.set_title(f"{suite}: {case}", fontsize=9)
         ax.grid(alpha=0.3)
         path = out / f"history_{_slug(str(suite))}_{_slug(str(case))}.png"

@@ -38,36 +38,28 @@ samples by the same constant changes nothing.
 Whether an injected slowdown of ``t`` is flagged in >= 95% of comparisons depends on the per-round noise and the
 number of rounds, not on the rule: ``benchmarks/stats_power.py`` simulates it.
 
-Measured noise (fifth H100 set, ``benchmarks/RESULTS.md``)
-----------------------------------------------------------
-The lent H100 runs at two speeds, switching every few seconds to minutes; in its slow spells raw tokens/s drops
-30-60%. Raw rounds therefore break the rule's assumption that the two sides differ only by the change under test:
-resampling blocks of 160 measured rounds (``benchmarks/stats_power.py --noise-from ... --blocks``), identical code was
-flagged in 14-17% of raw comparisons. Verdicts on samples normalized by the machine-speed probe
-(``moebench.probe``; ``baseline.compare_metric`` picks them when both sides have them) were flagged in 0-2.4%, and
-0.0-0.5% from 20 rounds a side; a true 5% slowdown was flagged in 23-33% at 20-30 rounds, 10% in 71-89%.
+Measured noise (``benchmarks/RESULTS.md``: "The machine runs at two speeds", "Interleaved A/B runs")
+-----------------------------------------------------------------------------------------------------
+An H100 80GB HBM3 in a VM ran at two speeds, switching every few seconds to minutes. Raw rounds therefore break the
+rule's assumption that the two sides differ only by the change under test: resampling blocks of 160 measured rounds
+(``benchmarks/stats_power.py --noise-from ... --blocks``), identical code was flagged in 14-17% of raw comparisons
+and in 0.0-0.5% of comparisons normalized by the machine-speed probe (``moebench.probe``;
+``baseline.compare_metric`` picks them when both sides have them) at 20-30 rounds a side.
 
-What rounds cannot fix: the normalized medians of 8 unchanged runs differ with a log-sd of about 2.6%. This rule
-tests rounds, so it treats a run's offset as a real change once the rounds are many enough to make it significant.
-Modelled with that run offset and the measured within-run residuals (``benchmarks/stats_power.py --noise-from ...
---run-level``), false alarms grow with the rounds: 2.9% at 10, 5.3% at 20, 7.4% at 30, 19.1% at 100 and 23.5% at
-300 a side. (Block resampling of the same 160 rounds says 0.0-0.5% at 20-30: its two blocks often come from one run,
-so it under-counts run offsets; this model draws an independent offset per run, so the truth lies between.) A
-verdict that holds at any round count tests at run level: :func:`compare_runs`, used when a baseline keeps the
-samples of several runs (``--moebench-baseline-runs``).
+What rounds cannot fix: the normalized medians of 8 unchanged runs differ with a log-sd of 2.6%. This rule tests
+rounds, so it treats a run's offset as a real change once the rounds are many enough to make it significant
+(modelled with ``--run-level``: 5.3% false alarms at 20 rounds a side, 23.5% at 300). A verdict that holds at any
+round count tests at run level: :func:`compare_runs`, used when a baseline keeps the samples of several runs
+(``--moebench-baseline-runs``).
 
-Interleaved A/B runs (sixth and seventh sets): ``moebench ab`` lets two processes take turns and
-:func:`compare_paired` tests the pairs, so run offsets cancel (the two A/B runs of the sixth set differed by 10% in
-median tokens/s; their pairs did not care). What pairing cannot cancel is the noise within the pair's time apart:
-with whole rounds alternating (~1 s apart) the pair log-ratio s.d. of an A/A run was 19%, about sqrt(2) times each
-side's 13-16% round-to-round spread; with decode steps alternating (~30 ms apart, the default) it was 9-13%. With the
-step-grain spread, resampled (``benchmarks/stats_power.py --pairs-from``), 100 pairs give <= 1% false alarms and
->= 95% detection of a 5% slowdown (250 at round grain): :func:`pairs_needed` (``moebench ab --processes 1``).
-But each process also keeps a speed offset of its own, which no number of pairs averages away: over 27 A/A process
-pairs (seventh and eighth sets) its log s.d. was 4.0%, and with it one process pair's verdict gave ~28% false alarms in
-simulation. :func:`compare_paired_groups` tests K process pairs (``moebench ab --processes K``, default 24 of 10
-rounds) against their own spread instead: at 24 x 10, 0.5% false alarms and 96.2% detection of a 5% slowdown
-(2000 simulated comparisons).
+Interleaved A/B runs: ``moebench ab`` lets two processes take turns and :func:`compare_paired` tests the pairs, so
+the machine's slow spells cancel. What pairing cannot cancel is the noise within the pair's time apart (an A/A pair
+log-ratio s.d. of 19.2% with whole rounds alternating, 9.4-12.8% with decode steps alternating, the default;
+:func:`pairs_needed`), nor the speed offset each process keeps for its whole run (log s.d. 4.0% over 27 A/A process
+pairs; with it one process pair's verdict gives ~28% false alarms in simulation). :func:`compare_paired_groups`
+tests K process pairs (``moebench ab --processes K``, default 24 of 10 rounds) against their own spread instead: at
+24 x 10, 0.5% false alarms and 96.2% detection of a 5% slowdown (2000 simulated comparisons,
+``benchmarks/results/h100-2026-11-24/stats_power_default.txt``).
 
 Earlier estimate (before per-round samples were stored)
 -------------------------------------------------------
@@ -132,8 +124,8 @@ MIN_PROCESS_PAIRS = 3
 NOISE_CV_ESTIMATE = 0.10
 #: Rounds per side at which the simulated 5%-slowdown detection rate reaches >= 95% with <= 1% false alarms, at
 #: :data:`NOISE_CV_ESTIMATE` with INDEPENDENT rounds (found by ``benchmarks/stats_power.py``). Measured device runs
-#: also differ from run to run (log-sd ~2.6% between run medians, normalized; fifth set), which more rounds do not
-#: average away: see the module docstring.
+#: also differ from run to run (log-sd 2.6% between run medians, normalized), which more rounds do not average
+#: away: see the module docstring.
 DEFAULT_ROUNDS = 250
 STATUSES = ("regressed", "improved", "unchanged", "inconclusive")
 _CODES = {s: i for i, s in enumerate(STATUSES)}
@@ -345,7 +337,7 @@ def compare(baseline: Sequence[float], current: Sequence[float], *, higher_is_be
                     f"Mann-Whitney is not significant at p<{alpha:g}")
         elif g_lo < full and g_hi > -full:
             tail = (f"inconclusive, the interval spans both -{threshold:.0%} and +{threshold:.0%}; "
-                    "run more rounds, or repeat the run: the spread between runs (about 2.6% on the lent H100) "
+                    "run more rounds, or repeat the run: the spread between runs (2.6% on an H100 80GB HBM3) "
                     "bounds what more rounds can settle")
         else:
             side = worse if g_lo < full else better
@@ -478,8 +470,8 @@ def _signed_rank_interval(d: np.ndarray, confidence: float) -> tuple[float, floa
 def pairs_needed(pair_sd: float, threshold: float = 0.05, confidence: float = 0.99, power: float = 0.95) -> int:
     """Round pairs at which a true change of ``threshold`` is flagged with probability ``power``, for pairs whose log
     ratio has s.d. ``pair_sd`` (normal approximation, inflated by 1/0.955, the signed-rank test's efficiency
-    against the t-test at normal noise). At the lent H100's measured A/A spread this is 117 at step grain (12.8%) and
-    262 at round grain (19.2%)."""
+    against the t-test at normal noise). At the A/A spreads measured on an H100 80GB HBM3 this is 117 at step grain
+    (12.8%) and 262 at round grain (19.2%)."""
     z = float(_sps.norm.ppf(1 - (1 - confidence) / 2)) + float(_sps.norm.ppf(power))
     return max(MIN_PAIRS, int(math.ceil((z * pair_sd / -math.log(1 - threshold)) ** 2 / 0.955)))
 
@@ -540,11 +532,11 @@ def compare_paired_groups(groups: Sequence[tuple[Sequence[float], Sequence[float
     """Verdict over several interleaved A/B process pairs (``moebench ab --processes K``): ``groups[j]`` is the
     (baseline, current) rounds of process pair j, paired round by round as in :func:`compare_paired`.
 
-    Why: a process keeps an offset for its whole run (about 1.8% log s.d. on the lent H100, seventh set), the same
-    for all its rounds, so pairing cannot cancel it and :func:`compare_paired` counts it as a real change once the
-    pairs are many. Model ``d_ij = mu + u_j + e_ij`` with ``u_j`` the process pair's offset: the shift is the mean of
-    the groups' mean log ratios ``m_j``, its interval the Student t interval with K-1 degrees of freedom on the
-    ``m_j`` and the p-values one-sided t: the ``m_j`` spread holds both the round noise and the offset, so the
+    Why: a process keeps an offset for its whole run (4.0% log s.d. over 27 A/A process pairs on an H100 80GB HBM3),
+    the same for all its rounds, so pairing cannot cancel it and :func:`compare_paired` counts it as a real change
+    once the pairs are many. Model ``d_ij = mu + u_j + e_ij`` with ``u_j`` the process pair's offset: the shift is
+    the mean of the groups' mean log ratios ``m_j``, its interval the Student t interval with K-1 degrees of freedom
+    on the ``m_j`` and the p-values one-sided t: the ``m_j`` spread holds both the round noise and the offset, so the
     coverage holds whatever the offset (for roughly normal ``m_j``, which means of many rounds are). Statuses follow
     :func:`compare`'s rule. Unweighted on purpose: weighting groups by their round counts would be more efficient when
     the counts differ, but its interval needs the offset's variance, which K of 3-12 estimate badly."""

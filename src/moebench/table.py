@@ -6,6 +6,8 @@ import math
 
 from tabulate import tabulate
 
+from .engine import kernels_name
+
 MIB = 2**20
 
 
@@ -35,10 +37,18 @@ def rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
             _num(r.get("kl_divergence"), ".2g"),
             "pass" if r.get("passed") else "xfail" if r.get("expected_failure") else "FAIL",
         ])
-    if any((r.get("kernels") or "exact") not in ("loop", "exact") for r in records):
+    if any(kernels_name(r.get("kernels")) != "exact" for r in records):  # which path served each case
         headers.insert(3, "kernels")
         for row, r in zip(out, records):
-            row.insert(3, (r.get("kernels") or "exact") + (", device fetch" if r.get("fetch") == "device" else ""))
+            row.insert(3, kernels_name(r.get("kernels")) + (", device fetch" if r.get("fetch") == "device" else ""))
+    if any(r.get("eager_agreement") is not None for r in records):  # the resident model off the exact loop
+        headers += ["agree w/ exact loop", "KL w/ exact loop"]
+        for row, r in zip(out, records):
+            row += [_num(r.get("eager_agreement"), ".1%"), _num(r.get("eager_kl"), ".2g")]
+    if any((r.get("miss_rule") or "copy") != "copy" for r in records):  # a host-assisted policy ran
+        headers += ["misses/round copied", "host"]
+        for row, r in zip(out, records):
+            row += [_num(r.get("copied_misses_per_round"), ".1f"), _num(r.get("host_misses_per_round"), ".1f")]
     if any(r.get("precision", "full") != "full" for r in records):  # a low-precision policy ran
         headers += ["MiB/expert", "misses/round by precision"]
         for row, r in zip(out, records):
@@ -50,9 +60,9 @@ def rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
                                                                               ".1f"),
                     _num(r.get("first_come_token_agreement"), ".1%")]
     if any("comparison" in r for r in records):
-        headers += ["baseline tok/s", "delta", "rounds b/r", "verdict"]
+        headers += COMPARISON_HEADERS
         for row, r in zip(out, records):
-            row += comparison_cells(r.get("comparison"))
+            row += comparison_cells(r.get("comparison"), r)
     return headers, out
 
 
@@ -64,25 +74,47 @@ def precision_cells(record: dict) -> list[str]:
             " / ".join(f"{p} {n:.1f}" for p, n in misses.items()) or "-"]
 
 
-def comparison_cells(comparison: dict | None) -> list[str]:
-    """Baseline tokens/s, the change of the median, the rounds on each side (marked when too few to flag anything)
-    and the verdict ('REGRESSED' shouts; an injected delay shows; 'not comparable' names what differs)."""
+COMPARISON_HEADERS = ["median tok/s", "baseline tok/s", "baseline at this speed", "delta", "rounds b/r", "verdict"]
+
+
+def comparison_cells(comparison: dict | None, record: dict | None = None) -> list[str]:
+    """The comparison with the baseline, so that a row reads right alone: this run's median tokens/s over its rounds,
+    the baseline's as stored, the baseline's at this run's machine speed (scaled by the machine-speed probe,
+    `moebench.probe`, when both sides have it: what the verdict compares), the change of the median against that
+    one, the rounds on each side (with how many would be needed when too few to flag anything) and the verdict
+    ('REGRESSED' shouts; an injected delay shows; 'not comparable' names what differs)."""
     if not comparison:
-        return ["-", "-", "-", "-"]
+        return ["-"] * len(COMPARISON_HEADERS)
+    throughput = (comparison.get("metrics") or {}).get("throughput") or {}
+    current = throughput.get("current", (record or {}).get("tokens_per_s"))
     ratio = comparison.get("ratio")
+    at_speed = "-"
+    if current is not None and ratio:
+        at_speed = f"{current / ratio:.1f}" + ("" if throughput.get("normalized") else " (no probe)")
+    return [_num(current, ".1f"), _num(comparison.get("baseline_tokens_per_s"), ".1f"), at_speed,
+            "-" if ratio is None else f"{ratio - 1:+.1%}", rounds_cell(comparison), verdict_cell(comparison)]
+
+
+def rounds_cell(comparison: dict) -> str:
+    n = comparison.get("rounds")
+    if not n:
+        return "-"
+    if comparison.get("level") == "runs":
+        return f"{n[0]} runs/{n[1]}"
+    if not comparison.get("too_few_rounds"):
+        return f"{n[0]}/{n[1]}"
+    need = comparison.get("rounds_needed")
+    return f"{n[0]}/{n[1]} too few: " + (f"need {need} this run" if need else "remake the baseline with more")
+
+
+def verdict_cell(comparison: dict) -> str:
     verdict = comparison.get("status", "?")
     verdict = verdict.upper() if verdict == "regressed" else verdict
     if comparison.get("fields"):
         verdict += f" ({', '.join(comparison['fields'])})"
     if comparison.get("injected"):
         verdict += f" (injected {comparison['injected']})"
-    n = comparison.get("rounds")
-    if n and comparison.get("level") == "runs":
-        rounds = f"{n[0]} runs/{n[1]}"
-    else:
-        rounds = "-" if not n else f"{n[0]}/{n[1]}" + (" too few" if comparison.get("too_few_rounds") else "")
-    return [_num(comparison.get("baseline_tokens_per_s"), ".1f"),
-            "-" if ratio is None else f"{ratio - 1:+.1%}", rounds, verdict]
+    return verdict
 
 
 def render(records: list[dict], tablefmt: str = "simple") -> str:

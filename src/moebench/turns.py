@@ -2,14 +2,14 @@
 
 `moebench ab` starts one pytest process per side (two commits, or one tree with and without an option) and a
 `Referee` between them. Both start up at once (imports, model building, warm-up: nothing is timed yet, and a
-serialized start-up cost 44 s a process pair for switch-base-8 on the lent H100, seventh set); the first turn is
+serialized start-up cost 44 s a process pair for switch-base-8 on an H100 80GB HBM3); the first turn is
 handed out when both have reached their first timed round. From then on each process holds the floor in turn and
 gives it up at the start of every timed round (`Turns.take`), and everything else (later models, accuracy passes)
 is serialized too. The floor goes
 a b b a a b b a ...: the rounds run A1 B1 B2 A2 A3 B3 ..., so each side goes first in half the pairs and whatever
 the second of two back-to-back rounds gains or loses (a clock still boosted, a cache still warm) cancels instead of
 favouring one side. Round i of A and round i of B are measured a second apart, under the same
-machine state, which is what `moebench.stats.compare_paired` needs: the lent H100's slow spells and run-to-run
+machine state, which is what `moebench.stats.compare_paired` needs: a machine's slow spells and run-to-run
 offsets hit both rounds of a pair and cancel in their ratio.
 
 The floor is passed over a local socket (`multiprocessing.connection`, authenticated) rather than polled files: a
@@ -34,8 +34,8 @@ ENV_SIDE = "MOEBENCH_TURNS_SIDE"
 ENV_GRAIN = "MOEBENCH_TURNS_GRAIN"
 SIDES = ("a", "b")
 #: How often the floor changes: before every timed round, or also between decode steps (pairs ~30 ms apart
-#: instead of ~1 s: on the lent H100 the A/A pairs then spread by 9-13% instead of 19%, benchmarks/RESULTS.md
-#: sixth and seventh sets)
+#: instead of ~1 s: on an H100 80GB HBM3 the A/A pairs then spread by 9.4-12.8% instead of 19.2%,
+#: benchmarks/RESULTS.md "Interleaved A/B runs")
 GRAINS = ("round", "step")
 
 

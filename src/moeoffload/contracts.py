@@ -6,15 +6,23 @@ moves weights early, so the output cannot depend on it.)"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 from .errors import PolicyContractError
 
 RULE_METHODS = ("on_insert", "on_access", "on_remove", "victim")  # moeoffload.eviction.EvictionRule
 
 
-def checked_victim(rule: Any, candidates: Collection) -> Any:
+class Candidates(Protocol):
+    """What an eviction rule is offered: membership and iteration, no length (the cache's lazy view has none)."""
+
+    def __contains__(self, key: object, /) -> bool: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+def checked_victim(rule: Any, candidates: Candidates) -> Any:
     """`rule.victim(candidates)`, which must be one of `candidates`: the cache's view of its evictable experts
     (O(1) membership) or the short list of demoted ones. One membership test per eviction; the error path alone
     counts the candidates."""

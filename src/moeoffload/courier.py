@@ -1,8 +1,8 @@
 """Courier: a host thread that carries the device directory's fills to the copy engine.
 
 Why: with the cache's directory on the device (`moeoffload.directory`) a layer never syncs with the host, so the
-host runs ahead of the GPU; but the SMs' own loads from host memory reach only 52% of the link on the lent H100
-(`benchmarks/zero_copy.py`). Here the decision stays on the device and the bytes move on the copy engine:
+host runs ahead of the GPU; but the SMs' own loads from host memory reach only about half the link's rate
+(benchmarks/RESULTS.md). Here the decision stays on the device and the bytes move on the copy engine:
 
     main thread (compute stream)              courier thread (copy stream)
     resolve(layer, ids, seq)  -> fills, and flag = seq if nothing is to copy or in flight
@@ -13,44 +13,34 @@ host runs ahead of the GPU; but the SMs' own loads from host memory reach only 5
                                         '---  flag = seq (after the copies: a memory fence first)
                                               then ring[i + 1]: the prefetch's copies, under the FFN
 
-The main thread never waits for the GPU: it queues the wait (`kernels.streamops`) and goes on launching. The GPU
-stalls only for what it must: a missing expert's bytes, plus the courier's wake-up. A layer without a miss never
-waits for the host at all, since its own lookup kernel sets the flag, unless a copy the courier owes (a prefetch's,
-into a slot this call may read) is still in flight: then the courier writes the flag after it. The flag only grows:
-the kernel writes it only when the courier owes nothing, and the courier writes in call order.
+Invariants: the main thread never waits for the GPU, it queues the wait (`kernels.streamops`). A layer without a
+miss sets the flag from its own lookup kernel, unless a copy the courier owes (a prefetch's, into a slot this call
+may read) is still in flight; then the courier writes it after that copy. The flag only grows: the kernel writes it
+only when the courier owes nothing, and the courier writes in call order.
 
-Lazy loading: CUDA loads a kernel at its first launch, and that load may wait for the whole context to go idle,
-so a kernel first launched while the compute stream waits on the flag waits for the courier too (a GPU test that
-launched one from the thread that was to write the flag hung). So the first call of each (layer, routed pairs,
-prefetch or not) shape waits on the host before its lookups and again once its flag is passed: the kernels of that
-shape load while no wait is pending. Later calls of the shape run ahead.
+Lazy loading: CUDA loads a kernel at its first launch, and that load may wait for the whole context to go idle, so a
+kernel first launched while the compute stream waits on the flag would wait for the courier too. The first call of
+each (layer, routed pairs, prefetch or not) shape therefore waits on the host before its lookups and again once its
+flag is passed; later calls of the shape run ahead.
 
-Work before the wait: `fetch(..., wait=False)` leaves the wait to the caller (`wait`), which first runs what reads
-no slot still being filled: the layer's FFN over the slots whose copy has landed (`DeviceDirectory.landing`), under
-the copies of the others.
+Work before the wait: `fetch(..., wait=False)` leaves the wait to the caller (`wait`), which first runs what reads no
+slot still being filled: the FFN over the slots whose copy has landed (`DeviceDirectory.landing`).
 
-Blocking calls: while the compute stream waits on the flag, a host call that blocks in the driver (a copy to
-pageable memory, `.cpu()` or `.item()`) can hold the courier's own `cudaMemcpyAsync` up: on the lent H100 a suite's
-`logits.cpu()` and the courier's copy each waited for the other (RESULTS.md, fourteenth set). So the host drains
-the courier (`drain`: every queued call's copies and flag issued) after a model's last MoE layer, after an
-encoder-decoder's encoder, and before the cache's host view is read; between MoE layers a forward should not
-block. Kernel launches never block.
+Blocking calls: while the compute stream waits on the flag, a host call that blocks in the driver (a copy to pageable
+memory, `.cpu()`, `.item()`) can hold the courier's own `cudaMemcpyAsync` up, and each waits for the other. So the
+host drains the courier (`drain`: every queued call's copies and flag issued) after a model's last MoE layer, after an
+encoder-decoder's encoder, and before the cache's host view is read; between MoE layers a forward must not block.
 
-The GIL: the courier is Python, so after each wake-up (its event's wait releases the GIL) it needs the GIL back
-while the main thread may be busy launching the next layers. CPython hands the GIL over only every switch interval,
-5 ms by default (`benchmarks/gil_handover.py` on a CPU: a waking thread got the GIL back 5.3 ms late at the default,
-0.3 ms late at 0.1 ms). On the lent H100 that did not cost a full-size decode step anything: with the interval at
-0.1 ms while a courier ran, Mixtral-8x7B's batch-1 step was 122.7 ms against 116.3 at Python's own interval (75%
-budget; 324.0 against 320.8 at 25%; RESULTS.md, fifteenth set), and the profiled step's GPU waited about 0.1 ms from
-a fill list's copy to its first expert copy. The main thread spends a step mostly blocked (in the courier's ring or
-the end-of-step drain), with the GIL free. So `SWITCH_INTERVAL_S` is None: the process's interval is left alone. A
-number lowers it to at most that while any courier runs (restored when the last one closes, unless changed
-meanwhile), for a host busier than this benchmark's (`mixtral_e2e.py --gil-ab` measures both).
+The GIL: after each wake-up the courier needs the GIL back while the main thread may be launching. The main thread
+spends a step mostly blocked (in the ring or the end-of-step drain), with the GIL free, and lowering the switch
+interval did not speed a decode step up (benchmarks/RESULTS.md), so `SWITCH_INTERVAL_S` is None and the process's
+interval is left alone. A number lowers it to at most that while any courier runs (restored when the last one closes,
+unless changed meanwhile); `mixtral_e2e.py --gil-ab` measures both.
 
-Safety: the flag is written even when the courier fails, and after a failure it is set far ahead so no queued wait
-can hang the GPU; the main thread raises the failure at its next call. The ring's `depth` bounds how far the host
-runs ahead (a full ring makes it wait for the courier, never for the GPU directly). On a CPU the same protocol runs
-with a condition variable for the flag (the tests' way to exercise it); there every op is synchronous.
+Safety: the flag is written even when the courier fails, and after a failure it is set far ahead so no queued wait can
+hang the GPU; the main thread raises the failure at its next call. The ring's `depth` bounds how far the host runs
+ahead (a full ring makes it wait for the courier, never for the GPU directly). On a CPU the same protocol runs with a
+condition variable for the flag (the tests' way to exercise it); there every op is synchronous.
 """
 
 from __future__ import annotations
@@ -166,9 +156,7 @@ class Courier:
         self._handled_changed = threading.Condition()
         self.error: BaseException | None = None
         self.copies = 0  # experts carried, counted by the courier thread
-        # calls this thread signalled (with fills, or owed: see resolve), and the host time from seeing their list
-        # to queueing the flag's write (the GPU's wait beyond the copies themselves; it includes waiting for the
-        # GIL): sum and worst, in seconds
+        # calls this thread signalled, and the host seconds from reading each list to queueing its flag: sum, worst
         self.carried_calls, self.issue_s, self.issue_max_s = 0, 0.0, 0.0
         self._holds_switch = _switch_interval.hold(SWITCH_INTERVAL_S)
         self._thread = threading.Thread(target=self._run, name="moeoffload-courier", daemon=True)

@@ -2,40 +2,29 @@
 host (`ExpertCache(fetch="device")`).
 
 Why: a layer must know which experts its router chose before it can fetch the missing ones. With the directory on
-the host, that is one device->host sync per MoE layer, and the host cannot run ahead of the GPU: at batch 1 its
-per-layer launches (about 1.5 ms a Mixtral layer on the lent H100) add to the copies instead of hiding under them.
-Here the layer's own kernels do the host's part:
+the host that is one device->host sync per MoE layer, and the host's launches add to the copies instead of hiding
+under them. Here the layer's own kernels do the host's part:
 
-- `resolve` (one launch): look the routed experts up in the table, count hits, choose an LRU victim for each miss,
-  update the table, and list the (expert, slot) fills;
-- the fills: the courier (`moeoffload.courier`) learns each call's short list from a pinned copy and queues the
-  copies on the copy engine, while the compute stream waits on a flag that the copy stream sets after them (or
-  that `resolve` sets itself when nothing is missing). Where the driver lacks stream memory operations, `fill`
-  (one launch) streams each missing expert out of the page-locked host store with the SMs' own loads (the store's
-  slabs are mapped into the device's address space, `kernels.hostmap`).
+- `resolve` (one launch): look the routed experts up in the table, count hits, choose a victim for each miss, update
+  the table, and list the (expert, slot) fills;
+- the fills: the courier (`moeoffload.courier`) carries them to the copy engine. Where the driver lacks stream memory
+  operations, `fill` (one launch) streams each missing expert from the page-locked host store (mapped into the
+  device's address space, `kernels.hostmap`) with the SMs' own loads, at about half the copy engine's rate.
 
 The host launches them and moves on; nothing it does depends on what they found. Its own view of the cache
 (`ExpertCache`'s dict and LRU order, its statistics) is brought up to date only when somebody reads it
 (`ExpertCache.to_host` through `read`: one sync) and written back before the device path runs again after the host
 path did (`ExpertCache.to_device` through `load`).
 
-Measured on the lent H100 (`benchmarks/zero_copy.py`, RESULTS.md thirteenth set), the SMs' loads from host memory
-reach 28.6 GB/s, 52% of the copy engine: `fill` fetched at half the rate and lost to fetch="host" (0.48-0.54x at
-batch 1). Hence the courier, which keeps the copy engine's rate.
+Prefetch (`resolve(..., prefetch=True)`): a lookahead guess at the next layer, looked up right after a call's own
+lookup; its copies run while the layer computes. A later call that hits a slot still being filled must wait for that
+copy, so a call may set the courier's flag itself only once every copy the courier owes has landed (`owed`).
 
-Prefetch (`resolve(..., prefetch=True)`, a lookahead gate's guess at the next layer queued right after a call's own
-lookup): the host cache's `prefetch`, on the device. Its copies run while the layer computes; a later call that hits
-a slot still being filled must wait for that copy, so a call may set the courier's flag itself only once every copy
-the courier owes has landed (`owed`; `kernels.triton_kernels.resolve_experts`).
-
-Eviction: LRU or next-use (`eviction.NextUse`). Recency is one stamp per slot: a call's experts get
-`tick * experts + expert`, its hits before any miss is placed, so the victims and the order among one call's experts
-are those of the host's cache (hits touched and misses loaded in ascending expert order). Next-use adds how many
-times each layer has started (`visits`), the layer computing now and the cycle length (`cycle`), and per slot the
-visit of its layer that last used it (`last`): its score, expected layer calls until the expert is needed, is the
-host rule's, and ties go to the least recent stamp. Both rules make the host cache's choices, slot for slot (tested
-as a property). Next-use is the rule that pays at large batches: a decode step there uses every expert of every
-layer, and LRU then evicts exactly the expert needed next.
+Eviction, LRU or next-use (`eviction.NextUse`): recency is one stamp per slot, `tick * experts + expert` for a call's
+experts, its hits before any miss is placed, so victims and order are those of the host's cache (hits touched and
+misses loaded in ascending expert order). Next-use adds per layer its visits, the layer computing now and the cycle
+length (`cycle`), and per slot the visit of its layer that last used it (`last`); its score is the host rule's, ties
+to the least recent stamp. Both rules make the host cache's choices, slot for slot (a property test).
 """
 
 from __future__ import annotations

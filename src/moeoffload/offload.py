@@ -7,17 +7,20 @@ the host ExpertStore, and a cache of `gpu_budget` bytes serves them on the devic
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
 import torch
 from torch import nn
 
-from . import hooks, policies
+from . import costmodel, hooks, policies
 from .budget import format_bytes, parse_budget
 from .cache import ExpertCache, PrecisionCaches
+from .costmodel import Measurements
 from .errors import BudgetError, MoeOffloadError, NotOffloadedError, UnsupportedModelError
 from .eviction import make_rule
+from .hostexperts import HostExperts, HostStats
 from .layer import OffloadedMoELayer, grouped_spec
 from .layout import QuantizedLayout
 from .plan import ExecutionPlan, make_plan, precision_slots, quantize_refusal
@@ -58,6 +61,9 @@ class OffloadStats:
     misses_by_precision: dict[str, int] = field(default_factory=dict)
     upgrades: int = 0  # full-precision misses of an expert then resident in low precision (HOBBIT)
     scratch_bytes: int = 0  # device bytes beside the slots where quantized experts are dequantized
+    miss_rule: str = "copy"  # the plan's misses: "copy", or "host" / "cost-model" / "split" (moeoffload.costmodel)
+    host_misses: int = 0  # misses computed on the host CPU (included in `misses`; the rest were copied)
+    host_bytes: int = 0  # expert bytes the host read from the store to compute them
 
     @property
     def hit_rate(self) -> float:
@@ -90,22 +96,26 @@ class OffloadedModel:
         self.budget_bytes = 0
         self.runahead = None
         self._encoder_drain: Any = None  # fetch="device": the encoder's forward hook that drains the courier
+        self.host: HostExperts | None = None  # the host CPU's worker, under a plan with host misses
+        self._measurements: Measurements | None = None  # this machine with this store, measured once
 
     def stats(self) -> OffloadStats:
         self._require_cache()
         if self.precisions is not None:
             return self._precision_stats(self.precisions)
         c = self.cache
+        host = self.host.stats if self.host is not None else HostStats()
         return OffloadStats(
             # exact: the tokens and logits of policy "resident" on the same plan (on kernels "exact", eager's too)
             policy=self.policy.name, exact=self.policy.exact, device=str(self.device),
-            hits=c.stats.hits, misses=c.stats.misses, evictions=c.stats.evictions,
+            hits=c.stats.hits, misses=c.stats.misses + host.experts, evictions=c.stats.evictions,
             h2d_copies=c.transfer.stats.copies, h2d_bytes=c.transfer.stats.bytes,
             expert_bytes=self.store.expert_bytes, n_slots=c.n_slots, cache_bytes=c.pool_bytes,
             budget_bytes=self.budget_bytes, total_expert_bytes=self.store.total_bytes,
             dense_bytes=self.dense_bytes, peak_resident_experts=c.stats.peak_resident,
             prefetches=c.stats.prefetches, prefetch_hits=c.stats.prefetch_hits,
             predictor_bytes=self.predictor_bytes(), kernels=self.plan.kernels, fetch=self.plan.fetch,
+            miss_rule=self.plan.misses, host_misses=host.experts, host_bytes=host.bytes,
         )
 
     def _precision_stats(self, precisions: PrecisionCaches) -> OffloadStats:
@@ -143,6 +153,21 @@ class OffloadedModel:
             self.precisions.reset_stats()
         else:
             self.cache.reset_stats()
+        if self.host is not None:
+            self.host.reset_stats()
+
+    def host_measurements(self) -> Measurements:
+        """Pinned H2D bandwidth, host read bandwidth and host expert FFN time by token count on this machine with
+        this model's experts (`moeoffload.costmodel.measure`): measured at the first call, kept until unload. What
+        the cost-model and split plans decide by, and what `costmodel.combined_floor` reads."""
+        if self._measurements is None:
+            host = HostExperts(self.store, self.device)  # the threads and dtype a serving worker gets
+            try:
+                ffn = self.hook.expert_ffn(self.hook.layers[0])
+                self._measurements = costmodel.measure(self.store, self.device, ffn, hidden_size(self.hook), host)
+            finally:
+                host.close()
+        return self._measurements
 
     def switch(self, policy: str | policies.Policy = "lru", gpu_budget: str | int | None = "all", *, predictor=None,
                kernels: str = "auto", fetch: str = "auto") -> OffloadedModel:
@@ -185,6 +210,7 @@ class OffloadedModel:
             self.serving = True
             if policy.preload:
                 cache.preload(self.store.keys())
+            self.host = self._host_experts(plan, cache) if plan.host_misses else None
             prefetcher = make_prefetcher(policy, hook, cache)
             self.runahead = make_runahead(policy, predictor, hook, cache, self.model)
             if self.runahead is not None:
@@ -193,7 +219,7 @@ class OffloadedModel:
                 stages = hook.expert_stages(module) if hook.expert_stages is not None else None
                 layer = OffloadedMoELayer(i, hook.num_experts, cache, hook.expert_ffn(module), plan, prefetcher,
                                           router_tap=None if self.runahead is None else self.runahead.tap,
-                                          ffn=hook.ffn, stages=stages, precisions=self.precisions,
+                                          ffn=hook.ffn, stages=stages, host=self.host, precisions=self.precisions,
                                           full_precision_gate=policy.full_precision_gate)
                 hook.install(module, layer)
                 self.layers.append(layer)
@@ -220,6 +246,16 @@ class OffloadedModel:
             caches[precision] = ExpertCache(store, slots, self.device, make_rule(policy.eviction), retain=True)
         return PrecisionCaches(caches)
 
+    def _host_experts(self, plan: ExecutionPlan, cache: ExpertCache) -> HostExperts:
+        """The host's worker for a plan with host misses; under "host" (llama.cpp's --cpu-moe) the cache is filled
+        once with the last MoE layers' experts, as many as it holds, and never changes (no miss is copied)."""
+        host = HostExperts(self.store, self.device)
+        if plan.misses in ("cost-model", "split"):
+            host.measurements = self.host_measurements()
+        if plan.misses == "host":
+            cache.preload(list(self.store.keys())[-cache.n_slots:])
+        return host
+
     def _release_cache(self) -> None:
         """Tear down what `_serve` built (predictor runtime, engine layers, device pool); the store stays. The MoE
         layers are left routed to a stand-in that names the fix, so that no forward reads a freed pool."""
@@ -238,6 +274,8 @@ class OffloadedModel:
         for layer in self.layers:
             layer.close()
         self.layers = []
+        if self.host is not None:
+            self.host.close()  # its statistics stay readable
         self.cache.free()  # statistics stay readable
         if self.precisions is not None:
             self.precisions.free()  # kept: its statistics stay readable too
@@ -445,10 +483,17 @@ def require_quantizable(policy: policies.Policy, hook: hooks.ModelHook) -> None:
 
 
 def make_prefetcher(policy: policies.Policy, hook: hooks.ModelHook, cache: ExpertCache):
+    """The policy's prefetcher over `cache`, or None. A prefetch changes when experts move, never what is computed,
+    so a prefetcher factory that fails is dropped with a warning naming the policy, and the cache fetches on demand."""
     if policy.prefetch is None:
         return None
     require_routers(policy, hook)
-    return PREFETCHERS[policy.prefetch](cache, hook.router_weight, hook.next_layer, hook.top_k, hook.router_bias)
+    try:
+        return PREFETCHERS[policy.prefetch](cache, hook.router_weight, hook.next_layer, hook.top_k, hook.router_bias)
+    except Exception as exc:
+        warnings.warn(f"moeoffload: policy {policy.name!r}: prefetcher {policy.prefetch!r} failed to build "
+                      f"({type(exc).__name__}: {exc}); the cache fetches on demand", RuntimeWarning, stacklevel=3)
+        return None
 
 
 def check_predictor(policy: policies.Policy, predictor) -> None:
@@ -502,6 +547,14 @@ def unload(model: nn.Module) -> nn.Module:
     if handle is None:
         raise NotOffloadedError("this model is not offloaded; nothing to unload")
     return handle.unload()
+
+
+def hidden_size(hook: hooks.ModelHook) -> int:
+    """The width of an expert's input and output: the down projection's output side."""
+    ffn = hook.ffn
+    down = ffn.down if ffn is not None else hook.layout.names[1]
+    shape = dict(zip(hook.layout.names, hook.layout.shapes))[down]
+    return shape[1] if ffn is not None and ffn.transposed else shape[0]
 
 
 def _device_bytes(model: nn.Module) -> int:

@@ -1,12 +1,15 @@
 """ExecutionPlan: how an offloaded model's MoE layers run, decided once by `offload()` and `switch()`.
 
-Two choices make the plan, and every other part reads them from here (the layers, the cache, `stats()`, moebench):
+Three choices make the plan, and every other part reads them from here (the layers, the cache, `stats()`, moebench):
 - kernels: "exact", the per-expert loop in transformers eager's order (bit-identical to the unoffloaded model: the
   verifier); "triton", grouped Triton kernels over the cache's slots (CUDA); "reference", the same grouped
   algorithm in plain torch (any device: the kernels' reference, and the CPU tests' stand-in for "triton").
 - fetch: "host", a layer learns which experts it needs with one device->host sync and the cache copies the misses;
   "device", the cache's directory lives on the GPU and the layer's kernels find and queue their misses with no
   sync (`moeoffload.directory`, `moeoffload.courier`).
+- misses: where a missed expert is computed, taken from the policy (`Policy.misses`): "copy" into the cache; or
+  "host", "cost-model", "split", on the host CPU for some or all misses (`moeoffload.paths.host`), which needs
+  fetch="host" (the host must know the misses to take its share).
 
 A third, `precision`, follows from the policy: "full" copies the store's experts; "int8" or "int4" copies their
 quantized copies into slots of the quantized size and dequantizes each on arrival into one full-precision scratch
@@ -45,6 +48,7 @@ class ExecutionPlan:
     # a quantized slot's FFN: "fused" (the dequantizing Triton GEMM reads the slot), "arrival" (dequantized into a
     # full-precision scratch expert, then the plan's kernels), "none" (full precision only)
     dequant: str = "none"
+    misses: str = "copy"  # "copy" | "host" | "cost-model" | "split" (policies.MISSES)
 
     @property
     def grouped(self) -> bool:
@@ -66,9 +70,16 @@ class ExecutionPlan:
         return tuple(self.precision.split("+"))
 
     @property
+    def host_misses(self) -> bool:
+        """Some misses may be computed on the host CPU (`moeoffload.hostexperts`)."""
+        return self.misses != "copy"
+
+    @property
     def label(self) -> str:
         label = self.kernels if self.fetch == "host" else f"{self.kernels}+device-fetch"
-        return label if self.precision == "full" else f"{label}+{self.precision}-{self.dequant}"
+        if self.precision != "full":
+            label = f"{label}+{self.precision}-{self.dequant}"
+        return label if self.misses == "copy" else f"{label}+{self.misses}-misses"
 
 
 def make_plan(kernels: str, fetch: str, *, policy: Policy, grouped_form: bool, device: torch.device, n_slots: int,
@@ -93,7 +104,7 @@ def make_plan(kernels: str, fetch: str, *, policy: Policy, grouped_form: bool, d
     where = "device" if fetch != "host" and refusal is None else "host"
     if fetch == "auto" and refusal is not None and chosen != "exact":
         why = f"{why}; fetch on the host: {refusal.split(':')[0]}"
-    return ExecutionPlan(device=str(device), kernels=chosen, fetch=where, why=why)
+    return ExecutionPlan(device=str(device), kernels=chosen, fetch=where, why=why, misses=policy.misses)
 
 
 def policy_precision(policy: Policy) -> str:
@@ -174,6 +185,9 @@ def device_fetch_refusal(policy: Policy, kernels: str, n_slots: int, store: Expe
     if device.type == "cuda" and kernels == "reference":
         return ("the plain-torch kernels read their tile table on the host, which would block the compute stream's "
                 "waits on CUDA: use kernels='triton' with fetch='device'")
+    if policy.misses != "copy":
+        return (f"policy {policy.name!r} computes misses on the host, which must learn the misses first: the device "
+                "directory hides them; use fetch='host' (or 'auto')")
     if not device_fetch_serves(policy):
         return (f"policy {policy.name!r} is not served by the device directory: it serves an LRU or next-use cache "
                 "without a predictor, prefetching only by the lookahead gate; use fetch='host', or a policy such as "
@@ -195,7 +209,8 @@ def device_fetch_serves(policy: Policy | str) -> bool:
 
     policy = policies.get(policy)
     on_device = policy.prefetch is None or hasattr(PREFETCHERS[policy.prefetch], "predict_on_device")
-    return on_device and not (policy.predictor or policy.eviction not in EVICTIONS or not policy.retain)
+    return on_device and policy.misses == "copy" and not (policy.predictor or policy.eviction not in EVICTIONS
+                                                          or not policy.retain)
 
 
 def quantize_refusal(policy: Policy, ffn) -> str:

@@ -18,6 +18,7 @@ from .eviction import EVICTION_RULES
 from .predictors.registry import PREDICTORS, PREFETCHERS
 
 ENTRY_POINT_GROUP = "moeoffload.policies"
+MISSES = ("copy", "host", "cost-model", "split")
 
 
 @dataclass(frozen=True)
@@ -35,13 +36,17 @@ class Policy:
     predictor: str | None = None
     replace_router: bool = False  # the predicted experts and weights ARE the routing (data-aware; approximate)
     predictor_prefetch: bool = True  # False: the predictor only informs eviction (Belady alone)
-    # "expertflow": the serving loop regroups its pending sequences by predicted route (moeoffload.scheduler)
+    # "expertflow": moeoffload.serving groups the requests of a decode step by predicted route (moeoffload.scheduler)
     scheduler: str | None = None
     # "full": the store's own dtype; "int8" / "int4": the precision of the low-precision copies (moeoffload.quantize)
     precision: str = "full"
     # with a low precision: None copies every expert at it; a number makes the policy mixed (HOBBIT): a miss of an
     # expert whose largest gate weight in the call reaches it copies full precision, the others low precision
     full_precision_gate: float | None = None
+    # where a miss is computed (moeoffload.plan.MISSES): "copy" into the cache; "host", on the CPU from the store
+    # (llama.cpp --cpu-moe); "cost-model", per miss whichever the measured costs say is sooner (Fiddler); "split", a
+    # layer's misses divided so that the copy engine and the host finish together (HybriMoE)
+    misses: str = "copy"
 
     def __post_init__(self) -> None:
         if self.eviction not in EVICTION_RULES:
@@ -53,6 +58,11 @@ class Policy:
             raise ValueError(f"policy {self.name!r}: unknown prefetcher {self.prefetch!r}; one of {known}")
         if self.predictor is not None and self.predictor not in PREDICTORS:
             raise ValueError(f"policy {self.name!r}: unknown predictor {self.predictor!r}; one of {sorted(PREDICTORS)}")
+        if self.misses not in MISSES:
+            raise ValueError(f"policy {self.name!r}: misses={self.misses!r} is unknown; one of {', '.join(MISSES)}")
+        if self.misses != "copy" and self.exact:
+            raise ValueError(f"policy {self.name!r} computes misses on the host, whose sums run in another order: it "
+                             "needs exact=False")
         self._check_precision()
         if self.replace_router and (self.exact or self.predictor is None):
             raise ValueError(f"policy {self.name!r} replaces the router's choice: it needs a predictor and "
@@ -68,9 +78,9 @@ class Policy:
         if self.precision not in BITS:
             raise ValueError(f"policy {self.name!r}: unknown precision {self.precision!r}; one of full, "
                              f"{', '.join(BITS)}")
-        if self.exact or self.prefetch or self.predictor or self.preload or not self.retain:
+        if self.exact or self.prefetch or self.predictor or self.preload or not self.retain or self.misses != "copy":
             raise ValueError(f"policy {self.name!r}: a low-precision policy is a retaining cache without prefetch, "
-                             "predictor or preload, and approximate (exact=False)")
+                             "predictor, preload or host misses, and approximate (exact=False)")
 
 
 BUILTIN = (
@@ -108,8 +118,8 @@ PREDICTIVE = (
     Policy("sida-data-aware", "SiDA-MoE as published: the hash network's experts and weights replace the router "
            "(approximate)", eviction="belady", predictor="sida", replace_router=True, exact=False),
     Policy("expertflow", "ExpertFlow: routing-path predictor run ahead from the token ids prefetches each layer; "
-           "the cache corrects itself when a router disagrees; token scheduling groups sequences by predicted "
-           "route (exact against the unoffloaded model served the same batches)", predictor="expertflow",
+           "the cache corrects itself when a router disagrees; moeoffload.serving's scheduler groups requests by "
+           "predicted route (generate() serves the batch it is given)", predictor="expertflow",
            scheduler="expertflow"),
     Policy("oracle", "upper bound: replays the served inputs' recorded routing to prefetch each next layer call; "
            "LRU eviction", predictor="oracle"),
@@ -119,7 +129,20 @@ PREDICTIVE = (
            "recorded routing", eviction="belady", predictor="oracle"),
 )
 
-_REGISTRY: dict[str, Policy] = {p.name: p for p in BUILTIN + LOW_PRECISION + PREDICTIVE}
+# Host-assisted policies: a miss may be computed on the host CPU from the store instead of copied; the host's GEMMs
+# sum in another order than the device's, so none is exact.
+HOST_ASSISTED = (
+    Policy("cpu-moe", "llama.cpp --cpu-moe: the GPU holds the experts the budget allows (from the last layer back), "
+           "fixed; every other expert is computed on the host CPU", misses="host", exact=False),
+    Policy("fiddler", "Fiddler: LRU cache; per miss, copy it or compute it on the host CPU, whichever a cost model "
+           "measured at offload time (PCIe bandwidth, host GEMM time by token count) says is sooner",
+           misses="cost-model", exact=False),
+    Policy("hybrid", "HybriMoE: a layer's misses split between the copy engine and the host CPU so that both finish "
+           "together; the misses with the highest routing score are the ones copied (admitted); LFU eviction",
+           eviction="lfu", misses="split", exact=False),
+)
+
+_REGISTRY: dict[str, Policy] = {p.name: p for p in BUILTIN + LOW_PRECISION + PREDICTIVE + HOST_ASSISTED}
 _PLUGINS_LOADED = False
 _BROKEN: dict[str, str] = {}  # entry point name -> why it failed to load (named when that name is asked for)
 

@@ -172,7 +172,7 @@ def plan(handle, batches: Sequence[torch.Tensor]) -> Schedule | None:
     if getattr(handle.policy, "scheduler", None) is None or not batches:
         return None
     predictor = getattr(getattr(handle, "runahead", None), "predictor", None)
-    if not hasattr(predictor, "routes"):
+    if predictor is None or not hasattr(predictor, "routes"):
         raise ValueError(f"policy {handle.policy.name!r} schedules tokens but its predictor "
                          f"{type(predictor).__name__} predicts no routes; use the 'expertflow' predictor")
     pool = torch.cat(list(batches))
@@ -185,7 +185,7 @@ def served_gain(handle, schedule: Schedule, batch_size: int) -> ScheduleGain | N
     a sequence's routing does not depend on its batch in exact arithmetic (see the module's note on floating
     point, where a near-tie may route otherwise). None when no routes were recorded."""
     runtime = getattr(handle, "runahead", None)
-    if not hasattr(runtime, "served_routes") or len(runtime.batch_routes) < len(schedule.batches):
+    if runtime is None or not hasattr(runtime, "served_routes") or len(runtime.batch_routes) < len(schedule.batches):
         return None
     routes = schedule.restore(runtime.served_routes(len(schedule.batches)))
     return compare(routes, batch_size, schedule)

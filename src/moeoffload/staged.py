@@ -86,13 +86,14 @@ def token_ranks(top_k_index: torch.Tensor) -> torch.Tensor:
 def ordered_sum(contributions: torch.Tensor, tokens: torch.Tensor, ranks: torch.Tensor, n_tokens: int,
                 k: int, like: torch.Tensor) -> torch.Tensor:
     """Sum row i of `contributions` into token `tokens[i]`, each token's rows in the order of `ranks`, starting
-    from zeros: what eager's one `index_add_` per expert computes (each call adds into distinct tokens)."""
+    from zeros: what eager's one `index_add_` per expert computes (each call adds into distinct tokens). The sums run
+    in the contributions' dtype (eager's accumulator's), shaped like `like`."""
     dest = ranks * n_tokens + tokens
     table = contributions.new_empty((k * n_tokens, contributions.shape[1]))
     table.index_copy_(0, dest, contributions)
     present = torch.zeros(k * n_tokens, dtype=torch.bool, device=contributions.device)
     present[dest] = True
-    out = torch.zeros_like(like)
+    out = torch.zeros_like(like, dtype=contributions.dtype)
     for j in range(k):
         rows = slice(j * n_tokens, (j + 1) * n_tokens)
         out = torch.where(present[rows, None], out + table[rows], out)

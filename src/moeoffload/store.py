@@ -1,10 +1,10 @@
 """ExpertStore: every expert's weights in host memory, one contiguous slab per MoE layer.
 
-The slabs are page-locked when CUDA is present, because only page-locked memory copies to the GPU asynchronously
-and at the link's full rate (on the lent H100: 54 GB/s pinned against 7 GB/s pageable). They are ordinary host
-allocations locked with cudaHostRegister, not torch's pinned tensors: torch's pinned allocator rounds every block
-up to a power of two, so a 336 MiB Mixtral-8x7B expert would take 512 MiB and the model's 87 GiB of experts
-128 GiB. A slab holds exactly `num_experts * layout.nbytes` bytes; expert e of a layer is the 1-D view at
+The slabs are page-locked when CUDA is present, because only page-locked memory copies to the GPU asynchronously and
+at the link's full rate (on an H100 80GB HBM3: 54.3 GB/s pinned against 7.4 GB/s pageable, docs/design.md). They are
+ordinary host allocations locked with cudaHostRegister, not torch's pinned tensors: torch's pinned allocator rounds
+every block up to a power of two, so a 336 MiB Mixtral-8x7B expert would take 512 MiB and the model's 87 GiB of
+experts 128 GiB. A slab holds exactly `num_experts * layout.nbytes` bytes; expert e of a layer is the 1-D view at
 offset `e * layout.numel`, so one expert is still one copy of `layout.nbytes` bytes.
 
 A layer's slab is allocated on the first `put` into that layer and freed (unlocked first) by `drop_layer`, so

@@ -1,7 +1,8 @@
 """Interleaved A/B runs: the paired verdict, the turn-taking that makes rounds pairs, and `moebench ab` itself.
 
-Why pairs: on the lent H100 the machine's speed changes within and between runs, so two runs' rounds differ by
-more than the change under test. Rounds of A and B measured back to back share that state; their ratio does not."""
+Why pairs: on an H100 80GB HBM3 in a VM the machine's speed changed within and between runs, so two runs' rounds
+differ by more than the change under test. Rounds of A and B measured back to back share that state; their ratio
+does not."""
 
 import json
 import subprocess

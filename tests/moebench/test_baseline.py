@@ -147,12 +147,12 @@ def test_plugin_baseline_flow(tiny):
     r.stdout.fnmatch_lines(["*baseline tok/s*delta*verdict*"])
     assert json.loads(base.read_text()) == data  # and left as it was
 
-    # 100 ms before each of 8 MoE layer calls per round: far beyond the noise of a tiny model's round
-    r = tiny.runpytest_subprocess(*_args(tiny, "--moebench-inject-delay=100ms", "--moebench-policy", "lru"))
-    r.stdout.fnmatch_lines(["*REGRESSED (injected 100 ms per MoE layer)*", "FAILED*tiny-switch?lru-50%?*: reg*"])
+    # 300 ms before each of 8 MoE layer calls per round: far beyond the noise of a tiny model's round
+    r = tiny.runpytest_subprocess(*_args(tiny, "--moebench-inject-delay=300ms", "--moebench-policy", "lru"))
+    r.stdout.fnmatch_lines(["*REGRESSED (injected 300 ms per MoE layer)*", "FAILED*tiny-switch?lru-50%?*: reg*"])
     assert r.ret == 1
     runs, _ = history.read_history(tiny.path / "hist")
-    assert all(rec["inject_delay_ms"] == 100 for rec in runs[-1]["records"])
+    assert all(rec["inject_delay_ms"] == 300 for rec in runs[-1]["records"])
     assert "INJECTED DELAY" in history.format_run_header(runs[-1])
 
     # a stretch doubles every round whatever the machine's speed

@@ -93,6 +93,13 @@ def test_table_has_every_case_and_marks_failures():
     assert "GPU mem MiB" in table.render([_record(torch_peak_bytes=10)])
 
 
+def test_table_says_where_the_misses_went_when_a_host_assisted_policy_ran():
+    assert "host" not in table.render([_record()]).splitlines()[0]
+    text = table.render([_record(), _record(policy="cpu-moe", miss_rule="host", copied_misses_per_round=0.0,
+                                            host_misses_per_round=12.0)])
+    assert "misses/round copied" in text.splitlines()[0] and "12.0" in text.splitlines()[3]
+
+
 def test_history_append_and_read(tmp_path):
     run = history.make_run([_record(hit_rate=float("nan"))], ["s"], tmp_path)
     assert run["schema"] == history.SCHEMA_VERSION and run["git"]["commit"] is None  # tmp_path: no git
@@ -159,6 +166,8 @@ def test_expected_failure_only_for_an_approximate_policy_over_the_accuracy_limit
             "failures": ["accuracy drop 68.75% (next-token accuracy) is over the suite's limit 1.00%"]}
     assert "synthetic weights" in expected_failure(base)
     assert expected_failure({**base, "weights": "trained:models/kjv-moe"}) is None
+    calibrated = "synthetic(seed=0, layers=2/12, routing=calibrated, float32):switch-base-8"
+    assert expected_failure({**base, "weights": calibrated}) is None  # calibrated routers are judged
     assert expected_failure({**base, "exact": True}) is None
     assert expected_failure({**base, "failures": base["failures"] + ["GPU peak 1GiB is over ..."]}) is None
     assert expected_failure({**base, "failures": []}) is None

@@ -110,3 +110,19 @@ def test_export_is_read_by_pytest_benchmark(hist, tmp_path, capsys):
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert res.returncode == 0, res.stderr
     assert "m[lru-25%]" in res.stdout and "Median" in res.stdout
+
+
+def test_plots_show_the_rounds_quartiles_not_the_median_alone(hist, tmp_path, monkeypatch):
+    """Each plotted point is the median of its rounds with a bar from the first to the third quartile."""
+    pytest.importorskip("matplotlib")
+    from moebench import report
+
+    assert report.spread({"samples": {"tokens_per_s": [1.0, 2.0, 3.0, 4.0, 5.0]}}) == (2.0, 3.0, 4.0)
+    assert report.spread({"tokens_per_s": 7.0}) == (7.0, 7.0, 7.0)  # a record without per-round samples
+    assert report.spread({}) is None
+    drawn = []
+    real = report._plot_spread
+    monkeypatch.setattr(report, "_plot_spread", lambda ax, xs, spreads, **kw: (drawn.append(spreads),
+                                                                                real(ax, xs, spreads, **kw)))
+    report.write_report(history.read_history(hist)[0], tmp_path / "rep")
+    assert drawn and all(q1 < median < q3 for spreads in drawn for q1, median, q3 in spreads)

@@ -1,8 +1,9 @@
 """The run-level verdict: baselines that keep several runs, and a test against how much those runs differ.
 
-On the lent H100 runs of unchanged code differ by an offset (log-sd ~2.6% between run medians, fifth set); the
-per-round rule reads such an offset as a change once the rounds are many. These tests show both sides on simulated
-runs with that structure, then the baseline plumbing (keeping earlier runs, choosing the run-level verdict)."""
+On an H100 80GB HBM3 runs of unchanged code differed by an offset (log-sd 2.6% between run medians,
+benchmarks/RESULTS.md); the per-round rule reads such an offset as a change once the rounds are many. These tests
+show both sides on simulated runs with that structure, then the baseline plumbing (keeping earlier runs, choosing
+the run-level verdict)."""
 
 import numpy as np
 import pytest

@@ -45,7 +45,7 @@ def test_cpu_quick_run_against_h100_full_baseline_names_both_sides():
     ({"dtype": "float32"}, "dtype", "baseline dtype bfloat16 on"),
     ({"workload": dict(WORKLOAD, batch_size=1)}, "workload", "workload batch_size=8 on"),
     ({"device": "cpu"}, "device", "this run on cpu"),
-    ({"kernels": "triton"}, "kernels", "baseline kernels loop on"),  # a baseline from before the field: the loop
+    ({"kernels": "triton"}, "kernels", "baseline kernels exact on"),  # a baseline from before the field: the loop
     ({"fetch": "device"}, "fetch", "baseline fetch host on"),  # likewise fetched on the host
 ])
 def test_each_field_makes_a_case_incomparable(change, field, text):
@@ -67,7 +67,7 @@ def test_not_comparable_never_regresses():
     assert v["status"] == "not comparable" and v["fields"] == ["tier", "device"] and not v["metrics"]
     assert "ratio" not in v and v["message"].startswith("not comparable: baseline tier full")
     cells = comparison_cells(v)
-    assert cells == ["-", "-", "-", "not comparable (tier, device)"]
+    assert cells == ["-"] * 5 + ["not comparable (tier, device)"]
 
 
 # ---------------------------------------------------------------------------------------------- too few rounds
@@ -75,7 +75,8 @@ def test_halved_throughput_at_3_rounds_is_inconclusive_with_the_rounds_needed():
     v = bl.compare_case(_rec(tps=[100, 101, 99]), _rec(tps=[59, 60, 61]), LIMITS)
     assert v["status"] == "inconclusive" and v["too_few_rounds"] and v["rounds"] == [3, 3]
     assert v["rounds_needed"] == 7 and "cannot reach p<0.01" in v["message"]
-    assert comparison_cells(v) == ["100.0", "-40.0%", "3/3 too few", "inconclusive"]
+    assert comparison_cells(v) == ["60.0", "100.0", "100.0 (no probe)", "-40.0%", "3/3 too few: need 7 this run",
+                                   "inconclusive"]
     hint = bl.rounds_hint([v, None, {"status": "new"}])
     assert hint == ("moebench: 1 comparison(s) with 3/3 rounds (baseline/this run) cannot reach p<0.01, so no "
                     "change can be flagged: use --moebench-rounds >= 7")
@@ -84,8 +85,25 @@ def test_halved_throughput_at_3_rounds_is_inconclusive_with_the_rounds_needed():
 def test_enough_rounds_give_no_hint_and_flag_the_change():
     v = bl.compare_case(_rec(tps=[100, 101, 99, 100.5, 99.5]), _rec(tps=[59, 60, 61, 60.5, 59.5]), LIMITS)
     assert v["status"] == "regressed" and not v["too_few_rounds"] and "rounds_needed" not in v
-    assert comparison_cells(v)[2:] == ["5/5", "REGRESSED"]
+    assert comparison_cells(v)[4:] == ["5/5", "REGRESSED"]
     assert bl.rounds_hint([v]) is None
+
+
+def test_a_row_reads_right_alone_when_the_machine_ran_at_another_speed():
+    """An A/A run on a machine running slower than when the baseline was made: raw 150 -> 130 tokens/s, the same in
+    machine-speed-probe units. The row shows the baseline at this run's speed, so median / it - 1 is the delta."""
+    def rec(raw, per_probe):
+        r = _rec(tps=raw)
+        r["samples"]["tokens_per_probe"] = [t * per_probe for t in raw]
+        return r
+
+    base = rec([150, 151, 149, 150.5, 149.5, 150, 150.2, 149.8, 150.1, 149.9], 1.0)
+    cur = rec([130, 131, 129, 130.5, 129.5, 130, 130.2, 129.8, 130.1, 129.9], 150 / 130 * 1.006)
+    v = bl.compare_case(base, cur, LIMITS)
+    median, stored, at_speed, delta, rounds, verdict = comparison_cells(v)
+    assert (median, stored, delta, rounds) == ("130.0", "150.0", "+0.6%", "10/10")
+    assert float(median) / float(at_speed) - 1 == pytest.approx(0.006, abs=0.001)
+    assert verdict == "unchanged"
 
 
 def test_hint_takes_the_worst_case_and_asks_for_a_new_baseline_when_it_is_too_small():

@@ -8,7 +8,10 @@ from moeoffload.cache import CapacityError, ExpertCache
 from moeoffload.eviction import EVICTION_RULES, make_rule
 from moeoffload.layer import OffloadedMoELayer
 from moeoffload.layout import ExpertLayout
+from moeoffload.plan import ExecutionPlan
 from moeoffload.store import ExpertStore
+
+EXACT_LOOP = ExecutionPlan(device="cpu", kernels="exact", fetch="host", why="as asked")
 
 LAYOUT = ExpertLayout(names=("a", "b"), shapes=((3, 2), (2,)), dtype=torch.float32)
 
@@ -101,7 +104,7 @@ def test_layer_output_is_independent_of_cache_size(shape, data, rule):
     outs = []
     for n_slots in sorted({1, max(1, experts // 2), layers * experts}):
         cache = ExpertCache(store, n_slots, "cpu", make_rule(rule))
-        layer = OffloadedMoELayer(layer_idx, experts, cache, ffn)
+        layer = OffloadedMoELayer(layer_idx, experts, cache, ffn, EXACT_LOOP)
         outs.append(layer(hidden, index, weights))
         assert not any(cache.is_pinned(k) for k in cache.resident())
     for out in outs[1:]:

@@ -159,3 +159,25 @@ def test_entry_points_that_raise_or_give_no_policy_are_named_when_asked_for(plug
         policies.get("number")
     with pytest.raises(UnknownPolicyError):
         policies.get("never-installed")
+
+
+def test_a_prefetcher_factory_that_raises_is_dropped_with_a_warning(monkeypatch):
+    """A prefetch cannot change the output, so a prefetcher that cannot be built costs speed, not the offload."""
+    import torch
+
+    import moeoffload
+    from moeoffload.predictors.registry import PREFETCHERS
+
+    from .models import tiny_mixtral
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no router here")
+
+    monkeypatch.setitem(PREFETCHERS, "lookahead", broken)
+    model = tiny_mixtral(seed=2)
+    ids = torch.randint(3, 96, (1, 5), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(RuntimeWarning, match="policy 'lookahead': prefetcher 'lookahead' failed to build"):
+        handle = moeoffload.offload(model, "lookahead", "50%", device="cpu")
+    with handle, torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
+        assert handle.stats().prefetches == 0 and handle.stats().misses > 0

@@ -1,5 +1,5 @@
 """The dequantizing GEMM (`kernels.dequant_linear`) against its plain-torch reference: Triton's CPU interpreter
-here, the GPU on the device machine; and the fused path of a low-precision policy against dequantize-on-arrival."""
+here, the GPU on a CUDA machine; and the fused path of a low-precision policy against dequantize-on-arrival."""
 
 import os
 import subprocess

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moeoffload
-import moeoffload.layer
+import moeoffload.paths.exact
 from moeoffload.errors import UnsupportedModelError
 from moeoffload.hooks import discover
 from moeoffload.hooks.base import parents

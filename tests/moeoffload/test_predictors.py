@@ -196,3 +196,17 @@ def test_runahead_footprint_is_zero_on_a_cpu_and_the_run_stays_exact(prepared):
         with torch.no_grad():
             assert torch.equal(model.generate(ids, **kwargs), reference), name
         assert h.stats().predictor_bytes == 0  # nothing of it on a CUDA device
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_a_stack_call_continues_a_sequence_whichever_name_its_cache_comes_under(name):
+    """transformers renamed the forward's `past_key_values` to `cache`; a run-ahead predictor must still see a
+    decode step as the continuation of its sequence (ExpertFlow keeps the context of those)."""
+    from transformers import DynamicCache
+
+    from moeoffload.predictors.base import stack_call
+
+    ids = torch.tensor([[5]])
+    cache = DynamicCache(ddp_cache_data=[(torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2))])
+    assert stack_call((), {"input_ids": ids, name: cache}) == (ids, False)
+    assert stack_call((), {"input_ids": ids, name: DynamicCache()})[1] is True

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moeoffload
-import moeoffload.layer
+import moeoffload.paths.exact
 from moeoffload.staged import ALIGN_BYTES, ordered_sum, padded_blocks, row_quantum, token_ranks
 
 from . import models as M
@@ -41,10 +41,11 @@ def _pairs(index, experts):
 
 @settings(max_examples=60, deadline=None)
 @given(tokens=st.integers(1, 12), k=st.integers(1, 4), extra=st.integers(0, 4), seed=st.integers(0, 2**16),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
-def test_ordered_sum_is_index_add_one_expert_at_a_time(tokens, k, extra, seed, dtype):
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), like=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_ordered_sum_is_index_add_one_expert_at_a_time(tokens, k, extra, seed, dtype, like):
     """Top-k routing (distinct experts per token; an id past the last expert means "none"): the sum equals eager's
-    bit for bit: zeros, then one index_add_ per expert in ascending order."""
+    bit for bit: zeros in the contributions' dtype (eager's accumulator's, float32 for Inkling2 whatever the hidden
+    states' `like`), then one index_add_ per expert in ascending order."""
     experts = k + extra
     g = torch.Generator().manual_seed(seed)
     index = torch.stack([torch.randperm(experts + 1, generator=g)[:k] for _ in range(tokens)])
@@ -55,7 +56,7 @@ def test_ordered_sum_is_index_add_one_expert_at_a_time(tokens, k, extra, seed, d
         want.index_add_(0, tok, values[pos, tok])
     pairs, tok, pos = _pairs(index, experts)
     ranks = token_ranks(index).T.reshape(-1)[pairs]
-    assert torch.equal(ordered_sum(values[pos, tok], tok, ranks, tokens, k, want), want)
+    assert torch.equal(ordered_sum(values[pos, tok], tok, ranks, tokens, k, want.to(like)), want)
 
 
 def test_ordered_sum_counts_a_repeated_expert_twice():
@@ -110,7 +111,7 @@ def test_a_call_with_few_experts_takes_the_per_expert_loop(monkeypatch):
     with moeoffload.offload(model, "resident", "all", device="cpu") as handle:
         layer = handle.layers[0]
         calls = []
-        monkeypatch.setattr(layer, "_staged", lambda *a: calls.append(len(a[3])) or torch.zeros_like(a[0]))
+        monkeypatch.setattr(layer.host_path, "_staged", lambda *a: calls.append(len(a[3])) or torch.zeros_like(a[0]))
         layer(torch.randn(1, 64), torch.tensor([[1, 6]]), torch.rand(1, 2))  # 2 experts: the loop
         layer(torch.randn(30, 64), torch.arange(60).remainder(8).view(30, 2), torch.rand(30, 2))  # all 8: staged
     assert calls == [8]

@@ -23,7 +23,7 @@ WIDTHS = {
 
 @pytest.mark.parametrize("name", list(WIDTHS))
 def test_staged_loop_is_eager_at_published_widths(name, monkeypatch):
-    import moeoffload.layer
+    import moeoffload.paths.exact
     from moebench.zoo import build_synthetic
 
     monkeypatch.setattr(moeoffload.paths.exact, "STAGED_MIN_EXPERTS", 1)  # staged at every token count, 1 included

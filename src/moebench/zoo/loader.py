@@ -51,21 +51,24 @@ class WeightSource:
     layers: str | None = None  # "2/32" for a depth-reduced synthetic model
     dtype: str | None = None
     reduced: str | None = None  # config overrides of a width-reduced synthetic model
+    routing: str | None = None  # "calibrated" routers (moebench.zoo.calibrate); None: seeded uniform weights
 
     def __str__(self) -> str:
         if self.kind == "synthetic":
-            extra = "".join(f", {k}={v}" for k, v in (("layers", self.layers), ("reduced", self.reduced)) if v)
+            extra = "".join(f", {k}={v}" for k, v in (("layers", self.layers), ("reduced", self.reduced),
+                                                      ("routing", self.routing)) if v)
             return f"synthetic(seed={self.seed}{extra}, {self.dtype}):{self.name}"
         return f"{self.kind}:{self.name}"
 
 
 def load_model(name_or_path: str | os.PathLike, source: str = "auto", *, dtype: torch.dtype | str = torch.float32,
                layers: int | None = None, device: str | torch.device = "cpu", seed: int = 0,
-               overrides: dict[str, Any] | None = None, show_progress: bool | None = None):
+               overrides: dict[str, Any] | None = None, show_progress: bool | None = None, routing: str = "uniform"):
     """Load or build a model in eval mode; returns (model, WeightSource).
 
     source "auto": an existing folder is a checkpoint, a registry name is synthetic, anything else is looked up
-    in the offline Hugging Face cache. `layers`, `seed` and `overrides` apply to synthetic weights only.
+    in the offline Hugging Face cache. `layers`, `seed`, `overrides` and `routing` ("uniform" or "calibrated",
+    moebench.zoo.calibrate) apply to synthetic weights only.
     """
     if source not in SOURCES:
         raise ValueError(f"unknown weight source {source!r}; use one of {', '.join(SOURCES)}")
@@ -75,7 +78,7 @@ def load_model(name_or_path: str | os.PathLike, source: str = "auto", *, dtype: 
         source = "checkpoint" if Path(text).is_dir() or not registry.contains(text) else "synthetic"
     if source == "synthetic":
         return build_synthetic(text, layers=layers, dtype=dtype, device=device, seed=seed, overrides=overrides,
-                               show_progress=show_progress)
+                               show_progress=show_progress, routing=routing)
     if layers is not None or overrides:
         raise ValueError(f"layers/overrides reduce synthetic models only; {source} weights load as published")
     if source == "trained":
@@ -164,7 +167,7 @@ def _from_pretrained(path: Path, dtype: torch.dtype, device):
 
 def build_synthetic(name: str, layers: int | None = None, dtype: torch.dtype = torch.float32,
                     device: str | torch.device = "cpu", seed: int = 0, overrides: dict[str, Any] | None = None,
-                    show_progress: bool | None = None):
+                    show_progress: bool | None = None, routing: str = "uniform"):
     """A registry architecture with seeded weights; returns (model, WeightSource).
 
     Weights are drawn on the CPU in fixed blocks, each from its own generator seeded by (seed, parameter, block),
@@ -172,17 +175,25 @@ def build_synthetic(name: str, layers: int | None = None, dtype: torch.dtype = t
     matrix is uniform with variance 1/fan_in (transformers' fan-in scale), so a router sees logits of unit spread
     after the RMS/layer norm before it: routing spreads over experts instead of collapsing on one. Norm scales are
     1, biases 0, and non-persistent buffers (rotary frequencies) are computed as transformers computes them.
+    routing="calibrated" then reshapes the weights so that routing has published structure (zoo.calibrate).
     """
+    from .calibrate import ROUTING, calibrate
+
+    if routing not in ROUTING:
+        raise ValueError(f"unknown routing {routing!r}; use one of {', '.join(ROUTING)}")
     entry = registry.get(name)
     meta = entry.meta_model(layers, overrides)
     registry.count_sizes(meta, registry.top_k_of(entry.config))  # raises early if a reduction left no MoE layer
     _materialize(meta, dtype, torch.device(device), seed, show_progress)
+    if routing == "calibrated":
+        calibrate(meta, seed)
     if hasattr(meta.config, "dtype"):
         meta.config.dtype = dtype
     meta.eval().requires_grad_(False)
     depth = f"{layers}/{entry.num_layers}" if layers is not None else None
     reduced = ",".join(f"{k}={v}" for k, v in sorted((overrides or {}).items())) or None
-    return meta, WeightSource("synthetic", entry.name, seed, depth, str(dtype).removeprefix("torch."), reduced)
+    return meta, WeightSource("synthetic", entry.name, seed, depth, str(dtype).removeprefix("torch."), reduced,
+                              "calibrated" if routing == "calibrated" else None)
 
 
 def _fan_in(module: nn.Module, pname: str, param: torch.Tensor) -> int:
@@ -206,8 +217,8 @@ def _materialize(model: nn.Module, dtype: torch.dtype, device: torch.device, see
                leave=False)
     done: dict[int, nn.Parameter] = {}
     # Blocks of several parameters are drawn at once: a Switch expert matrix is a single block, so drawing parameter
-    # by parameter kept one thread busy (switch-base-256's build took 136 s on the 16-core device machine). A window
-    # of drawn-but-unplaced tensors bounds the extra host memory.
+    # by parameter kept one thread busy (switch-base-256's build took 136 s on the 16-core host of an H100 80GB
+    # HBM3). A window of drawn-but-unplaced tensors bounds the extra host memory.
     pending: deque[tuple[nn.Module, str, nn.Parameter, torch.Tensor, list[Future]]] = deque()
     pending_ids: set[int] = set()
     pending_bytes = 0

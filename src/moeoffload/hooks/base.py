@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import nn
 
+from ..errors import UnsupportedModelError
 from ..layer import ExpertFFN, OffloadedMoELayer
 from ..layout import ExpertLayout
 from ..staged import ExpertStages
 from .ffn import ExpertFFNSpec
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -27,7 +31,9 @@ class ModelHook:
     router that adds more (DeepSeek's group-limited top-k) is approximated, which costs bandwidth, never exactness.
     `ffn` says what one expert computes (kind, tensor names), so a grouped kernel can pick the formula; its
     `name` is `ffn_kind`. `expert_stages(module)` cuts `expert_ffn` at its projections for the staged exact loop
-    (`moeoffload.staged`), or None where the form has biases or a gate it cannot cut.
+    (`moeoffload.staged`), or None where the form has biases or a gate it cannot cut. `sum_dtype` is the dtype the
+    family's eager forward sums a token's top-k contributions in, when not the hidden states' own (Inkling2's
+    float32; `hooks.verify` finds it); `install` hands it to the layer.
     """
 
     family: str
@@ -44,6 +50,7 @@ class ModelHook:
     router_bias: Callable[[int], torch.Tensor | None] | None = None
     ffn: ExpertFFNSpec | None = None
     expert_stages: Callable[[nn.Module], ExpertStages | None] | None = None
+    sum_dtype: torch.dtype | None = None
     next_layer: list[int | None] = field(default_factory=list)  # the MoE layer fed by the same residual stream
     extra: dict = field(default_factory=dict)
 
@@ -54,6 +61,46 @@ class ModelHook:
     @property
     def ffn_kind(self) -> str:
         return self.ffn.name if self.ffn is not None else "custom-gate"
+
+
+# torch types `nn.Module.__getattr__` as `Tensor | Module`; these read a transformers module's attribute as the kind
+# the hook needs, and a model that holds something else gets an error naming the attribute instead of one deep in
+# the engine.
+def submodule(module: nn.Module, name: str) -> nn.Module:
+    """`module.<name>`, which must be a submodule."""
+    return _attribute(module, name, nn.Module, "an nn.Module")
+
+
+def tensor(module: nn.Module, name: str) -> torch.Tensor:
+    """`module.<name>`, which must be a tensor (a parameter or a buffer)."""
+    return _attribute(module, name, torch.Tensor, "a tensor")
+
+
+def optional_tensor(module: nn.Module, name: str) -> torch.Tensor | None:
+    """`module.<name>` as a tensor, or None where the module has none (a Linear built with bias=False)."""
+    return tensor(module, name) if getattr(module, name, None) is not None else None
+
+
+def integer(module: nn.Module, name: str) -> int:
+    """`module.<name>`, which must be an int (an expert count)."""
+    return _attribute(module, name, int, "an int")
+
+
+def function(module: nn.Module, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`module.<name>`, which must be callable on a tensor (an activation module or function)."""
+    value = getattr(module, name, None)
+    if not callable(value):
+        raise UnsupportedModelError(f"{type(module).__name__}.{name} is {type(value).__name__}, expected a callable "
+                                    "(an activation); moeoffload supports the layouts transformers builds")
+    return value
+
+
+def _attribute(module: nn.Module, name: str, kind: type[T], what: str) -> T:
+    value = getattr(module, name, None)
+    if not isinstance(value, kind):
+        raise UnsupportedModelError(f"{type(module).__name__}.{name} is {type(value).__name__}, expected {what}; "
+                                    "moeoffload supports the layouts transformers builds")
+    return value
 
 
 def empty_parameter(like: torch.Tensor) -> nn.Parameter:

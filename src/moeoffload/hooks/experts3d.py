@@ -17,6 +17,9 @@ modules: they stay resident with the rest of the dense model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,8 +28,9 @@ from ..errors import UnsupportedModelError
 from ..layer import OffloadedMoELayer
 from ..layout import ExpertLayout
 from ..staged import ExpertStages
-from .base import ModelHook, empty_parameter, next_in_stack, parents
+from .base import ModelHook, empty_parameter, function, integer, next_in_stack, parents, tensor
 from .ffn import ExpertFFNSpec
+from .verify import sum_dtype as eager_sum_dtype
 
 IMPLEMENTATION = "moeoffload"
 SUPPORTED = ("gate/up concatenated or interleaved, transposed or not, with or without biases, gated or not "
@@ -54,10 +58,17 @@ def _is_3d(t) -> bool:
 
 
 def _is_3d_experts(module: nn.Module) -> bool:
+    """3-D expert tensors behind the ExpertsInterface: a 3-D module whose forward does not dispatch there (Inkling's
+    shared experts) cannot be routed to the engine, and stays resident as dense weights."""
     up = getattr(module, "gate_up_proj", None)
     if up is None:
         up = getattr(module, "up_proj", None)
-    return _is_3d(up) and _is_3d(getattr(module, "down_proj", None))
+    return _is_3d(up) and _is_3d(getattr(module, "down_proj", None)) and _dispatches(type(module))
+
+
+def _dispatches(cls: type) -> bool:
+    """`use_experts_implementation` wrapped the forward of this class or a base (functools.wraps marks it)."""
+    return any(getattr(c.__dict__.get("forward"), "__wrapped__", None) is not None for c in cls.__mro__)
 
 
 def _flags(module: nn.Module) -> dict[str, bool]:
@@ -94,8 +105,8 @@ def ffn_spec(module: nn.Module) -> ExpertFFNSpec:
     """What `module`'s experts compute, as data (see hooks.ffn)."""
     f = _flags(module)
     names = tensor_names(module)
-    common = dict(up=names[0], down=names[1], up_bias=names[2] if f["has_bias"] else None,
-                  down_bias=names[3] if f["has_bias"] else None, transposed=f["is_transposed"])
+    common: dict[str, Any] = dict(up=names[0], down=names[1], up_bias=names[2] if f["has_bias"] else None,
+                                  down_bias=names[3] if f["has_bias"] else None, transposed=f["is_transposed"])
     if not f["has_gate"]:
         return ExpertFFNSpec(kind="dense", act=_act_name(module), **common)
     from transformers.integrations.moe import _default_apply_gate
@@ -104,8 +115,9 @@ def ffn_spec(module: nn.Module) -> ExpertFFNSpec:
     if gate is _default_apply_gate:
         return ExpertFFNSpec(kind="gated", act=_act_name(module), **common)
     if type(module).__name__ == "GptOssExperts":
+        gpt_oss: Any = module  # its clamp's alpha and limit are plain floats, read by attribute
         return ExpertFFNSpec(kind="gpt-oss-clamped", act=None, interleaved=not f["is_concatenated"],
-                             alpha=float(module.alpha), limit=float(module.limit), **common)
+                             alpha=float(gpt_oss.alpha), limit=float(gpt_oss.limit), **common)
     return ExpertFFNSpec(kind="custom-gate", act=_act_name(module), interleaved=not f["is_concatenated"], **common)
 
 
@@ -174,30 +186,37 @@ def discover(model: nn.Module) -> ModelHook | None:
         shapes=tuple(tuple(getattr(first, n).shape[1:]) for n in names),
         dtype=getattr(first, names[0]).dtype,
     )
-    config = model.config
-    top_k = getattr(config, "num_experts_per_tok", None) or getattr(config, "top_k", 1)
-    routers = _routers(model, layers, first.num_experts)
-    router_weight = router_bias = None
+    config = _config(model)
+    per_token: Any = getattr(config, "num_experts_per_tok", None) or getattr(config, "top_k", 1)
+    top_k = int(per_token)
+    num_experts = integer(first, "num_experts")
+    routers = _routers(model, layers, num_experts)
+    router_weight: Callable[[int], torch.Tensor] | None = None
+    router_bias: Callable[[int], torch.Tensor | None] | None = None
     if routers is not None:
-        router_weight = lambda i: routers[i].weight  # noqa: E731
+        router_weight = lambda i: tensor(routers[i], "weight")  # noqa: E731
         router_bias = lambda i: getattr(routers[i], "bias", None)  # noqa: E731
     requires_grad = {n: getattr(first, n).requires_grad for n in names}
+    down = tensor(first, "down_proj").shape  # [E, hidden, I], or [E, I, hidden] when transposed
+    sum_dtype = eager_sum_dtype(first, _expert_ffn(first), names, top_k,
+                                down[-1] if _flags(first)["is_transposed"] else down[-2])
     return ModelHook(
         family="experts3d",
         layers=layers,
-        num_experts=first.num_experts,
-        top_k=int(top_k),
+        num_experts=num_experts,
+        top_k=top_k,
         layout=layout,
         expert_tensors=lambda m, e: {n: getattr(m, n)[e] for n in names},
         expert_ffn=_expert_ffn,
         expert_stages=_expert_stages,
         strip=_strip,
-        install=_install,
+        install=lambda m, layer: _install(m, layer, sum_dtype),
         restore=lambda m, tensors: _restore(m, tensors, requires_grad),
         router_weight=router_weight,
         router_bias=router_bias,
         next_layer=next_in_stack(model, layers),
         ffn=ffn_spec(first),
+        sum_dtype=sum_dtype,
         extra={"previous_implementation": _get_impl(model), "model": model, "experts_class": type(first).__name__},
     )
 
@@ -207,23 +226,14 @@ def _expert_ffn(module: nn.Module):
     `F.linear` for [out, in] matrices, `x @ W + b` for transposed biased ones (GPT-OSS), then the module's own
     gate (`_apply_gate`: the default `act(g) * u` over two halves, or GPT-OSS's clamped SwiGLU)."""
     spec = ffn_spec(module)
-    gated = _flags(module)["has_gate"]
-    gate = module._apply_gate if gated and hasattr(module, "_apply_gate") else None
-    act = getattr(module, "act_fn", None)
+    between = _between(module)
 
     def project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         y = x @ w if spec.transposed else F.linear(x, w)
         return y if b is None else y + b
 
     def ffn(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-        h = project(x, w[spec.up], w[spec.up_bias] if spec.up_bias else None)
-        if gate is not None:
-            h = gate(h)
-        elif gated:
-            g, u = h.chunk(2, dim=-1)
-            h = act(g) * u
-        else:
-            h = act(h)
+        h = between(project(x, w[spec.up], w[spec.up_bias] if spec.up_bias else None))
         return project(h, w[spec.down], w[spec.down_bias] if spec.down_bias else None)
 
     return ffn
@@ -236,16 +246,23 @@ def _expert_stages(module: nn.Module) -> ExpertStages | None:
     spec = ffn_spec(module)
     if spec.kind not in ("gated", "dense") or spec.up_bias or spec.down_bias:
         return None
-    if spec.kind == "gated":
-        gate = getattr(module, "_apply_gate", None)
-        if gate is None:
-            act = module.act_fn
+    return ExpertStages(up=spec.up, down=spec.down, mid=_between(module), transposed=spec.transposed)
 
-            def gate(h: torch.Tensor) -> torch.Tensor:
-                g, u = h.chunk(2, dim=-1)
-                return act(g) * u
-        return ExpertStages(up=spec.up, down=spec.down, mid=gate, transposed=spec.transposed)
-    return ExpertStages(up=spec.up, down=spec.down, mid=module.act_fn, transposed=spec.transposed)
+
+def _between(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What runs between an expert's two projections: the module's own gate (`_apply_gate`), the default gate
+    `act(g) * u` over two halves where the module predates `_apply_gate`, or the activation alone (no gate)."""
+    if not _flags(module)["has_gate"]:
+        return function(module, "act_fn")
+    if hasattr(module, "_apply_gate"):
+        return function(module, "_apply_gate")
+    act = function(module, "act_fn")
+
+    def gate(h: torch.Tensor) -> torch.Tensor:
+        g, u = h.chunk(2, dim=-1)
+        return act(g) * u
+
+    return gate
 
 
 def _strip(module: nn.Module) -> None:
@@ -253,8 +270,9 @@ def _strip(module: nn.Module) -> None:
         setattr(module, name, empty_parameter(getattr(module, name)))
 
 
-def _install(module: nn.Module, layer: OffloadedMoELayer) -> None:
-    module._moeoffload_layer = layer
+def _install(module: nn.Module, layer: OffloadedMoELayer, sum_dtype: torch.dtype | None) -> None:
+    layer.sum_dtype = sum_dtype
+    module.__dict__["_moeoffload_layer"] = layer  # a plain attribute (not a submodule), popped by _restore
 
 
 def _restore(module: nn.Module, tensors: list[dict[str, torch.Tensor]], requires_grad: dict[str, bool]) -> None:
@@ -266,7 +284,7 @@ def _restore(module: nn.Module, tensors: list[dict[str, torch.Tensor]], requires
 
 def _get_impl(model: nn.Module):
     getter = getattr(model, "get_experts_implementation", None)
-    return getter() if callable(getter) else model.config._experts_implementation
+    return getter() if callable(getter) else _config(model)._experts_implementation
 
 
 def select(model: nn.Module, implementation) -> None:
@@ -276,4 +294,9 @@ def select(model: nn.Module, implementation) -> None:
         setter(implementation)
     else:  # older transformers 5.x
         chosen = implementation if isinstance(implementation, str) else implementation.get("")
-        model.config._experts_implementation = chosen
+        _config(model)._experts_implementation = chosen
+
+
+def _config(model: nn.Module) -> Any:
+    """The model's transformers config: its fields differ by family and version, so it is read by name."""
+    return model.config

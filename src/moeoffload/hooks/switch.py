@@ -17,7 +17,17 @@ from torch import nn
 from ..layer import OffloadedMoELayer
 from ..layout import ExpertLayout
 from ..staged import ExpertStages
-from .base import ModelHook, empty_parameter, next_in_stack, parents
+from .base import (
+    ModelHook,
+    empty_parameter,
+    function,
+    integer,
+    next_in_stack,
+    optional_tensor,
+    parents,
+    submodule,
+    tensor,
+)
 from .ffn import ExpertFFNSpec
 
 
@@ -29,33 +39,40 @@ def discover(model: nn.Module) -> ModelHook | None:
     layers = [m for m in model.modules() if _is_switch_experts(m)]
     if not layers:
         return None
-    first = layers[0]["expert_0"]
+    first = _expert(layers[0], 0)
     if type(first).__name__ != "SwitchTransformersDenseActDense":
         return None
-    layout = ExpertLayout(
-        names=("wi", "wo"),
-        shapes=(tuple(first.wi.weight.shape), tuple(first.wo.weight.shape)),
-        dtype=first.wi.weight.dtype,
-    )
+    wi, wo = _weight(first, "wi"), _weight(first, "wo")
+    layout = ExpertLayout(names=("wi", "wo"), shapes=(tuple(wi.shape), tuple(wo.shape)), dtype=wi.dtype)
     parent = parents(model)
-    routers = [parent[id(m)].router.classifier for m in layers]
+    routers = [submodule(submodule(parent[id(m)], "router"), "classifier") for m in layers]
     return ModelHook(
         family="switch",
         layers=layers,
-        num_experts=layers[0].num_experts,
+        num_experts=integer(layers[0], "num_experts"),
         top_k=1,
         layout=layout,
-        expert_tensors=lambda m, e: {"wi": m[f"expert_{e}"].wi.weight, "wo": m[f"expert_{e}"].wo.weight},
+        expert_tensors=lambda m, e: {"wi": _weight(_expert(m, e), "wi"), "wo": _weight(_expert(m, e), "wo")},
         expert_ffn=_expert_ffn,
         expert_stages=_expert_stages,
         strip=_strip,
         install=_install,
         restore=_restore,
-        router_weight=lambda i: routers[i].weight,
-        router_bias=lambda i: routers[i].bias,
+        router_weight=lambda i: tensor(routers[i], "weight"),
+        router_bias=lambda i: optional_tensor(routers[i], "bias"),
         next_layer=next_in_stack(model, layers),
         ffn=ExpertFFNSpec(kind="dense", act=_act_name(model, first), up="wi", down="wo", cast_before_down=True),
     )
+
+
+def _expert(module: nn.Module, e: int) -> nn.Module:
+    """Expert e of a `SwitchTransformersExperts` (a ModuleDict keyed `expert_{e}`)."""
+    return submodule(module, f"expert_{e}")
+
+
+def _weight(expert: nn.Module, projection: str) -> torch.Tensor:
+    """The weight of an expert's projection (`wi` or `wo`, each an nn.Linear)."""
+    return tensor(submodule(expert, projection), "weight")
 
 
 def _act_name(model: nn.Module, expert: nn.Module) -> str:
@@ -68,7 +85,7 @@ def _act_name(model: nn.Module, expert: nn.Module) -> str:
 
 
 def _expert_ffn(module: nn.Module):
-    act = module["expert_0"].act
+    act = function(_expert(module, 0), "act")
 
     def ffn(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
         h = act(F.linear(x, w["wi"]))
@@ -81,8 +98,8 @@ def _expert_ffn(module: nn.Module):
 
 def _expert_stages(module: nn.Module) -> ExpertStages:
     """`_expert_ffn` cut at its two projections: the activation and the cast between them work element by element."""
-    act = module["expert_0"].act
-    wo_dtype = module["expert_0"].wo.weight.dtype  # read before the store strips the weights
+    act = function(_expert(module, 0), "act")
+    wo_dtype = _weight(_expert(module, 0), "wo").dtype  # read before the store strips the weights
 
     def mid(h: torch.Tensor) -> torch.Tensor:
         h = act(h)
@@ -92,13 +109,13 @@ def _expert_stages(module: nn.Module) -> ExpertStages:
 
 
 def _strip(module: nn.Module) -> None:
-    for expert in module.values():
-        expert.wi.weight = empty_parameter(expert.wi.weight)
-        expert.wo.weight = empty_parameter(expert.wo.weight)
+    for expert in module.children():  # the experts, in ModuleDict order
+        for projection in ("wi", "wo"):
+            submodule(expert, projection).weight = empty_parameter(_weight(expert, projection))
 
 
 def _install(module: nn.Module, layer: OffloadedMoELayer) -> None:
-    num_experts = module.num_experts
+    num_experts = integer(module, "num_experts")
 
     def forward(self, hidden_states, selected_experts, routing_weights):
         # selected_experts: one-hot [T, 1, E]; routing_weights: [T, 1]
@@ -108,13 +125,13 @@ def _install(module: nn.Module, layer: OffloadedMoELayer) -> None:
         return layer(hidden_states, top_k_index, routing_weights.reshape(-1, 1))
 
     module.forward = types.MethodType(forward, module)
-    module._moeoffload_layer = layer
+    module.__dict__["_moeoffload_layer"] = layer  # a plain attribute (not a submodule), popped by _restore
 
 
 def _restore(module: nn.Module, tensors: list[dict[str, torch.Tensor]]) -> None:
     module.__dict__.pop("forward", None)
     module.__dict__.pop("_moeoffload_layer", None)
     for e, weights in enumerate(tensors):
-        expert = module[f"expert_{e}"]
-        expert.wi.weight = nn.Parameter(weights["wi"], requires_grad=False)
-        expert.wo.weight = nn.Parameter(weights["wo"], requires_grad=False)
+        expert = _expert(module, e)
+        for projection in ("wi", "wo"):
+            submodule(expert, projection).weight = nn.Parameter(weights[projection], requires_grad=False)

@@ -1,12 +1,12 @@
 """CUDA stream memory operations (cuStreamWaitValue32, cuStreamWriteValue32) through the driver library.
 
 Why: with the cache's directory on the device (`moeoffload.directory`), a layer's fills are known only on the GPU,
-yet they should move on the copy engine at the link's rate, not through the SMs' loads (52% of it on the lent H100).
-A host thread learns each layer's fills and queues the copies (`moeoffload.courier`); the compute stream must wait
-for copies that were not queued yet when the host launched the layer. An event cannot express that (waiting on an
-event not yet recorded is a no-op); a stream wait on a 32-bit flag in device memory can: the copy stream writes the
-flag after its copies, the compute stream waits until it reaches the layer's sequence number. torch exposes neither
-operation, so they come from libcuda through ctypes.
+yet they should move on the copy engine at the link's rate, not through the SMs' loads (52% of it on an H100 80GB
+HBM3: benchmarks/RESULTS.md). A host thread learns each layer's fills and queues the copies (`moeoffload.courier`);
+the compute stream must wait for copies that were not queued yet when the host launched the layer. An event cannot
+express that (waiting on an event not yet recorded is a no-op); a stream wait on a 32-bit flag in device memory can:
+the copy stream writes the flag after its copies, the compute stream waits until it reaches the layer's sequence
+number. torch exposes neither operation, so they come from libcuda through ctypes.
 """
 
 from __future__ import annotations

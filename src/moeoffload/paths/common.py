@@ -15,8 +15,10 @@ if TYPE_CHECKING:
     from ..layer import OffloadedMoELayer
 
 
-def host_route(top_k_index: torch.Tensor, num_experts: int, token_major: bool = False
-               ) -> tuple[list[int], list[int], torch.Tensor]:
+Route = tuple[list[int], list[int], torch.Tensor]  # (needed experts, start of each one's run, pair order)
+
+
+def host_route(top_k_index: torch.Tensor, num_experts: int, token_major: bool = False) -> Route:
     """Group the (token, k) pairs by expert with one device->host sync.
 
     Returns the needed experts (ascending), the start of each expert's run in `order` (one more entry: the end),
@@ -36,6 +38,21 @@ def host_route(top_k_index: torch.Tensor, num_experts: int, token_major: bool = 
         offset += count
     starts.append(offset)
     return needed, starts, order
+
+
+def sub_route(route: Route, experts: set[int]) -> Route:
+    """The route of the needed experts in `experts` only, from `route`: their runs as they were, then every other
+    pair (positions past the last start), so the order is still a permutation of every pair position."""
+    needed, starts, order = route
+    chosen = [i for i, e in enumerate(needed) if e in experts]
+    if len(chosen) == len(needed):
+        return route
+    others = [i for i, e in enumerate(needed) if e not in experts]
+    runs = [order[starts[i] : starts[i + 1]] for i in chosen + others] + [order[starts[-1] :]]
+    sub_starts = [0]
+    for i in chosen:
+        sub_starts.append(sub_starts[-1] + starts[i + 1] - starts[i])
+    return [needed[i] for i in chosen], sub_starts, torch.cat(runs)
 
 
 @contextmanager

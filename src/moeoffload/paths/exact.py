@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..staged import ExpertStages, ordered_sum, padded_blocks, row_quantum, token_ranks
-from .common import host_route, waves
+from .common import Route, host_route, waves
 
 if TYPE_CHECKING:
     from ..layer import ExpertFFN, OffloadedMoELayer
@@ -38,14 +38,16 @@ class ExactLoop:
             self._up_width = up[-1] if stages.transposed else up[0]
             self._out_width = down[-1] if stages.transposed else down[0]
 
-    def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                 route: Route | None = None) -> torch.Tensor:
+        """`route`: the call's `host_route` (eager's order), when the caller routed it already (HostAssisted)."""
         layer = self.layer
         layer.cache.enter_layer(layer.layer_idx)
-        needed, starts, order = host_route(top_k_index, layer.num_experts)
+        needed, starts, order = route if route is not None else host_route(top_k_index, layer.num_experts)
         staged = len(needed) >= STAGED_MIN_EXPERTS and not (torch.is_grad_enabled() and hidden.requires_grad)
         if self.stages is not None and staged:  # (mm(out=), which it writes with, has no autograd)
             return self._staged(hidden, top_k_index, top_k_weights, needed, starts, order)
-        out = torch.zeros_like(hidden)
+        out = torch.zeros_like(hidden, dtype=layer.sum_dtype)
         tokens = hidden.shape[0]
         for first, slots in waves(layer, needed, hidden):
             for i, slot in enumerate(slots):
@@ -54,7 +56,7 @@ class ExactLoop:
                 y = self.expert_ffn(hidden[tok], layer.cache.weights(slot))
                 y = y * top_k_weights[tok, pos, None]
                 out.index_add_(0, tok, y.to(out.dtype))
-        return out
+        return out.to(hidden.dtype)
 
     def _staged(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                 needed: list[int], starts: list[int], order: torch.Tensor) -> torch.Tensor:
@@ -88,9 +90,9 @@ class ExactLoop:
                 torch.mm(mid_blocks[i], w_down, out=y_blocks[first + i])
         assert y is not None
         y = y if rows is None else y[rows]
-        contributions = (y * top_k_weights[tok, pos, None]).to(hidden.dtype)
+        contributions = (y * top_k_weights[tok, pos, None]).to(self.layer.sum_dtype or hidden.dtype)
         ranks = token_ranks(top_k_index).T.reshape(-1)[pairs]
-        return ordered_sum(contributions, tok, ranks, tokens, k, hidden)
+        return ordered_sum(contributions, tok, ranks, tokens, k, hidden).to(hidden.dtype)
 
     @staticmethod
     def _gather(hidden: torch.Tensor, tok: torch.Tensor, blocks: list[int], starts: list[int], counts: list[int],

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import kernels as _kernels
-from .common import expert_rows, host_route, waves
+from .common import Route, expert_rows, host_route, waves
 
 if TYPE_CHECKING:
     from ..layer import OffloadedMoELayer
@@ -22,11 +22,15 @@ class GroupedOnHost:
     def __init__(self, layer: OffloadedMoELayer):
         self.layer = layer
 
-    def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                 route: Route | None = None) -> torch.Tensor:
+        """`route`: the call's token-major `host_route`, when the caller routed it already (HostAssisted)."""
         layer = self.layer
         layer.cache.enter_layer(layer.layer_idx)
         backend, tokens, k = layer.plan.backend, hidden.shape[0], top_k_index.shape[1]
-        needed, starts, order = host_route(top_k_index, layer.num_experts, token_major=True)
+        if route is None:
+            route = host_route(top_k_index, layer.num_experts, token_major=True)
+        needed, starts, order = route
         n_valid = starts[-1]
         x = _kernels.permute(hidden, order[:n_valid], backend=backend, divisor=k)
         y = torch.empty_like(x)

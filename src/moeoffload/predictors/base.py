@@ -85,7 +85,7 @@ def stacks_of(model: torch.nn.Module, layers: list[torch.nn.Module]) -> list[Sta
 def stack_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, bool]:
     """(input_ids, new_sequence) of a stack's forward call; input_ids None when the caller passed embeddings."""
     ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
-    past = kwargs.get("past_key_values")
+    past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers renamed it "cache" in 5.2x
     length = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
     return ids, int(length) == 0
 

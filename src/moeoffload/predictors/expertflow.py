@@ -20,6 +20,7 @@ import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +109,7 @@ class ExpertFlowPredictor:
     """
 
     name = "expertflow"
+    runahead_class: ClassVar[type]  # ExpertFlowRunAhead, set below it
 
     def __init__(self, net: RoutingPathNet, transition: dict[int, torch.Tensor] | None = None,
                  info: dict | None = None):
@@ -148,6 +150,19 @@ class ExpertFlowPredictor:
         top = log_probs.topk(min(self.cfg.top_k, self.cfg.num_experts), dim=-1).indices
         return Prediction(list(inputs.layers), top)
 
+    def set_context(self, contexts: list[tuple[int, ...]] | list[list[int]]) -> None:
+        """The tokens that came before each row of the next call (every stack): a serving loop whose batches
+        change from step to step says whose context the next decode step continues. Rows are cut to the shortest
+        context (at most `window - 1` tokens), so that they stack; an empty context forgets the kept one."""
+        keep = min([len(c) for c in contexts] + [self.cfg.window - 1])
+        if keep <= 0:
+            self._context.clear()
+            return
+        dev = next(self.net.parameters()).device
+        ids = torch.tensor([list(c)[-keep:] for c in contexts], device=dev)
+        for stack in range(self.cfg.num_stacks):
+            self._context[stack] = ids
+
     def _chunked(self, ids: torch.Tensor, stack: int, layers: list[int]) -> torch.Tensor:
         w = self.cfg.window
         with torch.no_grad():
@@ -160,7 +175,7 @@ class ExpertFlowPredictor:
         router really chose at the layer before (`routed` [T, k]); other tokens keep their prediction. None when
         nothing is known about this layer."""
         layers, log_probs = self._log_probs.get(stack, (None, None))
-        if layers is None or layer_idx not in layers or layer_idx not in self.transition:
+        if layers is None or log_probs is None or layer_idx not in layers or layer_idx not in self.transition:
             return None
         scores = log_probs[layers.index(layer_idx)]
         if scores.shape[0] != routed.shape[0]:
@@ -203,7 +218,7 @@ class ExpertFlowPredictor:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        return cls(inference_only(net), transitions(trace), dict(info))
+        return cls(cast(RoutingPathNet, inference_only(net)), transitions(trace), dict(info))
 
     def to(self, device: str | torch.device) -> ExpertFlowPredictor:
         self.net.to(device)
@@ -239,6 +254,28 @@ class ExpertFlowPredictor:
         out[:, layers] = hot.any(dim=1)
         return out.cpu()
 
+    def next_routes(self, contexts: list[tuple[int, ...]] | list[list[int]], stack: int = 0) -> torch.Tensor:
+        """Predicted experts of each context's last token: bool [n, num_layers, E] (the layers of `stack` set).
+        What the serving loop's scheduler groups a decode step by: the next forward feeds only that token.
+        Contexts of equal length (after the window cut) run as one batch. Stateless."""
+        layers = [i for i, s in enumerate(self.info.get("layer_stack", [0] * self.cfg.num_layers)) if s == stack]
+        dev = next(self.net.parameters()).device
+        E, w = self.cfg.num_experts, self.cfg.window
+        out = torch.zeros(len(contexts), self.cfg.num_layers, E, dtype=torch.bool)
+        by_length: dict[int, list[int]] = {}
+        for i, ctx in enumerate(contexts):
+            if not len(ctx):
+                raise ValueError(f"context {i} is empty: a route is predicted for a sequence's last token")
+            by_length.setdefault(min(len(ctx), w), []).append(i)
+        for length, rows in by_length.items():
+            ids = torch.tensor([list(contexts[i])[-length:] for i in rows], device=dev)
+            with torch.no_grad():
+                logits = self.net(ids, stack)[:, -1, layers]  # [rows, L, E]
+            top = logits.topk(min(self.cfg.top_k, E), dim=-1).indices.cpu()
+            hot = torch.zeros(len(rows), len(layers), E, dtype=torch.bool).scatter_(-1, top, True)
+            out[torch.tensor(rows).unsqueeze(1), torch.tensor(layers).unsqueeze(0)] = hot
+        return out
+
 
 @dataclass
 class CorrectionStats:
@@ -271,6 +308,7 @@ class ExpertFlowRunAhead(RunAhead):
             raise ValueError("ExpertFlow corrects its cache from the router's choice; it never replaces the router")
         predictor.to(cache.device)  # the path net runs beside the model, on its side stream
         super().__init__(predictor, cache, hook, model, replace_router=False, prefetch=prefetch)
+        self.paths = predictor  # the predictor as ExpertFlow's own type: its last calls and its correction
         self.correction = CorrectionStats()
         self.num_layers = len(hook.layers)
         # per served batch (a new sequence batch of the first stack), bool [B, layers, E]: the experts each
@@ -293,7 +331,7 @@ class ExpertFlowRunAhead(RunAhead):
 
     def _record(self, layer_idx: int, routed: torch.Tensor) -> None:
         s, pos = self.stack_of[layer_idx], self.position[layer_idx]
-        rows, new = self.predictor.last_call.get(s, (0, False))
+        rows, new = self.paths.last_call.get(s, (0, False))
         if s == 0 and pos == 0 and new and rows:
             self.batch_routes.append(torch.zeros(rows, self.num_layers, self.num_experts + 1, dtype=torch.bool,
                                                  device=routed.device))
@@ -310,8 +348,10 @@ class ExpertFlowRunAhead(RunAhead):
         pos = self.position[layer_idx]
         pred = self.prediction.get(s)
         needed = self.needed(s)
-        row = pred.row(layer_idx) if pred is not None else None
-        if needed is None or row is None or pred.top_k_ids.shape[1] != routed.shape[0]:
+        if pred is None or needed is None:
+            return
+        row = pred.row(layer_idx)
+        if row is None or pred.top_k_ids.shape[1] != routed.shape[0]:
             return
         E = self.num_experts
         predicted = set(needed[pos])
@@ -331,7 +371,7 @@ class ExpertFlowRunAhead(RunAhead):
         nxt = layers[pos + 1]
         guess = pred.top_k_ids[row].to(routed.device)
         wrong = _per_token_mismatch(guess, routed, E)
-        fixed = self.predictor.correct(s, nxt, routed, wrong)
+        fixed = self.paths.correct(s, nxt, routed, wrong)
         if fixed is None:
             return
         c.corrected_tokens += int(wrong.sum())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from ..errors import MoeOffloadError
 from ..progress import progress
@@ -26,7 +27,7 @@ class _Recorder:
         self.calls: list[tuple[int, tuple[int, ...]]] = []
         self.current: dict[int, dict] = {}
         self.router_weight = handle.hook.router_weight
-        self._handles = []
+        self._handles: list[RemovableHandle] = []
 
     def __enter__(self):
         for s, st in enumerate(self.stacks):

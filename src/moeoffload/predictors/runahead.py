@@ -175,7 +175,9 @@ class RunAhead:
         if not self.replace_router or self.failed:
             return None
         pred = self.prediction.get(s)
-        row = pred.row(layer_idx) if pred is not None else None
+        if pred is None:
+            return None  # nothing predicted for this stack: the router decides
+        row = pred.row(layer_idx)
         if row is None or pred.top_k_weights is None or pred.top_k_ids.shape[1] != hidden.shape[0]:
             return None  # nothing predicted for these tokens: the router decides
         self._wait(s)
