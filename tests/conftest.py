@@ -5,7 +5,7 @@ import torch
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (marker 'gpu'); run on the device machine")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marker 'gpu'); run on a machine with one")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

@@ -585,6 +585,10 @@ class Session:
             "miss_rule": stats.miss_rule,
             "copied_misses_per_round": (stats.misses - stats.host_misses) / self.rounds,
             "host_misses_per_round": stats.host_misses / self.rounds,
+            # a low-precision policy: what one expert's copy moves in each precision, and how many misses each served
+            "precision": stats.precision,
+            "expert_bytes_by_precision": stats.expert_bytes_by_precision or {"full": stats.expert_bytes},
+            "misses_by_precision_per_round": {p: n / self.rounds for p, n in stats.misses_by_precision.items()},
             "cache_bytes": stats.cache_bytes, "budget_bytes": stats.budget_bytes,
             "total_expert_bytes": stats.total_expert_bytes, "dense_bytes": stats.dense_bytes,
             "n_slots": stats.n_slots, "nvml_used_bytes": rounds.nvml_peak,

@@ -49,6 +49,10 @@ def rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
         headers += ["misses/round copied", "host"]
         for row, r in zip(out, records):
             row += [_num(r.get("copied_misses_per_round"), ".1f"), _num(r.get("host_misses_per_round"), ".1f")]
+    if any(r.get("precision", "full") != "full" for r in records):  # a low-precision policy ran
+        headers += ["MiB/expert", "misses/round by precision"]
+        for row, r in zip(out, records):
+            row += precision_cells(r)
     if any(r.get("experts_per_batch_scheduled") is not None for r in records):  # a token-scheduling policy ran
         headers += ["experts/batch first-come", "scheduled", "agree first-come"]
         for row, r in zip(out, records):
@@ -60,6 +64,14 @@ def rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
         for row, r in zip(out, records):
             row += comparison_cells(r.get("comparison"), r)
     return headers, out
+
+
+def precision_cells(record: dict) -> list[str]:
+    """Bytes of one expert's copy in each precision ("full 336 / int4 97.1") and the misses each precision served."""
+    sizes = record.get("expert_bytes_by_precision") or {}
+    misses = record.get("misses_by_precision_per_round") or {}
+    return [" / ".join(f"{p} {b / MIB:.3g}" for p, b in sizes.items()) or "-",
+            " / ".join(f"{p} {n:.1f}" for p, n in misses.items()) or "-"]
 
 
 COMPARISON_HEADERS = ["median tok/s", "baseline tok/s", "baseline at this speed", "delta", "rounds b/r", "verdict"]

@@ -160,6 +160,11 @@ class ExpertCache:
         self.to_host()
         return dict(self._slot_of)
 
+    def holds(self, key: ExpertKey) -> bool:
+        """True when `key` is resident (no copy of the residency made, unlike `resident()`)."""
+        self.to_host()
+        return key in self._slot_of
+
     def is_pinned(self, key: ExpertKey) -> bool:
         self.to_host()
         slot = self._slot_of.get(key)
@@ -508,6 +513,70 @@ class ExpertCache:
         self.transfer.stats.copies += copies
         self.transfer.stats.bytes += copies * self.store.expert_bytes
         self._holder = "host"
+
+
+class PrecisionCaches:
+    """The expert caches of a low-precision policy: one ExpertCache per precision, each over its own store (the
+    full-precision experts, or their quantized copies) and its own slots, in order of precision, most precise first.
+
+    An expert may be resident in more than one precision at once (HOBBIT's upgrade: an expert first copied low and
+    then needed at full precision). A request for an expert at least at precision `wanted` is served by the most
+    precise resident copy that is at least as precise (a hit in that precision's cache); if there is none, `wanted`
+    is copied (a miss in its cache). So every hit, miss and byte is counted by exactly one ExpertCache, and the
+    bytes moved are each precision's misses times its expert bytes.
+    """
+
+    def __init__(self, caches: dict[str, ExpertCache]):
+        if not caches:
+            raise ValueError("PrecisionCaches needs at least one cache")
+        self.caches = caches
+        self.order = list(caches)  # most precise first
+        self.upgrades = 0  # full-precision misses of an expert resident in a lower precision
+        self._scratch: torch.Tensor | None = None
+
+    def scratch(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """The one full-precision expert buffer where a quantized expert is dequantized on arrival, shared by every
+        layer (they run one after another on one stream, which orders each write after the last read)."""
+        if self._scratch is None or self._scratch.numel() != numel or self._scratch.dtype != dtype:
+            device = next(iter(self.caches.values())).device
+            self._scratch = torch.empty(numel, dtype=dtype, device=device)
+        return self._scratch
+
+    @property
+    def scratch_bytes(self) -> int:
+        return 0 if self._scratch is None else self._scratch.numel() * self._scratch.element_size()
+
+    def serving(self, key: ExpertKey, wanted: str) -> str:
+        """The precision that serves `key` when `wanted` is the least it may have: resident if one is."""
+        at_least = self.order[: self.order.index(wanted) + 1]
+        for precision in at_least:
+            if self.caches[precision].holds(key):
+                return precision
+        return wanted
+
+    def acquire(self, key: ExpertKey, wanted: str) -> tuple[str, int]:
+        """(precision served, slot in that precision's cache), pinned until `release(key, precision)`."""
+        precision = self.serving(key, wanted)
+        cache = self.caches[precision]
+        if not cache.holds(key) and any(self.caches[p].holds(key) for p in self.order):
+            self.upgrades += 1
+        return precision, cache.acquire([key])[0]
+
+    def release(self, key: ExpertKey, precision: str) -> None:
+        self.caches[precision].release([key])
+
+    def resident(self) -> dict[str, set[ExpertKey]]:
+        return {p: c.resident() for p, c in self.caches.items()}
+
+    def reset_stats(self) -> None:
+        self.upgrades = 0
+        for cache in self.caches.values():
+            cache.reset_stats()
+
+    def free(self) -> None:
+        self._scratch = None
+        for cache in self.caches.values():
+            cache.free()
 
 
 def _max_device_slots() -> int:

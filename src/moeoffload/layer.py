@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import kernels as _kernels
-from .cache import ExpertCache
-from .paths import ExactLoop, FetchedOnDevice, GroupedOnHost, HostAssisted, ResidentOnDevice
+from .cache import ExpertCache, PrecisionCaches
+from .paths import DequantizingLoop, ExactLoop, FetchedOnDevice, GroupedOnHost, HostAssisted, ResidentOnDevice
 from .paths.common import drop_prefetcher
 from .plan import ExecutionPlan
 from .staged import ExpertStages
@@ -49,7 +49,8 @@ def grouped_spec(ffn, layout) -> _kernels.FFNSpec | None:
 class OffloadedMoELayer:
     def __init__(self, layer_idx: int, num_experts: int, cache: ExpertCache, expert_ffn: ExpertFFN,
                  plan: ExecutionPlan, prefetcher: Prefetcher | None = None, router_tap: RouterTap | None = None,
-                 ffn=None, stages: ExpertStages | None = None, host: HostExperts | None = None):
+                 ffn=None, stages: ExpertStages | None = None, host: HostExperts | None = None,
+                 precisions: PrecisionCaches | None = None, full_precision_gate: float | None = None):
         self.layer_idx = layer_idx
         self.num_experts = num_experts
         self.cache = cache
@@ -57,21 +58,35 @@ class OffloadedMoELayer:
         self.prefetcher = prefetcher
         self.router_tap = router_tap
         self.sum_dtype: torch.dtype | None = None  # eager sums a token's top-k in this dtype (None: hidden's)
-        self.spec = grouped_spec(ffn, cache.store.layout)
+        self.spec = grouped_spec(ffn, cache.store.full_layout)  # a quantized store's experts: as full ones
         if plan.grouped and self.spec is None:
             raise ValueError(f"plan {plan.label!r} needs the grouped kernels, which do not compute this layer's expert "
                              "form; make the plan with moeoffload.plan.make_plan")
-        self.host_path: ExactLoop | GroupedOnHost | HostAssisted = (GroupedOnHost(self) if plan.grouped
-                                                                    else ExactLoop(self, expert_ffn, stages))
-        if plan.host_misses:
-            if host is None:
-                raise ValueError(f"plan {plan.label!r} computes misses on the host: pass host=HostExperts(...)")
-            self.host_path = HostAssisted(self, self.host_path, expert_ffn, host)
+        self.host_path = self._host_path(expert_ffn, stages, host, precisions, full_precision_gate)
         self.device_paths: list[FetchedOnDevice | ResidentOnDevice] = []
+        if plan.precision != "full":
+            return  # the low-precision path routes every call itself
         if plan.fetch == "device":
             self.device_paths.append(FetchedOnDevice(self))
         elif plan.grouped:
             self.device_paths.append(ResidentOnDevice(self))
+
+    def _host_path(self, expert_ffn: ExpertFFN, stages: ExpertStages | None, host: HostExperts | None,
+                   precisions: PrecisionCaches | None,
+                   full_precision_gate: float | None) -> ExactLoop | GroupedOnHost | HostAssisted | DequantizingLoop:
+        """The path that serves a call after one device->host sync: the plan's kernels over the cache, wrapped by
+        the host's share of the misses (a host-assisted plan), or the low-precision copies' own loop."""
+        plan = self.plan
+        if plan.precision != "full":
+            if precisions is None:
+                raise ValueError(f"plan {plan.label!r} copies low-precision experts: pass their PrecisionCaches")
+            return DequantizingLoop(self, expert_ffn, precisions, full_precision_gate)
+        path: ExactLoop | GroupedOnHost = GroupedOnHost(self) if plan.grouped else ExactLoop(self, expert_ffn, stages)
+        if not plan.host_misses:
+            return path
+        if host is None:
+            raise ValueError(f"plan {plan.label!r} computes misses on the host: pass host=HostExperts(...)")
+        return HostAssisted(self, path, expert_ffn, host)
 
     def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         if self.router_tap is not None:

@@ -8,7 +8,7 @@ the host ExpertStore, and a cache of `gpu_budget` bytes serves them on the devic
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
 import torch
@@ -16,15 +16,17 @@ from torch import nn
 
 from . import costmodel, hooks, policies
 from .budget import format_bytes, parse_budget
-from .cache import ExpertCache
+from .cache import ExpertCache, PrecisionCaches
 from .costmodel import Measurements
 from .errors import BudgetError, MoeOffloadError, NotOffloadedError, UnsupportedModelError
 from .eviction import make_rule
 from .hostexperts import HostExperts, HostStats
 from .layer import OffloadedMoELayer, grouped_spec
-from .plan import ExecutionPlan, make_plan
+from .layout import QuantizedLayout
+from .plan import ExecutionPlan, make_plan, precision_slots, quantize_refusal
 from .predictors.registry import PREFETCHERS
 from .progress import progress
+from .quantize import GROUP_SIZE
 from .store import ExpertStore
 
 
@@ -52,6 +54,13 @@ class OffloadStats:
     predictor_bytes: int = 0  # what the predictor holds on the device beyond the model's weights (its networks)
     kernels: str = "exact"  # the plan's kernels: "exact", "triton" or "reference" (moeoffload.plan)
     fetch: str = "host"  # the plan's fetch: "host" (a sync per layer, the copy engine) or "device"
+    # a low-precision policy's caches, per precision ("full", "int8", "int4"); the totals above sum them
+    precision: str = "full"  # the plan's precision ("full", "int8", "int4", "full+int4")
+    expert_bytes_by_precision: dict[str, int] = field(default_factory=dict)
+    hits_by_precision: dict[str, int] = field(default_factory=dict)
+    misses_by_precision: dict[str, int] = field(default_factory=dict)
+    upgrades: int = 0  # full-precision misses of an expert then resident in low precision (HOBBIT)
+    scratch_bytes: int = 0  # device bytes beside the slots where quantized experts are dequantized
     miss_rule: str = "copy"  # the plan's misses: "copy", or "host" / "cost-model" / "split" (moeoffload.costmodel)
     host_misses: int = 0  # misses computed on the host CPU (included in `misses`; the rest were copied)
     host_bytes: int = 0  # expert bytes the host read from the store to compute them
@@ -81,6 +90,7 @@ class OffloadedModel:
         self.serving = False  # a cache, its prefetcher and the engine's layers are installed (`_serve`)
         self.policy: policies.Policy
         self.cache: ExpertCache
+        self.precisions: PrecisionCaches | None = None  # a low-precision policy's caches (`cache` is the first)
         self.layers: list[OffloadedMoELayer] = []
         self.plan: ExecutionPlan
         self.budget_bytes = 0
@@ -91,6 +101,8 @@ class OffloadedModel:
 
     def stats(self) -> OffloadStats:
         self._require_cache()
+        if self.precisions is not None:
+            return self._precision_stats(self.precisions)
         c = self.cache
         host = self.host.stats if self.host is not None else HostStats()
         return OffloadStats(
@@ -106,6 +118,28 @@ class OffloadedModel:
             miss_rule=self.plan.misses, host_misses=host.experts, host_bytes=host.bytes,
         )
 
+    def _precision_stats(self, precisions: PrecisionCaches) -> OffloadStats:
+        """A low-precision policy's statistics: every count summed over its caches, and split by precision."""
+        caches = precisions.caches
+        stats = {p: c.stats for p, c in caches.items()}
+        total = {name: sum(getattr(st, name) for st in stats.values()) for name in ("hits", "misses", "evictions",
+                                                                                    "peak_resident")}
+        return OffloadStats(
+            policy=self.policy.name, exact=self.policy.exact, device=str(self.device),
+            hits=total["hits"], misses=total["misses"], evictions=total["evictions"],
+            h2d_copies=sum(c.transfer.stats.copies for c in caches.values()),
+            h2d_bytes=sum(c.transfer.stats.bytes for c in caches.values()),
+            expert_bytes=self.cache.store.expert_bytes, n_slots=sum(c.n_slots for c in caches.values()),
+            cache_bytes=sum(c.pool_bytes for c in caches.values()), budget_bytes=self.budget_bytes,
+            total_expert_bytes=self.store.total_bytes, dense_bytes=self.dense_bytes,
+            peak_resident_experts=total["peak_resident"], prefetches=0, prefetch_hits=0,
+            kernels=self.plan.kernels, fetch=self.plan.fetch, precision=self.plan.precision,
+            expert_bytes_by_precision={p: c.store.expert_bytes for p, c in caches.items()},
+            hits_by_precision={p: st.hits for p, st in stats.items()},
+            misses_by_precision={p: st.misses for p, st in stats.items()},
+            upgrades=precisions.upgrades, scratch_bytes=precisions.scratch_bytes,
+        )
+
     def predictor_bytes(self) -> int:
         """Device bytes of the policy's predictor (networks, tables, kept predictions), not counting tensors it
         shares with the model (SiDA reads the model's embeddings). Read when asked: a predictor may move its
@@ -115,7 +149,10 @@ class OffloadedModel:
 
     def reset_stats(self) -> None:
         self._require_cache()
-        self.cache.reset_stats()
+        if self.precisions is not None:
+            self.precisions.reset_stats()
+        else:
+            self.cache.reset_stats()
         if self.host is not None:
             self.host.reset_stats()
 
@@ -148,6 +185,7 @@ class OffloadedModel:
         policy = policies.get(policy)
         check_predictor(policy, predictor)
         require_routers(policy, self.hook)
+        require_quantizable(policy, self.hook)
         n_slots, budget_bytes = plan_slots(policy, gpu_budget, self.store, self.device)
         plan = plan_for(self.hook, kernels, fetch, policy, n_slots, self.store, self.device)
         self._release_cache()
@@ -161,8 +199,13 @@ class OffloadedModel:
         down again."""
         hook = self.hook
         try:
-            cache = ExpertCache(self.store, n_slots, self.device, make_rule(policy.eviction), retain=policy.retain,
-                                fetch=plan.fetch)
+            self.precisions = None
+            if plan.precision != "full":
+                self.precisions = self._precision_caches(policy, budget_bytes)
+                cache = next(iter(self.precisions.caches.values()))
+            else:
+                cache = ExpertCache(self.store, n_slots, self.device, make_rule(policy.eviction),
+                                    retain=policy.retain, fetch=plan.fetch)
             self.cache, self.policy, self.plan, self.budget_bytes = cache, policy, plan, budget_bytes
             self.serving = True
             if policy.preload:
@@ -176,7 +219,8 @@ class OffloadedModel:
                 stages = hook.expert_stages(module) if hook.expert_stages is not None else None
                 layer = OffloadedMoELayer(i, hook.num_experts, cache, hook.expert_ffn(module), plan, prefetcher,
                                           router_tap=None if self.runahead is None else self.runahead.tap,
-                                          ffn=hook.ffn, stages=stages, host=self.host)
+                                          ffn=hook.ffn, stages=stages, host=self.host, precisions=self.precisions,
+                                          full_precision_gate=policy.full_precision_gate)
                 hook.install(module, layer)
                 self.layers.append(layer)
             if plan.fetch == "device":
@@ -191,7 +235,16 @@ class OffloadedModel:
         except BaseException:
             self._release_cache()
             raise
-        cache.reset_stats()
+        self.reset_stats()
+
+    def _precision_caches(self, policy: policies.Policy, budget_bytes: int) -> PrecisionCaches:
+        """One cache per precision of a low-precision policy, over the store's quantized copies (made on the device
+        the first time a policy asks for them, then kept for later switches)."""
+        caches = {}
+        for precision, slots in precision_slots(policy, budget_bytes, self.store).items():
+            store = self.store if precision == "full" else self.store.low_precision(precision, device=self.device)
+            caches[precision] = ExpertCache(store, slots, self.device, make_rule(policy.eviction), retain=True)
+        return PrecisionCaches(caches)
 
     def _host_experts(self, plan: ExecutionPlan, cache: ExpertCache) -> HostExperts:
         """The host's worker for a plan with host misses; under "host" (llama.cpp's --cpu-moe) the cache is filled
@@ -224,6 +277,8 @@ class OffloadedModel:
         if self.host is not None:
             self.host.close()  # its statistics stay readable
         self.cache.free()  # statistics stay readable
+        if self.precisions is not None:
+            self.precisions.free()  # kept: its statistics stay readable too
         self.serving = False
         if self.device.type == "cuda":
             # hand the pool's blocks back to the device: torch's allocator would keep them reserved in pieces, and a
@@ -293,6 +348,8 @@ def plan_slots(
         if budget_bytes > total:
             raise BudgetError(f"GPU budget {format_bytes(budget_bytes)} is above the device's memory "
                               f"({format_bytes(total)}); lower gpu_budget")
+    if policy.precision != "full":
+        return sum(precision_slots(policy, budget_bytes, store).values()), budget_bytes
     n_slots = min(budget_bytes // store.expert_bytes, total_experts)
     if policy.preload and n_slots < total_experts:
         raise BudgetError(f"policy {policy.name!r} keeps all {total_experts} experts on the device "
@@ -335,6 +392,7 @@ def offload(model: nn.Module, policy: str | policies.Policy = "lru", gpu_budget:
     check_predictor(policy, predictor)
     hook = hooks.discover(model)
     require_routers(policy, hook)  # refuse before any weight moves
+    require_quantizable(policy, hook)
     device = resolve_device(device)
     original_device = next(iter(hook.layers[0].parameters())).device
     if original_device.type == "meta":  # experts that came with a store go back to host memory on unload
@@ -372,7 +430,7 @@ def _check_given_store(store: ExpertStore, hook: hooks.ModelHook) -> None:
     shape = (len(hook.layers), hook.num_experts)
     if (store.num_layers, store.num_experts) != shape or store.layout != hook.layout:
         raise MoeOffloadError(f"the given store holds {store.num_layers} x {store.num_experts} experts of layout "
-                              f"{store.layout.names}, but this model has {shape[0]} x {shape[1]} of layout "
+                              f"{store.full_layout.names}, but this model has {shape[0]} x {shape[1]} of layout "
                               f"{hook.layout.names}; build the store from this model's hook "
                               "(moeoffload.hooks.discover)")
     if len(store) != shape[0] * shape[1]:
@@ -409,6 +467,19 @@ def require_routers(policy: policies.Policy, hook: hooks.ModelHook) -> None:
     if policy.prefetch is not None and hook.router_weight is None:
         raise UnsupportedModelError(f"policy {policy.name!r} runs routers early, but moeoffload cannot find the "
                                     f"routers of this {hook.family} model; use a policy without prefetch, e.g. 'lru'")
+
+
+def require_quantizable(policy: policies.Policy, hook: hooks.ModelHook) -> None:
+    """A low-precision policy takes the expert forms whose matrices quantize group-wise (`plan.quantize_refusal`)."""
+    if policy.precision == "full":
+        return
+    if grouped_spec(hook.ffn, hook.layout) is None:
+        raise UnsupportedModelError(quantize_refusal(policy, hook.ffn))
+    try:
+        QuantizedLayout(hook.layout, 4, GROUP_SIZE)
+    except ValueError as exc:
+        raise UnsupportedModelError(f"policy {policy.name!r} cannot quantize this model's experts: {exc}; use a "
+                                    "full-precision policy such as 'lru'") from None
 
 
 def make_prefetcher(policy: policies.Policy, hook: hooks.ModelHook, cache: ExpertCache):

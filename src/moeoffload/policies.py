@@ -38,6 +38,11 @@ class Policy:
     predictor_prefetch: bool = True  # False: the predictor only informs eviction (Belady alone)
     # "expertflow": moeoffload.serving groups the requests of a decode step by predicted route (moeoffload.scheduler)
     scheduler: str | None = None
+    # "full": the store's own dtype; "int8" / "int4": the precision of the low-precision copies (moeoffload.quantize)
+    precision: str = "full"
+    # with a low precision: None copies every expert at it; a number makes the policy mixed (HOBBIT): a miss of an
+    # expert whose largest gate weight in the call reaches it copies full precision, the others low precision
+    full_precision_gate: float | None = None
     # where a miss is computed (moeoffload.plan.MISSES): "copy" into the cache; "host", on the CPU from the store
     # (llama.cpp --cpu-moe); "cost-model", per miss whichever the measured costs say is sooner (Fiddler); "split", a
     # layer's misses divided so that the copy engine and the host finish together (HybriMoE)
@@ -58,9 +63,24 @@ class Policy:
         if self.misses != "copy" and self.exact:
             raise ValueError(f"policy {self.name!r} computes misses on the host, whose sums run in another order: it "
                              "needs exact=False")
+        self._check_precision()
         if self.replace_router and (self.exact or self.predictor is None):
             raise ValueError(f"policy {self.name!r} replaces the router's choice: it needs a predictor and "
                              "exact=False")
+
+    def _check_precision(self) -> None:
+        from .quantize import BITS
+
+        if self.precision == "full":
+            if self.full_precision_gate is not None:
+                raise ValueError(f"policy {self.name!r}: full_precision_gate needs a low precision (int8 or int4)")
+            return
+        if self.precision not in BITS:
+            raise ValueError(f"policy {self.name!r}: unknown precision {self.precision!r}; one of full, "
+                             f"{', '.join(BITS)}")
+        if self.exact or self.prefetch or self.predictor or self.preload or not self.retain or self.misses != "copy":
+            raise ValueError(f"policy {self.name!r}: a low-precision policy is a retaining cache without prefetch, "
+                             "predictor, preload or host misses, and approximate (exact=False)")
 
 
 BUILTIN = (
@@ -75,6 +95,17 @@ BUILTIN = (
            "where LRU misses on every request)", eviction="next-use"),
     Policy("lookahead-next-use", "next-use cache; the next layer's router run on this layer's input prefetches "
            "its experts", eviction="next-use", prefetch="lookahead"),
+)
+
+# Low-precision copies: fewer bytes per miss, approximate (docs/low-precision.md)
+LOW_PRECISION = (
+    Policy("lru-int8", "LRU cache of int8 experts (group-wise affine, 64 columns a group): every copy int8",
+           precision="int8", exact=False),
+    Policy("lru-int4", "LRU cache of int4 experts (group-wise affine, 64 columns a group): every copy int4, as "
+           "mixtral-offloading's quantized experts", precision="int4", exact=False),
+    Policy("hobbit", "HOBBIT's mixed precision: a miss copies the full-precision expert when its gate weight in the "
+           "call is at least 0.5, else its int4 copy; both kinds cached (LRU each), a full copy serves both",
+           precision="int4", full_precision_gate=0.5, exact=False),
 )
 
 # Predictive policies (issue 4): they need a prepared predictor or trace, so they are kept apart from BUILTIN,
@@ -98,8 +129,8 @@ PREDICTIVE = (
            "recorded routing", eviction="belady", predictor="oracle"),
 )
 
-# Host-assisted policies (issue 28): a miss may be computed on the host CPU from the store instead of copied; the
-# host's GEMMs sum in another order than the device's, so none is exact.
+# Host-assisted policies: a miss may be computed on the host CPU from the store instead of copied; the host's GEMMs
+# sum in another order than the device's, so none is exact.
 HOST_ASSISTED = (
     Policy("cpu-moe", "llama.cpp --cpu-moe: the GPU holds the experts the budget allows (from the last layer back), "
            "fixed; every other expert is computed on the host CPU", misses="host", exact=False),
@@ -111,7 +142,7 @@ HOST_ASSISTED = (
            eviction="lfu", misses="split", exact=False),
 )
 
-_REGISTRY: dict[str, Policy] = {p.name: p for p in BUILTIN + PREDICTIVE + HOST_ASSISTED}
+_REGISTRY: dict[str, Policy] = {p.name: p for p in BUILTIN + LOW_PRECISION + PREDICTIVE + HOST_ASSISTED}
 _PLUGINS_LOADED = False
 _BROKEN: dict[str, str] = {}  # entry point name -> why it failed to load (named when that name is asked for)
 

@@ -9,6 +9,10 @@ offset `e * layout.numel`, so one expert is still one copy of `layout.nbytes` by
 
 A layer's slab is allocated on the first `put` into that layer and freed (unlocked first) by `drop_layer`, so
 that `offload`/`unload`, which move experts layer by layer, never hold a model as large as host memory twice.
+
+Low-precision copies (`low_precision("int8" | "int4")`) are stores of their own beside this one, made once from it
+when a policy first asks for them: the same keys, one contiguous quantized buffer per expert
+(`layout.QuantizedLayout`), so a cache copies an expert's quantized bytes with one copy.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Protocol
 import torch
 
 from .errors import HostMemoryError
-from .layout import ExpertLayout
+from .layout import ExpertLayout, QuantizedLayout
 
 ExpertKey = tuple[int, int]  # (MoE layer index, expert index)
 
@@ -84,9 +88,10 @@ class ExpertStore:
     registers is unregistered exactly once, by `drop_layer`, `clear`, or when the store is garbage-collected.
     """
 
-    def __init__(self, layout: ExpertLayout, num_layers: int, num_experts: int, pin_memory: bool | None = None,
-                 host_register: HostRegister | None = None):
+    def __init__(self, layout: ExpertLayout | QuantizedLayout, num_layers: int, num_experts: int,
+                 pin_memory: bool | None = None, host_register: HostRegister | None = None):
         self.layout = layout
+        self._copies: dict[str, ExpertStore] = {}  # precision -> the quantized copies of every expert
         self.num_layers = num_layers
         self.num_experts = num_experts
         self.pinned = torch.cuda.is_available() if pin_memory is None else pin_memory
@@ -181,15 +186,58 @@ class ExpertStore:
     def views(self, key: ExpertKey) -> dict[str, torch.Tensor]:
         return self.layout.views(self.buffer(key))
 
+    def low_precision(self, precision: str, device: torch.device | str | None = None) -> ExpertStore:
+        """The store of every expert quantized to `precision` ("int8", "int4"), made on the first call and kept
+        (`drop_low_precision` frees it). `device`: where the quantization runs (a GPU quantizes a published-size
+        model in seconds); the copies live in host memory, page-locked like this store."""
+        from .quantize import BITS, GROUP_SIZE
+
+        found = self._copies.get(precision)
+        if found is not None:
+            return found
+        if precision not in BITS:
+            raise ValueError(f"precision {precision!r} is unknown; use one of {', '.join(BITS)}")
+        if isinstance(self.layout, QuantizedLayout):
+            raise ValueError("this store already holds quantized experts; ask the full-precision store")
+        layout = QuantizedLayout(self.layout, BITS[precision], GROUP_SIZE)
+        copy = ExpertStore(layout, self.num_layers, self.num_experts, pin_memory=self.pinned,
+                           host_register=self._host_register)
+        for key in self.keys():
+            views = self.views(key)
+            copy.put(key, views if device is None else {k: v.to(device) for k, v in views.items()})
+        self._copies[precision] = copy
+        return copy
+
+    @property
+    def full_layout(self) -> ExpertLayout:
+        """The layout of one expert at full precision (this store's own, or the one its quantized copies encode)."""
+        return self.layout.full if isinstance(self.layout, QuantizedLayout) else self.layout
+
+    @property
+    def low_precisions(self) -> tuple[str, ...]:
+        """The precisions whose copies are made (and held in host memory) now."""
+        return tuple(self._copies)
+
+    def drop_low_precision(self, precision: str) -> None:
+        """Free the `precision` copies (a no-op when none were made)."""
+        copy = self._copies.pop(precision, None)
+        if copy is not None:
+            copy.clear()
+
     def drop_layer(self, layer: int) -> None:
         """Free one MoE layer's slab (unload does this layer by layer, so that a model as large as the host's
-        memory never exists twice: once restored, once still stored). Its pages are unlocked first."""
+        memory never exists twice: once restored, once still stored). Its pages are unlocked first; the layer's
+        low-precision copies go with it."""
+        for copy in self._copies.values():
+            copy.drop_layer(layer)
         for key in [k for k in self._buffers if k[0] == layer]:
             del self._buffers[key]
         self._release_slab(layer)
 
     def clear(self) -> None:
         """Drop every host buffer (after the experts went back into the model)."""
+        for precision in list(self._copies):
+            self.drop_low_precision(precision)
         self._buffers.clear()
         for layer in list(self._slabs):
             self._release_slab(layer)

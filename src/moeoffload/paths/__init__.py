@@ -8,6 +8,7 @@ Every path takes what every router gives, hidden states [T, H], top-k expert ids
 - `GroupedOnHost`: the grouped kernels after one device->host sync that says which experts the call needs.
 - `ResidentOnDevice`: every expert of the layer is resident for good: route on the device, no sync.
 - `FetchedOnDevice` (fetch="device"): the cache's directory on the device finds and fills the misses, no sync.
+- `DequantizingLoop` (a low-precision policy): quantized copies dequantized on arrival, then the plan's kernels.
 - `HostAssisted` (a policy with host misses): the host path above for the resident experts and the misses it
   copies, while the host CPU computes the other misses from the store (not bit-identical: `paths.host`).
 
@@ -20,6 +21,7 @@ model's bits on the same kernels at every budget.
 from .exact import ExactLoop
 from .grouped import GroupedOnHost
 from .host import HostAssisted
+from .low_precision import DequantizingLoop
 from .on_device import FetchedOnDevice, ResidentOnDevice
 
-__all__ = ["ExactLoop", "FetchedOnDevice", "GroupedOnHost", "HostAssisted", "ResidentOnDevice"]
+__all__ = ["DequantizingLoop", "ExactLoop", "FetchedOnDevice", "GroupedOnHost", "HostAssisted", "ResidentOnDevice"]

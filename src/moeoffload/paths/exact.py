@@ -31,7 +31,7 @@ class ExactLoop:
         self.stages = stages
         self._slot_operands: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if stages is not None:
-            layout = layer.cache.store.layout
+            layout = layer.cache.store.full_layout
             shapes = dict(zip(layout.names, layout.shapes))
             up, down = shapes[stages.up], shapes[stages.down]  # their widths: hidden, the intermediate, twice it
             self.quantum = row_quantum((*up, *down), torch.empty((), dtype=layout.dtype).element_size())
