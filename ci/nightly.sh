@@ -15,6 +15,8 @@
 # person decided so), MOEBENCH_STEP_TIMEOUT (seconds per pytest call, none by default; a suite starts no case
 # that would end past 90% of it), MOEBENCH_SKIP_GPU_TESTS=1,
 # MOEBENCH_PYTEST_ARGS (more pytest arguments for every suite run, e.g. "--moebench-policy lru -k switch-base-8").
+# Where `nvidia-smi -L` lists several GPUs and pytest-xdist is installed, each suite runs with `-n auto`: one worker
+# per GPU, a model's cases on one worker, one run in the history (MOEBENCH_SPREAD=0 keeps one process).
 # MOEBENCH_AB_AGAINST=<git ref> adds an interleaved A/B run of that ref against this tree (moebench ab: the verdict
 # that survives a noisy machine), on MOEBENCH_AB_ARGS (pytest arguments, shell-quoted; default one switch-base-8
 # case) with MOEBENCH_AB_PROCESSES process pairs (24) of MOEBENCH_AB_ROUNDS rounds a side (10) at MOEBENCH_AB_GRAIN
@@ -43,6 +45,12 @@ time_limit=()  # suites stop starting cases in time, so that their finished case
 if [[ -n "${MOEBENCH_STEP_TIMEOUT:-}" ]]; then
   limit=(timeout --signal=INT --kill-after=30 "$MOEBENCH_STEP_TIMEOUT")
   time_limit=(--moebench-time-limit $(( MOEBENCH_STEP_TIMEOUT * 9 / 10 )))
+fi
+
+spread=()
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+if [[ "${MOEBENCH_SPREAD:-1}" != 0 && "${gpus:-0}" -gt 1 ]] && "$py" -c "import xdist" 2>/dev/null; then
+  spread=(-n auto)  # one worker per visible GPU (moebench.workers)
 fi
 
 if [[ $# -gt 0 ]]; then suites=("$@"); else suites=(suites/*/); fi
@@ -76,7 +84,7 @@ for suite in "${suites[@]}"; do
   # and reported "no baseline" (the first night on a new machine class)
   step "suite $name" "$out/suite_$name.log" -- "${limit[@]}" "$py" -m pytest "${plugin[@]}" "$suite" --moebench \
     --moebench-tier "$tier" --moebench-rounds "$rounds" --moebench-history "$history" \
-    --moebench-baseline-dir "$baselines" "${save[@]}" "${time_limit[@]}" -p no:cacheprovider -v \
+    --moebench-baseline-dir "$baselines" "${save[@]}" "${time_limit[@]}" "${spread[@]}" -p no:cacheprovider -v \
     --junitxml "$out/suite_$name.xml" ${MOEBENCH_PYTEST_ARGS:-}
 done
 
@@ -95,7 +103,7 @@ else
 fi
 
 {
-  echo "moebench nightly: tier $tier, rounds $rounds, output $out, history $history"
+  echo "moebench nightly: tier $tier, rounds $rounds, output $out, history $history, ${gpus:-0} GPU(s)${spread:+, ${spread[*]}}"
   printf '%-26s %-4s %-10s %s\n' step rc regressed result
   printf '%s\n' "${summary[@]}"
   if [[ $status -eq 0 ]]; then echo "verdict: PASS"; else echo "verdict: FAIL (see the logs above)"; fi

@@ -331,7 +331,8 @@ def comparability(base: dict, cur: dict, base_machine: dict | None = None,
         described["base"].append("workload " + ", ".join(f"{k}={bw.get(k)}" for k in keys))
         described["cur"].append("workload " + ", ".join(f"{k}={cw.get(k)}" for k in keys))
     bt, ct = _device_type(base), _device_type(cur)
-    bg, cg = _gpu_name(base_machine), _gpu_name(cur_machine)
+    # the GPU a case ran on (a record of a run spread over several GPUs says), else the machine's first
+    bg, cg = base.get("gpu") or _gpu_name(base_machine), cur.get("gpu") or _gpu_name(cur_machine)
     if bt is not None and ct is not None and bt != ct:
         fields.append("device")
     elif bt == ct == "cuda" and bg and cg and bg.strip().lower() != cg.strip().lower():

@@ -60,14 +60,16 @@ def new_run_id(now: _dt.datetime | None = None) -> str:
 
 def make_run(records: list[dict], suites: list[str], root: str | Path, options: dict | None = None, *,
              status: str = "complete", command: str | None = None, machine: dict | None = None,
-             machine_cls: str | None = None) -> dict:
+             machine_cls: str | None = None, workers: dict | None = None) -> dict:
+    """One history entry; `workers` (a run spread over xdist workers): worker id -> its slot, device, GPU model and
+    the case it crashed in, if any; each record then names its worker."""
     now = _dt.datetime.now(_dt.timezone.utc)
     machine = machine if machine is not None else machine_info()
     options = options or {}
     records = [dict(r) for r in records]
     for r in records:
         r.setdefault("weight_source", DEFAULT_WEIGHT_SOURCE)
-    return {
+    run = {
         "schema": SCHEMA_VERSION,
         "run_id": new_run_id(now),
         "status": status,
@@ -80,6 +82,9 @@ def make_run(records: list[dict], suites: list[str], root: str | Path, options: 
         "options": options,
         "records": records,
     }
+    if workers:
+        run["workers"] = workers
+    return run
 
 
 def _validate_run(obj, where: str) -> None:

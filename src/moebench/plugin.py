@@ -6,6 +6,7 @@ moeoffload) happen only when --moebench is given, so plain `pytest` pays nothing
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ SKIP_REASON = "moebench suites run only with --moebench"
 # of 3; 10 leaves room for ties and reaches the level against any baseline of 3 rounds or more
 DEFAULT_ROUNDS = 10
 _RUN = pytest.StashKey["MoebenchRun"]()
+CONTROLLER = "moebench-xdist-controller"
 
 
 def moebench_run(config: pytest.Config) -> MoebenchRun | None:
@@ -87,6 +89,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "speed); recorded as inject_delay_ms / inject_slowdown and refused as a baseline")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """`-n` without `--dist` spreads a moebench run by model (`workers.py`: why), before xdist picks its 'load'."""
+    if config.getoption("moebench") and getattr(config.option, "numprocesses", None) \
+            and getattr(config.option, "dist", "no") == "no":
+        config.option.dist = "loadgroup"
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # a hook of pytest-xdist, absent without it
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """`-n auto` under --moebench: one worker per visible GPU (xdist's count of CPU cores without one, or when
+    $PYTEST_XDIST_AUTO_NUM_WORKERS says otherwise)."""
+    if not config.getoption("moebench") or os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    import torch
+
+    return torch.cuda.device_count() or None
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "moebench: a moebench benchmark case (collected from suite files)")
     if not config.getoption("moebench"):
@@ -94,10 +115,12 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("moebench_weights"):
         os.environ["MOEBENCH_WEIGHTS"] = config.getoption("moebench_weights")  # suite models read it when built
     _check_options(config)
+    from . import workers
     from .measure import resolve_device, resolve_tier
 
     try:
-        device = resolve_device(config.getoption("moebench_device"))
+        requested = workers.pin_device(config, config.getoption("moebench_device"))
+        device = requested if requested and workers.is_controller(config) else resolve_device(requested)
     except Exception as exc:  # a malformed name, or CUDA asked for where there is none
         raise pytest.UsageError(f"--moebench-device: {exc}") from None
     from .deadline import Deadline
@@ -115,7 +138,12 @@ def pytest_configure(config: pytest.Config) -> None:
         history=config.getoption("moebench_history") or os.path.join(str(config.rootpath), ".moebench"),
         comparison=comparison, inject_delay_s=delay_s, inject_slowdown=slowdown,
         turns=Turns.from_env(),  # set by `moebench ab`; the first timed round waits for the referee's floor
-        deadline=None if time_limit is None else Deadline(time_limit))
+        deadline=None if time_limit is None else Deadline(time_limit),
+        placement=workers.placement(config, device))
+    if workers.is_controller(config):
+        controller = workers.Controller(config.stash[_RUN], grouped=config.option.dist == "loadgroup")
+        config.pluginmanager.register(controller, CONTROLLER)
+    workers.group_by_model(config)
 
 
 def _check_options(config: pytest.Config) -> None:
@@ -196,6 +224,11 @@ class CaseItem(pytest.Item):
         self.case = case
         self.bench = bench
         self.add_marker(pytest.mark.moebench)
+        self.made: list[dict] = []  # the records this case made; an xdist worker sends them on the case's report
+        if hasattr(self.config, "workerinput"):  # the xdist_group mark is known where xdist runs
+            from .workers import group_mark
+
+            self.add_marker(group_mark(bench.suite.name, case.model))
 
     def runtest(self) -> None:
         run = moebench_run(self.config)
@@ -215,6 +248,10 @@ class CaseItem(pytest.Item):
         if run.serving is not None and run.serving is not self.bench:
             run.serving.close()  # another suite's model leaves the device before this suite's case is measured
         run.serving = self.bench
+        if run.placement.get("worker"):
+            from .workers import inject_crash
+
+            inject_crash(self.name)
         try:
             record = self.bench.run(self.case)
         except CaseSkipped as exc:
@@ -222,16 +259,21 @@ class CaseItem(pytest.Item):
         except CaseFailed as exc:
             from .measure import expected_failure
 
-            run.records.append(exc.record)
+            self._keep(run, exc.record)
             reason = expected_failure(exc.record)
             if reason is None:
                 raise
             exc.record["expected_failure"] = reason
             pytest.xfail(reason)
-        run.records.append(record)
+        self._keep(run, record)
         from .regression import check_against_baseline
 
         check_against_baseline(run, record)  # raises CaseFailed when the case regressed
+
+    def _keep(self, run: MoebenchRun, record: dict) -> None:
+        record.update(run.placement)
+        run.records.append(record)
+        self.made.append(record)
 
     def repr_failure(self, excinfo, style=None):
         from .measure import CaseBroken, CaseFailed
@@ -269,6 +311,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
         return
     for bench in run.sessions.values():
         bench.close()  # each suite's last model gets its experts back, and the device and pinned memory are freed
+    config = session.config
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller stores the run
+        from .workers import OUTPUT, worker_output
+
+        config.workeroutput[OUTPUT] = worker_output(run)  # type: ignore[attr-defined]  # set by xdist
+        return
+    controller = config.pluginmanager.get_plugin(CONTROLLER)
+    if controller is not None:
+        controller.merge()
     if not run.records:
         return
     from .regression import finish_session
@@ -276,9 +327,22 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
     finish_session(session, run, exitstatus)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """On an xdist worker, a case's records travel to the controller on its report (`workers.py`: why)."""
+    report = yield
+    made = getattr(item, "made", None)
+    if made and call.when == "call" and hasattr(item.config, "workerinput"):
+        from .history import _clean
+        from .workers import RECORDS
+
+        setattr(report, RECORDS, json.dumps(_clean(made)))
+    return report
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     run = moebench_run(config)
-    if run is None:
+    if run is None or hasattr(config, "workerinput"):
         return
     from .table import render
 

@@ -152,7 +152,7 @@ def finish_session(session: pytest.Session, run: MoebenchRun, exitstatus) -> Non
                    compare=c.mode, limits=c.limits)
     stored = history.make_run(run.records, run.suites, config.rootpath, options,
                               status="interrupted" if interrupted else "complete", command=command,
-                              machine=c.machine, machine_cls=c.machine_class)
+                              machine=c.machine, machine_cls=c.machine_class, workers=run.workers)
     run.stored_run = stored
     run.messages.extend(bl.verdict_notes(run.records, c.baseline_paths))
     try:

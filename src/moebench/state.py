@@ -57,6 +57,8 @@ class MoebenchRun:
     history_path: str | None = None
     history_error: str | None = None
     messages: list[tuple[str, bool]] = field(default_factory=list)  # lines under the table, (text, shown in red)
+    placement: dict = field(default_factory=dict)  # every record of this process gets these (worker id, GPU model)
+    workers: dict[str, dict] = field(default_factory=dict)  # xdist controller: worker id -> slot, device, crash
 
     def options(self) -> dict[str, Any]:
         """The options a history entry records."""

@@ -41,6 +41,10 @@ def rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
         headers.insert(3, "kernels")
         for row, r in zip(out, records):
             row.insert(3, kernels_name(r.get("kernels")) + (", device fetch" if r.get("fetch") == "device" else ""))
+    if any(r.get("worker") for r in records):  # a run spread over xdist workers: where each case ran
+        headers.append("worker")
+        for row, r in zip(out, records):
+            row.append(f"{r.get('worker', '?')} {r.get('device', '')}".strip())
     if any(r.get("eager_agreement") is not None for r in records):  # the resident model off the exact loop
         headers += ["agree w/ exact loop", "KL w/ exact loop"]
         for row, r in zip(out, records):
