@@ -8,7 +8,8 @@
 # Steps: gpu_tests, gpu_exact, grouped_width, gpu_staged, zero_copy, gpu_fetch (fetch="device" and the kernels), plugin_fetch
 # (a suite with --moebench-fetch host, then device), exact_loop (benchmarks/exact_loop.py), mixtral (benchmarks/mixtral_e2e.py:
 # full size, every plan, and the peer), expertflow, predictors, stats (benchmarks/stats_device.sh), nightly_switch (ci/nightly.sh on
-# switch-base-8 with the policies of baselines/h100/switch.json), full_<suite> (that suite's full tier), machine
+# switch-base-8 with the policies of baselines/h100/switch.json), full_<suite> (that suite's full tier), suite_default
+# (a suite's default plan, every policy), host_experts, low_precision, serving (their benchmarks/*.py), machine
 # (CPU quota and throttling), ab_same / ab_slow (moebench
 # ab: A/A, and B stretched by AB_SLOW; AB_N runs each;
 # AB_ROUNDS, AB_CASE, AB_GRAIN=round|step), abk_<name> (moebench ab --processes AB_PROCESSES, resumed from AB_STATE
@@ -124,6 +125,20 @@ for step in $STEPS; do
       run_step "$step" $(( left + 40 )) -- python3 -m moebench.cli ab --processes "${AB_PROCESSES:-12}" \
         --rounds "${AB_ROUNDS:-20}" --out "$dir" --no-progress --timeout "$left" "${extra[@]}" -- suites/switch \
         --moebench-tier full -k "${AB_CASE:-switch-base-8 and resident}" ;;
+    suite_default)  # a suite as a user runs it (the default plan), every policy: exact ones judged bit for bit
+      run_step suite_default "${SUITE_DEFAULT_LIMIT_S:-300}" -- python3 -m pytest -p moebench.plugin -p no:cacheprovider \
+        "suites/${SUITE_DEFAULT:-switch}" --moebench --moebench-rounds "${SUITE_DEFAULT_ROUNDS:-5}" \
+        --moebench-history "$work/history_default" --moebench-time-limit $(( ${SUITE_DEFAULT_LIMIT_S:-300} - 40 )) \
+        -v -rs -k "${SUITE_DEFAULT_K:-switch-base-8}" ;;
+    host_experts)  # copy-only against host-assisted policies on full-size Mixtral (benchmarks/host_experts.py)
+      run_step host_experts "${HOST_EXPERTS_LIMIT_S:-540}" -- python3 benchmarks/host_experts.py \
+        ${HOST_EXPERTS_ARGS:---batches 1 16 --budgets 25% 50%} --out "$work/host_experts" ;;
+    low_precision)  # lru against lru-int4, hobbit and lru-int8 on full-size Mixtral (benchmarks/low_precision.py)
+      run_step low_precision "${LOW_PRECISION_LIMIT_S:-540}" -- python3 benchmarks/low_precision.py \
+        ${LOW_PRECISION_ARGS:-} --out "$work/low_precision" ;;
+    serving)  # first-come against ExpertFlow's scheduling through moeoffload.serving (benchmarks/serving.py)
+      run_step serving "${SERVING_LIMIT_S:-540}" -- python3 benchmarks/serving.py \
+        ${SERVING_ARGS:---model mixtral-8x7b --device cuda --dtype bfloat16 --budget 50%} --out "$work/serving" ;;
     *) echo "unknown step $step" | tee -a "$summary" ;;
   esac
 done
