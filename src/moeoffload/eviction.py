@@ -99,6 +99,9 @@ class ScoreBuckets:
         group[key] = None
         self._score_of[key] = score
 
+    def keys(self) -> list[ExpertKey]:
+        return list(self._score_of)
+
     def touch(self, key: ExpertKey) -> None:
         """Make `key` the most recent of its group."""
         self._groups[self._score_of[key]].move_to_end(key)
@@ -136,6 +139,60 @@ class LFU:
     def _use(self, key: ExpertKey) -> None:
         self._count[key] = self._count.get(key, 0) + 1
         self._resident.put(key, self._count[key])
+
+    def on_insert(self, key: ExpertKey) -> None:
+        self._use(key)
+
+    def on_access(self, key: ExpertKey) -> None:
+        self._use(key)
+
+    def on_remove(self, key: ExpertKey) -> None:
+        self._resident.remove(key)
+
+    def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
+        return self._resident.lowest(candidates)
+
+
+class DecayedLFU:
+    """Frequency with a half-life: every use adds one, and what was added fades by half every `HALF_LIFE_STEPS`
+    decode steps (HybriMoE's score-aware caching keeps the experts with the highest recent routing score). Plain LFU
+    keeps a prefill's or an old topic's experts for good; this lets them go once the routing has moved on. Ties go to
+    the least recently used.
+
+    A step starts when a layer at or before the last one seen starts (`on_layer`). Instead of decaying every score
+    each step, a use adds 2**(steps since the last rescale / half-life), which orders keys as the decayed sums do;
+    the scores are divided by that unit when it grows large."""
+
+    name = "lfu-decay"
+    HALF_LIFE_STEPS = 4.0
+    RESCALE_AT = 1e100
+
+    def __init__(self) -> None:
+        self._score: dict[ExpertKey, float] = {}
+        self._resident = ScoreBuckets()
+        self._steps = 0  # since the last rescale
+        self._unit = 1.0  # what a use adds now
+        self._last_layer = -1
+
+    def on_layer(self, layer: int) -> None:
+        if layer <= self._last_layer:
+            self._steps += 1
+            self._unit = 2.0 ** (self._steps / self.HALF_LIFE_STEPS)  # not a running product: no drift
+            if self._unit > self.RESCALE_AT:
+                self._rescale()
+        self._last_layer = layer
+
+    def _rescale(self) -> None:
+        unit, resident = self._unit, self._resident.keys()  # keys() is recency order: ties keep it
+        self._score = {k: v / unit for k, v in self._score.items() if v / unit > 1e-300}
+        self._steps, self._unit = 0, 1.0
+        self._resident = ScoreBuckets()
+        for key in resident:
+            self._resident.put(key, self._score.get(key, 0.0))
+
+    def _use(self, key: ExpertKey) -> None:
+        self._score[key] = self._score.get(key, 0.0) + self._unit
+        self._resident.put(key, self._score[key])
 
     def on_insert(self, key: ExpertKey) -> None:
         self._use(key)
@@ -415,8 +472,8 @@ class Cycle:
 
 
 EVICTION_RULES: dict[str, Callable[[], EvictionRule]] = {
-    "lru": LRU, "lfu": LFU, "fifo": FIFO, "belady": Belady, "prior-frequency": PriorFrequency,
-    "next-use": NextUse,
+    "lru": LRU, "lfu": LFU, "lfu-decay": DecayedLFU, "fifo": FIFO, "belady": Belady,
+    "prior-frequency": PriorFrequency, "next-use": NextUse,
 }
 
 

@@ -138,8 +138,8 @@ HOST_ASSISTED = (
            "measured at offload time (PCIe bandwidth, host GEMM time by token count) says is sooner",
            misses="cost-model", exact=False),
     Policy("hybrid", "HybriMoE: a layer's misses split between the copy engine and the host CPU so that both finish "
-           "together; the misses with the highest routing score are the ones copied (admitted); LFU eviction",
-           eviction="lfu", misses="split", exact=False),
+           "together; the misses with the highest recent routing score are the ones copied (admitted); evicted by "
+           "use counts with a half-life of 4 steps", eviction="lfu-decay", misses="split", exact=False),
 )
 
 _REGISTRY: dict[str, Policy] = {p.name: p for p in BUILTIN + LOW_PRECISION + PREDICTIVE + HOST_ASSISTED}
