@@ -42,6 +42,9 @@ class Measurements:
     host_threads: int
     gemm_tokens: tuple[int, ...]  # ascending
     gemm_seconds: tuple[float, ...]  # one expert's FFN on the host at each of gemm_tokens
+    # what one routed row moves across PCIe when the host computes it: its activations, gate weight and token index
+    # to the host in fp32, its output back (paths.host packs them); 0 where the hidden size is not known
+    row_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.h2d_bytes_per_s <= 0 or self.host_read_bytes_per_s <= 0:
@@ -64,10 +67,16 @@ class Measurements:
         slope = (ss[lo + 1] - ss[lo]) / (ts[lo + 1] - ts[lo])
         return ss[lo] + slope * (tokens - ts[lo])
 
+    def host_miss_seconds(self, tokens: int) -> float:
+        """A miss computed on the host: its FFN there, and its rows' activations across the link both ways (Fiddler
+        counts both; at batch 1 the activations are kilobytes against the expert's hundreds of MiB)."""
+        return self.host_seconds(tokens) + tokens * self.row_bytes / self.h2d_bytes_per_s
+
     def as_dict(self) -> dict:
         return {"expert_bytes": self.expert_bytes, "h2d_GBps": self.h2d_bytes_per_s / 1e9,
                 "host_read_GBps": self.host_read_bytes_per_s / 1e9, "host_threads": self.host_threads,
-                "host_ffn_ms": {t: s * 1e3 for t, s in zip(self.gemm_tokens, self.gemm_seconds)}}
+                "host_ffn_ms": {t: s * 1e3 for t, s in zip(self.gemm_tokens, self.gemm_seconds)},
+                "row_bytes": self.row_bytes}
 
 
 def on_host(mode: str, m: Measurements | None, rows: dict[int, int], scores: dict[int, float]) -> set[int]:
@@ -79,7 +88,7 @@ def on_host(mode: str, m: Measurements | None, rows: dict[int, int], scores: dic
     if m is None:
         raise ValueError(f"misses={mode!r} needs measurements (moeoffload.costmodel.measure)")
     if mode == "cost-model":
-        return {e for e, n in rows.items() if m.host_seconds(n) < m.copy_seconds()}
+        return {e for e, n in rows.items() if m.host_miss_seconds(n) < m.copy_seconds()}
     if mode == "split":
         return split(m, rows, scores)
     raise ValueError(f"misses={mode!r} is unknown; use 'copy', 'host', 'cost-model' or 'split'")
@@ -91,7 +100,7 @@ def split(m: Measurements, rows: dict[int, int], scores: dict[int, float]) -> se
     ranked = sorted(rows, key=lambda e: (-scores.get(e, 0.0), e))
     host_after = [0.0] * (len(ranked) + 1)  # host time of ranked[c:]
     for c in range(len(ranked) - 1, -1, -1):
-        host_after[c] = host_after[c + 1] + m.host_seconds(rows[ranked[c]])
+        host_after[c] = host_after[c + 1] + m.host_miss_seconds(rows[ranked[c]])
     best = min(range(len(ranked) + 1), key=lambda c: (max(c * m.copy_seconds(), host_after[c]), -c))
     return set(ranked[best:])
 
@@ -129,7 +138,8 @@ def measure(store: ExpertStore, device: torch.device, ffn: ExpertFFN, hidden_siz
         return read, times
 
     read, times = host.run(host_side)
-    return Measurements(store.expert_bytes, h2d, read, host.threads, GEMM_TOKENS, tuple(times))
+    row_bytes = (2 * hidden_size + 2) * 4  # paths.host: [H + 2] fp32 to the host, [H] back (per token: at most)
+    return Measurements(store.expert_bytes, h2d, read, host.threads, GEMM_TOKENS, tuple(times), row_bytes)
 
 
 def _copier(source: torch.Tensor, device: torch.device) -> Callable[[], object]:

@@ -33,6 +33,17 @@ def test_fiddler_computes_on_the_host_where_it_beats_the_copy():
     assert on_host("cost-model", fast_link, rows, {}) == set()
 
 
+def test_fiddler_counts_the_activations_crossing_the_link():
+    """16 rows cost 3 ms on the host against a 7 ms copy; rows of 1 MiB each way add 16 MiB at 50 GB/s (0.3 ms), and
+    rows of 16 MiB add 5.4 ms, which makes the copy sooner."""
+    m = machine(50, 100)
+    light = Measurements(**{**m.__dict__, "row_bytes": MIB})
+    heavy = Measurements(**{**m.__dict__, "row_bytes": 16 * MIB})
+    assert light.host_miss_seconds(16) == pytest.approx(3e-3 + 16 * MIB / 50e9)
+    assert on_host("cost-model", light, {1: 16}, {}) == {1}
+    assert on_host("cost-model", heavy, {1: 16}, {}) == set()
+
+
 def test_host_and_copy_modes_and_their_needs():
     rows = {3: 2, 5: 1}
     assert on_host("host", None, rows, {}) == {3, 5}
