@@ -133,11 +133,12 @@ class LFU:
     name = "lfu"
 
     def __init__(self) -> None:
-        self._count: dict[ExpertKey, int] = {}
+        self._count: dict[ExpertKey, float] = {}
         self._resident = ScoreBuckets()  # by count; a group's order is recency, since every use changes the group
+        self._unit = 1.0  # what a use adds
 
     def _use(self, key: ExpertKey) -> None:
-        self._count[key] = self._count.get(key, 0) + 1
+        self._count[key] = self._count.get(key, 0.0) + self._unit
         self._resident.put(key, self._count[key])
 
     def on_insert(self, key: ExpertKey) -> None:
@@ -153,7 +154,7 @@ class LFU:
         return self._resident.lowest(candidates)
 
 
-class DecayedLFU:
+class DecayedLFU(LFU):
     """Frequency with a half-life: every use adds one, and what was added fades by half every `HALF_LIFE_STEPS`
     decode steps (HybriMoE's score-aware caching keeps the experts with the highest recent routing score). Plain LFU
     keeps a prefill's or an old topic's experts for good; this lets them go once the routing has moved on. Ties go to
@@ -168,10 +169,8 @@ class DecayedLFU:
     RESCALE_AT = 1e100
 
     def __init__(self) -> None:
-        self._score: dict[ExpertKey, float] = {}
-        self._resident = ScoreBuckets()
+        super().__init__()
         self._steps = 0  # since the last rescale
-        self._unit = 1.0  # what a use adds now
         self._last_layer = -1
 
     def on_layer(self, layer: int) -> None:
@@ -184,27 +183,11 @@ class DecayedLFU:
 
     def _rescale(self) -> None:
         unit, resident = self._unit, self._resident.keys()  # keys() is recency order: ties keep it
-        self._score = {k: v / unit for k, v in self._score.items() if v / unit > 1e-300}
+        self._count = {k: v / unit for k, v in self._count.items() if v / unit > 1e-300}
         self._steps, self._unit = 0, 1.0
         self._resident = ScoreBuckets()
         for key in resident:
-            self._resident.put(key, self._score.get(key, 0.0))
-
-    def _use(self, key: ExpertKey) -> None:
-        self._score[key] = self._score.get(key, 0.0) + self._unit
-        self._resident.put(key, self._score[key])
-
-    def on_insert(self, key: ExpertKey) -> None:
-        self._use(key)
-
-    def on_access(self, key: ExpertKey) -> None:
-        self._use(key)
-
-    def on_remove(self, key: ExpertKey) -> None:
-        self._resident.remove(key)
-
-    def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
-        return self._resident.lowest(candidates)
+            self._resident.put(key, self._count.get(key, 0.0))
 
 
 class Belady:
