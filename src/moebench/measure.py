@@ -601,21 +601,29 @@ class Session:
         }
 
 
+# Below this median top-1/top-2 probability gap the reference's greedy choices are near ties (`accuracy.
+# decision_margin`): a change of the next-token accuracy then measures its flat logits, not the policy.
+DECISIVE_MARGIN = 0.01
+
+
 def expected_failure(record: dict) -> str | None:
     """Why a failed case is an expected failure (pytest's xfail), or None when it is a real failure.
 
-    One kind only: an approximate policy (exact=False) over the accuracy limit on seeded uniform weights, and nothing
-    else broken. Those route without structure, so a predictor that replaces the router (SiDA's data-aware mode) has
-    nothing to learn there; its drop is measured and reported, but it says nothing about the policy on a real model,
-    and a default suite run must not fail on it. Calibrated routers (moebench.zoo.calibrate) are judged."""
+    One kind only: an approximate policy (exact=False) over the accuracy limit where the reference's own next-token
+    choices are near ties, and nothing else broken. Seeded random weights give near-uniform next-token distributions
+    (a median gap of about 1e-7 between the first and second token on switch-base-8), so a perturbation with a KL of
+    1e-7 nats flips a third of the greedy tokens: the drop is measured and reported, with the KL, but says nothing
+    of the policy on a model whose choices are decisive (the trained models/kjv-moe: 0.16), where it is judged.
+    Whether the routers are calibrated does not change this: they shape which experts run, not the output head."""
     failures = record.get("failures") or []
-    weights = str(record.get("weights", ""))
-    synthetic = weights.startswith("synthetic") and "routing=calibrated" not in weights
-    if record.get("exact") is False and synthetic and failures and all(f.startswith("accuracy drop")
-                                                                       for f in failures):
-        return (f"approximate policy {record.get('policy')!r} on synthetic weights (routing without structure): "
-                f"{failures[0]}; judged on trained or real weights only")
-    return None
+    margin = record.get("reference_decision_margin")
+    if record.get("exact") is not False or margin is None or margin >= DECISIVE_MARGIN or not failures or \
+            not all(f.startswith("accuracy drop") for f in failures):
+        return None
+    return (f"approximate policy {record.get('policy')!r}: {failures[0]}, but the reference's next-token choices "
+            f"are near ties (median top-1/top-2 probability gap {margin:.2g} < {DECISIVE_MARGIN}), so greedy "
+            f"accuracy measures its flat logits; KL {record.get('kl_divergence', float('nan')):.2g} nats; judged on "
+            "weights with decisive logits (trained or a checkpoint)")
 
 
 def release_device_memory(device: str) -> None:
