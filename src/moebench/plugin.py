@@ -83,6 +83,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="synthetic: seeded weights (default; MOEBENCH_WEIGHTS); checkpoint: the published checkpoint "
                          "from $MOEBENCH_CHECKPOINTS/<model> or the offline Hugging Face cache, else an error; auto: "
                          "the checkpoint where found, else synthetic (moebench.zoo.specs)")
+    group.addoption("--moebench-workload", choices=("decode", "throughput"), default="decode",
+                    help="decode (default): each case times one batch of prompts through generate(); throughput: "
+                         "each case serves many requests through moeoffload.serving (continuous batching, the "
+                         "policy's token scheduler) and records tokens/s, TTFT and TPOT, experts per step and bytes "
+                         "per token (moebench.serving_case); decoder-only models")
     group.addoption("--moebench-inject-delay", default=None, metavar="TIME",
                     help="TEST HOOK: busy-wait before every MoE layer, to fake a slowdown: TIME (e.g. 0.2ms) each "
                          "call, or a percentage (e.g. 5%%: stretch the run by that much, whatever the machine's "
@@ -135,6 +140,7 @@ def pytest_configure(config: pytest.Config) -> None:
         device=device, tier=resolve_tier(config.getoption("moebench_tier"), device),
         rounds=config.getoption("moebench_rounds"), policies=config.getoption("moebench_policy"),
         kernels=config.getoption("moebench_kernels"), fetch=config.getoption("moebench_fetch"),
+        workload=config.getoption("moebench_workload"),
         history=config.getoption("moebench_history") or os.path.join(str(config.rootpath), ".moebench"),
         comparison=comparison, inject_delay_s=delay_s, inject_slowdown=slowdown,
         turns=Turns.from_env(),  # set by `moebench ab`; the first timed round waits for the referee's floor
@@ -207,7 +213,7 @@ class SuiteFile(pytest.File):
             raise self.CollectError(str(exc)) from None
         session = Session(suite, device=run.device, tier=run.tier, rounds=run.rounds,
                           inject_delay_s=run.inject_delay_s, inject_slowdown=run.inject_slowdown,
-                          turns=run.turns, kernels=run.kernels, fetch=run.fetch)
+                          turns=run.turns, kernels=run.kernels, fetch=run.fetch, workload=run.workload)
         from .regression import load_suite_baseline
 
         load_suite_baseline(run, suite.name, self)  # a corrupt baseline is a collection error naming the file
@@ -302,7 +308,7 @@ def pytest_report_header(config: pytest.Config):
         return None
     return (f"moebench: device {run.device}, tier {run.tier}, rounds {run.rounds}, "
             f"policies {', '.join(run.policies) if run.policies else 'all registered'}, "
-            f"kernels {run.kernels}, fetch {run.fetch}")
+            f"kernels {run.kernels}, fetch {run.fetch}, workload {run.workload}")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:

@@ -59,8 +59,9 @@ class MoebenchRun:
     messages: list[tuple[str, bool]] = field(default_factory=list)  # lines under the table, (text, shown in red)
     placement: dict = field(default_factory=dict)  # every record of this process gets these (worker id, GPU model)
     workers: dict[str, dict] = field(default_factory=dict)  # xdist controller: worker id -> slot, device, crash
+    workload: str = "decode"  # --moebench-workload: "decode" or "throughput" (moebench.serving_case)
 
     def options(self) -> dict[str, Any]:
         """The options a history entry records."""
         return {"device": self.device, "tier": self.tier, "rounds": self.rounds, "policies": self.policies,
-                "kernels": self.kernels, "fetch": self.fetch}
+                "kernels": self.kernels, "fetch": self.fetch, "workload": self.workload}

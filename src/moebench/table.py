@@ -63,11 +63,31 @@ def rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
             row += [_num(r.get("experts_per_batch_first_come"), ".1f"), _num(r.get("experts_per_batch_scheduled"),
                                                                               ".1f"),
                     _num(r.get("first_come_token_agreement"), ".1%")]
+    if any((r.get("workload") or {}).get("kind") == "throughput" for r in records):  # many requests at once
+        headers += ["TTFT p50 ms", "experts/step", "KiB/token", "vs first-come"]
+        for row, r in zip(out, records):
+            row += throughput_cells(r)
     if any("comparison" in r for r in records):
         headers += COMPARISON_HEADERS
         for row, r in zip(out, records):
             row += comparison_cells(r.get("comparison"), r)
     return headers, out
+
+
+def throughput_cells(record: dict) -> list[str]:
+    """A throughput case (moebench.serving_case): time to first token, distinct experts per decode step, bytes
+    copied per generated token, and for a token-scheduling policy what its scheduling changed against the same
+    workload served first-come ("bytes/token -31%, experts/step 12.9 -> 9.1")."""
+    ttft = record.get("ttft_p50_s")
+    cells = [_num(None if ttft is None else ttft * 1e3, ".1f"), _num(record.get("experts_per_decode_step"), ".1f"),
+             _num(record.get("h2d_bytes_per_token"), ".1f", 1024)]
+    first = record.get("first_come")
+    ours = record.get("h2d_bytes_per_token")
+    if not first or not first.get("h2d_bytes_per_token") or ours is None:
+        return cells + ["-"]
+    change = ours / first["h2d_bytes_per_token"] - 1
+    return cells + [f"bytes/token {change:+.0%}, experts/step {first.get('experts_per_decode_step', math.nan):.1f} "
+                    f"-> {record.get('experts_per_decode_step', math.nan):.1f}"]
 
 
 def precision_cells(record: dict) -> list[str]:

@@ -74,11 +74,10 @@ def io_floor_bytes(run, n_slots: int, expert_bytes: int) -> int:
     return sum(max(0, s.experts - n_slots) for s in run.steps if s.experts is not None) * expert_bytes
 
 
-def run_workload(model, workload: ThroughputWorkload = MOE_GEN, *, scheduler="auto", h2d_bandwidth: float | None = None,
-                 clock=None) -> dict:
-    """Serve `workload` through `model` (offloaded with moeoffload.offload) and return its record.
-    `h2d_bandwidth`: pinned host-to-device bytes/s measured on this machine, for the I/O floor's time."""
-    from moeoffload.serving import Server, summarize
+def serve_workload(model, workload: ThroughputWorkload = MOE_GEN, *, scheduler="auto", clock=None):
+    """Serve `workload` through `model` (offloaded with moeoffload.offload) with the cache's statistics reset
+    first; returns (moeoffload.serving.ServingRun, the handle's OffloadStats after it)."""
+    from moeoffload.serving import Server
 
     handle = getattr(model, "_moeoffload", None)
     if handle is None:
@@ -90,17 +89,35 @@ def run_workload(model, workload: ThroughputWorkload = MOE_GEN, *, scheduler="au
     from .workload import find_tokenizer
 
     run = server.run(workload.build(model.config.vocab_size, find_tokenizer(model)))
-    stats = handle.stats()
-    summary = summarize(run, workload.bound())
-    floor = io_floor_bytes(run, stats.n_slots, stats.expert_bytes)
-    floor_s = floor / h2d_bandwidth if h2d_bandwidth else math.nan
-    decode_experts = [s.experts for s in run.steps if s.kind == "decode" and s.experts is not None]
+    return run, handle.stats()
+
+
+def run_workload(model, workload: ThroughputWorkload = MOE_GEN, *, scheduler="auto", h2d_bandwidth: float | None = None,
+                 clock=None) -> dict:
+    """Serve `workload` through `model` (offloaded with moeoffload.offload) and return its record.
+    `h2d_bandwidth`: pinned host-to-device bytes/s measured on this machine, for the I/O floor's time."""
+    from .workload import find_tokenizer
+
+    run, stats = serve_workload(model, workload, scheduler=scheduler, clock=clock)
     return {
         "workload": {k: v for k, v in asdict(workload).items() if k != "arrivals"},
         "prompts": "heldout text" if find_tokenizer(model) is not None and workload.text == "heldout" else "random ids",
         "arrivals": asdict(workload.arrivals) if workload.arrivals is not None else "offline",
         "policy": stats.policy, "budget_bytes": stats.budget_bytes, "n_slots": stats.n_slots,
         "expert_bytes": stats.expert_bytes, "kernels": stats.kernels, "fetch": stats.fetch,
+        **run_figures(run, stats, workload, h2d_bandwidth),
+    }
+
+
+def run_figures(run, stats, workload: ThroughputWorkload, h2d_bandwidth: float | None) -> dict:
+    """A served run's throughput, latency, cache figures and I/O floor (`summarize`, `io_floor_bytes`)."""
+    from moeoffload.serving import summarize
+
+    summary = summarize(run, workload.bound())
+    floor = io_floor_bytes(run, stats.n_slots, stats.expert_bytes)
+    floor_s = floor / h2d_bandwidth if h2d_bandwidth else math.nan
+    decode_experts = [s.experts for s in run.steps if s.kind == "decode" and s.experts is not None]
+    return {
         **summary.as_dict(),
         "max_experts_per_decode_step": max(decode_experts, default=0),
         "h2d_bytes": stats.h2d_bytes, "hit_rate": stats.hit_rate,
