@@ -83,6 +83,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="synthetic: seeded weights (default; MOEBENCH_WEIGHTS); checkpoint: the published checkpoint "
                          "from $MOEBENCH_CHECKPOINTS/<model> or the offline Hugging Face cache, else an error; auto: "
                          "the checkpoint where found, else synthetic (moebench.zoo.specs)")
+    group.addoption("--moebench-routing", choices=("calibrated", "uniform"), default=None,
+                    help="synthetic models' routers: calibrated (default; MOEBENCH_ROUTING) to published routing "
+                         "statistics where the family has a calibration, or uniform (plain seeded weights, routing "
+                         "without language structure); recorded in each case's weights")
     group.addoption("--moebench-workload", choices=("decode", "throughput"), default="decode",
                     help="decode (default): each case times one batch of prompts through generate(); throughput: "
                          "each case serves many requests through moeoffload.serving (continuous batching, the "
@@ -119,6 +123,8 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     if config.getoption("moebench_weights"):
         os.environ["MOEBENCH_WEIGHTS"] = config.getoption("moebench_weights")  # suite models read it when built
+    if config.getoption("moebench_routing"):
+        os.environ["MOEBENCH_ROUTING"] = config.getoption("moebench_routing")  # likewise
     _check_options(config)
     from . import workers
     from .measure import resolve_device, resolve_tier

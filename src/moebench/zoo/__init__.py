@@ -18,7 +18,7 @@ from .loader import (
     trained_path,
 )
 from .registry import UnknownModelError, ZooEntry
-from .specs import zoo_model
+from .specs import trained_model, zoo_model
 
 __all__ = ["CheckpointError", "UnknownModelError", "WeightSource", "ZooEntry", "build_synthetic", "hf_cache_dir",
-           "load_model", "registry", "resolve_checkpoint", "trained_path", "zoo_model"]
+           "load_model", "registry", "resolve_checkpoint", "trained_model", "trained_path", "zoo_model"]

@@ -23,6 +23,7 @@ from .loader import CheckpointError, hf_cache_dir, load_model, resolve_checkpoin
 
 WEIGHTS_ENV = "MOEBENCH_WEIGHTS"
 CHECKPOINTS_ENV = "MOEBENCH_CHECKPOINTS"
+ROUTING_ENV = "MOEBENCH_ROUTING"  # --moebench-routing: what a suite model's routing="auto" means
 WEIGHTS = ("synthetic", "checkpoint", "auto")
 
 
@@ -30,6 +31,14 @@ def weights_mode() -> str:
     mode = os.environ.get(WEIGHTS_ENV) or "synthetic"
     if mode not in WEIGHTS:
         raise ValueError(f"{WEIGHTS_ENV}={mode!r}: use one of {', '.join(WEIGHTS)} (--moebench-weights)")
+    return mode
+
+
+def routing_mode() -> str:
+    """What routing="auto" builds: "calibrated" where the family has a calibration (the default), or "uniform"."""
+    mode = os.environ.get(ROUTING_ENV) or "calibrated"
+    if mode not in ROUTING:
+        raise ValueError(f"{ROUTING_ENV}={mode!r}: use one of {', '.join(ROUTING)} (--moebench-routing)")
     return mode
 
 
@@ -46,12 +55,16 @@ def find_checkpoint(entry: registry.ZooEntry) -> Path | None:
 
 def zoo_model(name: str, quick_layers: int = 2, quick_overrides: dict[str, Any] | None = None,
               seed: int = 0, tiers: tuple[str, ...] = ("quick", "full"), routing: str = "auto") -> ModelSpec:
-    """A suite model. `routing`: "calibrated", "uniform", or "auto" (calibrated where the family has it)."""
+    """A suite model. `routing`: "calibrated", "uniform", or "auto" (calibrated where the family has it, unless
+    --moebench-routing uniform asks for plain seeded routers)."""
     entry = registry.get(name)  # an unknown name fails when the suite file is imported, naming the known ones
     if routing not in ROUTING + ("auto",):
         raise ValueError(f"{name}: unknown routing {routing!r}; use auto, {', '.join(ROUTING)}")
-    if routing == "auto":
-        routing = "calibrated" if supports(entry.model_type) else "uniform"
+    def resolved() -> str:  # read when the model is built: the option is set after suite files are imported
+        if routing != "auto":
+            return routing
+        return "calibrated" if routing_mode() == "calibrated" and supports(entry.model_type) else "uniform"
+
     if weights_mode() == "checkpoint":
         _require_checkpoint(entry)  # when the suite file is read: one error, not one per case
 
@@ -63,9 +76,10 @@ def zoo_model(name: str, quick_layers: int = 2, quick_overrides: dict[str, Any] 
         if path is not None:
             return load_model(path, source="checkpoint", dtype=dtype, device=device)
         if tier == "full":
-            return load_model(entry.name, source="synthetic", dtype=dtype, device=device, seed=seed, routing=routing)
+            return load_model(entry.name, source="synthetic", dtype=dtype, device=device, seed=seed,
+                              routing=resolved())
         return load_model(entry.name, source="synthetic", dtype=dtype, device=device, seed=seed,
-                          layers=quick_layers, overrides=quick_overrides, routing=routing)
+                          layers=quick_layers, overrides=quick_overrides, routing=resolved())
 
     return ModelSpec(entry.name, build, f"{entry.hub_id} architecture ({entry.source})", tiers=tiers)
 
@@ -78,3 +92,15 @@ def _require_checkpoint(entry: registry.ZooEntry) -> Path:
                               f"the offline Hugging Face cache ({hf_cache_dir()}) holds it; copy it there, set "
                               f"{CHECKPOINTS_ENV}, or use --moebench-weights auto")
     return path
+
+
+def trained_model(path: str | None = None, tiers: tuple[str, ...] = ("quick", "full")) -> ModelSpec:
+    """The project's trained small MoE (models/kjv-moe: Mixtral's architecture, 4 layers, 8 experts, top-2) as a
+    suite model, whatever `--moebench-weights` says: the one model here whose routing and next-token choices come
+    from training, so that approximate policies' accuracy and a scheduler's savings are judged on real structure."""
+    from .loader import load_model, trained_path
+
+    def build(tier: str, dtype, device):
+        return load_model(trained_path(path), source="trained", dtype=dtype, device=device)
+
+    return ModelSpec("kjv-moe", build, "trained small Mixtral-architecture MoE (models/kjv-moe)", tiers=tiers)
