@@ -137,6 +137,12 @@ def check_against_baseline(run: MoebenchRun, record: dict) -> None:
                                  base_machine=base.get("machine"), cur_machine=c.machine)
     comparison["baseline_file"] = c.baseline_paths.get(suite)
     record["comparison"] = comparison
+    if comparison["status"] == "new":  # a policy the baseline lacks: set it against the best stored one instead
+        from .versus import best_stored, versus
+
+        rival = best_stored(list(base["cases"].values()), record)
+        if rival is not None:
+            record["versus"] = versus(record, rival)
     if comparison["status"] == "regressed":
         raise CaseFailed(f"{record['case']}: regressed against {comparison['baseline_file']}: "
                          f"{comparison['message']}", record)

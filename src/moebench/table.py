@@ -70,7 +70,7 @@ def rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
     if any("comparison" in r for r in records):
         headers += COMPARISON_HEADERS
         for row, r in zip(out, records):
-            row += comparison_cells(r.get("comparison"), r)
+            row += comparison_cells_for(r)
     return headers, out
 
 
@@ -131,6 +131,16 @@ def rounds_cell(comparison: dict) -> str:
     return f"{n[0]}/{n[1]} too few: " + (f"need {need} this run" if need else "remake the baseline with more")
 
 
+def versus_cell(versus: dict) -> str:
+    """A new policy against the best stored policy of its case (moebench.versus): "better vs next-use: 1.12x
+    [1.05, 1.19], hit 61% / 55%"."""
+    lo, hi = versus.get("ci") or [math.nan, math.nan]
+    interval = "" if lo != lo else f" [{lo:.2f}, {hi:.2f}]"
+    hits = versus.get("hit_rate"), versus.get("rival_hit_rate")
+    hit = "" if None in hits else f", hit {hits[0]:.0%} / {hits[1]:.0%}"
+    return f"{versus.get('verdict')} vs {versus.get('rival')}: {versus.get('ratio', math.nan):.2f}x{interval}{hit}"
+
+
 def verdict_cell(comparison: dict) -> str:
     verdict = comparison.get("status", "?")
     verdict = verdict.upper() if verdict == "regressed" else verdict
@@ -139,6 +149,14 @@ def verdict_cell(comparison: dict) -> str:
     if comparison.get("injected"):
         verdict += f" (injected {comparison['injected']})"
     return verdict
+
+
+def comparison_cells_for(record: dict) -> list[str]:
+    """The comparison cells of a row; a new policy's verdict names the best stored policy it was set against."""
+    cells = comparison_cells(record.get("comparison"), record)
+    if record.get("versus"):
+        cells[-1] = f"new; {versus_cell(record['versus'])}"
+    return cells
 
 
 def render(records: list[dict], tablefmt: str = "simple") -> str:

@@ -236,3 +236,19 @@ def test_plugin_reports_incomparable_cases_and_too_few_rounds_once(tiny):
     assert out.count("cannot reach p<0.01") == 1 and "use --moebench-rounds >= 7" in out
     assert out.count("not comparable with") == 1
     assert "baseline tier full on NVIDIA H100 80GB HBM3, this run tier quick on cpu" in out
+
+
+def test_a_new_policy_is_set_against_the_best_stored_policy_of_its_case(tiny):
+    """A policy the baseline lacks reads 'new' no more: its row names the best stored policy of the same model,
+    budget and workload, the tokens/s ratio with its interval, both hit rates and a verdict (moebench.versus)."""
+    suite = tiny.path / "suites" / "tiny" / "suite.py"
+    suite.write_text(TINY_SUITE.replace('policies=["resident", "lru"]', 'policies=["resident", "lru", "lfu"]'))
+    r = tiny.runpytest_subprocess(*_args(tiny, "--moebench-save-baseline", "--moebench-policy", "lru"))
+    r.assert_outcomes(passed=2)
+    r = tiny.runpytest_subprocess(*_args(tiny, "--moebench-policy", "lfu"))
+    r.assert_outcomes(passed=2)
+    r.stdout.fnmatch_lines(["*tiny-switch*lfu*new; * vs lru: *x [[]*, hit *"])
+    runs, _ = history.read_history(tiny.path / "hist")
+    lfu = next(rec for rec in runs[-1]["records"] if rec["policy"] == "lfu")
+    assert lfu["comparison"]["status"] == "new" and lfu["versus"]["rival"] == "lru"
+    assert lfu["versus"]["verdict"] in ("better", "worse", "tie", "inconclusive")
