@@ -28,7 +28,7 @@ MIB = 2**20
 def run_suite(suite: str, routing: str, out: Path, extra: list[str]) -> list[dict]:
     """The records of one quick-tier run of `suite` under `routing` (its log beside the history)."""
     history = out / f"{suite}-{routing}"
-    cmd = [sys.executable, "-m", "pytest", "-p", "moebench.plugin", "-p", "no:cacheprovider", f"suites/{suite}",
+    cmd = [sys.executable, "-m", "pytest", *plugin_args(), "-p", "no:cacheprovider", f"suites/{suite}",
            "--moebench", "--moebench-tier", "quick", "--moebench-rounds", "1", "--moebench-routing", routing,
            "--moebench-compare", "none", "--moebench-history", str(history), "-q", *extra]
     history.mkdir(parents=True, exist_ok=True)
@@ -36,6 +36,14 @@ def run_suite(suite: str, routing: str, out: Path, extra: list[str]) -> list[dic
         subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
     lines = (history / "history.jsonl").read_text().splitlines()
     return json.loads(lines[-1])["records"]
+
+
+def plugin_args() -> list[str]:
+    """`-p moebench.plugin` where the package is not installed (a bare checkout on PYTHONPATH=src); an installed one
+    registers the plugin itself, and naming it twice is an error."""
+    from importlib.metadata import entry_points
+
+    return [] if any(e.name == "moebench" for e in entry_points(group="pytest11")) else ["-p", "moebench.plugin"]
 
 
 def per_token(record: dict) -> float:

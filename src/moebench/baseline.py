@@ -295,13 +295,15 @@ def _same(a, b) -> bool:
 
 def weights_class(record: dict) -> str | None:
     """What kind of weights a record ran on: "checkpoint", "trained", "synthetic" (seeded uniform) or
-    "synthetic calibrated" (moebench.zoo.calibrate); None for a record without the field. Paths and seeds are left
+    "synthetic calibrated" / "synthetic calibrated-v2" (moebench.zoo.calibrate, by version); None for a record without
+    the field. Paths and seeds are left
     out: the same checkpoint lies at other paths on other machines."""
     text = record.get("weights")
     if not text:
         return None
     kind = str(text).split("(", 1)[0].split(":", 1)[0]
-    return f"{kind} calibrated" if kind == "synthetic" and "routing=calibrated" in str(text) else kind
+    routing = re.search(r"routing=(calibrated[\w-]*)", str(text))
+    return f"{kind} {routing.group(1)}" if kind == "synthetic" and routing else kind
 
 
 def comparability(base: dict, cur: dict, base_machine: dict | None = None,

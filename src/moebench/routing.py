@@ -173,13 +173,15 @@ def trace_tops(trace) -> dict[int, torch.Tensor]:
 
 
 def routing_statistics(model, prompts: list[torch.Tensor], *, new_tokens: int = 1, batch: int = 8,
-                       show_progress: bool | None = None) -> dict:
+                       show_progress: bool | None = None, decoder_reads: str = "prompt") -> dict:
     """The routing figures of `model` on `prompts` (a list of [b, seq] id batches): one teacher-forced pass over
-    each batch plus `new_tokens` greedy tokens (an encoder-decoder's decoder sees only generated tokens, so give it
-    as many as it should be measured on). Returns {"num_experts", "top_k", "tokens", "uniform", "layers"}."""
+    each batch plus `new_tokens` greedy tokens. An encoder-decoder's decoder reads the prompt too (teacher-forced,
+    shifted right), as published statistics are measured on a corpus; `decoder_reads="generated"` measures it on
+    `new_tokens` greedy tokens instead. Returns {"num_experts", "top_k", "tokens", "uniform", "layers"}."""
     from moeoffload.predictors.recording import collect_trace
 
-    trace = collect_trace(model, prompts, new_tokens=new_tokens, show_progress=show_progress)
+    trace = collect_trace(model, prompts, new_tokens=new_tokens, show_progress=show_progress,
+                          decoder_reads=decoder_reads)
     tops = trace_tops(trace)
     if not tops:
         raise ValueError("no MoE layer routed a token; give longer prompts")

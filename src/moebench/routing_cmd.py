@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
     r.add_argument("--sequences", type=int, default=32, help="sequences measured (default 32)")
     r.add_argument("--length", type=int, default=64, help="tokens per sequence (default 64)")
     r.add_argument("--batch", type=int, default=8, help="decode batch of the working-set column (default 8)")
+    r.add_argument("--decoder-reads", choices=("prompt", "generated"), default="prompt",
+                   help="an encoder-decoder's decoder: teacher-forced on the same text as the encoder (default; how "
+                        "published figures are measured), or on --length tokens it generates greedily")
     r.add_argument("--plot", metavar="PNG", help="also plot the figures by layer (needs matplotlib: extra 'report')")
     r.add_argument("--json", metavar="PATH", help="also write the figures as JSON ('-' for stdout)")
     r.set_defaults(func=run)
@@ -124,8 +127,9 @@ def run(args: argparse.Namespace) -> int:
 
     model, source = load(args)
     batches, what = prompts(model, args.sequences, args.length, args.batch)
-    decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-    stats = routing_statistics(model, batches, new_tokens=args.length if decoder else 1, batch=args.batch)
+    generated = args.decoder_reads == "generated" and bool(getattr(model.config, "is_encoder_decoder", False))
+    stats = routing_statistics(model, batches, new_tokens=args.length if generated else 1, batch=args.batch,
+                               decoder_reads=args.decoder_reads)
     stats.update(model=args.model, weights=str(source), text=what)
     print(f"{source}: {stats['num_experts']} experts, top-{stats['top_k']}, {stats['tokens']} tokens per layer "
           f"of {what}")

@@ -1,5 +1,6 @@
 """Calibrated synthetic routers (moebench.zoo.calibrate): the suites' quick-tier Mixtral and Switch reproduce the
-published consecutive-token repetition within 20% (relative) at each depth they have, measured by the same code as
+published consecutive-token repetition within 20% (relative) at each depth they have (Switch: Mixtral's,
+borrowed), measured by the same code as
 `moebench routing`, and stay ordinary models (every policy, exactness included, applies unchanged)."""
 
 import pytest
@@ -40,17 +41,15 @@ def test_quick_mixtral_meets_the_mixtral_paper_by_depth():
 
 
 @pytest.mark.slow
-def test_quick_switch_comes_near_the_borrowed_targets():
-    """Switch does not meet the 20% goal (docs/routing.md): its decoder is measured on what greedy decoding of the
-    synthetic model generates, and those token runs move its repetition more than the router's angle does (0.207 and
-    0.288 against 0.227 on two prompt seeds); the encoder, which routes a whole prompt in one pass, saturates near
-    0.18-0.19 (a dense FFN writes token-local output into the context half). Held to 30% and to below the target."""
-    stats = _measure("switch-base-8", None, sequences=16, length=24, new_tokens=24)
+def test_quick_switch_meets_the_borrowed_targets_in_both_stacks():
+    """Switch has no published routing figure; it borrows Mixtral's by depth (docs/routing.md). Both stacks are
+    measured on the same text, the decoder teacher-forced on it, as published figures are taken on a corpus."""
+    stats = _measure("switch-base-8", None, sequences=32, length=64, new_tokens=1)
     target = _target(calibrate.calibration_for("switch_transformers"), 1.0)  # each stack's sparse layer: last block
     encoder, decoder = stats["layers"]
     assert encoder["depth"] == decoder["depth"] == 1.0
-    assert abs(decoder["first_repeat"] - target.first_repeat) <= 0.30 * target.first_repeat, (decoder, target)
-    assert 1 / 8 < encoder["first_repeat"] < target.first_repeat, (encoder, target)
+    assert _within(encoder["first_repeat"], target.first_repeat), (encoder, target)
+    assert _within(decoder["first_repeat"], target.first_repeat), (decoder, target)
 
 
 def test_calibration_is_refused_where_there_is_none():

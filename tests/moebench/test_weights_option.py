@@ -89,6 +89,8 @@ def test_weights_decide_comparability():
     calibrated = {**base, "weights": "synthetic(seed=0, routing=calibrated, float32):switch-base-8"}
     checkpoint = {**base, "weights": "checkpoint:/cache/models--google--switch-base-8/snapshots/x"}
     assert weights_class(base) == "synthetic" and weights_class(calibrated) == "synthetic calibrated"
+    recalibrated = {**base, "weights": "synthetic(seed=0, routing=calibrated-v2, float32):switch-base-8"}
+    assert weights_class(recalibrated) == "synthetic calibrated-v2"  # another calibration: not comparable
     assert weights_class(checkpoint) == "checkpoint" and weights_class({}) is None
     for other in (calibrated, checkpoint):
         verdict = compare_case(base, other, {})

@@ -61,6 +61,8 @@ class Calibration:
     embed_context: float = 0.25
     head_token: float = 0.1
     shared: float = 0.5
+    version: int = 1  # raised whenever a change moves the routing: records of another version are not comparable
+    dense_context: float = 1.0  # an encoder dense (non-expert) FFN's writes into the context half scaled by this
     targets: tuple[LayerTarget, ...] = MIXTRAL_TARGETS
     note: str = ""
 
@@ -75,15 +77,26 @@ class Calibration:
 CALIBRATIONS: dict[str, Calibration] = {
     "mixtral": Calibration(angles=((0.0, 0.065), (15 / 31, 0.1), (1.0, 0.065))),
     # No published Switch routing figure was found (docs/routing.md): Switch takes Mixtral's by depth. Its LM head
-    # is tied to the embedding, so the embedding writes both halves (else greedy decoding repeats its input).
-    "switch_transformers": Calibration(angles=((0.0, 0.0), (1.0, 0.02)), encoder_angles=((0.0, 0.0), (1.0, 1.5)),
-                                       embed_context=0.5, note="targets borrowed from Mixtral: none published for "
-                                       "Switch"),
+    # is tied to the embedding, so the embedding writes both halves (else greedy decoding repeats its input). The
+    # encoder's sparse layer repeats no more than 0.18-0.19 at any angle unless the dense block before it writes more
+    # context (its output varies slowly along the sequence): scaled by 3, 0.20-0.21; the decoder, which then
+    # cross-attends to a smoother encoder, needs a smaller angle.
+    "switch_transformers": Calibration(angles=((0.0, 0.0), (1.0, 0.015)), encoder_angles=((0.0, 0.0), (1.0, 1.5)),
+                                       embed_context=0.5, dense_context=3.0, version=2,
+                                       note="targets borrowed from Mixtral: "
+                                       "none published for Switch"),
 }
 
 _WRITERS = ("o_proj.weight", ".o.weight", "wo.weight", "down_proj")  # write into the residual stream
+_DENSE_FFN_WRITERS = ("mlp.wo.weight",)  # Switch's dense blocks (its experts' are mlp.experts.expert_i.wo.weight)
 _EMBEDDINGS = ("embed_tokens.weight", "shared.weight")
 _FINAL_NORMS = ("final_layer_norm.weight", "model.norm.weight")  # before the LM head (or the cross-attention)
+
+
+def routing_label(model_type: str) -> str:
+    """What a calibrated model's weights record as its routing: "calibrated", or "calibrated-v<N>" from version 2."""
+    version = calibration_for(model_type).version
+    return "calibrated" if version == 1 else f"calibrated-v{version}"
 
 
 def supports(model_type: str) -> bool:
@@ -115,6 +128,8 @@ def calibrate(model: nn.Module, seed: int = 0) -> None:
                 p[:, token] *= cal.leak
             else:
                 p[token] *= cal.leak
+            if name.endswith(_DENSE_FFN_WRITERS) and name.startswith("encoder."):
+                p[~token] *= cal.dense_context
     _reshape_routers(model, cal, token, seed)
 
 

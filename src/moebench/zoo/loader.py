@@ -177,7 +177,7 @@ def build_synthetic(name: str, layers: int | None = None, dtype: torch.dtype = t
     1, biases 0, and non-persistent buffers (rotary frequencies) are computed as transformers computes them.
     routing="calibrated" then reshapes the weights so that routing has published structure (zoo.calibrate).
     """
-    from .calibrate import ROUTING, calibrate
+    from .calibrate import ROUTING, calibrate, routing_label
 
     if routing not in ROUTING:
         raise ValueError(f"unknown routing {routing!r}; use one of {', '.join(ROUTING)}")
@@ -193,7 +193,7 @@ def build_synthetic(name: str, layers: int | None = None, dtype: torch.dtype = t
     depth = f"{layers}/{entry.num_layers}" if layers is not None else None
     reduced = ",".join(f"{k}={v}" for k, v in sorted((overrides or {}).items())) or None
     return meta, WeightSource("synthetic", entry.name, seed, depth, str(dtype).removeprefix("torch."), reduced,
-                              "calibrated" if routing == "calibrated" else None)
+                              routing_label(meta.config.model_type) if routing == "calibrated" else None)
 
 
 def _fan_in(module: nn.Module, pname: str, param: torch.Tensor) -> int:

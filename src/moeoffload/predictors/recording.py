@@ -93,16 +93,28 @@ def recording_handle(model, budget, device):
 
 
 def collect_trace(model, prompts: list[torch.Tensor], new_tokens: int = 8, *, with_hidden: bool = False,
-                  budget: str | int = "all", device=None, show_progress: bool | None = None) -> RoutingTrace:
+                  budget: str | int = "all", device=None, show_progress: bool | None = None,
+                  decoder_reads: str = "generated") -> RoutingTrace:
     """Greedy-generate `new_tokens` per prompt batch, then record the routing of one teacher-forced pass over
     prompt + generated tokens (the same routing generation saw, one forward per stack instead of one per token).
-    Works on a plain model (offloaded here with 'lru' at `budget`, then restored) or an offloaded one."""
+    Works on a plain model (offloaded here with 'lru' at `budget`, then restored) or an offloaded one.
+    `decoder_reads="prompt"`: an encoder-decoder's decoder is teacher-forced on the prompt itself (shifted right)
+    instead of what it generates, so that both stacks are measured on the same text (how published routing
+    statistics are taken: on a corpus); nothing is generated."""
+    if decoder_reads not in ("generated", "prompt"):
+        raise ValueError(f"decoder_reads={decoder_reads!r}: use 'generated' or 'prompt'")
     with recording_handle(model, budget, device) as handle:
         dev = handle.device
         recorder = _Recorder(handle, with_hidden)
         for ids in progress(prompts, desc="moeoffload: recording routing", enable=show_progress):
             ids = ids.to(dev)
             with torch.no_grad():
+                if model.config.is_encoder_decoder and decoder_reads == "prompt":
+                    start = torch.full_like(ids[:, :1], model.config.decoder_start_token_id)
+                    with recorder:
+                        model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                              decoder_input_ids=torch.cat([start, ids[:, :-1]], 1))
+                    continue
                 out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                      min_new_tokens=new_tokens, do_sample=False, num_beams=1)
                 with recorder:
