@@ -99,3 +99,22 @@ def test_weights_decide_comparability():
     assert compare_case(checkpoint, moved, {})["status"] != "not comparable"
     assert compare_case({k: v for k, v in base.items() if k != "weights"}, calibrated, {})["status"] != \
         "not comparable"
+
+
+def test_routing_option_picks_the_routers_of_synthetic_models(monkeypatch):
+    """--moebench-routing (MOEBENCH_ROUTING) decides what a suite model's routing="auto" builds, read when the
+    model is built; the records say which (and a bad value names the option)."""
+    import torch
+
+    from moebench.zoo import zoo_model
+
+    spec = zoo_model("mixtral-8x7b", quick_overrides=TINY)
+    monkeypatch.setenv("MOEBENCH_ROUTING", "uniform")
+    _, source = spec.build("quick", torch.float32, "cpu")
+    assert "routing" not in str(source) and weights_class({"weights": str(source)}) == "synthetic"
+    monkeypatch.setenv("MOEBENCH_ROUTING", "calibrated")
+    _, source = spec.build("quick", torch.float32, "cpu")
+    assert weights_class({"weights": str(source)}) == "synthetic calibrated"
+    monkeypatch.setenv("MOEBENCH_ROUTING", "sideways")
+    with pytest.raises(ValueError, match="--moebench-routing"):
+        spec.build("quick", torch.float32, "cpu")
