@@ -145,7 +145,6 @@ class Session:
     kernels: str = "auto"  # the engine's kernels for every case, the resident reference included (`engine.KERNELS`)
     fetch: str = "auto"  # who fetches a missing expert (`engine.FETCHES`); "device" only where the policy can
     _models: dict[str, tuple[Any, str]] = field(default_factory=dict)
-    workload: str = "decode"  # "decode" (this module) or "throughput" (moebench.serving_case)
     _refs: dict[str, Reference] = field(default_factory=dict)
     throughput_refs: dict[str, dict] = field(default_factory=dict)  # model -> its resident record (serving_case)
     _predictors: dict[tuple[str, str | None], Any] = field(default_factory=dict)  # (model, predictor kind) -> trained
@@ -263,10 +262,6 @@ class Session:
 
     def run(self, case: Case) -> dict:
         """Measure `case` and check it; returns its record, raises CaseFailed (record attached) or CaseSkipped."""
-        if self.workload == "throughput":
-            from .serving_case import run_case
-
-            return run_case(self, case)
         try:
             ref = self.reference(case.model)
             # the reference is the resident case itself, on the same kernels as every other case

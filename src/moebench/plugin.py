@@ -219,7 +219,7 @@ class SuiteFile(pytest.File):
             raise self.CollectError(str(exc)) from None
         session = Session(suite, device=run.device, tier=run.tier, rounds=run.rounds,
                           inject_delay_s=run.inject_delay_s, inject_slowdown=run.inject_slowdown,
-                          turns=run.turns, kernels=run.kernels, fetch=run.fetch, workload=run.workload)
+                          turns=run.turns, kernels=run.kernels, fetch=run.fetch)
         from .regression import load_suite_baseline
 
         load_suite_baseline(run, suite.name, self)  # a corrupt baseline is a collection error naming the file
@@ -265,7 +265,7 @@ class CaseItem(pytest.Item):
 
             inject_crash(self.name)
         try:
-            record = self.bench.run(self.case)
+            record = self._measure(run)
         except CaseSkipped as exc:
             pytest.skip(str(exc))
         except CaseFailed as exc:
@@ -281,6 +281,15 @@ class CaseItem(pytest.Item):
         from .regression import check_against_baseline
 
         check_against_baseline(run, record)  # raises CaseFailed when the case regressed
+
+    def _measure(self, run: MoebenchRun) -> dict:
+        """The case's record under the run's workload: one batch through generate() (moebench.measure) or many
+        requests through the serving loop (moebench.serving_case)."""
+        if run.workload == "throughput":
+            from .serving_case import run_case
+
+            return run_case(self.bench, self.case)
+        return self.bench.run(self.case)
 
     def _keep(self, run: MoebenchRun, record: dict) -> None:
         record.update(run.placement)

@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 
 # Per tier: the quick tier finishes in seconds a case on two CPU cores, with eight times as many requests as a
 # step takes, so that a scheduler has a choice (on the trained model, ExpertFlow's grouping moved 1-4% more bytes
-# than first-come with two groups, and 6-8% fewer with eight). The full tier leans toward MoE-Gen's shape (512-token prompts, 256 new
-# tokens) within a suite's time on one GPU.
+# than first-come with two groups, and 6-8% fewer with eight). The full tier leans toward MoE-Gen's shape
+# (512-token prompts, 256 new tokens) within a suite's time on one GPU.
 WORKLOADS = {
     "quick": ThroughputWorkload(name="suite-quick", requests=32, prompt_tokens=16, new_tokens=16, max_batch=4,
                                 prefill_chunk=16),

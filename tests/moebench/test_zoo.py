@@ -167,7 +167,9 @@ def test_suites_tiers():
     assert {c.model for c in switch.cases(["lru"], tier="quick")} == {"switch-base-8", "switch-base-64"}
     assert len({c.model for c in switch.cases(["lru"], tier="full")}) == 6
     mixtral = load_suite(ROOT / "suites" / "mixtral" / "suite.py")
-    assert [c.budget for c in mixtral.cases(["lru"], tier="full")] == ["all", "50%"]
+    full = mixtral.cases(["lru"], tier="full")  # the published model and the trained kjv-moe
+    assert [(c.model, c.budget) for c in full] == [("mixtral-8x7b", "all"), ("mixtral-8x7b", "50%"),
+                                                   ("kjv-moe", "all"), ("kjv-moe", "50%")]
     for name in ("qwen_moe", "olmoe", "deepseek"):
         assert load_suite(ROOT / "suites" / name / "suite.py").cases(["lru"], tier="quick")
 
@@ -198,8 +200,8 @@ def test_mixtral_suite_quick_tier_passes(pytester, tmp_path):
     result = pytester.runpytest_subprocess(
         "--moebench", str(ROOT / "suites" / "mixtral"), "--moebench-tier", "quick", "--moebench-policy", "lru",
         "--moebench-rounds", "1", "--moebench-history", str(tmp_path / "hist"), "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=3)
-    result.stdout.fnmatch_lines(["*moebench: 3 cases*", "mixtral-8x7b*lru*25%*pass"])
+    result.assert_outcomes(passed=6)  # the synthetic model and the trained kjv-moe
+    result.stdout.fnmatch_lines(["*moebench: 6 cases*", "mixtral-8x7b*lru*25%*pass", "kjv-moe*lru*25%*pass"])
 
 
 def test_zoo_cli(capsys):
