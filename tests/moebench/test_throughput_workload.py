@@ -3,8 +3,8 @@ moeoffload.serving; records carry the workload as part of their identity, an exa
 the resident model's, a token-scheduling policy is set against first-come on its own cache, and an
 encoder-decoder is skipped with the reason."""
 
-import json
-from pathlib import Path
+
+from tests.moebench.suite_runs import run_tiny_suite
 
 from moebench.baseline import comparability
 from moebench.serving_case import WORKLOADS, workload_identity
@@ -12,7 +12,6 @@ from moebench.table import render
 
 pytest_plugins = ["pytester"]
 
-ROOT = Path(__file__).resolve().parents[2]
 TINY_SUITE = """
 from tests.moeoffload.models import tiny_mixtral, tiny_switch
 from moebench.suite import ModelSpec, Suite
@@ -26,15 +25,7 @@ SUITE = Suite(name="tiny", models=[ModelSpec("tiny-mixtral", lambda tier, dtype,
 
 
 def _run(pytester, monkeypatch, *args):
-    monkeypatch.setenv("PYTHONPATH", f"{ROOT / 'src'}:{ROOT}")  # this tree's moebench and its test models
-    pytester.mkdir("suites")
-    pytester.mkdir("suites/tiny")
-    (pytester.path / "suites" / "tiny" / "suite.py").write_text(TINY_SUITE)
-    result = pytester.runpytest_subprocess("--moebench", "suites", "--moebench-rounds", "2", "--moebench-history",
-                                           "hist", "-p", "no:cacheprovider", "-p", "no:benchmark", "-rs", *args)
-    path = pytester.path / "hist" / "history.jsonl"
-    runs = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    return result, runs
+    return run_tiny_suite(pytester, monkeypatch, TINY_SUITE, "--moebench-rounds", "2", "-rs", *args)
 
 
 def test_throughput_run_stores_serving_records_and_sets_expertflow_against_first_come(pytester, monkeypatch):

@@ -2,8 +2,6 @@
 once and the worker that ran it; a worker that dies fails its case and the run is still stored; `-n 0` and a run
 without xdist store what they always did. CPU workers stand in for GPUs here."""
 
-import json
-from pathlib import Path
 
 import pytest
 
@@ -11,9 +9,10 @@ from moebench.table import render
 from moebench.workers import CRASH_ENV
 
 pytest.importorskip("xdist")
+from tests.moebench.suite_runs import run_tiny_suite
+
 pytest_plugins = ["pytester"]
 
-ROOT = Path(__file__).resolve().parents[2]
 TINY_SUITE = """
 from tests.moeoffload.models import tiny_switch
 from moebench.suite import ModelSpec, Suite
@@ -30,15 +29,7 @@ CASES = {"tiny-1[resident-all]", "tiny-1[lru-50%]", "tiny-2[resident-all]", "tin
 
 def _run(pytester, monkeypatch, *args):
     """The tiny suite with --moebench in a subprocess; (result, the runs in its history)."""
-    monkeypatch.setenv("PYTHONPATH", f"{ROOT / 'src'}:{ROOT}")  # this tree's moebench and its test models
-    pytester.mkdir("suites")
-    pytester.mkdir("suites/tiny")
-    (pytester.path / "suites" / "tiny" / "suite.py").write_text(TINY_SUITE)
-    result = pytester.runpytest_subprocess("--moebench", "suites", "--moebench-rounds", "1", "--moebench-history",
-                                           "hist", "-p", "no:cacheprovider", "-p", "no:benchmark", *args)
-    path = pytester.path / "hist" / "history.jsonl"
-    runs = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    return result, runs
+    return run_tiny_suite(pytester, monkeypatch, TINY_SUITE, "--moebench-rounds", "1", *args)
 
 
 def test_two_workers_store_one_run_with_every_case_once_and_where_it_ran(pytester, monkeypatch):
