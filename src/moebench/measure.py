@@ -579,20 +579,8 @@ class Session:
             "p50_ms": percentile(rounds.steps, 50) * 1e3,
             "p99_ms": percentile(rounds.steps, 99) * 1e3,
             **phase_metrics(rounds.round_steps, wl.batch_size, wl.prompt_len),
-            "hit_rate": stats.hit_rate,
-            "h2d_bytes_per_round": stats.h2d_bytes / self.rounds,
-            "h2d_copies_per_round": stats.h2d_copies / self.rounds,
-            # where the misses went: copied into the cache, or computed on the host CPU (host-assisted policies)
-            "miss_rule": stats.miss_rule,
-            "copied_misses_per_round": (stats.misses - stats.host_misses) / self.rounds,
-            "host_misses_per_round": stats.host_misses / self.rounds,
-            # a low-precision policy: what one expert's copy moves in each precision, and how many misses each served
-            "precision": stats.precision,
-            "expert_bytes_by_precision": stats.expert_bytes_by_precision or {"full": stats.expert_bytes},
-            "misses_by_precision_per_round": {p: n / self.rounds for p, n in stats.misses_by_precision.items()},
-            "cache_bytes": stats.cache_bytes, "budget_bytes": stats.budget_bytes,
-            "total_expert_bytes": stats.total_expert_bytes, "dense_bytes": stats.dense_bytes,
-            "n_slots": stats.n_slots, "nvml_used_bytes": rounds.nvml_peak,
+            **cache_fields(stats, self.rounds),
+            "nvml_used_bytes": rounds.nvml_peak,
             "samples": rounds.samples(wl.batch_size * wl.new_tokens),
             # an interleaved A/B run (moebench ab): "round" or "step" turns; at step grain round_s sums own steps
             "interleaved": None if self.turns is None else self.turns.grain,
@@ -605,6 +593,26 @@ class Session:
 # Below this median top-1/top-2 probability gap the reference's greedy choices are near ties (`accuracy.
 # decision_margin`): a change of the next-token accuracy then measures its flat logits, not the policy.
 DECISIVE_MARGIN = 0.01
+
+
+def cache_fields(stats, rounds: int) -> dict:
+    """What the expert cache did over `rounds` rounds (an OffloadStats read after them), as every record holds it:
+    the decode workload's and the throughput workload's (moebench.serving_case)."""
+    return {
+        "hit_rate": stats.hit_rate,
+        "h2d_bytes_per_round": stats.h2d_bytes / rounds,
+        "h2d_copies_per_round": stats.h2d_copies / rounds,
+        # where the misses went: copied into the cache, or computed on the host CPU (host-assisted policies)
+        "miss_rule": stats.miss_rule,
+        "copied_misses_per_round": (stats.misses - stats.host_misses) / rounds,
+        "host_misses_per_round": stats.host_misses / rounds,
+        # a low-precision policy: what one expert's copy moves in each precision, and how many misses each served
+        "precision": stats.precision,
+        "expert_bytes_by_precision": stats.expert_bytes_by_precision or {"full": stats.expert_bytes},
+        "misses_by_precision_per_round": {p: n / rounds for p, n in stats.misses_by_precision.items()},
+        "cache_bytes": stats.cache_bytes, "budget_bytes": stats.budget_bytes,
+        "total_expert_bytes": stats.total_expert_bytes, "dense_bytes": stats.dense_bytes, "n_slots": stats.n_slots,
+    }
 
 
 def expected_failure(record: dict) -> str | None:

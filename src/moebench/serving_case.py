@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from .measure import CaseFailed, CaseSkipped, release_device_memory
+from .measure import CaseFailed, CaseSkipped, cache_fields, release_device_memory
 from .suite import REFERENCE_BUDGET, REFERENCE_POLICY, Case
 from .throughput import ThroughputWorkload, run_figures, serve_workload
 
@@ -94,7 +94,6 @@ def _measure(session: Session, case: Case, workload: ThroughputWorkload) -> dict
     record["samples"] = {"tokens_per_s": [_summary(r, workload).tokens_per_s for r, _ in rounds]}
     record["tokens_per_s"] = _median(record["samples"]["tokens_per_s"])  # the rounds' median, as a decode case
     record["served_tokens"] = [list(r.tokens) for r in run.results]
-    record["h2d_bytes_per_round"] = stats.h2d_bytes
     record["p50_ms"], record["p99_ms"] = record["tpot_p50_s"] * 1e3, record["tpot_p99_s"] * 1e3
     if handle.policy.scheduler is not None:
         record["first_come"] = _first_come(model, workload)
@@ -149,14 +148,9 @@ def _base_record(session: Session, case: Case, weights, workload: ThroughputWork
         "budget": case.budget, "tier": session.tier, "device": session.device, "rounds": session.rounds,
         "dtype": str(session.dtype).replace("torch.", ""), "weights": str(weights),
         "workload": workload_identity(workload),
-        "exact": stats.exact, "kernels": stats.kernels, "fetch": stats.fetch, "n_slots": stats.n_slots,
-        "expert_bytes": stats.expert_bytes, "cache_bytes": stats.cache_bytes, "budget_bytes": stats.budget_bytes,
-        "total_expert_bytes": stats.total_expert_bytes, "dense_bytes": stats.dense_bytes, "stats": stats.as_dict(),
-        # per round (one serving of the workload), as a decode case's: the precision and host-miss columns read them
-        "precision": stats.precision, "miss_rule": stats.miss_rule,
-        "expert_bytes_by_precision": stats.expert_bytes_by_precision or {"full": stats.expert_bytes},
-        "misses_by_precision_per_round": dict(stats.misses_by_precision),
-        "copied_misses_per_round": stats.misses - stats.host_misses, "host_misses_per_round": stats.host_misses,
+        "exact": stats.exact, "kernels": stats.kernels, "fetch": stats.fetch, "expert_bytes": stats.expert_bytes,
+        "stats": stats.as_dict(),
+        **cache_fields(stats, 1),  # per round: one serving of the workload, the last round's statistics
     }
 
 
