@@ -622,7 +622,7 @@ def expected_failure(record: dict) -> str | None:
     choices are near ties, and nothing else broken. Seeded random weights give near-uniform next-token distributions
     (a median gap of about 1e-7 between the first and second token on switch-base-8), so a perturbation with a KL of
     1e-7 nats flips a third of the greedy tokens: the drop is measured and reported, with the KL, but says nothing
-    of the policy on a model whose choices are decisive (the trained models/kjv-moe: 0.16), where it is judged.
+    of the policy on a model whose choices are decisive (the trained models/kjv-moe: 0.17), where it is judged.
     Whether the routers are calibrated does not change this: they shape which experts run, not the output head."""
     failures = record.get("failures") or []
     margin = record.get("reference_decision_margin")
